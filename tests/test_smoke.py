@@ -1,0 +1,5 @@
+import core
+
+
+def test_package_imports():
+    assert core.__version__

@@ -1,0 +1,527 @@
+"""Influence of training points on test predictions, for the convex models in :mod:`core.models`.
+
+One convention everywhere (DESIGN.md):
+
+    score(z_j, z_test) = (1/n) ∇ℓ(z_test, θ̂)ᵀ H⁻¹ ∇ℓ(z_j, θ̂)  ≈  ℓ(z_test, θ̂_{-j}) - ℓ(z_test, θ̂)
+
+in units of test loss. Positive: removing z_j would raise the test loss, so z_j **helped** the
+prediction. Negative: z_j **hurt** it.
+
+Two estimates of the same leave-one-out change:
+
+- ``"first_order"`` — the paper's, with the Hessian H of the full training objective.
+- ``"corrected"`` (default) — one exact Newton step on the objective without z_j, i.e. H replaced by
+  H_{-j} = H - (1/n)∇²ℓ(z_j), through a Woodbury update. For binary models (rank-one per-example
+  Hessians) it is the first-order score divided by (1 - h_j), h_j = (1/n) c_j φ_jᵀH⁻¹φ_j the leverage.
+  It removes the first-order estimate's systematic under-estimate for high-leverage points.
+
+The inverse-Hessian solver is the only thing that varies (``ExactSolver``, ``CGSolver``,
+``LiSSASolver``); everything else is built on ``inverse_hvp``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from core.errors import (
+    ConvergenceError,
+    InfluenceExplorerError,
+    NotPositiveDefiniteError,
+    SolverDivergedError,
+)
+from core.models import DTYPE, LinearModel, as_float64
+
+Estimate = Literal["corrected", "first_order"]
+ESTIMATES: tuple[str, ...] = ("corrected", "first_order")
+ESTIMATE_LABELS = {
+    "corrected": "Newton-corrected (H without the point)",
+    "first_order": "first order (Koh & Liang)",
+}
+SOLVERS: tuple[str, ...] = ("exact", "cg", "lissa")
+
+
+class LiSSAWarning(UserWarning):
+    """LiSSA's recursion is too short to have converged for the given scale."""
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    """How to apply (H + damping·I)⁻¹. Frozen, so it can key a cache.
+
+    Attributes:
+        method: "exact" (Cholesky, factorised once), "cg" (conjugate gradients) or "lissa".
+        damping: added to the Hessian's diagonal by every method.
+        cg_tol: CG stops when every residual is below cg_tol times its right-hand side's norm.
+        cg_max_iter: CG iterations before it gives up with an error.
+        lissa_depth: LiSSA recursion length.
+        lissa_scale: LiSSA divides the Hessian by this; it must exceed the largest eigenvalue.
+            ``None`` estimates it (2x the largest eigenvalue of H + damping, by power iteration).
+        lissa_repeats: independent LiSSA runs averaged.
+        lissa_batch_size: training points per stochastic Hessian-vector product.
+        seed: LiSSA's minibatch sampling seed.
+    """
+
+    method: str = "exact"
+    damping: float = 0.0
+    cg_tol: float = 1e-10
+    cg_max_iter: int = 2000
+    lissa_depth: int = 2000
+    lissa_scale: float | None = None
+    lissa_repeats: int = 1
+    lissa_batch_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in SOLVERS:
+            raise InfluenceExplorerError(
+                f"method must be one of {', '.join(SOLVERS)}; got {self.method!r}."
+            )
+        if not (math.isfinite(self.damping) and self.damping >= 0):
+            raise InfluenceExplorerError(
+                f"damping must be a finite number >= 0; got {self.damping!r}."
+            )
+        if not (0 < self.cg_tol < 1):
+            raise InfluenceExplorerError(f"cg_tol must be in (0, 1); got {self.cg_tol!r}.")
+        for name in ("cg_max_iter", "lissa_depth", "lissa_repeats", "lissa_batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise InfluenceExplorerError(f"{name} must be >= 1; got {getattr(self, name)!r}.")
+        if self.lissa_scale is not None and not (self.lissa_scale > 0):
+            raise InfluenceExplorerError(
+                f"lissa_scale must be > 0 or None; got {self.lissa_scale!r}."
+            )
+
+
+class InverseHVPSolver(ABC):
+    """Applies (H + damping·I)⁻¹ to vectors, H the Hessian of the model's training objective."""
+
+    def __init__(self, model: LinearModel, damping: float = 0.0) -> None:
+        model._require_fitted()
+        self.model = model
+        self.damping = float(damping)
+
+    @abstractmethod
+    def inverse_hvp(self, vectors: torch.Tensor) -> torch.Tensor:
+        """(H + damping·I)⁻¹ v for each column. Args: (p,) or (p, k). Returns: same shape."""
+
+    def _damped_hvp(
+        self, vectors: torch.Tensor, indices: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.model.hvp(vectors, indices) + self.damping * vectors
+
+
+class ExactSolver(InverseHVPSolver):
+    """Cholesky factorisation of H + damping·I, computed once and reused for every query."""
+
+    def __init__(self, model: LinearModel, damping: float = 0.0) -> None:
+        super().__init__(model, damping)
+        hessian = model.hessian()
+        hessian.diagonal().add_(self.damping)
+        chol, info = torch.linalg.cholesky_ex(hessian)
+        if int(info) != 0 or not torch.isfinite(chol).all():
+            smallest = float(torch.linalg.eigvalsh(hessian)[0])
+            suggestion = max(1e-6, 1.1 * abs(smallest) + 1e-6)
+            raise NotPositiveDefiniteError(
+                f"The Hessian plus damping {self.damping:g} is not positive definite (smallest "
+                f"eigenvalue {smallest:.3g}). Add damping of at least {suggestion:.2g}, or increase "
+                "the model's l2, and try again."
+            )
+        self.cholesky = chol
+
+    def inverse_hvp(self, vectors: torch.Tensor) -> torch.Tensor:
+        v = as_float64(vectors)
+        if v.ndim == 1:
+            return torch.cholesky_solve(v[:, None], self.cholesky)[:, 0]
+        return torch.cholesky_solve(v, self.cholesky)
+
+
+class CGSolver(InverseHVPSolver):
+    """Conjugate gradients on exact Hessian-vector products, all columns at once."""
+
+    def __init__(
+        self, model: LinearModel, damping: float = 0.0, tol: float = 1e-10, max_iter: int = 2000
+    ) -> None:
+        super().__init__(model, damping)
+        self.tol = tol
+        self.max_iter = max_iter
+        self.last_iterations = 0
+
+    def inverse_hvp(self, vectors: torch.Tensor) -> torch.Tensor:
+        b = as_float64(vectors)
+        squeeze = b.ndim == 1
+        b = b[:, None] if squeeze else b
+        x = torch.zeros_like(b)
+        r = b.clone()
+        d = r.clone()
+        rr = (r * r).sum(0)
+        target = (self.tol * b.norm(dim=0)) ** 2
+        iterations = 0
+        while bool((rr > target).any()):
+            if iterations >= self.max_iter:
+                worst = float((rr.sqrt() / b.norm(dim=0).clamp_min(1e-300)).max())
+                raise ConvergenceError(
+                    f"Conjugate gradients did not converge in {self.max_iter} iterations (worst "
+                    f"relative residual {worst:.2g}, tolerance {self.tol:g}). Increase cg_max_iter, "
+                    "add damping, or use the exact solver."
+                )
+            active = rr > target
+            ad = self._damped_hvp(d)
+            curvature = (d * ad).sum(0)
+            # A singular Hessian shows up as a residual that grows instead of curvature <= 0.
+            blew_up = bool((rr > 1e12 * b.norm(dim=0) ** 2).any())
+            if bool(((curvature <= 0) & active).any()) or blew_up:
+                raise NotPositiveDefiniteError(
+                    "Conjugate gradients met a direction of (numerically) non-positive curvature: the "
+                    f"Hessian plus damping {self.damping:g} is not positive definite. Add damping or "
+                    "increase the model's l2."
+                )
+            alpha = torch.where(active, rr / curvature.clamp_min(1e-300), torch.zeros_like(rr))
+            x += alpha * d
+            r -= alpha * ad
+            rr_new = (r * r).sum(0)
+            beta = torch.where(active, rr_new / rr.clamp_min(1e-300), torch.zeros_like(rr))
+            d = r + beta * d
+            rr = rr_new
+            iterations += 1
+        self.last_iterations = iterations
+        return x[:, 0] if squeeze else x
+
+
+class LiSSASolver(InverseHVPSolver):
+    """Stochastic Neumann-series estimate (Agarwal et al. 2017; Koh & Liang 2017).
+
+    h_0 = v,  h_t = v + h_{t-1} - (H̃_t + damping·I) h_{t-1} / scale,  result h_T / scale,
+
+    with H̃_t the Hessian of a random minibatch. Its fixed point is scale·(H + damping·I)⁻¹ v, so the
+    damping means the same as for the other solvers. It converges only when ``scale`` exceeds the
+    largest eigenvalue, and slowly: the error shrinks like (1 - λ_min/scale)^depth.
+    """
+
+    def __init__(
+        self,
+        model: LinearModel,
+        damping: float = 0.0,
+        depth: int = 2000,
+        scale: float | None = None,
+        repeats: int = 1,
+        batch_size: int = 64,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(model, damping)
+        self.depth = depth
+        self.repeats = repeats
+        self.batch_size = min(batch_size, model.n_train_)
+        self.seed = seed
+        self.largest_eigenvalue = self._largest_eigenvalue()
+        self.scale = float(scale) if scale is not None else 2.0 * self.largest_eigenvalue
+        if self.scale <= self.largest_eigenvalue:
+            raise SolverDivergedError(
+                f"LiSSA cannot converge with scale {self.scale:.3g}: it must exceed the largest "
+                f"eigenvalue of the damped Hessian, about {self.largest_eigenvalue:.3g}. Increase "
+                "lissa_scale (or leave it empty to choose it automatically)."
+            )
+        # Per direction with eigenvalue μ the recursion contracts by |1 - μ/scale|; μ ranges
+        # from at least l2 + damping up to the largest eigenvalue.
+        smallest = model.l2 + self.damping
+        rate = max(abs(1 - smallest / self.scale), abs(1 - self.largest_eigenvalue / self.scale))
+        if rate >= 1:
+            raise SolverDivergedError(
+                f"LiSSA cannot converge with scale {self.scale:.3g} and damping {self.damping:g}: "
+                "the scale must exceed the damped Hessian's eigenvalues (between "
+                f"{smallest:.3g} and {self.largest_eigenvalue:.3g}). Increase lissa_scale."
+            )
+        if rate**depth > 1e-2:
+            needed = math.ceil(math.log(1e-2) / math.log(rate))
+            warnings.warn(
+                f"LiSSA with scale {self.scale:.3g} and depth {depth} cannot have converged: the "
+                f"slowest direction (eigenvalue >= {smallest:.3g}) needs a depth of about {needed}. "
+                "Increase lissa_depth or damping, or use the exact or CG solver.",
+                LiSSAWarning,
+                stacklevel=2,
+            )
+
+    def _largest_eigenvalue(self, iterations: int = 50) -> float:
+        generator = torch.Generator().manual_seed(self.seed + 7919)
+        v = torch.randn(self.model.n_params_, generator=generator, dtype=DTYPE)
+        v /= v.norm()
+        value = 0.0
+        for _ in range(iterations):
+            w = self._damped_hvp(v)
+            value = float(v @ w)
+            v = w / w.norm()
+        return value
+
+    def inverse_hvp(self, vectors: torch.Tensor) -> torch.Tensor:
+        v = as_float64(vectors)
+        n = self.model.n_train_
+        bound = (
+            1e6
+            * self.scale
+            * max(float(v.norm()), 1e-300)
+            / max(self.model.l2 + self.damping, 1e-12)
+        )
+        total = torch.zeros_like(v)
+        for repeat in range(self.repeats):
+            generator = torch.Generator().manual_seed(self.seed + repeat)
+            h = v.clone()
+            for step in range(self.depth):
+                batch = torch.randint(0, n, (self.batch_size,), generator=generator)
+                h = v + h - self._damped_hvp(h, batch) / self.scale
+                if step % 50 == 0 and not (torch.isfinite(h).all() and float(h.norm()) < bound):
+                    raise SolverDivergedError(
+                        f"LiSSA diverged at step {step} (norm {float(h.norm()):.3g}). Its scale "
+                        f"({self.scale:.3g}) must exceed the Hessian's largest eigenvalue "
+                        f"(about {self.largest_eigenvalue:.3g} for the full Hessian; minibatches "
+                        "can be larger): increase lissa_scale or lissa_batch_size, or add damping."
+                    )
+            total += h / self.scale
+        return total / self.repeats
+
+
+def make_solver(model: LinearModel, config: SolverConfig) -> InverseHVPSolver:
+    """The solver a :class:`SolverConfig` describes, for a fitted model."""
+    if config.method == "exact":
+        return ExactSolver(model, config.damping)
+    if config.method == "cg":
+        return CGSolver(model, config.damping, config.cg_tol, config.cg_max_iter)
+    return LiSSASolver(
+        model,
+        config.damping,
+        depth=config.lissa_depth,
+        scale=config.lissa_scale,
+        repeats=config.lissa_repeats,
+        batch_size=config.lissa_batch_size,
+        seed=config.seed,
+    )
+
+
+@dataclass(frozen=True)
+class TopK:
+    """The most helpful (largest positive scores) and most harmful (most negative) training points.
+
+    Indices are into the training set; scores are in the DESIGN.md convention.
+    """
+
+    helpful: np.ndarray
+    helpful_scores: np.ndarray
+    harmful: np.ndarray
+    harmful_scores: np.ndarray
+
+
+def top_k(scores: np.ndarray, k: int) -> TopK:
+    """Top-k helpful and harmful points of one row of scores.
+
+    Only points with a strictly positive (helpful) or strictly negative (harmful) score are
+    listed, so fewer than k may come back.
+
+    Args:
+        scores: (n_train,) influence scores for one test point.
+        k: how many of each.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 1:
+        raise InfluenceExplorerError("top_k takes the scores of one test point, shape (n_train,).")
+    if k < 1:
+        raise InfluenceExplorerError(f"k must be >= 1; got {k}.")
+    order = np.argsort(-scores, kind="stable")
+    helpful = order[:k][scores[order[:k]] > 0]
+    order = np.argsort(scores, kind="stable")
+    harmful = order[:k][scores[order[:k]] < 0]
+    return TopK(helpful, scores[helpful], harmful, scores[harmful])
+
+
+class InfluenceEngine:
+    """Influence of every training point of a fitted convex model on test losses.
+
+    Args:
+        model: a fitted :class:`~core.models.LinearModel`.
+        solver: a :class:`SolverConfig` (default: exact) or a ready solver.
+    """
+
+    def __init__(
+        self, model: LinearModel, solver: SolverConfig | InverseHVPSolver | None = None
+    ) -> None:
+        model._require_fitted()
+        self.model = model
+        if isinstance(solver, InverseHVPSolver):
+            self.solver = solver
+        else:
+            self.solver = make_solver(model, solver if solver is not None else SolverConfig())
+        self.n_train = model.n_train_
+        self._train_derivs = model._derivatives(model.features_, model.labels_, model.theta_)
+        self._effective_residuals: dict[str, torch.Tensor] = {"first_order": self._train_derivs.d1}
+        self._self_influence: dict[str, np.ndarray] = {}
+
+    # ----------------------------------------------------------------- building blocks
+    def test_gradients(self, X_test: Any, y_test: Any) -> torch.Tensor:
+        """∇_θ ℓ(z_test, θ̂). Returns: (m, p)."""
+        return self.model.per_example_gradients(self.model.transform(X_test), y_test)
+
+    def inverse_hvp_test(self, X_test: Any, y_test: Any) -> torch.Tensor:
+        """s_test = (H + damping)⁻¹ ∇ℓ(z_test), one batched solve. Returns: (m, p)."""
+        gradients = self.test_gradients(X_test, y_test)
+        return self.solver.inverse_hvp(gradients.T).T
+
+    def _check_estimate(self, estimate: str) -> None:
+        if estimate not in ESTIMATES:
+            raise InfluenceExplorerError(
+                f"estimate must be one of {', '.join(ESTIMATES)}; got {estimate!r}."
+            )
+
+    def _unit_quadratic_forms(self, chunk: int = 256) -> torch.Tensor:
+        """Q_j = (φ_j ⊗ I_C)ᵀ H⁻¹ (φ_j ⊗ I_C) for every training point. Returns: (n, C, C)."""
+        features = self.model.features_
+        n, d = features.shape
+        c = self.model.n_outputs_
+        eye = torch.eye(c, dtype=DTYPE)
+        out = torch.empty(n, c, c, dtype=DTYPE)
+        for start in range(0, n, chunk):
+            phi = features[start : start + chunk]
+            # Columns φ_j ⊗ e_a for the chunk, laid out (p, j, a).
+            rhs = (phi[:, :, None, None] * eye[None, None, :, :]).reshape(len(phi), d * c, c)
+            rhs = rhs.permute(1, 0, 2).reshape(d * c, len(phi) * c)
+            solved = self.solver.inverse_hvp(rhs).reshape(d, c, len(phi), c)
+            out[start : start + chunk] = torch.einsum("jd,dajb->jab", phi, solved)
+        return out
+
+    def _residuals(self, estimate: str) -> torch.Tensor:
+        """Per-example residuals e_j such that the score is (1/n) s_testᵀ (φ_j ⊗ e_j). (n, C)."""
+        self._check_estimate(estimate)
+        if estimate not in self._effective_residuals:
+            n = self.n_train
+            d1, factor = self._train_derivs.d1, self._train_derivs.factor
+            q = self._unit_quadratic_forms()
+            # Woodbury with U_j = φ_j ⊗ B_j: (1/n) g_tᵀ H_{-j}⁻¹ g_j = (1/n) s_tᵀ (φ_j ⊗ e_j),
+            # e_j = d1_j + B_j (nI - B_jᵀQ_jB_j)⁻¹ B_jᵀ Q_j d1_j.
+            m = factor.transpose(1, 2) @ q @ factor
+            rhs = factor.transpose(1, 2) @ q @ d1[:, :, None]
+            eye = torch.eye(m.shape[-1], dtype=DTYPE)
+            z = torch.linalg.solve(n * eye - m, rhs)
+            self._effective_residuals[estimate] = d1 + (factor @ z)[:, :, 0]
+            self._quadratic_forms = q
+        return self._effective_residuals[estimate]
+
+    # ----------------------------------------------------------------- quantities
+    def influence_scores(
+        self, X_test: Any, y_test: Any, *, estimate: Estimate = "corrected"
+    ) -> np.ndarray:
+        """Influence of every training point on each test point's loss.
+
+        score[t, j] ≈ ℓ(z_test_t, θ̂_{-j}) - ℓ(z_test_t, θ̂), scaled by 1/n as in the paper:
+        positive means z_j helped (removing it raises the test loss), negative means it hurt.
+
+        Args:
+            X_test: (m, D) test inputs in the model's input space.
+            y_test: (m,) labels whose loss is explained (usually the predicted or true label).
+            estimate: "corrected" (default) or "first_order".
+        Returns:
+            (m, n_train) scores in units of test loss.
+        """
+        residuals = self._residuals(estimate)
+        s_test = self.inverse_hvp_test(X_test, y_test)
+        return self._scores_from_stest(s_test, residuals)
+
+    def _scores_from_stest(self, s_test: torch.Tensor, residuals: torch.Tensor) -> np.ndarray:
+        features = self.model.features_
+        d, c = features.shape[1], self.model.n_outputs_
+        # (1/n) s_tᵀ (φ_j ⊗ e_j) = (1/n) Σ_c (φ_jᵀ S_t)[c] e_j[c], with S_t the (d, C) reshape.
+        projected = torch.einsum("jd,tdc->tjc", features, s_test.reshape(-1, d, c))
+        return ((projected * residuals[None]).sum(-1) / self.n_train).numpy()
+
+    def self_influence(self, estimate: Estimate = "corrected") -> np.ndarray:
+        """Each training point's influence on its own loss (the diagonal of the score matrix).
+
+        Large values flag points the model can only fit by bending towards them: candidates for
+        mislabelled data. Returns: (n_train,).
+        """
+        self._check_estimate(estimate)
+        if estimate not in self._self_influence:
+            residuals = self._residuals("corrected")  # also computes the quadratic forms Q_j
+            if estimate == "first_order":
+                residuals = self._train_derivs.d1
+            d1 = self._train_derivs.d1
+            values = torch.einsum("ja,jab,jb->j", d1, self._quadratic_forms, residuals)
+            self._self_influence[estimate] = (values / self.n_train).numpy()
+        return self._self_influence[estimate]
+
+    def leverage(self) -> np.ndarray:
+        """h_j = (1/n) tr(B_jᵀ Q_j B_j), the share of the curvature that point j carries.
+
+        For binary models this is exactly the h_j of the correction score/(1 - h_j).
+        Returns: (n_train,).
+        """
+        self._residuals("corrected")
+        factor = self._train_derivs.factor
+        m = factor.transpose(1, 2) @ self._quadratic_forms @ factor
+        return (torch.diagonal(m, dim1=1, dim2=2).sum(-1) / self.n_train).numpy()
+
+    def params_change(self, train_indices: Any, *, estimate: Estimate = "corrected") -> np.ndarray:
+        """I_up,params: predicted θ̂_{-j} - θ̂ for each listed training point.
+
+        First order: (1/n) H⁻¹ ∇ℓ(z_j); corrected: (1/n) H_{-j}⁻¹ ∇ℓ(z_j).
+        Returns: (k, p).
+        """
+        idx = torch.as_tensor(np.asarray(train_indices, dtype=np.int64))
+        residuals = self._residuals(estimate)[idx]
+        phi = self.model.features_[idx]
+        gradients = (phi[:, :, None] * residuals[:, None, :]).reshape(len(idx), -1)
+        return (self.solver.inverse_hvp(gradients.T).T / self.n_train).numpy()
+
+    def training_inputs(self, train_indices: Any) -> torch.Tensor:
+        """The model-space inputs x_j of training points (pixels for the SVM). Returns: (k, D)."""
+        idx = torch.as_tensor(np.asarray(train_indices, dtype=np.int64))
+        return self.model.training_inputs_[idx]
+
+    def perturbation_influence(
+        self,
+        X_test: Any,
+        y_test: Any,
+        train_indices: Any,
+        *,
+        train_inputs: Any | None = None,
+    ) -> np.ndarray:
+        """I_pert,loss: how each test loss changes as a training point's input moves.
+
+        d ℓ(z_test, θ̂) / d x_j ≈ -(1/n) ∇_θ ℓ(z_test)ᵀ H⁻¹ ∇_x ∇_θ ℓ(z_j, θ̂),
+
+        with x_j the model's input vector (deep features for the logistic regression, pixels
+        scaled to [-1, 1] for the SVM, through the kernel with the training kernel's factor held
+        fixed). Moving x_j along the gradient raises the test loss. Per-pixel heatmaps for the
+        feature model back-propagate this through the backbone.
+
+        Args:
+            X_test: (m, D_test) test inputs; y_test: (m,) labels.
+            train_indices: (k,) training points.
+            train_inputs: optional (k, D) inputs to evaluate at instead of the stored ones
+                (e.g. a training image being perturbed by an attack).
+        Returns:
+            (m, k, D) gradients in units of test loss per unit of input.
+        """
+        model = self.model
+        s_test = self.inverse_hvp_test(X_test, y_test)
+        idx = np.asarray(train_indices, dtype=np.int64)
+        inputs = self.training_inputs(idx) if train_inputs is None else as_float64(train_inputs)
+        labels = model.labels_[torch.as_tensor(idx)]
+        d, c = model.features_.shape[1], model.n_outputs_
+        theta = model.theta_
+
+        def weighted_gradient(
+            x: torch.Tensor, label: torch.Tensor, s: torch.Tensor
+        ) -> torch.Tensor:
+            phi = model.torch_transform(x[None])
+
+            def loss_of_theta(th: torch.Tensor) -> torch.Tensor:
+                return model.loss_.value(phi @ th.reshape(d, c), label[None])[0]
+
+            return s @ torch.func.grad(loss_of_theta)(theta)
+
+        input_gradient = torch.func.grad(weighted_gradient)
+        per_train = torch.func.vmap(input_gradient, in_dims=(0, 0, None))
+        per_test = torch.func.vmap(per_train, in_dims=(None, None, 0))
+        return (-per_test(inputs, labels, s_test) / self.n_train).numpy()

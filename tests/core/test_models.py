@@ -1,0 +1,248 @@
+"""Models: closed-form derivatives against torch.func, convergence, refit semantics, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import core.models as models
+from core.errors import InfluenceExplorerError, NotFittedError
+from core.losses import LogisticLoss, SmoothHingeLoss, SoftmaxCrossEntropy
+from core.models import KernelSVM, LogisticRegression, rbf_kernel
+
+LOSSES = {
+    "logistic": (LogisticLoss(), 1, 2),
+    "smooth-hinge-0.1": (SmoothHingeLoss(0.1), 1, 2),
+    "smooth-hinge-0.001": (SmoothHingeLoss(0.001), 1, 2),
+    "softmax": (SoftmaxCrossEntropy(), 4, 4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_loss_derivatives_match_autodiff(name):
+    loss, n_outputs, n_classes = LOSSES[name]
+    gen = torch.Generator().manual_seed(0)
+    # Scores spread around the margin, where the smooth hinge's curvature lives.
+    scores = 1.0 + 0.01 * torch.randn(64, n_outputs, generator=gen, dtype=torch.float64)
+    scores[::2] = torch.randn(32, n_outputs, generator=gen, dtype=torch.float64) * 3
+    labels = torch.randint(0, n_classes, (64,), generator=gen)
+    derivs = loss.derivatives(scores, labels)
+
+    def one(s, y):
+        return loss.value(s[None], y[None])[0]
+
+    d1 = torch.func.vmap(torch.func.grad(one))(scores, labels)
+    d2 = torch.func.vmap(torch.func.hessian(one))(scores, labels)
+    torch.testing.assert_close(derivs.loss, loss.value(scores, labels), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(derivs.d1, d1, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(derivs.d2, d2, rtol=1e-8, atol=1e-10)
+    factor = derivs.factor
+    torch.testing.assert_close(factor @ factor.transpose(1, 2), d2, rtol=1e-8, atol=1e-10)
+
+
+def _fitted_models(make_logreg_problem, make_svm_problem):
+    binary = make_logreg_problem(80, 12, seed=1)
+    multi = make_logreg_problem(90, 7, seed=2, n_classes=3)
+    pixels = make_svm_problem(60, 20, seed=3)
+    return {
+        "logreg-binary": (LogisticRegression(l2=1e-2).fit(binary.X, binary.y), binary),
+        "logreg-intercept": (
+            LogisticRegression(l2=1e-2, fit_intercept=True).fit(binary.X, binary.y),
+            binary,
+        ),
+        "logreg-softmax": (LogisticRegression(l2=1e-2).fit(multi.X, multi.y), multi),
+        "svm": (KernelSVM(gamma=0.05, l2=1e-2, temperature=0.05).fit(pixels.X, pixels.y), pixels),
+    }
+
+
+@pytest.fixture
+def fitted(make_logreg_problem, make_svm_problem):
+    return _fitted_models(make_logreg_problem, make_svm_problem)
+
+
+MODEL_NAMES = ["logreg-binary", "logreg-intercept", "logreg-softmax", "svm"]
+
+
+def _objective_fn(model):
+    features, labels, w = model.features_, model.labels_, model.sample_weight_
+    d, c, n = features.shape[1], model.n_outputs_, features.shape[0]
+
+    def objective(theta):
+        losses = model.loss_.value(features @ theta.reshape(d, c), labels)
+        return (w @ losses) / n + 0.5 * model.l2 * (theta @ theta)
+
+    return objective
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_fit_reaches_tight_gradient_norm(fitted, name):
+    model, _ = fitted[name]
+    assert model.fit_info_.converged
+    assert float(model.objective_gradient().norm()) <= 1e-8
+    grad = torch.func.grad(_objective_fn(model))(model.theta_)
+    assert float(grad.norm()) <= 1e-8
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_gradients_hessian_and_hvp_match_autodiff(fitted, name):
+    model, problem = fitted[name]
+    features = model.transform(problem.X_test)
+    labels = torch.as_tensor(problem.y_test)
+    d, c = model.features_.shape[1], model.n_outputs_
+
+    def example_loss(theta, phi, y):
+        return model.loss_.value((phi @ theta.reshape(d, c))[None], y[None])[0]
+
+    expected = torch.func.vmap(torch.func.grad(example_loss), in_dims=(None, 0, 0))(
+        model.theta_, features, labels
+    )
+    torch.testing.assert_close(
+        model.per_example_gradients(features, labels), expected, rtol=1e-10, atol=1e-12
+    )
+
+    hessian = torch.func.hessian(_objective_fn(model))(model.theta_)
+    torch.testing.assert_close(model.hessian(), hessian, rtol=1e-9, atol=1e-11)
+
+    gen = torch.Generator().manual_seed(4)
+    vectors = torch.randn(model.n_params_, 3, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(model.hvp(vectors), hessian @ vectors, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(
+        model.hvp(vectors[:, 0]), hessian @ vectors[:, 0], rtol=1e-9, atol=1e-11
+    )
+
+    # The per-example Hessian factors reproduce each example's Hessian: (φ ⊗ B)(φ ⊗ B)ᵀ.
+    factors = model.example_hessian_factors(features, labels)
+    for i in range(3):
+        u = (features[i][:, None, None] * factors[i][None]).reshape(d * c, -1)
+        single = torch.func.hessian(example_loss)(model.theta_, features[i], labels[i])
+        torch.testing.assert_close(u @ u.T, single, rtol=1e-9, atol=1e-11)
+
+
+def test_minibatch_hvp_is_the_batch_mean(fitted):
+    model, _ = fitted["logreg-softmax"]
+    batch = torch.tensor([3, 5, 5, 17])
+    features, labels = model.features_[batch], model.labels_[batch]
+    d, c = features.shape[1], model.n_outputs_
+
+    def batch_objective(theta):
+        return model.loss_.value(features @ theta.reshape(d, c), labels).mean() + 0.5 * model.l2 * (
+            theta @ theta
+        )
+
+    v = torch.randn(model.n_params_, dtype=torch.float64)
+    expected = torch.func.hessian(batch_objective)(model.theta_) @ v
+    torch.testing.assert_close(model.hvp(v, indices=batch), expected, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("name", ["logreg-binary", "logreg-softmax"])
+def test_zero_weight_refit_equals_fit_without_the_point(fitted, name):
+    # Dropping z_j's term but keeping 1/n is fitting the other n-1 points with λ·n/(n-1).
+    model, problem = fitted[name]
+    n, j = len(problem.y), 7
+    weights = np.ones(n)
+    weights[j] = 0
+    refitted = model.refit(sample_weight=weights)
+    keep = np.arange(n) != j
+    direct = LogisticRegression(l2=model.l2 * n / (n - 1)).fit(problem.X[keep], problem.y[keep])
+    torch.testing.assert_close(refitted.theta_, direct.theta_, rtol=1e-7, atol=1e-9)
+    assert refitted is not model and model.sample_weight_[j] == 1.0
+
+
+def test_refit_warm_start_takes_few_iterations(fitted):
+    model, problem = fitted["svm"]
+    weights = np.ones(len(problem.y))
+    weights[0] = 0
+    refitted = model.refit(sample_weight=weights)
+    assert refitted.fit_info_.converged
+    assert refitted.fit_info_.iterations <= 15
+
+
+def test_newton_cg_path_matches_dense(make_logreg_problem, monkeypatch):
+    problem = make_logreg_problem(120, 30, seed=5, n_classes=3)
+    dense = LogisticRegression(l2=1e-2).fit(problem.X, problem.y)
+    monkeypatch.setattr(models, "DENSE_NEWTON_MAX_PARAMS", 10)
+    iterative = LogisticRegression(l2=1e-2).fit(problem.X, problem.y)
+    assert iterative.fit_info_.converged
+    torch.testing.assert_close(iterative.theta_, dense.theta_, rtol=1e-7, atol=1e-9)
+
+
+def test_kernel_svm_is_a_kernel_machine(fitted):
+    model, problem = fitted["svm"]
+    # Training points' features are the rows of the Cholesky factor.
+    torch.testing.assert_close(model.transform(problem.X), model.cholesky_, rtol=1e-6, atol=1e-6)
+    # θᵀ L⁻¹ k(X, x) = αᵀ k(X, x) with α = L⁻ᵀ θ.
+    alpha = torch.linalg.solve_triangular(model.cholesky_.T, model.theta_[:, None], upper=True)
+    kernel = rbf_kernel(model.X_train_, torch.as_tensor(problem.X_test), model.gamma_)
+    np.testing.assert_allclose(
+        model.decision_function(problem.X_test),
+        (alpha.T @ kernel)[0].numpy(),
+        rtol=1e-8,
+        atol=1e-10,
+    )
+    proba = model.predict_proba(problem.X_test)
+    np.testing.assert_allclose(proba.sum(1), 1.0)
+    order = np.argsort(model.decision_function(problem.X_test))
+    assert np.all(np.diff(proba[order, 1]) >= -1e-12)
+    assert model.platt_[0] > 0
+
+
+def test_kernel_svm_default_gamma_is_the_papers(make_svm_problem):
+    problem = make_svm_problem(50, 10, seed=6)
+    model = KernelSVM(temperature=0.01).fit(problem.X, problem.y)
+    assert model.gamma_ == pytest.approx(0.05 / 50)
+
+
+def test_kernel_svm_small_temperature_reaches_tolerance(make_svm_problem):
+    problem = make_svm_problem(150, 30, seed=8)
+    model = KernelSVM(gamma=0.05, temperature=1e-3).fit(problem.X, problem.y)
+    assert model.fit_info_.converged and model.fit_info_.gradient_norm <= 1e-10
+    assert model.accuracy(problem.X_test, problem.y_test) > 0.6
+
+
+def test_predictions_and_losses(fitted):
+    model, problem = fitted["logreg-softmax"]
+    proba = model.predict_proba(problem.X_test)
+    np.testing.assert_array_equal(model.predict(problem.X_test), proba.argmax(1))
+    np.testing.assert_allclose(
+        model.loss(problem.X_test, problem.y_test),
+        -np.log(proba[np.arange(len(proba)), problem.y_test]),
+        rtol=1e-10,
+    )
+    assert 0.0 <= model.accuracy(problem.X_test, problem.y_test) <= 1.0
+
+
+def test_unfitted_model_says_so():
+    with pytest.raises(NotFittedError, match="call fit"):
+        LogisticRegression().predict(np.zeros((1, 3)))
+    with pytest.raises(NotFittedError):
+        KernelSVM().hessian()
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (LogisticRegression(l2=-1.0), "l2"),
+        (KernelSVM(temperature=0.0), "temperature"),
+        (KernelSVM(gamma=-2.0), "gamma"),
+    ],
+)
+def test_bad_hyperparameters_name_the_field(model, message):
+    with pytest.raises(InfluenceExplorerError, match=message):
+        model.fit(np.zeros((4, 2)), np.array([0, 1, 0, 1]))
+
+
+def test_bad_inputs_are_refused_with_a_message():
+    X = np.random.default_rng(0).normal(size=(6, 3))
+    y = np.array([0, 1, 0, 1, 0, 1])
+    with pytest.raises(InfluenceExplorerError, match="NaN"):
+        LogisticRegression().fit(np.where(X > 1, np.nan, X), y)
+    with pytest.raises(InfluenceExplorerError, match="same n"):
+        LogisticRegression().fit(X, y[:4])
+    with pytest.raises(InfluenceExplorerError, match="binary"):
+        KernelSVM().fit(X, np.array([0, 1, 2, 0, 1, 2]))
+    model = LogisticRegression().fit(X, y)
+    with pytest.raises(InfluenceExplorerError, match="shape"):
+        model.predict(np.zeros((2, 5)))
+    with pytest.raises(InfluenceExplorerError, match="sample_weight"):
+        model.refit(sample_weight=np.ones(3))

@@ -440,7 +440,7 @@ def load_demo(path: str | PathLike[str] | None = None) -> Dataset:
 
 
 def load_idx(
-    directory: str | PathLike[str], name: str | None = None, kind: str | None = None
+    directory: str | PathLike[str], name: str | None = None, *, kind: str | None = None
 ) -> Dataset:
     """Load Fashion-MNIST or MNIST from its four idx files, gzipped or not.
 

@@ -24,6 +24,7 @@ exception type escapes for any byte input (``tests/core/test_images.py`` fuzzes 
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -269,6 +270,7 @@ def _decode(
     original_size = img.size
     original_mode = img.mode
     _note_extra_frames(img, fmt, notes)
+    _draft_large_jpeg(img, height, width, notes)
     # load() is where pixels are decoded; truncated or corrupt data fails here. Pillow only lets
     # truncated files through if ImageFile.LOAD_TRUNCATED_IMAGES is set, which we never do.
     img.load()
@@ -341,6 +343,35 @@ def _note_extra_frames(img: Image.Image, fmt: str, notes: list[str]) -> None:
     # Counting frames may have moved the file position; decode the first frame.
     if n_frames > 1:
         img.seek(0)
+
+
+def _draft_large_jpeg(img: Image.Image, height: int, width: int, notes: list[str]) -> None:
+    """Let libjpeg decode a large JPEG at 1/2, 1/4 or 1/8 scale when the target is far smaller.
+
+    DCT-domain scaling is several times faster than decoding full size and then shrinking (a 20 MP
+    photo: ~0.1 s instead of ~0.7 s), which matters for ImageFolder datasets of camera photos. The
+    scale is chosen so the crop stays at least 3x the target in both directions, the same margin as
+    ``reducing_gap=3`` in :func:`center_crop_resize`, so the result is visually the same.
+    """
+    if img.format not in ("JPEG", "MPO"):
+        return
+    src_w, src_h = img.size
+    try:
+        orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:
+        orientation = 1
+    if orientation in (5, 6, 7, 8):
+        # The target is given in display orientation; the draft applies to the stored one.
+        height, width = width, height
+    aspect = width / height
+    crop_w, crop_h = (src_h * aspect, src_h) if src_w / src_h > aspect else (src_w, src_w / aspect)
+    scale = max(3 * width / crop_w, 3 * height / crop_h)
+    if scale > 0.5:
+        return
+    requested = (math.ceil(src_w * scale), math.ceil(src_h * scale))
+    img.draft(None, requested)
+    if img.size != (src_w, src_h):
+        notes.append(f"JPEG decoded at reduced scale ({img.size[0]}×{img.size[1]}) for speed")
 
 
 def _apply_exif_orientation(img: Image.Image, notes: list[str]) -> Image.Image:

@@ -304,3 +304,23 @@ def test_mpo_multi_picture_jpeg_reads_as_jpeg():
     decoded = decode_upload(buffer.getvalue(), target_shape=(20, 20, 3), light_on_dark=False)
     assert decoded.format == "JPEG"
     assert decoded.image.mean() > 150
+
+
+def test_large_jpeg_fast_path_matches_full_decode():
+    # A 1600×1200 photo with EXIF orientation 6, to a 28×28 target: decoded at reduced JPEG scale,
+    # it must still be rotated correctly and be visually the same as a full-size decode.
+    from PIL import ImageOps
+
+    pixels = np.zeros((1200, 1600, 3), dtype=np.uint8)
+    pixels[100:500, 500:700] = 255  # left of centre, top: after rotating 90° clockwise, top-right
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(Image.fromarray(pixels), "JPEG", quality=90, exif=exif)
+    decoded = decode_upload(data, target_shape=(28, 28, 1), light_on_dark=False)
+    assert any("reduced scale" in note for note in decoded.notes), decoded.notes
+
+    full = ImageOps.exif_transpose(Image.open(io.BytesIO(data)).convert("L"))
+    reference = np.asarray(center_crop_resize(full, 28, 28), dtype=int)
+    difference = np.abs(reference - decoded.image[..., 0].astype(int))
+    assert difference.mean() < 2 and difference.max() < 40, (difference.mean(), difference.max())
+    assert decoded.image[:14, 14:].mean() > 3 * decoded.image[:14, :14].mean()

@@ -681,18 +681,20 @@ def load_image_folder(
         # Grayscale decoded to RGB has three equal channels, identical to decoding to "L".
         images = np.ascontiguousarray(images[..., :1])
 
-    is_train = np.array([split == "train" for split, _, _ in files])
+    # Files were listed train first, then test: slicing gives views, where a boolean mask would
+    # copy the (possibly multi-GB) image array.
+    n_train = sum(split == "train" for split, _, _ in files)
     labels = np.array([label for _, _, label in files], dtype=np.int64)
     ids = np.array([path.relative_to(root).as_posix() for _, path, _ in files])
     return Dataset(
         name=root.resolve().name or str(root),
         class_names=train_classes,
-        train_images=images[is_train],
-        train_labels=labels[is_train],
-        train_ids=ids[is_train],
-        test_images=images[~is_train],
-        test_labels=labels[~is_train],
-        test_ids=ids[~is_train],
+        train_images=images[:n_train],
+        train_labels=labels[:n_train],
+        train_ids=ids[:n_train],
+        test_images=images[n_train:],
+        test_labels=labels[n_train:],
+        test_ids=ids[n_train:],
         source=str(root),
         light_on_dark=False,
     )

@@ -25,7 +25,7 @@ import math
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -98,11 +98,32 @@ class SolverConfig:
             )
 
 
+class TwiceDifferentiable(Protocol):
+    """What the solvers need from a fitted model (the convex models, or a network's objective).
+
+    ``hessian()`` is the exact (p, p) Hessian of the training objective (only the exact solver
+    calls it), ``hvp(vectors, indices=None)`` its products with (p,) or (p, k) vectors (a
+    minibatch mean over ``indices`` when given), ``l2`` the weight decay included in both.
+    """
+
+    l2: float
+
+    @property
+    def n_train_(self) -> int: ...
+
+    @property
+    def n_params_(self) -> int: ...
+
+    def hessian(self) -> torch.Tensor: ...
+
+    def hvp(self, vectors: Any, indices: Any | None = None) -> torch.Tensor: ...
+
+
 class InverseHVPSolver(ABC):
     """Applies (H + damping·I)⁻¹ to vectors, H the Hessian of the model's training objective."""
 
-    def __init__(self, model: LinearModel, damping: float = 0.0) -> None:
-        model._require_fitted()
+    def __init__(self, model: TwiceDifferentiable, damping: float = 0.0) -> None:
+        _ = model.n_params_  # raises NotFittedError for an unfitted model
         self.model = model
         self.damping = float(damping)
 
@@ -119,7 +140,7 @@ class InverseHVPSolver(ABC):
 class ExactSolver(InverseHVPSolver):
     """Cholesky factorisation of H + damping·I, computed once and reused for every query."""
 
-    def __init__(self, model: LinearModel, damping: float = 0.0) -> None:
+    def __init__(self, model: TwiceDifferentiable, damping: float = 0.0) -> None:
         super().__init__(model, damping)
         hessian = model.hessian()
         hessian.diagonal().add_(self.damping)
@@ -145,7 +166,11 @@ class CGSolver(InverseHVPSolver):
     """Conjugate gradients on exact Hessian-vector products, all columns at once."""
 
     def __init__(
-        self, model: LinearModel, damping: float = 0.0, tol: float = 1e-10, max_iter: int = 2000
+        self,
+        model: TwiceDifferentiable,
+        damping: float = 0.0,
+        tol: float = 1e-10,
+        max_iter: int = 2000,
     ) -> None:
         super().__init__(model, damping)
         self.tol = tol
@@ -205,7 +230,7 @@ class LiSSASolver(InverseHVPSolver):
 
     def __init__(
         self,
-        model: LinearModel,
+        model: TwiceDifferentiable,
         damping: float = 0.0,
         depth: int = 2000,
         scale: float | None = None,
@@ -284,7 +309,7 @@ class LiSSASolver(InverseHVPSolver):
         return total / self.repeats
 
 
-def make_solver(model: LinearModel, config: SolverConfig) -> InverseHVPSolver:
+def make_solver(model: TwiceDifferentiable, config: SolverConfig) -> InverseHVPSolver:
     """The solver a :class:`SolverConfig` describes, for a fitted model."""
     if config.method == "exact":
         return ExactSolver(model, config.damping)

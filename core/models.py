@@ -481,8 +481,11 @@ class KernelSVM(LinearModel):
     Args:
         gamma: RBF width γ on inputs scaled to [-1, 1]; ``None`` uses the paper's 0.05 / n_train.
         l2: weight decay λ (the paper: 0.001).
-        temperature: smooth-hinge temperature t (the paper: 0.001; smaller is closer to the hinge
-            and makes influence estimates more fragile).
+        temperature: smooth-hinge temperature t. The default 0.01 is chosen by measurement
+            (``python -m bench.svm_temperature``): on the demo's T-shirt/top vs Shirt pixels it
+            has the same test accuracy as the paper's 0.001, while influence stays accurate
+            (leave-one-out Pearson >= 0.99 on every test point tried); at 0.001 the smooth hinge
+            is nearly a kink and one test point's Pearson fell to 0.40 with a slope over 200.
         tol, max_iter: Newton stopping rule.
     """
 
@@ -490,7 +493,7 @@ class KernelSVM(LinearModel):
         self,
         gamma: float | None = None,
         l2: float = 1e-3,
-        temperature: float = 1e-3,
+        temperature: float = 1e-2,
         tol: float = 1e-10,
         max_iter: int = 200,
     ) -> None:

@@ -1,0 +1,1 @@
+"""Subcommands of the ``influence`` CLI; each module has ``register(subparsers)``."""

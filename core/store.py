@@ -404,7 +404,14 @@ class ArtifactStore:
             yield
             return
         try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            except OSError as error:
+                # E.g. a network file system without lock support: integrity still holds (atomic
+                # writes); only concurrent builders may duplicate work.
+                logger.warning(
+                    "cache: cannot lock %s (%s); building without a lock", lock_path, error
+                )
             yield
         finally:
             # Lock files are left in place: deleting one another process has open would let a third

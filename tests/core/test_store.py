@@ -342,3 +342,16 @@ def test_meta_in_file_is_readable_json_with_the_key(store: ArtifactStore, key: C
     document = json.loads(data[_prefix_size() : _prefix_size() + meta_length])
     assert document["key"] == key.as_dict()
     assert document["arrays"] == {"x": ["<f8", [2]]}
+
+
+def test_file_system_without_locks_still_builds_and_caches(
+    store: ArtifactStore, key: CacheKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_locks(*_args: object) -> None:
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(store_module.fcntl, "flock", no_locks)
+    build = CountingBuild(make_arrays())
+    store.get_or_create(key, build)
+    store.get_or_create(key, build)
+    assert build.calls == 1

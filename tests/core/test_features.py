@@ -210,17 +210,20 @@ def test_lite0_weights_are_real_imagenet_weights(lite0: EfficientNetLite0Featuri
 # -- Inception v3 (random weights in the torchvision layout; never downloaded) ---------------------
 
 
-def test_inception_loads_a_weights_file_and_gives_2048_finite_features(
+def test_inception_loads_a_weights_file_and_gives_2048_finite_features_with_gradients(
     inception: InceptionV3Featurizer,
 ) -> None:
-    featurizer = inception
+    # One test for shape, transform == torch_forward and gradients: each 299x299 pass costs seconds.
     images = make_images(2, channels=1)
-    features = featurizer.transform(images, batch_size=2)
+    features = inception.transform(images, batch_size=2)
     assert features.shape == (2, 2048) and features.dtype == np.float32
     assert np.isfinite(features).all()
-    assert len(featurizer.weights_id) == 16
-    forward = featurizer.torch_forward(torch.tensor(images, dtype=torch.float32))
+    assert len(inception.weights_id) == 16
+    pixels = torch.tensor(images, dtype=torch.float64, requires_grad=True)
+    forward = inception.torch_forward(pixels)
     np.testing.assert_array_equal(forward.detach().numpy(), features)
+    forward.sum().backward()
+    assert torch.isfinite(pixels.grad).all() and pixels.grad.abs().sum() > 0
 
 
 def test_inception_preprocessing_matches_torchvision_imagenet_pipeline(
@@ -243,12 +246,6 @@ def test_inception_preprocessing_matches_torchvision_imagenet_pipeline(
     with torch.inference_mode():
         theirs = reference((x - mean) / std).numpy()
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())
-
-
-def test_inception_gradient_reaches_the_pixels(inception: InceptionV3Featurizer) -> None:
-    pixels = torch.tensor(make_images(1), dtype=torch.float64, requires_grad=True)
-    inception.torch_forward(pixels).sum().backward()
-    assert torch.isfinite(pixels.grad).all() and pixels.grad.abs().sum() > 0
 
 
 def test_inception_is_found_in_torchvision_hub_cache(

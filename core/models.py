@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,14 +44,19 @@ def as_float64(x: Any) -> torch.Tensor:
     """A float64 CPU tensor view or copy of an array-like."""
     if isinstance(x, torch.Tensor):
         return x.detach().to(device="cpu", dtype=DTYPE)
-    return torch.as_tensor(np.asarray(x), dtype=DTYPE)
+    return torch.as_tensor(_writable(np.asarray(x)), dtype=DTYPE)
 
 
 def as_labels(y: Any) -> torch.Tensor:
     """An int64 tensor of class indices."""
     if isinstance(y, torch.Tensor):
         return y.detach().to(device="cpu", dtype=torch.int64)
-    return torch.as_tensor(np.asarray(y), dtype=torch.int64)
+    return torch.as_tensor(_writable(np.asarray(y)), dtype=torch.int64)
+
+
+def _writable(array: np.ndarray) -> np.ndarray:
+    # Datasets hand out read-only views; torch would share their memory and warn.
+    return array if array.flags.writeable else array.copy()
 
 
 @dataclass(frozen=True)
@@ -147,11 +153,18 @@ class LinearModel:
         labels: Any | None = None,
         theta0: Any | None = None,
         tol: float | None = None,
+        preconditioner: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> LinearModel:
         """A copy fitted on the same training features with new weights or labels.
 
         The feature map stays as fitted (for the kernel SVM: the same Cholesky factor), which
         is the model influence functions describe. Warm-started from θ̂ unless ``theta0``.
+
+        Args:
+            preconditioner: optional v -> M⁻¹v with M ≈ the Hessian (e.g. the exact influence
+                solver's (H + damping)⁻¹ at θ̂). Newton steps are then solved by preconditioned
+                CG on Hessian-vector products, which for a retrain near θ̂ takes a handful of
+                O(n·p) iterations instead of forming and factorising a new p x p Hessian.
 
         Returns:
             A new fitted model; ``self`` is not modified.
@@ -169,7 +182,11 @@ class LinearModel:
         )
         if tol is not None:
             other.tol = tol
-        other._fit_parameters(self.theta_ if theta0 is None else as_float64(theta0))
+        other._preconditioner = preconditioner
+        try:
+            other._fit_parameters(self.theta_ if theta0 is None else as_float64(theta0))
+        finally:
+            other._preconditioner = None
         return other
 
     def _infer_n_classes(self, labels: torch.Tensor) -> int:
@@ -247,6 +264,14 @@ class LinearModel:
 
     def _newton_step(self, derivs: LossDerivatives, grad: torch.Tensor) -> torch.Tensor:
         p = grad.shape[0]
+        preconditioner = getattr(self, "_preconditioner", None)
+        if preconditioner is not None:
+            step = _preconditioned_cg(lambda v: self._hvp_from(derivs, v), grad, preconditioner)
+            if step is not None:
+                return step
+            # The Hessian has moved too far from θ̂'s (e.g. a sharp smooth hinge whose active
+            # set changed): stop trying for the rest of this fit.
+            self._preconditioner = None
         if p <= DENSE_NEWTON_MAX_PARAMS:
             hessian = self._hessian_from(derivs)
             chol, info = torch.linalg.cholesky_ex(hessian)
@@ -603,6 +628,38 @@ class KernelSVM(LinearModel):
         a, b = self.platt_
         p1 = torch.sigmoid(a * scores[:, 0] + b)
         return torch.stack([1 - p1, p1], dim=1)
+
+
+def _preconditioned_cg(
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    rhs: torch.Tensor,
+    preconditioner: Callable[[torch.Tensor], torch.Tensor],
+    rtol: float = 1e-12,
+    max_iter: int = 30,
+) -> torch.Tensor | None:
+    """Preconditioned CG for one SPD system; ``None`` if it is not done in ``max_iter``
+    iterations (a poor preconditioner: the caller falls back to a dense solve)."""
+    x = torch.zeros_like(rhs)
+    r = rhs.clone()
+    z = preconditioner(r)
+    d = z.clone()
+    rz = float(r @ z)
+    stop = rtol * float(rhs.norm())
+    for _ in range(max_iter):
+        if float(r.norm()) <= stop:
+            return x
+        ad = matvec(d)
+        curvature = float(d @ ad)
+        if not curvature > 0:
+            return None
+        alpha = rz / curvature
+        x += alpha * d
+        r -= alpha * ad
+        z = preconditioner(r)
+        rz_new = float(r @ z)
+        d = z + (rz_new / rz) * d
+        rz = rz_new
+    return x if float(r.norm()) <= stop else None
 
 
 def _conjugate_gradient(

@@ -19,7 +19,7 @@ import torch
 from scipy import stats
 
 from core.errors import InfluenceExplorerError
-from core.influence import ESTIMATES, Estimate, InfluenceEngine
+from core.influence import ESTIMATES, Estimate, ExactSolver, InfluenceEngine
 from core.models import LinearModel, as_labels
 
 Progress = Callable[[int, int], None]
@@ -61,6 +61,7 @@ def retrain_without(
     *,
     tol: float = RETRAIN_TOL,
     progress: Progress | None = None,
+    preconditioner: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> RetrainResult:
     """Refit without each group of training points and measure the change in test loss.
 
@@ -70,6 +71,8 @@ def retrain_without(
         X_test: (m, D) test inputs; y_test: (m,) labels whose loss is measured.
         tol: gradient-norm tolerance of each retrain.
         progress: called as progress(done, total) after each retrain.
+        preconditioner: optional (H + damping)⁻¹ at θ̂ to speed up the Newton steps (see
+            :meth:`~core.models.LinearModel.refit`); the result does not depend on it.
     """
     model._require_fitted()
     start = time.perf_counter()
@@ -86,7 +89,7 @@ def retrain_without(
             raise InfluenceExplorerError(f"Training indices must be in [0, {n}); got {group}.")
         weights = model.sample_weight_.clone()
         weights[torch.as_tensor(group)] = 0.0
-        refitted = model.refit(sample_weight=weights, tol=tol)
+        refitted = model.refit(sample_weight=weights, tol=tol, preconditioner=preconditioner)
         actual[i] = (refitted.per_example_losses(features, labels) - base).numpy()
         iterations[i] = refitted.fit_info_.iterations
         norms[i] = refitted.fit_info_.gradient_norm
@@ -156,6 +159,13 @@ def agreement(predicted: Any, actual: Any) -> Agreement:
     return Agreement(pearson, spearman, float(slope), float(intercept), int(x.size))
 
 
+def _preconditioner(engine: InfluenceEngine) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The engine's factorised Hessian at θ̂, when it has one, to precondition retraining."""
+    if isinstance(engine.solver, ExactSolver):
+        return engine.solver.inverse_hvp
+    return None
+
+
 @dataclass(frozen=True)
 class Verification:
     """Predicted against actual leave-one-out change in one test point's loss.
@@ -207,7 +217,9 @@ def verify(
     k = min(k, engine.n_train)
     chosen = [np.argsort(-np.abs(row), kind="stable")[:k] for row in scores[select_by]]
     union = np.unique(np.concatenate(chosen))
-    retrained = loo_retrain(model, union, X_test, y_test, progress=progress)
+    retrained = loo_retrain(
+        model, union, X_test, y_test, progress=progress, preconditioner=_preconditioner(engine)
+    )
     position = {int(j): i for i, j in enumerate(union)}
     results = []
     for t, indices in enumerate(chosen):

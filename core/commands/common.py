@@ -72,15 +72,18 @@ class ProgressBar:
         if not self.enabled:
             return
         now = time.perf_counter()
-        if done < total and now - self._last < 0.1:
+        # Redrawing a line only works on a terminal; a log file gets the final line only.
+        interactive = getattr(self.stream, "isatty", lambda: False)()
+        if done < total and (not interactive or now - self._last < 0.1):
             return
         self._last = now
         width = 30
         filled = int(width * done / max(total, 1))
         bar = "#" * filled + "-" * (width - filled)
         end = "\n" if done >= total else ""
+        start = "\r" if interactive else ""
         self.stream.write(
-            f"\r{self.label:<28} [{bar}] {done}/{total} {now - self.start:6.1f}s{end}"
+            f"{start}{self.label:<28} [{bar}] {done}/{total} {now - self.start:6.1f}s{end}"
         )
         self.stream.flush()
 
@@ -112,3 +115,100 @@ def emit(payload: Any, args: argparse.Namespace, human: Callable[[Any], str]) ->
         sys.stdout.write("\n")
     else:
         sys.stdout.write(human(payload).rstrip("\n") + "\n")
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """Backbone, hyperparameters and the inverse-Hessian solver of the two models."""
+    from core.features import DEFAULT_BACKBONE
+
+    group = parser.add_argument_group("models")
+    group.add_argument(
+        "--backbone",
+        default=DEFAULT_BACKBONE,
+        help="ImageNet backbone for the logistic regression: 'efficientnet-lite0' (offline "
+        "default) or 'inception-v3' (the paper's; needs its weights)",
+    )
+    group.add_argument(
+        "--inception-weights",
+        default=None,
+        help="path to Inception v3 ImageNet weights (torchvision's inception_v3_google-*.pth)",
+    )
+    group.add_argument(
+        "--logreg-l2",
+        type=float,
+        default=None,
+        help="weight decay of the logistic regression (default: chosen by cross-validation)",
+    )
+    group.add_argument("--svm-l2", type=float, default=1e-3, help="weight decay of the SVM")
+    group.add_argument(
+        "--svm-gamma", type=float, default=None, help="RBF γ (default: the paper's 0.05/n)"
+    )
+    group.add_argument(
+        "--svm-temperature", type=float, default=1e-2, help="smooth-hinge temperature t"
+    )
+    group.add_argument(
+        "--max-train-per-class",
+        type=int,
+        default=None,
+        help="subsample large training sets to this many images per class",
+    )
+    group.add_argument(
+        "--solver", default="exact", choices=("exact", "cg", "lissa"), help="inverse-HVP solver"
+    )
+    group.add_argument("--damping", type=float, default=0.0, help="added to the Hessian's diagonal")
+
+
+def parse_classes(text: str | None) -> tuple[int | str, ...] | None:
+    """'T-shirt/top,Shirt' or '0,6' -> a tuple of names or indices."""
+    if text is None:
+        return None
+    parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    return tuple(int(p) if p.isdigit() else p for p in parts)
+
+
+class StageBars:
+    """``progress(stage, done, total)`` shown as one progress bar per stage on stderr."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._bars: dict[str, ProgressBar] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage not in self._bars:
+            self._bars[stage] = ProgressBar(stage[:28], enabled=self.enabled)
+        self._bars[stage](done, total)
+
+
+def build_explainer(args: argparse.Namespace) -> Any:
+    """Dataset + config from the parsed options -> a ready :class:`core.explainer.Explainer`."""
+    from core.data import open_dataset
+    from core.explainer import Explainer, ExplainerConfig
+    from core.influence import SolverConfig
+    from core.store import ArtifactStore
+
+    dataset = open_dataset(args.dataset, image_size=(args.image_size, args.image_size))
+    config = ExplainerConfig(
+        classes=parse_classes(args.classes),
+        backbone=args.backbone,
+        inception_weights=args.inception_weights,
+        logreg_l2=args.logreg_l2,
+        svm_l2=args.svm_l2,
+        svm_gamma=args.svm_gamma,
+        svm_temperature=args.svm_temperature,
+        solver=SolverConfig(method=args.solver, damping=args.damping),
+        max_train_per_class=args.max_train_per_class,
+    )
+    return Explainer(
+        dataset,
+        config,
+        store=ArtifactStore(args.cache_dir),
+        progress=StageBars(enabled=not args.quiet),
+    )
+
+
+def add_common_options(parser: argparse.ArgumentParser) -> None:
+    """Dataset, models, cache and output options (what every explainer-based command takes)."""
+    add_dataset_options(parser)
+    add_model_options(parser)
+    add_cache_option(parser)
+    add_output_options(parser)

@@ -246,3 +246,17 @@ def test_bad_inputs_are_refused_with_a_message():
         model.predict(np.zeros((2, 5)))
     with pytest.raises(InfluenceExplorerError, match="sample_weight"):
         model.refit(sample_weight=np.ones(3))
+
+
+def test_preconditioned_refit_equals_dense_refit(fitted):
+    from core.influence import ExactSolver
+
+    for name in ("logreg-softmax", "svm"):
+        model, problem = fitted[name]
+        weights = np.ones(len(problem.y))
+        weights[[2, 11]] = 0
+        dense = model.refit(sample_weight=weights)
+        fast = model.refit(sample_weight=weights, preconditioner=ExactSolver(model).inverse_hvp)
+        assert fast.fit_info_.converged
+        torch.testing.assert_close(fast.theta_, dense.theta_, rtol=1e-8, atol=1e-10)
+        assert getattr(fast, "_preconditioner", None) is None

@@ -1,0 +1,59 @@
+"""``influence precompute``: prepare features and both models, and report their accuracy."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from core.commands.common import add_common_options, build_explainer, emit
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "precompute",
+        help="compute and cache features, fit both models, print their accuracy",
+        description="Compute (or read from the cache) the backbone features of the chosen "
+        "classes, fit the RBF SVM on pixels and the logistic regression on backbone features, "
+        "and report both models' accuracy. Later commands and the dashboard start from the cache.",
+    )
+    add_common_options(parser)
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    explainer = build_explainer(args)
+    payload = {
+        "dataset": explainer.dataset.name,
+        "classes": list(explainer.class_names),
+        "n_train": explainer.n_train,
+        "n_test": explainer.n_test,
+        "seconds": explainer.seconds,
+        "models": explainer.summaries(),
+    }
+    emit(payload, args, _report)
+    return 0
+
+
+def _report(payload: dict[str, Any]) -> str:
+    lines = [
+        f"{payload['dataset']}: {payload['n_train']} training and {payload['n_test']} test images "
+        f"(prepared in {payload['seconds']:.1f} s)",
+        "",
+    ]
+    for summary in payload["models"].values():
+        hyper = ", ".join(f"{k}={v:g}" for k, v in summary.hyperparameters.items())
+        lines.append(f"{summary.label}")
+        lines.append(f"  features:        {summary.features}")
+        lines.append(
+            f"  accuracy:        test {summary.test_accuracy:.3f}, train {summary.train_accuracy:.3f}"
+        )
+        lines.append(f"  hyperparameters: {hyper}")
+        if summary.selection:
+            tried = ", ".join(f"λ={k}: {v:.3f}" for k, v in summary.selection.items())
+            lines.append(f"  λ by 3-fold CV:  {tried}")
+        lines.append(
+            f"  fit:             {summary.iterations} Newton steps, gradient norm "
+            f"{summary.gradient_norm:.1e}, {summary.fit_seconds:.2f} s"
+        )
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,745 @@
+"""The join: a dataset, a class pair, a backbone and two fitted models with their influence engines.
+
+:class:`Explainer` turns the engine into the paper's experiment on real images. It holds, for the
+chosen classes of a dataset,
+
+- ``"svm"``: the RBF-kernel SVM on raw pixels (smooth hinge), and
+- ``"logreg"``: L2 logistic regression on frozen ImageNet-backbone features,
+
+each with an :class:`~core.influence.InfluenceEngine`, and answers ``explain`` (scores of every
+training image for one test image, top-k helpful and harmful), ``heatmap`` (per-pixel perturbation
+influence of a training image) and ``verify`` (leave-one-out retraining).
+
+An Explainer is read-only after construction (everything lazy in the engines is computed up
+front), so one instance can be shared by many dashboard sessions at once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from core.data import Dataset
+from core.errors import InfluenceExplorerError
+from core.features import (
+    DEFAULT_BACKBONE,
+    Featurizer,
+    PixelFeaturizer,
+    cached_features,
+    get_featurizer,
+)
+from core.influence import ESTIMATES, Estimate, InfluenceEngine, SolverConfig, top_k
+from core.models import KernelSVM, LinearModel, LogisticRegression
+from core.store import ArtifactStore, CacheKey
+from core.validation import Verification, verify
+
+#: Stage-aware progress: progress(stage, done, total).
+StageProgress = Callable[[str, int, int], None]
+Target = Literal["auto", "true", "predicted"]
+
+MODEL_KEYS: tuple[str, ...] = ("svm", "logreg")
+
+#: Weight decays tried for the logistic regression, chosen by cross-validated accuracy.
+LOGREG_L2_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
+
+#: The default pair when a dataset has these classes: both models are good but not perfect on
+#: it (about 0.8-0.9 test accuracy), so there are real mistakes to explain.
+PREFERRED_PAIRS: tuple[tuple[str, str], ...] = (("T-shirt/top", "Shirt"),)
+
+#: Bump when anything that changes a fitted model's parameters changes.
+FIT_VERSION = "1"
+
+
+def default_classes(dataset: Dataset) -> tuple[int, int]:
+    """The default class pair of a dataset (indices into ``dataset.class_names``)."""
+    names = list(dataset.class_names)
+    for first, second in PREFERRED_PAIRS:
+        if first in names and second in names:
+            return names.index(first), names.index(second)
+    return 0, 1
+
+
+@dataclass(frozen=True)
+class ExplainerConfig:
+    """What to build. Frozen and hashable, so it can key a cache.
+
+    Attributes:
+        classes: class indices (or names) of the dataset to tell apart; ``None`` = default pair.
+        backbone: featurizer for the logistic regression (see ``core.features``).
+        inception_weights: optional path to Inception v3 ImageNet weights.
+        logreg_l2: weight decay of the logistic regression; ``None`` = choose by 3-fold
+            cross-validated accuracy over :data:`LOGREG_L2_GRID` (never by how good influence looks).
+        svm_l2, svm_gamma, svm_temperature: the kernel SVM's hyperparameters (``svm_gamma=None``
+            is the paper's 0.05 / n_train).
+        solver: how H⁻¹ is applied for both models.
+        max_train_per_class: subsample larger training sets (seeded) to keep the kernel SVM's
+            n x n factorisation in memory; ``None`` keeps all.
+        seed: subsampling and cross-validation seed.
+    """
+
+    classes: tuple[int | str, ...] | None = None
+    backbone: str = DEFAULT_BACKBONE
+    inception_weights: str | None = None
+    logreg_l2: float | None = None
+    svm_l2: float = 1e-3
+    svm_gamma: float | None = None
+    svm_temperature: float = 1e-2
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    max_train_per_class: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.classes is not None:
+            object.__setattr__(self, "classes", tuple(self.classes))
+            if len(self.classes) != 2:
+                raise InfluenceExplorerError(
+                    f"classes must name exactly two classes (the SVM is binary); got {self.classes!r}."
+                )
+        if self.backbone == PixelFeaturizer.name:
+            raise InfluenceExplorerError(
+                "backbone must be an ImageNet backbone (the SVM already uses raw pixels)."
+            )
+        if self.logreg_l2 is not None and not self.logreg_l2 > 0:
+            raise InfluenceExplorerError(f"logreg_l2 must be > 0 or None; got {self.logreg_l2!r}.")
+        for name in ("svm_l2", "svm_temperature"):
+            if not getattr(self, name) > 0:
+                raise InfluenceExplorerError(f"{name} must be > 0; got {getattr(self, name)!r}.")
+        if self.svm_gamma is not None and not self.svm_gamma > 0:
+            raise InfluenceExplorerError(f"svm_gamma must be > 0 or None; got {self.svm_gamma!r}.")
+        if self.max_train_per_class is not None and self.max_train_per_class < 2:
+            raise InfluenceExplorerError("max_train_per_class must be at least 2 or None.")
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """One fitted model, for reports.
+
+    Attributes:
+        key: "svm" or "logreg".
+        label: e.g. "RBF SVM on pixels".
+        features: what the model sees, e.g. "EfficientNet-Lite0 (ImageNet) features, 1280-d".
+        train_accuracy, test_accuracy: on the selected classes.
+        hyperparameters: name -> value (including the chosen λ).
+        selection: for the logistic regression, cross-validated accuracy per λ tried.
+        fit_seconds: wall time of the final fit; iterations and gradient norm of its Newton run.
+    """
+
+    key: str
+    label: str
+    features: str
+    train_accuracy: float
+    test_accuracy: float
+    hyperparameters: dict[str, float]
+    selection: dict[str, float]
+    fit_seconds: float
+    iterations: int
+    gradient_norm: float
+
+
+@dataclass(frozen=True)
+class InfluentialImage:
+    """A training image and its influence on one test prediction.
+
+    Attributes:
+        train_index: row in the explainer's training set.
+        id: the dataset's stable id of the image.
+        label, label_name: its training label.
+        score: influence in units of test loss (positive helped, negative hurt).
+        pixel_distance: Euclidean distance to the test image, pixels scaled to [-1, 1].
+        feature_distance: Euclidean distance in the model's own feature space.
+    """
+
+    train_index: int
+    id: str
+    label: int
+    label_name: str
+    score: float
+    pixel_distance: float
+    feature_distance: float
+
+
+@dataclass(frozen=True)
+class ModelExplanation:
+    """One model's explanation of one test image.
+
+    Attributes:
+        key, label: which model.
+        predicted, predicted_name: its predicted class.
+        probabilities: (n_classes,) predicted probabilities (the SVM's are Platt-scaled scores).
+        explained_label, explained_label_name: the label whose loss the scores explain.
+        loss: that loss at θ̂.
+        estimate: "corrected" or "first_order".
+        scores: (n_train,) influence of every training image.
+        pixel_distances, feature_distances: (n_train,) distances to the test image.
+        helpful, harmful: the top-k of each, strongest first.
+    """
+
+    key: str
+    label: str
+    predicted: int
+    predicted_name: str
+    probabilities: np.ndarray
+    explained_label: int
+    explained_label_name: str
+    loss: float
+    estimate: str
+    scores: np.ndarray
+    pixel_distances: np.ndarray
+    feature_distances: np.ndarray
+    helpful: tuple[InfluentialImage, ...]
+    harmful: tuple[InfluentialImage, ...]
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Both models' explanations of one test image.
+
+    Attributes:
+        image: (H, W, C) uint8, exactly what the models saw.
+        test_index: row in the test set, or ``None`` for an uploaded image.
+        true_label, true_label_name: ``None`` for an upload.
+        models: key -> :class:`ModelExplanation`.
+        seconds: time taken.
+    """
+
+    image: np.ndarray
+    test_index: int | None
+    true_label: int | None
+    true_label_name: str | None
+    models: dict[str, ModelExplanation]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _FittedModel:
+    key: str
+    label: str
+    features_label: str
+    featurizer: Featurizer
+    model: LinearModel
+    engine: InfluenceEngine
+    test_inputs: torch.Tensor
+    selection: dict[str, float]
+
+
+def _subsample(labels: np.ndarray, per_class: int | None, seed: int) -> np.ndarray:
+    if per_class is None:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    keep = [
+        np.sort(rng.permutation(np.flatnonzero(labels == c))[:per_class]) for c in np.unique(labels)
+    ]
+    return np.sort(np.concatenate(keep))
+
+
+class Explainer:
+    """Both models, fitted on the chosen classes of a dataset, with their influence engines.
+
+    Args:
+        dataset: the full dataset (all classes); features are cached per original class so that
+            switching pairs reuses them.
+        config: what to build.
+        store: artifact cache for features and fitted parameters (default: the user cache).
+        progress: ``progress(stage, done, total)`` while preparing.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        config: ExplainerConfig | None = None,
+        *,
+        store: ArtifactStore | None = None,
+        progress: StageProgress | None = None,
+    ) -> None:
+        start = time.perf_counter()
+        self.config = config if config is not None else ExplainerConfig()
+        self.store = store if store is not None else ArtifactStore()
+        self._progress = progress or (lambda stage, done, total: None)
+        self.source = dataset
+        classes = (
+            self.config.classes if self.config.classes is not None else default_classes(dataset)
+        )
+        self.class_indices = tuple(dataset._class_index(c) for c in classes)
+        subset = dataset.select_classes(list(self.class_indices))
+        keep = _subsample(subset.train_labels, self.config.max_train_per_class, self.config.seed)
+        self.dataset = subset if len(keep) == subset.n_train else _take_train(subset, keep)
+        self.class_names = self.dataset.class_names
+        self.train_labels = self.dataset.train_labels
+        self.test_labels = self.dataset.test_labels
+
+        self.pixels = PixelFeaturizer()
+        self.backbone = get_featurizer(self.config.backbone, **self._backbone_options())
+        pixels_train = self._pixel_inputs(self.dataset.train_images)
+        pixels_test = self._pixel_inputs(self.dataset.test_images)
+        features_train = self._backbone_features("train")
+        features_test = self._backbone_features("test")
+        self._pixels_train = pixels_train
+
+        svm = self._fit_svm(pixels_train)
+        logreg, selection = self._fit_logreg(features_train)
+        self._progress("Preparing influence engines", 0, 2)
+        self.models: dict[str, _FittedModel] = {}
+        for position, (key, label, featurizer, model, test_inputs, chosen) in enumerate(
+            (
+                ("svm", "RBF SVM on pixels", self.pixels, svm, pixels_test, {}),
+                (
+                    "logreg",
+                    f"Logistic regression on {self.backbone.label} features",
+                    self.backbone,
+                    logreg,
+                    features_test,
+                    selection,
+                ),
+            )
+        ):
+            engine = InfluenceEngine(model, self.config.solver)
+            # Compute everything lazy now, so the shared explainer is never mutated later.
+            for estimate in ESTIMATES:
+                engine.self_influence(estimate)
+            self.models[key] = _FittedModel(
+                key=key,
+                label=label,
+                features_label=self._features_label(key, model),
+                featurizer=featurizer,
+                model=model,
+                engine=engine,
+                test_inputs=torch.as_tensor(test_inputs, dtype=torch.float64),
+                selection=chosen,
+            )
+            self._progress("Preparing influence engines", position + 1, 2)
+        self._test_predictions = {
+            key: fitted.model.predict_proba(fitted.test_inputs)
+            for key, fitted in self.models.items()
+        }
+        self.seconds = time.perf_counter() - start
+
+    # ------------------------------------------------------------------ preparation
+    def _backbone_options(self) -> dict[str, Any]:
+        if self.config.backbone == "inception-v3" and self.config.inception_weights:
+            return {"weights_path": self.config.inception_weights}
+        return {}
+
+    def _pixel_inputs(self, images: np.ndarray) -> np.ndarray:
+        return self.pixels.transform(images)
+
+    def _backbone_features(self, split: str) -> np.ndarray:
+        """Backbone features of a split, cached per original class of the full dataset."""
+        images = getattr(self.dataset, f"{split}_images")
+        labels = getattr(self.dataset, f"{split}_labels")
+        ids = getattr(self.dataset, f"{split}_ids")
+        source_ids = getattr(self.source, f"{split}_ids")
+        source_labels = getattr(self.source, f"{split}_labels")
+        source_images = getattr(self.source, f"{split}_images")
+        out = np.empty((len(images), self.backbone.output_dim(images.shape[1:])), dtype=np.float64)
+        position_of = {image_id: i for i, image_id in enumerate(source_ids)}
+        for new_label, original in enumerate(self.class_indices):
+            chunk_rows = np.flatnonzero(source_labels == original)
+            stage = f"{self.backbone.label} features: {split} '{self.class_names[new_label]}'"
+            features = cached_features(
+                self.store,
+                self.backbone,
+                source_images[chunk_rows],
+                dataset_hash=self.source.content_hash,
+                part=f"{split}/class{original}",
+                progress=lambda done, total, stage=stage: self._progress(stage, done, total),
+            )
+            row_of_chunk = {int(row): i for i, row in enumerate(chunk_rows)}
+            mine = np.flatnonzero(labels == new_label)
+            take = [row_of_chunk[position_of[image_id]] for image_id in ids[mine]]
+            out[mine] = features[take]
+        if not np.isfinite(out).all():
+            raise InfluenceExplorerError(
+                f"The {self.backbone.label} features contain NaN or infinite values; delete the "
+                "cache directory (or pass another --cache-dir) to recompute them."
+            )
+        return out
+
+    def _fit_key(self, kind: str, **fields: Any) -> CacheKey:
+        return CacheKey.of(
+            kind,
+            {
+                "dataset": self.dataset.content_hash,
+                "version": FIT_VERSION,
+                **{k: "none" if v is None else v for k, v in fields.items()},
+            },
+        )
+
+    def _cached_theta(self, key: CacheKey) -> np.ndarray | None:
+        arrays = self.store.load(key)
+        return None if arrays is None else arrays.get("theta")
+
+    def _fit_svm(self, pixels_train: np.ndarray) -> KernelSVM:
+        self._progress("Fitting the RBF SVM on pixels", 0, 1)
+        cfg = self.config
+        key = self._fit_key(
+            "fit-svm", gamma=cfg.svm_gamma, l2=cfg.svm_l2, temperature=cfg.svm_temperature
+        )
+        theta0 = self._cached_theta(key)
+        model = KernelSVM(gamma=cfg.svm_gamma, l2=cfg.svm_l2, temperature=cfg.svm_temperature)
+        # A cached θ̂ only warm-starts Newton; the fit still runs to tolerance, so a stale or
+        # damaged cache can cost time but never change the model.
+        model.fit(pixels_train, self.train_labels, theta0=_usable(theta0, len(pixels_train)))
+        if theta0 is None:
+            self.store.save(key, {"theta": model.theta_.numpy()})
+        self._progress("Fitting the RBF SVM on pixels", 1, 1)
+        return model
+
+    def _fit_logreg(self, features: np.ndarray) -> tuple[LogisticRegression, dict[str, float]]:
+        cfg = self.config
+        selection: dict[str, float] = {}
+        l2 = cfg.logreg_l2
+        if l2 is None:
+            l2, selection = self._choose_logreg_l2(features)
+        self._progress("Fitting the logistic regression", 0, 1)
+        key = self._fit_key(
+            "fit-logreg", backbone=self.backbone.name, weights=self.backbone.weights_id, l2=l2
+        )
+        theta0 = self._cached_theta(key)
+        model = LogisticRegression(l2=l2)
+        model.fit(features, self.train_labels, theta0=_usable(theta0, features.shape[1]))
+        if theta0 is None:
+            self.store.save(key, {"theta": model.theta_.numpy()})
+        self._progress("Fitting the logistic regression", 1, 1)
+        return model, selection
+
+    def _choose_logreg_l2(self, features: np.ndarray) -> tuple[float, dict[str, float]]:
+        """λ with the best 3-fold cross-validated accuracy (ties go to the larger λ)."""
+        key = self._fit_key(
+            "select-logreg-l2",
+            backbone=self.backbone.name,
+            weights=self.backbone.weights_id,
+            grid=",".join(f"{v:g}" for v in LOGREG_L2_GRID),
+            seed=self.config.seed,
+        )
+
+        def build() -> dict[str, np.ndarray]:
+            rng = np.random.default_rng(self.config.seed)
+            folds = np.empty(len(features), dtype=np.int64)
+            for c in np.unique(self.train_labels):
+                rows = rng.permutation(np.flatnonzero(self.train_labels == c))
+                folds[rows] = np.arange(len(rows)) % 3
+            accuracy = np.zeros(len(LOGREG_L2_GRID))
+            total = len(LOGREG_L2_GRID) * 3
+            for i, l2 in enumerate(LOGREG_L2_GRID):
+                for fold in range(3):
+                    self._progress("Choosing the logistic regression's λ", i * 3 + fold, total)
+                    train, held = folds != fold, folds == fold
+                    model = LogisticRegression(l2=l2, tol=1e-8).fit(
+                        features[train], self.train_labels[train]
+                    )
+                    accuracy[i] += model.accuracy(features[held], self.train_labels[held]) / 3
+            self._progress("Choosing the logistic regression's λ", total, total)
+            return {"grid": np.asarray(LOGREG_L2_GRID), "accuracy": accuracy}
+
+        arrays = self.store.get_or_create(key, build)
+        grid, accuracy = arrays["grid"], arrays["accuracy"]
+        best = max(range(len(grid)), key=lambda i: (round(float(accuracy[i]), 10), grid[i]))
+        return float(grid[best]), {f"{g:g}": float(a) for g, a in zip(grid, accuracy, strict=True)}
+
+    def _features_label(self, key: str, model: LinearModel) -> str:
+        if key == "svm":
+            h, w, c = self.dataset.image_shape
+            return f"raw pixels ({h}x{w}x{c}) through an RBF kernel (γ = {model.gamma_:.3g})"
+        return f"{self.backbone.label} features, {model.features_.shape[1]}-d"
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def n_train(self) -> int:
+        return len(self.train_labels)
+
+    @property
+    def n_test(self) -> int:
+        return len(self.test_labels)
+
+    def summaries(self) -> dict[str, ModelSummary]:
+        """Accuracy and settings of both models."""
+        out = {}
+        for key, fitted in self.models.items():
+            model = fitted.model
+            hyper: dict[str, float] = {"l2": float(model.l2)}
+            if isinstance(model, KernelSVM):
+                hyper.update(gamma=float(model.gamma_), temperature=float(model.temperature))
+            out[key] = ModelSummary(
+                key=key,
+                label=fitted.label,
+                features=fitted.features_label,
+                train_accuracy=float(
+                    np.mean(model.predict(model.training_inputs_) == self.train_labels)
+                ),
+                test_accuracy=float(
+                    np.mean(self._test_predictions[key].argmax(1) == self.test_labels)
+                ),
+                hyperparameters=hyper,
+                selection=fitted.selection,
+                fit_seconds=model.fit_info_.seconds,
+                iterations=model.fit_info_.iterations,
+                gradient_norm=model.fit_info_.gradient_norm,
+            )
+        return out
+
+    def test_probabilities(self, key: str) -> np.ndarray:
+        """Predicted probabilities of a model for every test image. Returns: (n_test, n_classes)."""
+        return self._test_predictions[self._check_key(key)]
+
+    def _check_key(self, key: str) -> str:
+        if key not in self.models:
+            raise InfluenceExplorerError(
+                f"model must be one of {', '.join(MODEL_KEYS)}; got {key!r}."
+            )
+        return key
+
+    def _check_image(self, image: np.ndarray) -> np.ndarray:
+        image = np.asarray(image)
+        if image.dtype != np.uint8 or image.shape != self.dataset.image_shape:
+            raise InfluenceExplorerError(
+                f"An image for this dataset must be uint8 of shape {self.dataset.image_shape}; got "
+                f"{image.dtype} {image.shape}. Decode uploads with core.images.decode_upload first."
+            )
+        return image
+
+    def _query(
+        self, test_index: int | None, image: np.ndarray | None
+    ) -> tuple[np.ndarray, int | None, dict[str, torch.Tensor]]:
+        """The image, its true label (if a test image) and each model's input for it."""
+        if (test_index is None) == (image is None):
+            raise InfluenceExplorerError("Give exactly one of test_index or image.")
+        if test_index is not None:
+            if not 0 <= int(test_index) < self.n_test:
+                raise InfluenceExplorerError(
+                    f"test_index must be in [0, {self.n_test}); got {test_index}."
+                )
+            index = int(test_index)
+            inputs = {
+                key: fitted.test_inputs[index : index + 1] for key, fitted in self.models.items()
+            }
+            return self.dataset.test_images[index], int(self.test_labels[index]), inputs
+        image = self._check_image(image)
+        batch = image[None]
+        inputs = {
+            key: torch.as_tensor(fitted.featurizer.transform(batch), dtype=torch.float64)
+            for key, fitted in self.models.items()
+        }
+        return image, None, inputs
+
+    def _target(
+        self, key: str, true_label: int | None, inputs: torch.Tensor, target: Target
+    ) -> int:
+        if target not in ("auto", "true", "predicted"):
+            raise InfluenceExplorerError("target must be 'auto', 'true' or 'predicted'.")
+        if target == "true" or (target == "auto" and true_label is not None):
+            if true_label is None:
+                raise InfluenceExplorerError(
+                    "An uploaded image has no true label; use target='predicted'."
+                )
+            return true_label
+        return int(self.models[key].model.predict(inputs)[0])
+
+    def explain(
+        self,
+        *,
+        test_index: int | None = None,
+        image: np.ndarray | None = None,
+        k: int = 10,
+        estimate: Estimate = "corrected",
+        target: Target = "auto",
+    ) -> Explanation:
+        """Score every training image for one test image, for both models.
+
+        Args:
+            test_index: a row of the test set, or
+            image: an (H, W, C) uint8 image in the dataset's format (e.g. a decoded upload).
+            k: how many helpful and harmful images to list per model.
+            estimate: "corrected" (default) or "first_order".
+            target: which label's loss to explain: "true" (test images), "predicted" (each
+                model's own prediction), or "auto" (true label when known, else predicted).
+        """
+        start = time.perf_counter()
+        query_image, true_label, inputs = self._query(test_index, image)
+        pixel_query = inputs["svm"][0]
+        pixel_distances = torch.linalg.norm(
+            torch.as_tensor(self._pixels_train) - pixel_query, dim=1
+        ).numpy()
+        models = {}
+        for key, fitted in self.models.items():
+            model, engine = fitted.model, fitted.engine
+            label = self._target(key, true_label, inputs[key], target)
+            scores = engine.influence_scores(inputs[key], [label], estimate=estimate)[0]
+            probabilities = model.predict_proba(inputs[key])[0]
+            feature_distances = torch.linalg.norm(
+                model.features_ - model.transform(inputs[key]), dim=1
+            ).numpy()
+            best = top_k(scores, k)
+
+            predicted = int(np.argmax(probabilities))
+            models[key] = ModelExplanation(
+                key=key,
+                label=fitted.label,
+                predicted=predicted,
+                predicted_name=self.class_names[predicted],
+                probabilities=probabilities,
+                explained_label=label,
+                explained_label_name=self.class_names[label],
+                loss=float(model.per_example_losses(model.transform(inputs[key]), [label])[0]),
+                estimate=estimate,
+                scores=scores,
+                pixel_distances=pixel_distances,
+                feature_distances=feature_distances,
+                helpful=self._influential(best.helpful, scores, pixel_distances, feature_distances),
+                harmful=self._influential(best.harmful, scores, pixel_distances, feature_distances),
+            )
+        return Explanation(
+            image=query_image,
+            test_index=None if test_index is None else int(test_index),
+            true_label=true_label,
+            true_label_name=None if true_label is None else self.class_names[true_label],
+            models=models,
+            seconds=time.perf_counter() - start,
+        )
+
+    def _influential(
+        self,
+        indices: np.ndarray,
+        scores: np.ndarray,
+        pixel_distances: np.ndarray,
+        feature_distances: np.ndarray,
+    ) -> tuple[InfluentialImage, ...]:
+        return tuple(
+            InfluentialImage(
+                train_index=int(j),
+                id=str(self.dataset.train_ids[j]),
+                label=int(self.train_labels[j]),
+                label_name=self.class_names[int(self.train_labels[j])],
+                score=float(scores[j]),
+                pixel_distance=float(pixel_distances[j]),
+                feature_distance=float(feature_distances[j]),
+            )
+            for j in indices
+        )
+
+    def heatmap(
+        self,
+        key: str,
+        train_index: int,
+        *,
+        test_index: int | None = None,
+        image: np.ndarray | None = None,
+        target: Target = "auto",
+    ) -> np.ndarray:
+        """Per-pixel perturbation influence of a training image on a test image's loss.
+
+        d ℓ(z_test) / d pixel of training image j (I_pert,loss), through the kernel for the SVM
+        and back through the backbone for the logistic regression. Positive: brightening that
+        pixel of the training image would raise the test loss (hurt the prediction).
+
+        Returns:
+            (H, W, C) in units of test loss per unit of pixel intensity (0-255 scale).
+        """
+        fitted = self.models[self._check_key(key)]
+        if not 0 <= int(train_index) < self.n_train:
+            raise InfluenceExplorerError(
+                f"train_index must be in [0, {self.n_train}); got {train_index}."
+            )
+        _, true_label, inputs = self._query(test_index, image)
+        label = self._target(key, true_label, inputs[key], target)
+        engine = fitted.engine
+        # Gradient with respect to the model's input vector for training image j.
+        input_gradient = engine.perturbation_influence(inputs[key], [label], [int(train_index)])[
+            0, 0
+        ]
+        shape = self.dataset.image_shape
+        if key == "svm":
+            # The SVM's input is x/127.5 - 1, so d/d(0-255 intensity) is 1/127.5 of it.
+            return (input_gradient / 127.5).reshape(shape)
+        pixels = torch.tensor(
+            self.dataset.train_images[int(train_index)][None],
+            dtype=torch.float32,
+            requires_grad=True,
+        )
+        with torch.enable_grad():
+            features = fitted.featurizer.torch_forward(pixels)
+            (grad,) = torch.autograd.grad(
+                features,
+                pixels,
+                grad_outputs=torch.as_tensor(input_gradient[None], dtype=features.dtype),
+            )
+        return grad[0].double().numpy().reshape(shape)
+
+    def verify(
+        self,
+        *,
+        test_index: int | None = None,
+        image: np.ndarray | None = None,
+        k: int = 50,
+        target: Target = "auto",
+        select_by: Estimate = "corrected",
+        progress: StageProgress | None = None,
+    ) -> dict[str, Verification]:
+        """Leave-one-out retraining for the top k training images (by |score|) of both models."""
+        _, true_label, inputs = self._query(test_index, image)
+        out = {}
+        report = progress or (lambda stage, done, total: None)
+        for key, fitted in self.models.items():
+            label = self._target(key, true_label, inputs[key], target)
+            stage = f"Retraining {fitted.label} without each of the top {k}"
+            out[key] = verify(
+                fitted.engine,
+                inputs[key],
+                [label],
+                k=k,
+                select_by=select_by,
+                progress=lambda done, total, stage=stage: report(stage, done, total),
+            )[0]
+        return out
+
+    def verify_many(
+        self,
+        test_indices: Sequence[int],
+        *,
+        k: int = 50,
+        select_by: Estimate = "corrected",
+        progress: StageProgress | None = None,
+    ) -> dict[str, list[Verification]]:
+        """Leave-one-out checks for several test images at once (true labels), both models."""
+        indices = [int(i) for i in test_indices]
+        for index in indices:
+            self._query(index, None)
+        out = {}
+        report = progress or (lambda stage, done, total: None)
+        for key, fitted in self.models.items():
+            stage = f"Retraining {fitted.label}"
+            out[key] = verify(
+                fitted.engine,
+                fitted.test_inputs[indices],
+                self.test_labels[indices],
+                k=k,
+                select_by=select_by,
+                progress=lambda done, total, stage=stage: report(stage, done, total),
+            )
+        return out
+
+
+def _usable(theta: np.ndarray | None, size: int) -> np.ndarray | None:
+    """A cached parameter vector if it has the right size and finite values."""
+    if theta is None or theta.shape != (size,) or not np.isfinite(theta).all():
+        return None
+    return theta
+
+
+def _take_train(dataset: Dataset, rows: np.ndarray) -> Dataset:
+    return Dataset(
+        name=f"{dataset.name} (subsample of {len(rows)})",
+        class_names=dataset.class_names,
+        train_images=dataset.train_images[rows],
+        train_labels=dataset.train_labels[rows],
+        train_ids=dataset.train_ids[rows],
+        test_images=dataset.test_images,
+        test_labels=dataset.test_labels,
+        test_ids=dataset.test_ids,
+        source=dataset.source,
+        light_on_dark=dataset.light_on_dark,
+    )

@@ -1,0 +1,193 @@
+"""End-to-end explanations on a tiny slice of the demo, with the real offline backbone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from core.data import Dataset, load_demo
+from core.errors import BackboneUnavailableError, InfluenceExplorerError
+from core.explainer import LOGREG_L2_GRID, Explainer, ExplainerConfig, default_classes
+from core.store import ArtifactStore
+
+
+def _tiny_demo(per_class_train: int = 16, per_class_test: int = 4) -> Dataset:
+    demo = load_demo()
+    keep_classes = [0, 2, 6]  # T-shirt/top, Pullover, Shirt: a third class to be left out
+    parts = {}
+    for split, per_class in (("train", per_class_train), ("test", per_class_test)):
+        labels = getattr(demo, f"{split}_labels")
+        rows = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in keep_classes])
+        rows.sort()
+        parts[f"{split}_images"] = getattr(demo, f"{split}_images")[rows]
+        parts[f"{split}_labels"] = np.searchsorted(keep_classes, labels[rows])
+        parts[f"{split}_ids"] = getattr(demo, f"{split}_ids")[rows]
+    return Dataset(
+        name="tiny demo",
+        class_names=[demo.class_names[c] for c in keep_classes],
+        light_on_dark=True,
+        **parts,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return _tiny_demo()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return ArtifactStore(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def explainer(tiny, store):
+    stages = []
+    built = Explainer(tiny, store=store, progress=lambda stage, done, total: stages.append(stage))
+    built.stages = stages
+    return built
+
+
+def test_default_pair_and_summaries(tiny, explainer):
+    assert default_classes(tiny) == (0, 2)  # T-shirt/top and Shirt in the tiny dataset
+    assert explainer.class_names == ("T-shirt/top", "Shirt")
+    assert explainer.n_train == 32 and explainer.n_test == 8
+    summaries = explainer.summaries()
+    assert set(summaries) == {"svm", "logreg"}
+    for summary in summaries.values():
+        assert 0.0 <= summary.test_accuracy <= 1.0 and summary.gradient_norm <= 1e-8
+    chosen = summaries["logreg"].hyperparameters["l2"]
+    assert chosen in LOGREG_L2_GRID
+    assert set(summaries["logreg"].selection) == {f"{v:g}" for v in LOGREG_L2_GRID}
+    assert summaries["logreg"].selection[f"{chosen:g}"] == max(
+        summaries["logreg"].selection.values()
+    )
+    assert any("features" in stage for stage in explainer.stages)
+    assert any("λ" in stage for stage in explainer.stages)
+
+
+def test_explain_a_test_image(explainer):
+    explanation = explainer.explain(test_index=1, k=5)
+    assert explanation.true_label == int(explainer.test_labels[1])
+    assert explanation.image.shape == (28, 28, 1)
+    pixels = explainer.dataset.train_images.reshape(32, -1) / 127.5 - 1
+    query = explanation.image.reshape(-1) / 127.5 - 1
+    for key, model in explanation.models.items():
+        assert model.scores.shape == (32,)
+        assert model.explained_label == explanation.true_label
+        np.testing.assert_allclose(model.pixel_distances, np.linalg.norm(pixels - query, axis=1))
+        helpful = [item.score for item in model.helpful]
+        harmful = [item.score for item in model.harmful]
+        assert helpful == sorted(helpful, reverse=True) and all(s > 0 for s in helpful)
+        assert harmful == sorted(harmful) and all(s < 0 for s in harmful)
+        assert len(helpful) <= 5 and len(harmful) <= 5
+        top = model.helpful[0]
+        assert top.score == pytest.approx(model.scores[top.train_index])
+        assert top.id == explainer.dataset.train_ids[top.train_index]
+        engine = explainer.models[key].engine
+        inputs = explainer.models[key].test_inputs[1:2]
+        np.testing.assert_allclose(
+            model.scores, engine.influence_scores(inputs, [explanation.true_label])[0]
+        )
+        np.testing.assert_allclose(model.probabilities.sum(), 1.0)
+
+
+def test_uploaded_image_explains_each_models_prediction(explainer):
+    image = explainer.dataset.test_images[2].copy()
+    upload = explainer.explain(image=image, k=3)
+    assert upload.test_index is None and upload.true_label is None
+    same = explainer.explain(test_index=2, k=3, target="predicted")
+    for key in ("svm", "logreg"):
+        assert upload.models[key].explained_label == upload.models[key].predicted
+        np.testing.assert_allclose(
+            upload.models[key].scores, same.models[key].scores, rtol=1e-4, atol=1e-9
+        )
+    with pytest.raises(InfluenceExplorerError, match="no true label"):
+        explainer.explain(image=image, target="true")
+
+
+def test_first_order_estimate_is_one_click_away(explainer):
+    corrected = explainer.explain(test_index=0).models["logreg"].scores
+    first = explainer.explain(test_index=0, estimate="first_order").models["logreg"].scores
+    leverage = explainer.models["logreg"].engine.leverage()
+    np.testing.assert_allclose(corrected, first / (1 - leverage), rtol=1e-9)
+
+
+def test_heatmaps_through_kernel_and_backbone(explainer):
+    j = explainer.explain(test_index=3).models["logreg"].helpful[0].train_index
+    svm_map = explainer.heatmap("svm", j, test_index=3)
+    engine = explainer.models["svm"].engine
+    inputs = explainer.models["svm"].test_inputs[3:4]
+    label = int(explainer.test_labels[3])
+    expected = engine.perturbation_influence(inputs, [label], [j])[0, 0] / 127.5
+    np.testing.assert_allclose(svm_map.reshape(-1), expected)
+
+    lr_map = explainer.heatmap("logreg", j, test_index=3)
+    assert lr_map.shape == (28, 28, 1) and np.isfinite(lr_map).all() and np.abs(lr_map).max() > 0
+    # Chain rule check: the heatmap along a direction equals the feature-space gradient along
+    # the change of the backbone's features (a finite difference through the real network).
+    fitted = explainer.models["logreg"]
+    feature_gradient = fitted.engine.perturbation_influence(fitted.test_inputs[3:4], [label], [j])[
+        0, 0
+    ]
+    image = torch.tensor(explainer.dataset.train_images[j][None], dtype=torch.float64)
+    direction = torch.randn(
+        image.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
+    eps = 0.5
+    with torch.no_grad():
+        plus = fitted.featurizer.torch_forward(image + eps * direction).double()
+        minus = fitted.featurizer.torch_forward(image - eps * direction).double()
+    finite = float(((plus - minus)[0] / (2 * eps)).numpy() @ feature_gradient)
+    assert float((lr_map * direction[0].numpy()).sum()) == pytest.approx(finite, rel=0.05)
+
+
+def test_verify_retrains_both_models(explainer):
+    results = explainer.verify(test_index=1, k=6)
+    assert set(results) == {"svm", "logreg"}
+    for key, result in results.items():
+        assert len(result.train_indices) == 6 and result.converged
+        model = explainer.models[key].model
+        j = int(result.train_indices[0])
+        weights = np.ones(explainer.n_train)
+        weights[j] = 0
+        refitted = model.refit(sample_weight=weights, tol=1e-11)
+        inputs = explainer.models[key].test_inputs[1:2]
+        label = [int(explainer.test_labels[1])]
+        expected = float(refitted.loss(inputs, label)[0] - model.loss(inputs, label)[0])
+        assert result.actual[0] == pytest.approx(expected, rel=1e-6, abs=1e-12)
+        assert set(result.agreement) == {"corrected", "first_order"}
+
+
+def test_second_build_reads_the_cache(tiny, store, explainer, monkeypatch):
+    from core.features import EfficientNetLite0Featurizer
+
+    def no_recompute(*args, **kwargs):
+        raise AssertionError("features were recomputed instead of read from the cache")
+
+    monkeypatch.setattr(EfficientNetLite0Featurizer, "transform", no_recompute)
+    again = Explainer(tiny, store=store)
+    assert again.models["logreg"].model.fit_info_.iterations <= 1
+    np.testing.assert_allclose(
+        again.models["logreg"].model.theta_, explainer.models["logreg"].model.theta_, atol=1e-10
+    )
+
+
+def test_bad_queries_and_configs_are_refused(tiny, explainer, store, tmp_path, monkeypatch):
+    with pytest.raises(InfluenceExplorerError, match="test_index"):
+        explainer.explain(test_index=99)
+    with pytest.raises(InfluenceExplorerError, match="exactly one"):
+        explainer.explain()
+    with pytest.raises(InfluenceExplorerError, match="uint8 of shape"):
+        explainer.explain(image=np.zeros((32, 32, 3), dtype=np.uint8))
+    with pytest.raises(InfluenceExplorerError, match="model must be"):
+        explainer.heatmap("cnn", 0, test_index=0)
+    with pytest.raises(InfluenceExplorerError, match="exactly two"):
+        ExplainerConfig(classes=(0, 1, 2))
+    with pytest.raises(InfluenceExplorerError, match="ImageNet backbone"):
+        ExplainerConfig(backbone="pixels")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.delenv("INFLUENCE_INCEPTION_WEIGHTS", raising=False)
+    with pytest.raises(BackboneUnavailableError, match="inception"):
+        Explainer(tiny, ExplainerConfig(backbone="inception-v3"), store=store)

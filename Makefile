@@ -4,6 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PORT ?= 8501
+# torch's OpenMP threads otherwise spin-wait, which makes small operations many times slower
+# whenever anything else (a browser, another user's request) wants the CPU.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: run test lint format clean-cache
 
@@ -30,3 +33,6 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+clean-cache:
+	rm -rf "$${INFLUENCE_CACHE_DIR:-$$HOME/.cache/influence-explorer}"

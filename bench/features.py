@@ -1,6 +1,6 @@
 """Featurizer throughput on this machine (not part of the test run).
 
-Usage: ``python bench/bench_features.py [--images 1200] [--batch-size 64] [--backbone efficientnet-lite0]``
+Usage: ``python -m bench.features [--images 1200] [--batch-size 64] [--backbone efficientnet-lite0]``
 
 Feeds 28x28 grayscale uint8 images (Fashion-MNIST-sized), which the ImageNet backbones upsample to
 their input size, so the cost is that of full-resolution inference. Prints images/s and the total time,

@@ -1,0 +1,117 @@
+"""The `influence` CLI on a tiny Fashion-MNIST-format dataset: reports, JSON and error exits."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.cli import main
+from core.data import load_demo
+from tests.core.test_data import write_idx
+
+
+@pytest.fixture(scope="module")
+def tiny_idx(tmp_path_factory):
+    """All ten classes (the loader needs them), 8 train and 3 test images each, from the demo."""
+    demo = load_demo()
+    root = tmp_path_factory.mktemp("fashion-tiny")
+    for prefix, split, per_class in (("train", "train", 8), ("t10k", "test", 3)):
+        labels = getattr(demo, f"{split}_labels")
+        rows = np.sort(np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(10)]))
+        images = getattr(demo, f"{split}_images")[rows][..., 0]
+        write_idx(root / f"{prefix}-images-idx3-ubyte", images, compress=False)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte", labels[rows], compress=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def common(tiny_idx, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cli-cache")
+    return ["--dataset", str(tiny_idx), "--cache-dir", str(cache), "--quiet"]
+
+
+def run_json(capsys, args):
+    assert main(args) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_precompute_reports_both_models(capsys, common):
+    payload = run_json(capsys, ["precompute", *common, "--json"])
+    assert payload["classes"] == ["T-shirt/top", "Shirt"]
+    assert payload["n_train"] == 16 and payload["n_test"] == 6
+    assert set(payload["models"]) == {"svm", "logreg"}
+    for model in payload["models"].values():
+        assert 0 <= model["test_accuracy"] <= 1
+    assert main(["precompute", *common]) == 0
+    report = capsys.readouterr().out
+    assert "RBF SVM on pixels" in report and "accuracy:" in report and "λ by 3-fold CV" in report
+
+
+def test_explain_a_test_index_and_an_image_file(capsys, common, tmp_path):
+    payload = run_json(capsys, ["explain", *common, "--test-index", "1", "--k", "3", "--json"])
+    assert payload["true_label"] in ("T-shirt/top", "Shirt")
+    for model in payload["models"].values():
+        scores = [item["score"] for item in model["helpful"]]
+        assert all(s > 0 for s in scores) and scores == sorted(scores, reverse=True)
+        assert all(item["score"] < 0 for item in model["harmful"])
+        assert model["explained_label"] == payload["true_label"]
+
+    image = tmp_path / "upload.png"
+    Image.fromarray(load_demo().test_images[0][..., 0]).save(image)
+    payload = run_json(
+        capsys, ["explain", *common, "--image", str(image), "--json", "--all-scores"]
+    )
+    for model in payload["models"].values():
+        assert model["explained_label"] == model["predicted"]
+        assert len(model["scores"]) == 16
+    assert main(["explain", *common, "--test-index", "0"]) == 0
+    assert "most helped" in capsys.readouterr().out
+
+
+def test_verify_reports_both_estimates(capsys, common):
+    payload = run_json(capsys, ["verify", *common, "--test-index", "2", "--k", "5", "--json"])
+    (result,) = payload["results"]
+    for model in result["models"].values():
+        assert set(model["agreement"]) == {"corrected", "first_order"}
+        assert len(model["actual"]) == 5 and model["converged"]
+    payload = run_json(capsys, ["verify", *common, "--test-indices", "0,3", "--k", "4", "--json"])
+    assert [r["test_index"] for r in payload["results"]] == [0, 3]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["precompute", "--dataset", "/no/such/dir"], "/no/such/dir"),
+        (["explain", "--k", "3"], "--test-index"),
+        (["precompute", "--classes", "Foo,Bar"], "Foo"),
+        (["verify", "--test-index", "0", "--k", "1"], "--k"),
+        (["explain", "--test-index", "999"], "test_index"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message(capsys, common, args, message):
+    command, *rest = args
+    if "--dataset" not in rest:
+        rest = [*rest, *common]
+    assert main([command, *rest]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and message in err
+
+
+def test_unreadable_image_exits_2(capsys, common, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    assert main(["explain", *common, "--image", str(broken)]) == 2
+    assert "broken.png" in capsys.readouterr().err
+
+
+def test_python_dash_m_core_runs():
+    out = subprocess.run(
+        [sys.executable, "-m", "core", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for command in ("precompute", "explain", "verify"):
+        assert command in out

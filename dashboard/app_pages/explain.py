@@ -54,7 +54,8 @@ with choose_col:
     if state.upload_error():
         st.error(state.upload_error())
 
-    with st.expander(f"…or pick one of the {explainer.n_test} test images", expanded=True):
+    # Collapsed at first so both models' explanations are in view without scrolling.
+    with st.expander(f"…or pick one of the {explainer.n_test} test images", key="explain_gallery"):
         which = st.segmented_control(
             "Show",
             options=list(state.GALLERY_FILTERS),

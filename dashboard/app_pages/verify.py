@@ -76,6 +76,17 @@ else:
         estimate_labels=state.ESTIMATE_LABELS,
     )
     st.plotly_chart(figure, key="verify_scatter", config={"displaylogo": False})
+    shown = state.ESTIMATE_LABELS[settings.estimate]
+    with st.container(key="verify_summary"):
+        for column, (key, check) in zip(st.columns(len(result)), result.items(), strict=True):
+            agreement = check.agreement[settings.estimate]
+            with column:
+                st.markdown(f"**{labels[key]}** · {shown} estimate")
+                a, b, c, d = st.columns(4)
+                a.metric("Pearson", f"{agreement.pearson:.3f}")
+                b.metric("Spearman", f"{agreement.spearman:.3f}")
+                c.metric("Slope", f"{agreement.slope:.2f}")
+                d.metric("Time", f"{check.seconds:.1f} s")
     rows = []
     for key, check in result.items():
         for estimate in state.ESTIMATE_NAMES:

@@ -166,7 +166,15 @@ def dataset_choices() -> list[DatasetChoice]:
         choices.append(DatasetChoice(FASHION_MNIST_SPEC, "Fashion-MNIST (full, Debian package)"))
     for root in data_roots():
         try:
-            entries = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+            resolved_root = root.resolve()
+            entries = sorted(
+                p
+                for p in root.iterdir()
+                if p.is_dir()
+                and not p.name.startswith(".")
+                # A symlink leading out of the root would be refused on opening; do not offer it.
+                and p.resolve().is_relative_to(resolved_root)
+            )
         except OSError:
             continue
         for entry in entries[:50]:
@@ -436,7 +444,7 @@ def decode_uploaded_file(
     try:
         decoded = decode_upload(raw, target_shape=image_shape, light_on_dark=light_on_dark)
     except ImageDecodeError as exc:
-        return UploadOutcome(error=f"{_display_name(name)} could not be used: {exc}")
+        return UploadOutcome(error=f"{as_code(_display_name(name))} could not be used: {exc}")
     image = np.asarray(decoded.image)
     width, height = decoded.original_size
     return UploadOutcome(
@@ -454,8 +462,14 @@ def decode_uploaded_file(
 def _display_name(name: str) -> str:
     # Only the last path component, printable, bounded: the name is shown, never trusted.
     base = str(name).replace("\\", "/").rsplit("/", 1)[-1]
-    cleaned = "".join(ch if ch.isprintable() else "?" for ch in base)[:80]
-    return cleaned or "The file"
+    cleaned = "".join(ch if ch.isprintable() and ch != "`" else "?" for ch in base)[:80]
+    return cleaned or "upload"
+
+
+def as_code(text: str) -> str:
+    """``text`` as a Markdown code span, so a file name like "[x](http://…)" or "$x$" is shown
+    literally rather than rendered as a link or LaTeX. ``text`` must not contain backticks."""
+    return f"`{text}`"
 
 
 def accept_upload(uploaded: Any, explainer: Explainer) -> None:
@@ -500,6 +514,17 @@ def current_upload(explainer: Explainer) -> Upload | None:
     ):
         return upload
     return None
+
+
+def upload_is_for_another_dataset(explainer: Explainer) -> bool:
+    """True if this session's upload was decoded for another image format than this dataset's
+    (the user switched datasets); it is then not explained until uploaded again."""
+    upload = st.session_state.get(_UPLOAD)
+    return (
+        isinstance(upload, Upload)
+        and st.session_state.get(_SOURCE) == "upload"
+        and current_upload(explainer) is None
+    )
 
 
 def forget_upload() -> None:
@@ -564,7 +589,7 @@ def current_query(explainer: Explainer) -> Query:
             test_index=None,
             upload=upload,
             image=upload.image,
-            title=f"Uploaded {upload.name}",
+            title=f"Uploaded {as_code(upload.name)}",
         )
     index = selected_test_index(explainer)
     return Query(

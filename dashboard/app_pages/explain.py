@@ -53,6 +53,11 @@ with choose_col:
     state.accept_upload(uploaded, explainer)
     if state.upload_error():
         st.error(state.upload_error())
+    if state.upload_is_for_another_dataset(explainer):
+        st.info(
+            "Your upload was converted for another dataset's image format; upload it again to "
+            "explain it with these models."
+        )
 
     # Collapsed at first so both models' explanations are in view without scrolling.
     with st.expander(f"…or pick one of the {explainer.n_test} test images", key="explain_gallery"):

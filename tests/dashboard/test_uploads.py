@@ -34,7 +34,7 @@ def test_every_corpus_file_gives_an_image_or_a_message(upload_case: UploadCase) 
     )
     if upload_case.expect == "error":
         assert outcome.upload is None
-        assert outcome.error and upload_case.filename in outcome.error
+        assert outcome.error and f"`{upload_case.filename}` could not be used" in outcome.error
         if upload_case.message_contains:
             assert upload_case.message_contains in outcome.error.lower()
     else:
@@ -86,7 +86,15 @@ def test_the_file_name_is_shown_not_trusted() -> None:
         "../../etc/pass\x00wd.png", b"", image_shape=(28, 28, 1), light_on_dark=True
     )
     assert outcome.error is not None
-    assert outcome.error.startswith("pass?wd.png could not be used")
+    assert outcome.error.startswith("`pass?wd.png` could not be used")
+
+
+def test_a_file_name_cannot_inject_markdown() -> None:
+    outcome = state.decode_uploaded_file(
+        "[click](https:evil)`$x$`.png", b"", image_shape=(28, 28, 1), light_on_dark=True
+    )
+    assert outcome.error is not None
+    assert outcome.error.startswith("`[click](https:evil)?$x$?.png` could not be used")
 
 
 def test_config_upload_limit_matches_the_decoder() -> None:
@@ -130,7 +138,7 @@ def test_a_bad_upload_shows_a_message_and_keeps_the_query(prepared_cache: Path) 
         _upload_script, args=(case.filename, case.data), default_timeout=RUN_TIMEOUT
     ).run()
     assert not at.exception
-    assert len(at.error) == 1 and case.filename in at.error[0].value
+    assert len(at.error) == 1 and f"`{case.filename}`" in at.error[0].value
     assert at.markdown[-1].value == "test:0"
 
 
@@ -156,14 +164,14 @@ def test_an_upload_is_explained_on_every_page_and_stays_in_its_session(
     mine.run()
     assert not mine.exception and not mine.error
     subheaders = [s.value for s in mine.subheader]
-    assert f"Uploaded {case.filename}" in subheaders
+    assert f"Uploaded `{case.filename}`" in subheaders
     assert any("of its own prediction" in i.value for i in mine.info)
     buttons = [b.key for b in mine.button if b.key and b.key.startswith("explain_inspect_")]
     assert len(buttons) >= 20  # helpful and harmful lists for both models (k = 10)
     for script in ("app_pages/compare.py", "app_pages/verify.py"):
         mine.switch_page(script).run()
         assert not mine.exception
-        assert f"Uploaded {case.filename}" in [s.value for s in mine.subheader]
+        assert f"Uploaded `{case.filename}`" in [s.value for s in mine.subheader]
 
     theirs.run()
     assert not theirs.exception

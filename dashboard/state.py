@@ -527,14 +527,6 @@ def upload_is_for_another_dataset(explainer: Explainer) -> bool:
     )
 
 
-def forget_upload() -> None:
-    """Callback: drop this session's upload and go back to the selected test image."""
-    st.session_state[_UPLOAD] = None
-    st.session_state[_UPLOAD_ERROR] = None
-    st.session_state[_SOURCE] = "test"
-    st.session_state[_INSPECT] = None
-
-
 # --------------------------------------------------------------------------- the query
 
 
@@ -572,6 +564,14 @@ def select_test_image(index: int) -> None:
     st.session_state[_TEST_INDEX] = int(index)
     st.session_state[_SOURCE] = "test"
     st.session_state[_INSPECT] = None
+    st.session_state[_UPLOAD_ERROR] = None
+
+
+def show_test_images() -> None:
+    """Callback: explain the selected test image again (the upload is kept for later)."""
+    st.session_state[_SOURCE] = "test"
+    st.session_state[_INSPECT] = None
+    st.session_state[_UPLOAD_ERROR] = None
 
 
 def select_upload() -> None:

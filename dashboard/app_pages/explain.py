@@ -136,7 +136,9 @@ with picked_col:
         for note in query.upload.notes:
             st.caption(f"• {note}")
         st.button(
-            "Back to the test images", key="explain_forget_upload", on_click=state.forget_upload
+            "Back to the test images",
+            key="explain_show_test_images",
+            on_click=state.show_test_images,
         )
         st.info("An upload has no true label: each model's explanation is of its own prediction.")
     else:

@@ -143,6 +143,10 @@ def test_upload_a_png_then_hostile_files(page: Any, app_server: Server) -> None:
     wait_idle(page)
     expect(page.get_by_role("heading", name=re.compile(r"Test image #\d+"))).to_be_visible()
     expect_both_models_explained(page)
+    page.get_by_role("button", name="Explain my upload again").click()
+    wait_idle(page)
+    expect(page.get_by_role("heading", name="Uploaded gray.png")).to_be_visible()
+
     no_exception(page)
 
 

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 import numpy as np
 import streamlit as st
@@ -616,16 +616,27 @@ def _explanation(
     return _explainer.explain(k=k, estimate=estimate, **_engine_args)
 
 
+def _stop_on_domain_error(exc: InfluenceExplorerError) -> NoReturn:
+    st.error(str(exc))
+    st.stop()
+
+
 def explain(explainer: Explainer, query: Query, settings: Settings) -> Explanation:
-    """Both models' explanation of the query (cached by engine, query content, k and estimate)."""
-    return _explanation(
-        settings.engine_key,
-        query.key,
-        int(settings.k),
-        settings.estimate,
-        explainer,
-        query.engine_args(),
-    )
+    """Both models' explanation of the query (cached by engine, query content, k and estimate).
+
+    A domain error (e.g. a diverging LiSSA estimate) is shown with ``st.error`` and stops the page.
+    """
+    try:
+        return _explanation(
+            settings.engine_key,
+            query.key,
+            int(settings.k),
+            settings.estimate,
+            explainer,
+            query.engine_args(),
+        )
+    except InfluenceExplorerError as exc:
+        _stop_on_domain_error(exc)
 
 
 @st.cache_data(max_entries=128, show_spinner=False)
@@ -643,10 +654,21 @@ def _heatmap(
 def heatmap(
     explainer: Explainer, query: Query, settings: Settings, model_key: str, train_index: int
 ) -> np.ndarray:
-    """(H, W, C) d(test loss)/d(pixel) of one training image, for one model."""
-    return _heatmap(
-        settings.engine_key, query.key, model_key, int(train_index), explainer, query.engine_args()
-    )
+    """(H, W, C) d(test loss)/d(pixel) of one training image, for one model.
+
+    A domain error is shown with ``st.error`` and stops the page.
+    """
+    try:
+        return _heatmap(
+            settings.engine_key,
+            query.key,
+            model_key,
+            int(train_index),
+            explainer,
+            query.engine_args(),
+        )
+    except InfluenceExplorerError as exc:
+        _stop_on_domain_error(exc)
 
 
 def train_image(explainer: Explainer, train_index: int) -> np.ndarray:

@@ -96,3 +96,22 @@ def test_a_failed_preparation_shows_the_message_and_can_be_retried(
     at.button(key="state_retry_preparation").click().run()
     assert not at.exception and not at.error
     assert any(m.value.startswith("**Most helpful**") for m in at.markdown)
+
+
+def test_a_domain_error_while_explaining_is_shown_on_every_page(
+    make_app: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from core.errors import SolverDivergedError
+    from core.explainer import Explainer
+
+    def diverging(self: Explainer, **kwargs: object) -> None:
+        raise SolverDivergedError("LiSSA diverged; increase damping or use the exact solver.")
+
+    monkeypatch.setattr(Explainer, "explain", diverging)
+    at = make_app().run()
+    for script in ("app_pages/explain.py", "app_pages/compare.py"):
+        at.switch_page(script).run()
+        assert not at.exception
+        assert [e.value for e in at.main.error] == [
+            "LiSSA diverged; increase damping or use the exact solver."
+        ]

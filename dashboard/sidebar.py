@@ -47,6 +47,8 @@ def render() -> state.Settings:
                 help="Exact factorises the Hessian once; CG and LiSSA are the iterative "
                 "methods used for large models (LiSSA is stochastic and can be slow).",
             )
+            if solver in state.SOLVER_CAUTIONS:
+                st.warning(state.SOLVER_CAUTIONS[solver])
             damping = st.select_slider(
                 "Damping (added to the Hessian's diagonal)",
                 options=list(state.DAMPING_CHOICES),

@@ -54,6 +54,15 @@ UPLOAD_TYPES: tuple[str, ...] = tuple(sorted(ext.lstrip(".") for ext in SUPPORTE
 
 ESTIMATE_LABELS = {"corrected": "Newton-corrected", "first_order": "First order (paper)"}
 SOLVER_LABELS = {"exact": "Exact (Cholesky)", "cg": "Conjugate gradients", "lissa": "LiSSA"}
+#: What to expect from the iterative solvers on these small models (measured on the demo pair).
+SOLVER_CAUTIONS = {
+    "cg": "CG solves once per training image while preparing: about a minute or more here, "
+    "against seconds for the exact solver, for the same scores to within its tolerance.",
+    "lissa": "LiSSA takes minutes to prepare here, and at its default depth it does not converge "
+    "on these Hessians unless the damping is large (the server log says how deep it would need "
+    "to go), so its scores differ from the exact ones. Use it to see that effect, not for "
+    "answers.",
+}
 #: A fixed menu of damping values keeps the number of distinct shared engines small.
 DAMPING_CHOICES: tuple[float, ...] = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 IMAGE_SIZE_CHOICES: tuple[int, ...] = (28, 32, 48, 64, 96)

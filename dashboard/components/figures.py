@@ -1,0 +1,164 @@
+"""Plotly figures for the dashboard. Each takes plain arrays and returns a figure; no core calls."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+#: Colours per class (colour-blind safe, Okabe-Ito), cycled for more classes.
+CLASS_COLOURS: tuple[str, ...] = (
+    "#0072B2",
+    "#E69F00",
+    "#009E73",
+    "#CC79A7",
+    "#56B4E9",
+    "#D55E00",
+    "#F0E442",
+    "#000000",
+)
+ESTIMATE_COLOURS = {"corrected": "#2563eb", "first_order": "#E69F00"}
+# Above this many points a panel uses WebGL; SVG makes one DOM node per point.
+_WEBGL_FROM = 5000
+
+
+def influence_vs_distance(
+    panels: Sequence[tuple[str, np.ndarray, np.ndarray]],
+    *,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    ids: np.ndarray,
+    highlighted: Mapping[str, np.ndarray] | None = None,
+) -> go.Figure:
+    """The paper's figure: influence against pixel distance of every training image.
+
+    Args:
+        panels: one (title, scores (n_train,), pixel_distances (n_train,)) per model.
+        labels: (n_train,) class index of each training image.
+        class_names: name per class index.
+        ids: (n_train,) stable ids, shown on hover.
+        highlighted: panel title -> training indices to ring (the top-k).
+    """
+    figure = make_subplots(
+        rows=1, cols=len(panels), subplot_titles=[title for title, _, _ in panels]
+    )
+    index = np.arange(len(labels))
+    scatter = go.Scattergl if len(labels) >= _WEBGL_FROM else go.Scatter
+    for col, (title, scores, distances) in enumerate(panels, start=1):
+        for label, name in enumerate(class_names):
+            rows = np.flatnonzero(labels == label)
+            if rows.size == 0:
+                continue
+            figure.add_trace(
+                scatter(
+                    x=distances[rows],
+                    y=scores[rows],
+                    mode="markers",
+                    name=name,
+                    legendgroup=name,
+                    showlegend=col == 1,
+                    marker={
+                        "color": CLASS_COLOURS[label % len(CLASS_COLOURS)],
+                        "size": 5,
+                        "opacity": 0.65,
+                    },
+                    customdata=np.stack([index[rows], ids[rows]], axis=1),
+                    hovertemplate=(
+                        "train #%{customdata[0]} (%{customdata[1]})<br>"
+                        f"label: {name}<br>"
+                        "score: %{y:.3g}<br>pixel distance: %{x:.3g}<extra></extra>"
+                    ),
+                ),
+                row=1,
+                col=col,
+            )
+        ring = None if highlighted is None else highlighted.get(title)
+        if ring is not None and len(ring):
+            ring = np.asarray(ring)
+            figure.add_trace(
+                scatter(
+                    x=distances[ring],
+                    y=scores[ring],
+                    mode="markers",
+                    name="top-k shown on Explain",
+                    legendgroup="top-k",
+                    showlegend=col == 1,
+                    marker={
+                        "size": 11,
+                        "color": "rgba(0,0,0,0)",
+                        "line": {"color": "#111827", "width": 1.5},
+                    },
+                    hoverinfo="skip",
+                ),
+                row=1,
+                col=col,
+            )
+        figure.add_hline(y=0, line={"color": "#9ca3af", "width": 1}, row=1, col=col)
+        figure.update_xaxes(title_text="Euclidean pixel distance to the test image", row=1, col=col)
+        figure.update_yaxes(title_text="influence (Δ test loss)", row=1, col=col)
+    figure.update_layout(
+        height=430,
+        margin={"l": 10, "r": 10, "t": 40, "b": 10},
+        legend={"orientation": "h", "y": -0.22},
+    )
+    return figure
+
+
+def actual_vs_predicted(
+    panels: Sequence[tuple[str, Mapping[str, np.ndarray], np.ndarray]],
+    *,
+    estimate_labels: Mapping[str, str],
+) -> go.Figure:
+    """Actual change in test loss from retraining against the prediction, with y = x.
+
+    Args:
+        panels: one (title, estimate -> predicted (k,), actual (k,)) per model.
+        estimate_labels: display name per estimate.
+    """
+    figure = make_subplots(
+        rows=1, cols=len(panels), subplot_titles=[title for title, _, _ in panels]
+    )
+    for col, (_, predicted, actual) in enumerate(panels, start=1):
+        values = [np.asarray(actual)] + [np.asarray(v) for v in predicted.values()]
+        lo = float(min(v.min() for v in values))
+        hi = float(max(v.max() for v in values))
+        pad = 0.05 * (hi - lo or 1.0)
+        figure.add_trace(
+            go.Scatter(
+                x=[lo - pad, hi + pad],
+                y=[lo - pad, hi + pad],
+                mode="lines",
+                name="y = x",
+                legendgroup="y=x",
+                showlegend=col == 1,
+                line={"color": "#6b7280", "dash": "dash", "width": 1},
+                hoverinfo="skip",
+            ),
+            row=1,
+            col=col,
+        )
+        for estimate, values_predicted in predicted.items():
+            figure.add_trace(
+                go.Scatter(
+                    x=values_predicted,
+                    y=actual,
+                    mode="markers",
+                    name=estimate_labels.get(estimate, estimate),
+                    legendgroup=estimate,
+                    showlegend=col == 1,
+                    marker={"color": ESTIMATE_COLOURS.get(estimate), "size": 7, "opacity": 0.8},
+                    hovertemplate="predicted %{x:.3g}<br>actual %{y:.3g}<extra></extra>",
+                ),
+                row=1,
+                col=col,
+            )
+        figure.update_xaxes(title_text="predicted Δ test loss", row=1, col=col)
+        figure.update_yaxes(title_text="actual Δ test loss (retrained)", row=1, col=col)
+    figure.update_layout(
+        height=420,
+        margin={"l": 10, "r": 10, "t": 40, "b": 10},
+        legend={"orientation": "h", "y": -0.2},
+    )
+    return figure

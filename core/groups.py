@@ -94,9 +94,13 @@ class KMeansResult:
     iterations: int
 
 
-def _squared_distances(X: np.ndarray, centers: np.ndarray) -> np.ndarray:
-    sq = (X * X).sum(1)[:, None] + (centers * centers).sum(1)[None, :] - 2.0 * (X @ centers.T)
-    return np.maximum(sq, 0.0)
+def _squared_distances(
+    X: torch.Tensor, X_norms: torch.Tensor, centers: torch.Tensor
+) -> torch.Tensor:
+    # torch rather than numpy: one matrix product per k-means++ draw, and torch's threads stay
+    # quiet on a busy machine.
+    sq = X_norms[:, None] + (centers * centers).sum(1)[None, :] - 2.0 * (X @ centers.T)
+    return sq.clamp_min_(0.0)
 
 
 def kmeans(X: Any, n_clusters: int, *, seed: int = 0, max_iter: int = 100) -> KMeansResult:
@@ -111,30 +115,33 @@ def kmeans(X: Any, n_clusters: int, *, seed: int = 0, max_iter: int = 100) -> KM
         seed: seeds the k-means++ draws.
         max_iter: Lloyd iterations at most (it stops as soon as no assignment changes).
     """
-    X = np.asarray(X, dtype=np.float64)
-    if X.ndim != 2 or not np.isfinite(X).all():
+    points = np.asarray(X, dtype=np.float64)
+    if points.ndim != 2 or not np.isfinite(points).all():
         raise InfluenceExplorerError("k-means needs a finite (n, D) array of points.")
-    n = X.shape[0]
+    n = points.shape[0]
     if not 1 <= int(n_clusters) <= n:
         raise InfluenceExplorerError(f"n_clusters must be between 1 and {n}; got {n_clusters}.")
     k = int(n_clusters)
     rng = np.random.default_rng(seed)
+    data = torch.from_numpy(np.ascontiguousarray(points))
+    norms = (data * data).sum(1)
     chosen = [int(rng.integers(n))]
-    closest = _squared_distances(X, X[chosen])[:, 0]
+    closest = _squared_distances(data, norms, data[chosen])[:, 0]
     for _ in range(1, k):
-        total = closest.sum()
+        weights = closest.numpy()
+        total = weights.sum()
         # All remaining points coincide with a centre: any point will do.
-        pick = int(rng.integers(n)) if total <= 0 else int(rng.choice(n, p=closest / total))
+        pick = int(rng.integers(n)) if total <= 0 else int(rng.choice(n, p=weights / total))
         chosen.append(pick)
-        closest = np.minimum(closest, _squared_distances(X, X[[pick]])[:, 0])
-    centers = X[chosen].copy()
+        closest = torch.minimum(closest, _squared_distances(data, norms, data[[pick]])[:, 0])
+    centers = data[chosen].clone()
     labels = np.full(n, -1, dtype=np.int64)
     iterations = 0
     for iterations in range(1, max_iter + 1):  # noqa: B007 - the count is reported
-        distances = _squared_distances(X, centers)
-        new_labels = distances.argmin(1)
+        distances = _squared_distances(data, norms, centers)
+        new_labels = distances.argmin(1).numpy()
         counts = np.bincount(new_labels, minlength=k)
-        own = distances[np.arange(n), new_labels]
+        own = distances[torch.arange(n), torch.from_numpy(new_labels)].numpy()
         for empty in np.flatnonzero(counts == 0):
             # Take the farthest point from a cluster that keeps another member (k <= n ensures
             # one exists), so re-seeding never empties a cluster in turn.
@@ -145,11 +152,11 @@ def kmeans(X: Any, n_clusters: int, *, seed: int = 0, max_iter: int = 100) -> KM
         if np.array_equal(new_labels, labels):
             break
         labels = new_labels
-        sums = np.zeros_like(centers)
-        np.add.at(sums, labels, X)
-        centers = sums / counts[:, None]
-    inertia = float(_squared_distances(X, centers)[np.arange(n), labels].sum())
-    return KMeansResult(labels=labels, centers=centers, inertia=inertia, iterations=iterations)
+        sums = torch.zeros_like(centers).index_add_(0, torch.from_numpy(labels), data)
+        centers = sums / torch.from_numpy(counts).to(sums.dtype)[:, None]
+    centers_np = centers.numpy()
+    inertia = float(((points - centers_np[labels]) ** 2).sum())
+    return KMeansResult(labels=labels, centers=centers_np, inertia=inertia, iterations=iterations)
 
 
 # ---------------------------------------------------------------------------------- groups

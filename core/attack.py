@@ -383,8 +383,10 @@ def correctly_classified(explainer: Any, *, count: int, seed: int = 0) -> list[i
         raise InfluenceExplorerError(f"count must be >= 1; got {count}.")
     truth = np.asarray(explainer.test_labels)
     correct = np.ones(len(truth), dtype=bool)
-    for key in explainer.models:
-        correct &= explainer.test_probabilities(key).argmax(1) == truth
+    for fitted in explainer.models.values():
+        # The decision function's class, as the attack uses: the SVM's Platt-scaled
+        # probabilities can put 0.5 slightly off the decision boundary.
+        correct &= fitted.model.predict(fitted.test_inputs) == truth
     candidates = np.flatnonzero(correct)
     order = np.random.default_rng(seed).permutation(candidates)
     return sorted(int(i) for i in order[:count])

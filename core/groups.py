@@ -655,6 +655,21 @@ def group_experiment(
     )
 
 
+def first_misclassified(explainer: Any) -> int:
+    """The first test image every model gets wrong (else the first any model gets wrong, else 0).
+
+    The default test point of the group experiment: on a mistake the explained loss is large and
+    both losses are in their steep part (a confidently right SVM prediction sits on the flat side
+    of the smooth hinge, where every predicted group effect is close to zero).
+    """
+    truth = np.asarray(explainer.test_labels)
+    wrong = [f.model.predict(f.test_inputs) != truth for f in explainer.models.values()]
+    for rows in (np.logical_and.reduce(wrong), np.logical_or.reduce(wrong)):
+        if rows.any():
+            return int(np.flatnonzero(rows)[0])
+    return 0
+
+
 def explainer_group_experiment(
     explainer: Any,
     key: str,
@@ -724,6 +739,7 @@ __all__ = [
     "KMeansResult",
     "SizeTrend",
     "explainer_group_experiment",
+    "first_misclassified",
     "group_experiment",
     "kmeans",
     "make_groups",

@@ -209,3 +209,47 @@ def test_bad_attack_settings_are_refused(make_image_problem):
     with pytest.raises(InfluenceExplorerError, match="train_indices"):
         attack_training_images(model, pixels, problem.train_images, x_test, train_indices=[10])
     assert hash(AttackConfig()) == hash(AttackConfig())
+
+
+def test_cli_attack_returns_json(run_cli, capsys):
+    status, payload, _ = run_cli(
+        "attack",
+        "--test-indices",
+        "1",
+        "--budget",
+        "4",
+        "--step-size",
+        "2",
+        "--steps",
+        "2",
+        "--include-images",
+        capsys=capsys,
+    )
+    assert status == 0
+    assert payload["test_indices"] == [1]
+    for key in ("svm", "logreg"):
+        model = payload["models"][key]
+        assert 0.0 <= model["success_rate"] <= 1.0 and model["n_attacked"] == 1
+        attack = model["attacks"][0]
+        original = np.asarray(attack["original_images"])
+        perturbed = np.asarray(attack["perturbed_images"])
+        assert original.shape == perturbed.shape == (1, 28, 28, 1)
+        assert perturbed.min() >= 0 and perturbed.max() <= 255
+        assert np.abs(perturbed - original).max() == attack["max_change"] <= 4
+        assert len(attack["loss_history"]) == attack["steps_taken"] + 1
+    assert "backbone" in payload["models"]["logreg"]["retraining"]
+    assert "kernel" in payload["models"]["svm"]["retraining"]
+
+
+def test_cli_attack_refuses_bad_options(run_cli, capsys):
+    for options, message in (
+        (("--budget", "0"), "budget"),
+        (("--budget", "999"), "budget"),
+        (("--steps", "0"), "steps"),
+        (("--test-indices", "1,-2"), "--test-indices"),
+        (("--n-test", "0"), "--n-test"),
+        (("--test-indices", "99"), "--test-index"),
+    ):
+        status, _, err = run_cli("attack", *options, capsys=capsys)
+        assert status == 2, options
+        assert message in err

@@ -236,3 +236,39 @@ def test_bad_group_configs_are_refused():
     with pytest.raises(InfluenceExplorerError, match="scores"):
         make_groups(GroupConfig(kinds=("helpful",)), labels=np.zeros(10))
     assert hash(GroupConfig()) == hash(GroupConfig())
+
+
+def test_cli_groups_returns_json(run_cli, capsys):
+    status, payload, _ = run_cli(
+        "groups",
+        "--sizes",
+        "0.1,0.25",
+        "--groups-per-size",
+        "1",
+        "--indices",
+        "0,1,2",
+        capsys=capsys,
+    )
+    assert status == 0
+    assert payload["n_train"] == 24 and payload["classes"] == ["T-shirt/top", "Shirt"]
+    for key in ("svm", "logreg"):
+        model = payload["models"][key]
+        assert set(model["agreement"]) == set(GROUP_ESTIMATES)
+        kinds = [g["kind"] for g in model["groups"]]
+        assert kinds.count("custom") == 1 and kinds.count("random") == 2
+        assert {"random", "class", "cluster", "helpful", "harmful"} <= set(kinds)
+        assert [t["target_size"] for t in model["size_trend"]] == [2, 3, 6]
+        assert model["converged"]
+
+
+def test_cli_groups_refuses_bad_options(run_cli, capsys):
+    for options, message in (
+        (("--sizes", "0.1,2"), "sizes"),
+        (("--kinds", "random,everything"), "--kinds"),
+        (("--groups-per-size", "0"), "groups_per_size"),
+        (("--indices", "1,x"), "--indices"),
+        (("--test-index", "999"), "--test-index"),
+    ):
+        status, _, err = run_cli("groups", *options, capsys=capsys)
+        assert status == 2, options
+        assert message in err and err.startswith("influence groups: error:")

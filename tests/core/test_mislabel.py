@@ -147,3 +147,44 @@ def test_bad_mislabel_configs_are_refused():
     with pytest.raises(InfluenceExplorerError, match="estimate"):
         MislabelConfig(estimate="exact")
     assert hash(MislabelConfig()) == hash(MislabelConfig())
+
+
+def test_cli_mislabel_returns_json_and_writes_csv(run_cli, capsys, tmp_path):
+    status, payload, _ = run_cli(
+        "mislabel",
+        "--flip-fraction",
+        "0.25",
+        "--checkpoints",
+        "0.25,0.5",
+        "--curve-step",
+        "0.25",
+        "--suspicious",
+        "3",
+        "--csv",
+        str(tmp_path / "suspicious.csv"),
+        capsys=capsys,
+    )
+    assert status == 0
+    for key in ("svm", "logreg"):
+        model = payload["models"][key]
+        assert model["n_flipped"] == 6
+        assert set(model["rankings"]) == {"self_influence", "training_loss", "random"}
+        ranking = model["rankings"]["self_influence"]
+        assert set(ranking["found"]) == {"0.25", "0.5"}
+        assert ranking["curve"]["checked"] == [0.0, 0.25, 0.5, 0.75, 1.0]
+        assert len(model["suspicious"]) == 3
+        rows = read_suspicious_csv(tmp_path / f"suspicious-{key}.csv")
+        assert len(rows) == 24 and rows[0].train_index == model["suspicious"][0]["train_index"]
+
+
+def test_cli_mislabel_refuses_bad_options(run_cli, capsys, tmp_path):
+    for options, message in (
+        (("--flip-fraction", "1.5"), "flip_fraction"),
+        (("--checkpoints", "0.1,0"), "--checkpoints"),
+        (("--rankings", "vibes"), "--rankings"),
+        (("--curve-step", "0"), "--curve-step"),
+        (("--csv", str(tmp_path / "missing" / "x.csv")), "--csv"),
+    ):
+        status, _, err = run_cli("mislabel", *options, capsys=capsys)
+        assert status == 2, options
+        assert message in err

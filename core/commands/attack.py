@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _report(payload: dict[str, Any]) -> str:
     lines = [
-        f"{payload['dataset']} {' vs '.join(payload['classes'])}: perturbing the "
+        f"{payload['dataset']}: perturbing the "
         f"{payload['n_perturb']} most helpful training image(s) of each test image, L-infinity "
         f"budget {payload['budget']} pixel units, steps of {payload['step_size']}, at most "
         f"{payload['steps']} steps",

@@ -180,7 +180,7 @@ def _report(payload: dict[str, Any]) -> str:
     from core.groups import GROUP_ESTIMATE_LABELS
 
     lines = [
-        f"{payload['dataset']} {' vs '.join(payload['classes'])}: removing groups of training "
+        f"{payload['dataset']}: removing groups of training "
         f"images ({', '.join(payload['kinds'])}; sizes {', '.join(f'{s:g}' for s in payload['sizes'])} "
         f"of {payload['n_train']})",
         f"Test image {payload['test_index']} (true label {payload['true_label']}, explaining the "

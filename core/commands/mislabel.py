@@ -152,7 +152,7 @@ def _report(payload: dict[str, Any]) -> str:
     from core.mislabel import RANKING_LABELS
 
     lines = [
-        f"{payload['dataset']} {' vs '.join(payload['classes'])}: "
+        f"{payload['dataset']}: "
         f"{payload['flip_fraction']:.0%} of {payload['n_train']} training labels flipped "
         f"(seed {payload['seed']}); self-influence: {payload['estimate']}",
         "",

@@ -244,6 +244,7 @@ def attack_training_images(
     config: AttackConfig | None = None,
     *,
     solver: SolverConfig | None = None,
+    engine: InfluenceEngine | None = None,
     train_indices: Sequence[int] | None = None,
     test_index: int | None = None,
     progress: Progress | None = None,
@@ -258,6 +259,7 @@ def attack_training_images(
         test_input: (1, D) the test image's model input.
         config: budget, steps, how many images (default :class:`AttackConfig`).
         solver: inverse-Hessian solver for I_pert,loss at each step.
+        engine: the model's influence engine, if there is one already (saves a factorisation).
         train_indices: perturb these training images instead of the most helpful ones.
         test_index: recorded in the result.
         progress: ``progress(done, total)`` after each step.
@@ -275,7 +277,8 @@ def attack_training_images(
             f"train_images has {images.shape[0]} images but the model was trained on {n}."
         )
     x_test = as_float64(test_input).reshape(1, -1)
-    engine = InfluenceEngine(model, solver)
+    if engine is None or engine.model is not model:
+        engine = InfluenceEngine(model, solver)
     label = int(model.predict(x_test)[0])
     if train_indices is None:
         scores = engine.influence_scores(x_test, [label])[0]
@@ -362,6 +365,7 @@ def explainer_attack(
         fitted.test_inputs[index : index + 1],
         config,
         solver=explainer.config.solver,
+        engine=fitted.engine,
         train_indices=train_indices,
         test_index=index,
         progress=progress,

@@ -101,7 +101,12 @@ def run(args: argparse.Namespace) -> int:
     models = {}
     for key in model_keys(args.model):
         result = explainer_group_experiment(
-            explainer, key, config, test_index=test_index, target=args.target, progress=bars
+            explainer,
+            key,
+            config,
+            test_index=test_index,
+            target=args.target,
+            progress=lambda stage, done, total, key=key: bars(f"{key}: {stage}", done, total),
         )
         models[key] = _model_payload(explainer, key, result, include_groups=not args.no_groups)
     payload = {

@@ -100,7 +100,12 @@ def run(args: argparse.Namespace) -> int:
     keys = model_keys(args.model)
     models = {}
     for key in keys:
-        result = explainer_mislabel_experiment(explainer, key, config, progress=bars)
+        result = explainer_mislabel_experiment(
+            explainer,
+            key,
+            config,
+            progress=lambda stage, done, total, key=key: bars(f"{key}: {stage}", done, total),
+        )
         entry: dict[str, Any] = {
             "label": explainer.models[key].label,
             "clean_test_accuracy": result.clean_accuracy,

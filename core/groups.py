@@ -35,7 +35,8 @@ factors (1 - 2p)/(1 - p)² and 1/(1 - p)² (p = |U|/n) on their two terms; keepi
 both factors 1. Expanding the Newton step as a Neumann series,
 (1/n)(H - A_U/n)⁻¹ g_U = Σ_k (1/n)(H⁻¹A_U/n)^k H⁻¹ g_U, shows that the first and second order
 estimates are its first one and two terms: the Newton-corrected estimate sums the whole series
-(still without third derivatives), and the second order one sits between the other two.
+(still without third derivatives). When the terms share a sign, as they usually do for a group
+that moves the model one way, the second order estimate lies between the other two.
 
 Ground truth refits the model without each group (:func:`core.validation.retrain_without`,
 warm-started and converged), so every figure here is predicted against actual.
@@ -57,7 +58,7 @@ from core.influence import ESTIMATES, ExactSolver, InfluenceEngine
 from core.models import DTYPE, LinearModel, as_float64, as_labels
 from core.validation import RETRAIN_TOL, Agreement, agreement, retrain_without
 
-#: The three estimates of a group's effect, in increasing order of accuracy.
+#: The three estimates of a group's effect: one, two, and all terms of the Newton step's series.
 GROUP_ESTIMATES: tuple[str, ...] = ("first_order", "second_order", "corrected")
 GROUP_ESTIMATE_LABELS = {
     "first_order": "first order (sum of individual scores)",

@@ -168,8 +168,10 @@ def _refit_on_inputs(model: LinearModel, train_inputs: torch.Tensor) -> LinearMo
     inputs; ``refit`` would keep the old one, which is not the model trained on these images.
     """
     other = copy.copy(model)
+    # A copy: the fitted model keeps (and for features, aliases) the tensor it is given, and the
+    # attack goes on changing its own.
     return other.fit(
-        train_inputs, model.labels_, sample_weight=model.sample_weight_, theta0=model.theta_
+        train_inputs.clone(), model.labels_, sample_weight=model.sample_weight_, theta0=model.theta_
     )
 
 
@@ -310,7 +312,8 @@ def attack_training_images(
         inputs[torch.as_tensor(chosen)] = _model_inputs(featurizer, current.astype(np.uint8))
         steps_taken = step + 1
         if config.retrain_every_step or steps_taken == config.steps:
-            retrained = _refit_on_inputs(model, inputs)
+            # Warm-started from the previous retrain, which is closer than the original.
+            retrained = _refit_on_inputs(retrained, inputs)
             history.append(test_loss(retrained))
             if config.retrain_every_step:
                 engine = InfluenceEngine(retrained, solver)

@@ -65,8 +65,8 @@ class AttackConfig:
             the end (cheaper, weaker).
     """
 
-    budget: int = 8
-    step_size: int = 1
+    budget: int = 16
+    step_size: int = 2
     steps: int = 10
     n_perturb: int = 1
     retrain_every_step: bool = True

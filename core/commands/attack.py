@@ -12,6 +12,8 @@ from core.errors import InfluenceExplorerError
 
 
 def register(subparsers: Any) -> None:
+    from core.attack import AttackConfig
+
     parser = subparsers.add_parser(
         "attack",
         help="training-set attack: perturb helpful training images within a budget, retrain",
@@ -33,11 +35,30 @@ def register(subparsers: Any) -> None:
         help="attack this many test images that both models classify correctly, chosen with "
         "--seed (default 10)",
     )
-    parser.add_argument("--budget", type=int, default=16, help="L-infinity budget, pixel units")
-    parser.add_argument("--step-size", type=int, default=2, help="pixel units per step")
-    parser.add_argument("--steps", type=int, default=10, help="steps at most (stops on a flip)")
+    defaults = AttackConfig()
     parser.add_argument(
-        "--n-perturb", type=int, default=1, help="most helpful training images to perturb"
+        "--budget",
+        type=int,
+        default=defaults.budget,
+        help=f"L-infinity budget in pixel units, 0-255 scale (default {defaults.budget})",
+    )
+    parser.add_argument(
+        "--step-size",
+        type=int,
+        default=defaults.step_size,
+        help=f"pixel units per step (default {defaults.step_size})",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=defaults.steps,
+        help=f"steps at most; stops when the prediction flips (default {defaults.steps})",
+    )
+    parser.add_argument(
+        "--n-perturb",
+        type=int,
+        default=defaults.n_perturb,
+        help=f"most helpful training images to perturb (default {defaults.n_perturb})",
     )
     parser.add_argument(
         "--no-retrain-every-step",

@@ -45,7 +45,7 @@ import torch
 from core.errors import InfluenceExplorerError
 from core.features import Featurizer
 from core.influence import InfluenceEngine, SolverConfig
-from core.models import KernelSVM, LinearModel, as_float64, rbf_kernel
+from core.models import KernelSVM, LinearModel, as_float64
 
 StageProgress = Callable[[str, int, int], None]
 Progress = Callable[[int, int], None]
@@ -175,21 +175,6 @@ def _refit_on_inputs(model: LinearModel, train_inputs: torch.Tensor) -> LinearMo
     )
 
 
-def _feature_maps(
-    model: LinearModel, train_inputs: torch.Tensor, test_input: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training features (n, d) and test features (1, d) as differentiable functions of the
-    training inputs, as a fit on ``train_inputs`` would build them."""
-    if isinstance(model, KernelSVM):
-        n = train_inputs.shape[0]
-        kernel = rbf_kernel(train_inputs, train_inputs, model.gamma_)
-        chol = torch.linalg.cholesky(kernel + model.jitter_ * torch.eye(n, dtype=kernel.dtype))
-        test_kernel = rbf_kernel(train_inputs, test_input, model.gamma_)
-        return chol, torch.linalg.solve_triangular(chol, test_kernel, upper=False).T
-    # Feature models (the logistic regression): features depend on each point's own input only.
-    return model.torch_transform(train_inputs), model.torch_transform(test_input)
-
-
 def retrained_loss_gradient(
     engine: InfluenceEngine,
     featurizer: Featurizer,
@@ -200,11 +185,12 @@ def retrained_loss_gradient(
 ) -> np.ndarray:
     """d ℓ(z_test, label) of the retrained model / d pixels of the given training images.
 
-    The implicit-function gradient of the module docstring, at the engine's fitted model, with the
-    listed training images replaced by ``images`` (the model must have been fitted on them).
+    The engine's I_pert,loss (the implicit-function gradient of the module docstring, which for
+    the SVM differentiates the kernel and its factor) at the engine's fitted model, pulled back
+    through the featurizer to the pixels.
 
     Args:
-        engine: influence engine of the current model (its solver gives s = H⁻¹∇ℓ_test).
+        engine: influence engine of the current model, fitted on ``images`` at those indices.
         featurizer: uint8 images -> model inputs, differentiable.
         test_input: (1, D) the test image's model input; label: whose loss.
         train_indices: (k,) training points; images: (k, H, W, C) their current pixels.
@@ -212,26 +198,14 @@ def retrained_loss_gradient(
         (k, H, W, C) in units of test loss per pixel unit (0-255 scale). Positive: brightening the
         pixel raises the test loss.
     """
-    model = engine.model
-    x_test = as_float64(test_input).reshape(1, -1)
-    labels = torch.tensor([int(label)])
-    s_test = engine.inverse_hvp_test(x_test, labels)[0]
-    idx = torch.as_tensor(np.asarray(train_indices, dtype=np.int64))
-    n = model.n_train_
-    d, c = model.features_.shape[1], model.n_outputs_
-    pixels = torch.tensor(np.asarray(images), dtype=featurizer.dtype, requires_grad=True)
-    theta = model.theta_.clone().requires_grad_(True)
-    with torch.enable_grad():
-        moved = featurizer.torch_forward(pixels).to(torch.float64)
-        train_inputs = model.training_inputs_.index_put((idx,), moved)
-        train_features, test_features = _feature_maps(model, train_inputs, x_test)
-        losses = model.loss_.value(train_features @ theta.reshape(d, c), model.labels_)
-        objective = (model.sample_weight_ * losses).sum() / n + 0.5 * model.l2 * (theta @ theta)
-        (objective_gradient,) = torch.autograd.grad(objective, theta, create_graph=True)
-        test_loss = model.loss_.value(test_features @ theta.reshape(d, c), labels)[0]
-        target = test_loss - s_test @ objective_gradient
-        (grad,) = torch.autograd.grad(target, pixels)
-    return grad.double().numpy()
+    images = np.asarray(images)
+    input_gradient = engine.perturbation_influence(
+        as_float64(test_input).reshape(1, -1),
+        [int(label)],
+        train_indices,
+        train_inputs=_model_inputs(featurizer, images),
+    )[0]
+    return featurizer.pixel_gradient(images, input_gradient)
 
 
 def _model_inputs(featurizer: Featurizer, images: np.ndarray) -> torch.Tensor:

@@ -647,27 +647,12 @@ class Explainer:
         _, true_label, inputs = self._query(test_index, image)
         label = self._target(key, true_label, inputs[key], target)
         engine = fitted.engine
-        # Gradient with respect to the model's input vector for training image j.
-        input_gradient = engine.perturbation_influence(inputs[key], [label], [int(train_index)])[
-            0, 0
-        ]
-        shape = self.dataset.image_shape
-        if key == "svm":
-            # The SVM's input is x/127.5 - 1, so d/d(0-255 intensity) is 1/127.5 of it.
-            return (input_gradient / 127.5).reshape(shape)
-        pixels = torch.tensor(
-            self.dataset.train_images[int(train_index)][None],
-            dtype=torch.float32,
-            requires_grad=True,
-        )
-        with torch.enable_grad():
-            features = fitted.featurizer.torch_forward(pixels)
-            (grad,) = torch.autograd.grad(
-                features,
-                pixels,
-                grad_outputs=torch.as_tensor(input_gradient[None], dtype=features.dtype),
-            )
-        return grad[0].double().numpy().reshape(shape)
+        # Gradient with respect to the model's input vector for training image j, pulled back
+        # through the featurizer (x/127.5 - 1 for the SVM, the backbone for the logistic
+        # regression) to the pixels.
+        input_gradient = engine.perturbation_influence(inputs[key], [label], [int(train_index)])[0]
+        image = self.dataset.train_images[int(train_index)][None]
+        return fitted.featurizer.pixel_gradient(image, input_gradient)[0]
 
     def verify(
         self,

@@ -159,6 +159,28 @@ class Featurizer(ABC):
                     progress(start + len(batch), total)
         return out
 
+    def pixel_gradient(self, images: np.ndarray, feature_gradient: Any) -> np.ndarray:
+        """Pull a gradient with respect to the features back to the pixels (a VJP).
+
+        Args:
+            images: (k, H, W, C) uint8, the images whose features the gradient is about.
+            feature_gradient: (k, dim) d(something)/d(features) at those images.
+
+        Returns:
+            (k, H, W, C) float64, d(something)/d(pixel) in units per pixel value (0-255 scale).
+        """
+        images = np.asarray(images)
+        check_images(images)
+        pixels = torch.tensor(images, dtype=self.dtype, requires_grad=True)
+        with torch.enable_grad():
+            features = self.torch_forward(pixels)
+            (grad,) = torch.autograd.grad(
+                features,
+                pixels,
+                grad_outputs=torch.as_tensor(np.asarray(feature_gradient), dtype=features.dtype),
+            )
+        return grad.double().numpy()
+
 
 class PixelFeaturizer(Featurizer):
     """Raw pixels scaled to [-1, 1] (``x / 127.5 - 1``) and flattened to H*W*C, in float64.

@@ -511,42 +511,49 @@ class InfluenceEngine:
         *,
         train_inputs: Any | None = None,
     ) -> np.ndarray:
-        """I_pert,loss: how each test loss changes as a training point's input moves.
+        """I_pert,loss: how each test loss of the *retrained* model changes as a training input moves.
 
-        d ℓ(z_test, θ̂) / d x_j ≈ -(1/n) ∇_θ ℓ(z_test)ᵀ H⁻¹ ∇_x ∇_θ ℓ(z_j, θ̂),
+        By the implicit function theorem, with s = H⁻¹ ∇_θ ℓ(z_test, θ̂) and R(θ; X) the training
+        objective as a function of all training inputs X,
 
-        with x_j the model's input vector (deep features for the logistic regression, pixels
-        scaled to [-1, 1] for the SVM, through the kernel with the training kernel's factor held
-        fixed). Moving x_j along the gradient raises the test loss. Per-pixel heatmaps for the
-        feature model back-propagate this through the backbone.
+            d ℓ(z_test, θ̂(X)) / d x_j = ∂_{x_j} [ ℓ(z_test, θ̂; X) - sᵀ ∇_θ R(θ̂; X) ]   (s fixed).
+
+        For the logistic regression only x_j's own features depend on x_j and this is the paper's
+        -(1/n) sᵀ ∇_x ∇_θ ℓ(z_j, θ̂). For the kernel SVM x_j enters the whole kernel matrix, its
+        Cholesky factor (every training point's features) and the test image's features; all of
+        them are differentiated, so the result describes honestly refitting the SVM on the moved
+        image. Moving x_j along the gradient raises the test loss. Per-pixel heatmaps for the
+        feature model pull this back through the backbone.
 
         Args:
             X_test: (m, D_test) test inputs; y_test: (m,) labels.
             train_indices: (k,) training points.
-            train_inputs: optional (k, D) inputs to evaluate at instead of the stored ones
-                (e.g. a training image being perturbed by an attack).
+            train_inputs: optional (k, D) current inputs of those points, if the model was
+                refitted on moved versions of them (e.g. during an attack).
         Returns:
-            (m, k, D) gradients in units of test loss per unit of input.
+            (m, k, D) gradients in units of test loss per unit of the model's input.
         """
         model = self.model
-        s_test = self.inverse_hvp_test(X_test, y_test)
-        idx = np.asarray(train_indices, dtype=np.int64)
-        inputs = self.training_inputs(idx) if train_inputs is None else as_float64(train_inputs)
-        labels = model.labels_[torch.as_tensor(idx)]
-        d, c = model.features_.shape[1], model.n_outputs_
-        theta = model.theta_
-
-        def weighted_gradient(
-            x: torch.Tensor, label: torch.Tensor, s: torch.Tensor
-        ) -> torch.Tensor:
-            phi = model.torch_transform(x[None])
-
-            def loss_of_theta(th: torch.Tensor) -> torch.Tensor:
-                return model.loss_.value(phi @ th.reshape(d, c), label[None])[0]
-
-            return s @ torch.func.grad(loss_of_theta)(theta)
-
-        input_gradient = torch.func.grad(weighted_gradient)
-        per_train = torch.func.vmap(input_gradient, in_dims=(0, 0, None))
-        per_test = torch.func.vmap(per_train, in_dims=(None, None, 0))
-        return (-per_test(inputs, labels, s_test) / self.n_train).numpy()
+        X_test = as_float64(X_test)
+        labels = torch.as_tensor(np.asarray(y_test), dtype=torch.int64).reshape(-1)
+        s_test = self.inverse_hvp_test(X_test, labels)
+        idx = torch.as_tensor(np.asarray(train_indices, dtype=np.int64).reshape(-1))
+        base = model.training_inputs_
+        moved = base[idx] if train_inputs is None else as_float64(train_inputs)
+        d, c, n = model.features_.shape[1], model.n_outputs_, model.n_train_
+        out = torch.empty(X_test.shape[0], len(idx), base.shape[1], dtype=DTYPE)
+        for t in range(X_test.shape[0]):
+            x = moved.clone().requires_grad_(True)
+            theta = model.theta_.clone().requires_grad_(True)
+            with torch.enable_grad():
+                inputs = base.index_put((idx,), x)
+                train_features, test_features = model.torch_feature_maps(inputs, X_test[t : t + 1])
+                losses = model.loss_.value(train_features @ theta.reshape(d, c), model.labels_)
+                objective = (model.sample_weight_ @ losses) / n + 0.5 * model.l2 * (theta @ theta)
+                (objective_gradient,) = torch.autograd.grad(objective, theta, create_graph=True)
+                test_loss = model.loss_.value(
+                    test_features @ theta.reshape(d, c), labels[t : t + 1]
+                )
+                target = test_loss[0] - s_test[t] @ objective_gradient
+                (out[t],) = torch.autograd.grad(target, x)
+        return out.numpy()

@@ -97,6 +97,17 @@ class LinearModel:
         """Differentiable version of :meth:`transform` for float64 inputs (m, D) -> (m, d)."""
         raise NotImplementedError
 
+    def torch_feature_maps(
+        self, train_inputs: torch.Tensor, test_inputs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training and test features as a fit on ``train_inputs`` would build them, differentiably.
+
+        For a per-example feature map (the logistic regression) each input's features depend on
+        that input only; the kernel SVM overrides this because its features depend on every
+        training input. Returns: (n, d) and (m, d).
+        """
+        return self.torch_transform(train_inputs), self.torch_transform(test_inputs)
+
     def _check_hyperparameters(self) -> None:
         if not (isinstance(self.l2, (int, float)) and self.l2 >= 0 and math.isfinite(self.l2)):
             raise InfluenceExplorerError(f"l2 must be a finite number >= 0, got {self.l2!r}.")
@@ -500,8 +511,9 @@ class KernelSVM(LinearModel):
     no bias is trained on the rows of L; a new image x gets features L⁻¹ k(X_train, x). Then
     θᵀφ(x) = αᵀ k(X_train, x) with α = L⁻ᵀθ and ‖θ‖² = αᵀ(K + εI)α, an ordinary kernel SVM.
 
-    ``predict_proba`` is Platt scaling, σ(a·s + b), fitted once on the training scores; it
-    is a calibrated-looking score for display, not part of the objective.
+    ``predict_proba`` is Platt scaling without an offset, σ(a·s), fitted once on the training
+    scores (so p = 0.5 on the decision boundary); it is a calibrated-looking score for display,
+    not part of the objective.
 
     Args:
         gamma: RBF width γ on inputs scaled to [-1, 1]; ``None`` uses the paper's 0.05 / n_train.
@@ -566,6 +578,17 @@ class KernelSVM(LinearModel):
         k = rbf_kernel(self.X_train_, X, self.gamma_)
         return torch.linalg.solve_triangular(self.cholesky_, k, upper=False).T
 
+    def torch_feature_maps(
+        self, train_inputs: torch.Tensor, test_inputs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # A training image enters the whole kernel matrix, hence its Cholesky factor (every
+        # training point's features) and the test images' features: rebuild them all.
+        n = train_inputs.shape[0]
+        kernel = rbf_kernel(train_inputs, train_inputs, self.gamma_)
+        chol = torch.linalg.cholesky(kernel + self.jitter_ * torch.eye(n, dtype=kernel.dtype))
+        test_kernel = rbf_kernel(train_inputs, test_inputs, self.gamma_)
+        return chol, torch.linalg.solve_triangular(chol, test_kernel, upper=False).T
+
     @property
     def training_inputs_(self) -> torch.Tensor:
         """The training inputs (n, D) the model was fitted on."""
@@ -606,27 +629,21 @@ class KernelSVM(LinearModel):
         n_pos, n_neg = float(y.sum()), float((1 - y).sum())
         # Platt's regularised targets keep the fit finite when the training set is separable.
         target = torch.where(y > 0, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
-        a, b = torch.tensor(1.0, dtype=DTYPE), torch.tensor(0.0, dtype=DTYPE)
-        for _ in range(50):
-            p = torch.sigmoid(a * s + b)
-            r = p - target
-            g = torch.stack([(r * s).sum(), r.sum()])
-            c = p * (1 - p)
-            h = torch.stack(
-                [
-                    torch.stack([(c * s * s).sum(), (c * s).sum()]),
-                    torch.stack([(c * s).sum(), c.sum()]),
-                ]
-            ) + 1e-9 * torch.eye(2, dtype=DTYPE)
-            step = torch.linalg.solve(h, g)
-            a, b = a - step[0], b - step[1]
-            if float(step.abs().max()) < 1e-10:
+        # One slope, no offset: probability 0.5 stays exactly on the decision boundary, so the
+        # most probable class is always the predicted one.
+        a = 1.0
+        for _ in range(100):
+            p = torch.sigmoid(a * s)
+            gradient = float(((p - target) * s).sum())
+            curvature = float((p * (1 - p) * s * s).sum()) + 1e-9
+            step = gradient / curvature
+            a = max(a - step, 1e-3)
+            if abs(step) < 1e-10:
                 break
-        self.platt_ = (float(a), float(b))
+        self.platt_ = a
 
     def _probabilities(self, scores: torch.Tensor) -> torch.Tensor:
-        a, b = self.platt_
-        p1 = torch.sigmoid(a * scores[:, 0] + b)
+        p1 = torch.sigmoid(self.platt_ * scores[:, 0])
         return torch.stack([1 - p1, p1], dim=1)
 
 

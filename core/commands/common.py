@@ -67,11 +67,15 @@ class ProgressBar:
         self.stream = stream if stream is not None else sys.stderr
         self.start = time.perf_counter()
         self._last = 0.0
+        self._done = 0
 
     def __call__(self, done: int, total: int) -> None:
         if not self.enabled:
             return
         now = time.perf_counter()
+        if done < self._done:  # the same stage started again (e.g. for the next model)
+            self.start = now
+        self._done = done
         # Redrawing a line only works on a terminal; a log file gets the final line only.
         interactive = getattr(self.stream, "isatty", lambda: False)()
         if done < total and (not interactive or now - self._last < 0.1):

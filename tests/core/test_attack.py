@@ -109,20 +109,6 @@ def test_attack_flips_a_prediction_within_budget(kind, make_image_problem, repor
     )
 
 
-def test_gradient_is_the_engines_pert_influence_for_feature_models(make_image_problem):
-    problem = make_image_problem(20, 5, seed=5)
-    model, pixels = _fit("logreg", problem)
-    engine = InfluenceEngine(model)
-    x_test = pixels.transform(problem.test_images[:2])
-    for t, label in ((0, 0), (1, 1)):
-        got = retrained_loss_gradient(
-            engine, pixels, x_test[t : t + 1], label, [2, 7], problem.train_images[[2, 7]]
-        )
-        expected = engine.perturbation_influence(x_test[t : t + 1], [label], [2, 7])[0]
-        # The model sees pixels / 127.5 - 1, so d/d(pixel) is 1/127.5 of d/d(input).
-        np.testing.assert_allclose(got.reshape(2, -1), expected / 127.5, rtol=1e-8, atol=1e-14)
-
-
 @pytest.mark.parametrize("kind", ["logreg", "svm"])
 def test_gradient_matches_finite_differences_of_retraining(kind, make_image_problem):
     problem = make_image_problem(16, 5, seed=6)

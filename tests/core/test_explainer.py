@@ -121,7 +121,7 @@ def test_heatmaps_through_kernel_and_backbone(explainer):
     inputs = explainer.models["svm"].test_inputs[3:4]
     label = int(explainer.test_labels[3])
     expected = engine.perturbation_influence(inputs, [label], [j])[0, 0] / 127.5
-    np.testing.assert_allclose(svm_map.reshape(-1), expected)
+    np.testing.assert_allclose(svm_map.reshape(-1), expected, rtol=1e-10, atol=1e-16)
 
     lr_map = explainer.heatmap("logreg", j, test_index=3)
     assert lr_map.shape == (28, 28, 1) and np.isfinite(lr_map).all() and np.abs(lr_map).max() > 0

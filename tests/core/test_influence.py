@@ -191,27 +191,38 @@ def test_perturbation_influence_matches_refitting(binary_model):
     np.testing.assert_allclose(predicted @ direction, actual, rtol=1e-4, atol=1e-9)
 
 
-def test_perturbation_influence_through_the_kernel(svm_model):
-    model, problem = svm_model
+def test_perturbation_influence_matches_refitting_the_kernel_svm(make_svm_problem):
+    # Moving a training image changes the whole kernel matrix and its factor; the gradient must
+    # describe honestly refitting the SVM on the moved image (a new kernel), checked by a
+    # central finite difference of real refits.
+    problem = make_svm_problem(40, 12, seed=15)
+    model = KernelSVM(gamma=0.05, l2=1e-2, temperature=0.1, tol=1e-13).fit(problem.X, problem.y)
     engine = InfluenceEngine(model)
-    j = 2
-    predicted = engine.perturbation_influence(problem.X_test[:1], problem.y_test[:1], [j])[0, 0]
-    s_test = engine.inverse_hvp_test(problem.X_test[:1], problem.y_test[:1])[0]
-    label = model.labels_[j : j + 1]
+    x_test, y_test = problem.X_test[:2], problem.y_test[:2]
+    j, eps = 5, 1e-4
+    predicted = engine.perturbation_influence(x_test, y_test, [j])[:, 0]
+    assert predicted.shape == (2, problem.X.shape[1])
+    direction = np.random.default_rng(1).normal(size=problem.X.shape[1])
 
-    def weighted_gradient(x):
-        phi = model.transform(x[None])
-        return float(s_test @ model.per_example_gradients(phi, label)[0])
+    def test_loss_after_moving(sign):
+        X = problem.X.copy()
+        X[j] += sign * eps * direction
+        refitted = KernelSVM(gamma=0.05, l2=1e-2, temperature=0.1, tol=1e-13).fit(X, problem.y)
+        return refitted.loss(x_test, y_test)
 
-    x = model.X_train_[j].clone()
-    direction = torch.randn_like(x)
-    eps = 1e-5
-    finite = (weighted_gradient(x + eps * direction) - weighted_gradient(x - eps * direction)) / (
-        2 * eps
+    actual = (test_loss_after_moving(1) - test_loss_after_moving(-1)) / (2 * eps)
+    np.testing.assert_allclose(predicted @ direction, actual, rtol=1e-4, atol=1e-10)
+
+
+def test_perturbation_influence_at_moved_inputs(binary_model):
+    # Evaluated at the stored inputs, passing them explicitly changes nothing.
+    model, problem = binary_model
+    engine = InfluenceEngine(model)
+    default = engine.perturbation_influence(problem.X_test[:1], problem.y_test[:1], [1, 4])
+    explicit = engine.perturbation_influence(
+        problem.X_test[:1], problem.y_test[:1], [1, 4], train_inputs=problem.X[[1, 4]]
     )
-    expected = -finite / model.n_train_
-    assert predicted @ direction.numpy() == pytest.approx(expected, rel=1e-5, abs=1e-12)
-    assert predicted.shape == (problem.X.shape[1],)
+    np.testing.assert_allclose(explicit, default, rtol=1e-12, atol=1e-15)
 
 
 def test_top_k_orders_and_signs():

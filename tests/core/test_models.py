@@ -184,7 +184,9 @@ def test_kernel_svm_is_a_kernel_machine(fitted):
     np.testing.assert_allclose(proba.sum(1), 1.0)
     order = np.argsort(model.decision_function(problem.X_test))
     assert np.all(np.diff(proba[order, 1]) >= -1e-12)
-    assert model.platt_[0] > 0
+    assert model.platt_ > 0
+    # p = 0.5 on the decision boundary: the most probable class is the predicted one.
+    np.testing.assert_array_equal(proba.argmax(1), model.predict(problem.X_test))
 
 
 def test_kernel_svm_default_gamma_is_the_papers(make_svm_problem):

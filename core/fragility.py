@@ -81,6 +81,7 @@ from core.influence import (
     InfluenceEngine,
     InverseHVPSolver,
     LiSSASolver,
+    LiSSAWarning,
 )
 from core.models import DTYPE, KernelSVM, LinearModel, LogisticRegression
 from core.networks import (
@@ -572,11 +573,19 @@ class FragilityTable:
             for row in self.rows
         ]
 
+    def to_markdown(self) -> str:
+        """The table as a Markdown pipe table (for docs and ``st.markdown``)."""
+        header = ["model", *self.column_labels()]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for row in self.rows:
+            lines.append("| " + " | ".join([row.label, *(c.text() for c in row.cells)]) + " |")
+        return "\n".join(lines)
+
     def to_text(self) -> str:
         """The table as aligned plain text (what the CLI prints)."""
         kinds = list(dict.fromkeys(kind for kind, _ in self.columns))
         label_width = max([len("model"), *(len(r.label) for r in self.rows)]) + 2
-        cell_width = 13
+        cell_width = max(13, *(len(_wd_text(wd)) + 2 for _, wd in self.columns))
         header1 = " " * label_width
         header2 = "model".ljust(label_width)
         for kind in kinds:
@@ -1146,13 +1155,24 @@ def _run_solver(
     for attempt in range(4):
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # LiSSA's own check assumes a convex Hessian
+                # LiSSA's own depth check assumes H ⪰ λI; the note below uses the true λ_min.
+                warnings.simplefilter("ignore", LiSSAWarning)
                 solver = _make_solver(name, objective, damping, sc, seed)
                 s_test = solver.inverse_hvp(test_gradients.T)
             break
-        except NotPositiveDefiniteError:
+        except NotPositiveDefiniteError as error:
             if attempt == 3:
-                raise
+                return _SolverRun(
+                    name,
+                    objective.scope,
+                    damping,
+                    objective.n_params_,
+                    time.perf_counter() - t,
+                    "; ".join(notes),
+                    None,
+                    None,
+                    str(error),
+                )
             shift = damping - sc.damping_margin
             damping = 2 * max(shift, sc.damping_margin) + sc.damping_margin
             notes.append(f"retried with damping {damping:.3g} (negative curvature met)")
@@ -1297,7 +1317,9 @@ def _run_convex(
     except InfluenceExplorerError as error:
         return _skipped(
             setting,
-            f"{CONVEX_MODELS[setting.model]} with weight decay {wd:g}: {error}",
+            f"{CONVEX_MODELS[setting.model]} with weight decay {wd:g} "
+            + ("has no unique optimum here" if wd == 0 else "could not be fitted")
+            + f" ({error})",
             time.perf_counter() - started,
         )
     fit_seconds = time.perf_counter() - started
@@ -1660,6 +1682,7 @@ def save_results(results: FragilityResults, path: str | os.PathLike[str]) -> Pat
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write(text + "\n")
+        os.chmod(temporary, 0o644)  # mkstemp makes it private; results are for sharing
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

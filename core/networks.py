@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,16 +147,13 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 
 # ---------------------------------------------------------------------------- flat parameters
 class ParameterLayout:
-    """Maps between a network's named parameters and one flat vector θ (in ``named_parameters``
-    order), optionally for a subset of the parameters."""
+    """Maps between a module's named parameters and one flat vector θ (``named_parameters``
+    order)."""
 
-    def __init__(self, network: nn.Module, names: Sequence[str] | None = None) -> None:
+    def __init__(self, network: nn.Module) -> None:
         shapes = {name: tuple(p.shape) for name, p in network.named_parameters()}
-        self.names = tuple(shapes) if names is None else tuple(names)
-        unknown = [n for n in self.names if n not in shapes]
-        if unknown:
-            raise InfluenceExplorerError(f"The network has no parameter(s) {unknown}.")
-        self.shapes = tuple(shapes[n] for n in self.names)
+        self.names = tuple(shapes)
+        self.shapes = tuple(shapes.values())
         self.sizes = tuple(math.prod(s) for s in self.shapes)
 
     @property
@@ -273,13 +270,19 @@ class NetworkObjective:
     def _scores(self, theta: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         return functional_call(self.module, self.layout.unflatten(theta), (inputs,))
 
-    def _losses(self, theta: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor):
+    def _losses(
+        self, theta: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
         return self.loss.value(self._scores(theta, inputs), labels)
 
-    def _mean_loss(self, theta: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor):
+    def _mean_loss(
+        self, theta: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
         return self._losses(theta, inputs, labels).mean()
 
-    def _data_hvp(self, v: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor):
+    def _data_hvp(
+        self, v: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
         """(1/m) Σ ∇²ℓ_i v over the given examples, forward-over-reverse, one column."""
 
         def g(theta: torch.Tensor) -> torch.Tensor:
@@ -462,7 +465,7 @@ class SGDSchedule:
     """Minibatch SGD with heavy-ball momentum and a cosine learning rate.
 
     lr_t = lr · (1 + cos(π t / T)) / 2 over T = epochs · ceil(n / batch_size) steps, so the run
-    anneals to a (near) stationary point. ``steps(start, stop)`` runs a slice of it.
+    anneals to a (near) stationary point.
     """
 
     epochs: int
@@ -487,7 +490,6 @@ def train_sgd(
     l2: float,
     schedule: SGDSchedule,
     *,
-    start_step: int = 0,
     seed: int = 0,
     n_classes: int = 2,
     progress: Callable[[int, int], None] | None = None,
@@ -506,7 +508,6 @@ def train_sgd(
         weights: (m, n) sample weights.
         l2: weight decay λ.
         schedule: optimiser and learning-rate schedule.
-        start_step: first step of the schedule to run (retraining runs the tail), up to the end.
         seed: minibatch order.
         progress: called as progress(epoch_done, epochs_total).
     Returns:
@@ -516,7 +517,14 @@ def train_sgd(
     loss = make_loss(n_classes)
     n = X.shape[0]
     b = schedule.batch_size
-    steps_per_epoch = math.ceil(n / b)
+    if theta0.ndim != 2 or theta0.shape[1] != layout.n_params:
+        raise InfluenceExplorerError(
+            f"theta0 must be (m, {layout.n_params}); got {tuple(theta0.shape)}."
+        )
+    if weights.shape != (theta0.shape[0], n):
+        raise InfluenceExplorerError(
+            f"weights must be (m, n) = ({theta0.shape[0]}, {n}); got {tuple(weights.shape)}."
+        )
 
     def minibatch_objective(theta, xb, yb, wb):
         scores = functional_call(network, layout.unflatten(theta), (xb,))
@@ -526,9 +534,8 @@ def train_sgd(
     theta = theta0.clone()
     velocity = torch.zeros_like(theta)
     generator = torch.Generator().manual_seed(seed)
-    first_epoch = start_step // steps_per_epoch
-    epochs = schedule.epochs - first_epoch
-    step = first_epoch * steps_per_epoch
+    epochs = schedule.epochs
+    step = 0
     for epoch in range(epochs):
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, b):

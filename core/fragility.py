@@ -585,7 +585,12 @@ class FragilityTable:
         """The table as aligned plain text (what the CLI prints)."""
         kinds = list(dict.fromkeys(kind for kind, _ in self.columns))
         label_width = max([len("model"), *(len(r.label) for r in self.rows)]) + 2
-        cell_width = max(13, *(len(_wd_text(wd)) + 2 for _, wd in self.columns))
+        per_kind = max(1, len(self.columns) // max(len(kinds), 1))
+        cell_width = max(
+            13,
+            *(len(_wd_text(wd)) + 2 for _, wd in self.columns),
+            *(-(-(len(TEST_POINT_LABELS[k]) + 2) // per_kind) for k in kinds),
+        )
         header1 = " " * label_width
         header2 = "model".ljust(label_width)
         for kind in kinds:

@@ -96,6 +96,23 @@ def test_hvp_and_hessian_match_torch_func_hessian(make_network_problem):
     assert objective.objective() == pytest.approx(float(by_hand(theta)), rel=1e-12)
 
 
+def test_softmax_network_hessian_matches_torch_func(make_network_problem):
+    network, X, _ = make_network_problem(n=12)
+    y = torch.arange(12) % 3
+    network = build_network(Architecture(1, 2), (6, 6, 1), 3, seed=1)
+    objective = NetworkObjective(network, X, y, l2=0.01)
+    layout = ParameterLayout(network)
+    net64 = build_network(Architecture(1, 2), (6, 6, 1), 3, seed=1).double()
+
+    def by_hand(theta):
+        scores = functional_call(net64, layout.unflatten(theta), (X.double(),))
+        loss = torch.nn.functional.cross_entropy(scores, y)
+        return loss + 0.5 * 0.01 * theta @ theta
+
+    expected = torch.func.hessian(by_hand)(layout.flatten(network))
+    torch.testing.assert_close(objective.hessian(), expected, rtol=1e-9, atol=1e-11)
+
+
 def test_per_example_gradients_average_to_the_objective_gradient(make_network_problem):
     network, X, y = make_network_problem()
     objective = NetworkObjective(network, X, y, l2=0.05)

@@ -1,0 +1,553 @@
+"""Small CNNs for the fragility study, their training objective as a ``TwiceDifferentiable``, and
+batched SGD that trains many copies at once (for leave-one-out retraining).
+
+The objective is the convex models' convention (DESIGN.md):
+
+    R(θ) = (1/n) Σ_i w_i ℓ(f(x_i; θ), y_i) + (λ/2)‖θ‖²,
+
+with ℓ the binary logistic loss (one output) or softmax cross-entropy from :mod:`core.losses`,
+weight decay on every parameter (biases included) and sample weights w_i = 1 for an ordinary
+fit; removing a point sets its weight to 0 and keeps the 1/n and λ.
+
+Networks are trained in float32 (speed; the ground-truth differences are far above float32
+resolution) and every influence quantity is computed in float64 from a float64 copy of θ̂.
+All derivatives go through ``torch.func`` (``functional_call``, ``grad``, ``vmap``, ``jvp``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jvp, vmap
+
+from core.errors import InfluenceExplorerError
+from core.losses import LogisticLoss, Loss, SoftmaxCrossEntropy
+from core.models import DTYPE, as_float64, as_labels
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+    "softplus": nn.Softplus,
+}
+
+#: Conv layers that halve the resolution (stride 2); later layers keep it. Two halvings take a
+#: 14x14 input to 4x4, where further 3x3 layers still see real neighbourhoods.
+STRIDED_LAYERS = 2
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A member of the CNN family.
+
+    Attributes:
+        depth: number of 3x3 conv layers (the first two have stride 2).
+        width: channels of every conv layer.
+        activation: "tanh" (default: smooth, so the Hessian is the Hessian everywhere), "relu"
+            or "softplus".
+    """
+
+    depth: int = 2
+    width: int = 8
+    activation: str = "tanh"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.depth, int) and 1 <= self.depth <= 12):
+            raise InfluenceExplorerError(f"depth must be an integer in 1..12; got {self.depth!r}.")
+        if not (isinstance(self.width, int) and 1 <= self.width <= 256):
+            raise InfluenceExplorerError(f"width must be an integer in 1..256; got {self.width!r}.")
+        if self.activation not in ACTIVATIONS:
+            raise InfluenceExplorerError(
+                f"activation must be one of {', '.join(ACTIVATIONS)}; got {self.activation!r}."
+            )
+
+    @property
+    def label(self) -> str:
+        """Short display name, e.g. "CNN d2 w8"."""
+        suffix = "" if self.activation == "tanh" else f" {self.activation}"
+        return f"CNN d{self.depth} w{self.width}{suffix}"
+
+
+class SmallCNN(nn.Module):
+    """``depth`` 3x3 conv layers of ``width`` channels (stride 2 for the first two), then a linear
+    head on the flattened feature map.
+
+    Args:
+        architecture: depth, width, activation.
+        image_shape: (H, W, C) of the inputs.
+        n_outputs: 1 for binary logistic loss, else the number of classes.
+    """
+
+    def __init__(
+        self, architecture: Architecture, image_shape: tuple[int, int, int], n_outputs: int
+    ) -> None:
+        super().__init__()
+        h, w, channels = image_shape
+        layers: list[nn.Module] = []
+        for i in range(architecture.depth):
+            stride = 2 if i < STRIDED_LAYERS else 1
+            layers.append(nn.Conv2d(channels, architecture.width, 3, stride=stride, padding=1))
+            layers.append(ACTIVATIONS[architecture.activation]())
+            channels = architecture.width
+            if stride == 2:
+                h, w = (h + 1) // 2, (w + 1) // 2
+        self.body = nn.Sequential(*layers, nn.Flatten())
+        self.head = nn.Linear(channels * h * w, n_outputs)
+        self.architecture = architecture
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Scores for images (m, C, H, W). Returns: (m, n_outputs)."""
+        return self.head(self.body(x))
+
+
+def make_loss(n_classes: int) -> Loss:
+    """The loss of a classifier with ``n_classes`` classes (the convex models' choice)."""
+    return LogisticLoss() if n_classes == 2 else SoftmaxCrossEntropy()
+
+
+def build_network(
+    architecture: Architecture, image_shape: tuple[int, int, int], n_classes: int, seed: int
+) -> SmallCNN:
+    """A freshly initialised float32 network (PyTorch's default init, seeded; head bias 0)."""
+    n_outputs = make_loss(n_classes).n_outputs(n_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        network = SmallCNN(architecture, image_shape, n_outputs)
+    with torch.no_grad():
+        network.head.bias.zero_()
+    return network
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run a block with ``threads`` torch intra-op threads (None: leave the setting alone).
+
+    These networks are small: each op is tiny and OpenMP threads mostly wait for each other,
+    so one thread is several times faster than two on a busy machine.
+    """
+    if threads is None:
+        yield
+        return
+    if threads < 1:
+        raise InfluenceExplorerError(f"threads must be >= 1 or None; got {threads!r}.")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+# ---------------------------------------------------------------------------- flat parameters
+class ParameterLayout:
+    """Maps between a module's named parameters and one flat vector θ (``named_parameters``
+    order)."""
+
+    def __init__(self, network: nn.Module) -> None:
+        shapes = {name: tuple(p.shape) for name, p in network.named_parameters()}
+        self.names = tuple(shapes)
+        self.shapes = tuple(shapes.values())
+        self.sizes = tuple(math.prod(s) for s in self.shapes)
+
+    @property
+    def n_params(self) -> int:
+        return sum(self.sizes)
+
+    def flatten(self, network: nn.Module, dtype: torch.dtype = DTYPE) -> torch.Tensor:
+        """θ of the network's current parameters. Returns: (p,)."""
+        params = dict(network.named_parameters())
+        return torch.cat([params[n].detach().reshape(-1).to(dtype) for n in self.names])
+
+    def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named views of a flat θ (p,), for ``functional_call``."""
+        chunks = torch.split(theta, self.sizes)
+        return {n: c.view(s) for n, c, s in zip(self.names, chunks, self.shapes, strict=True)}
+
+    def load_into(self, network: nn.Module, theta: torch.Tensor) -> None:
+        """Copy a flat θ into the network's parameters (in place)."""
+        params = dict(network.named_parameters())
+        with torch.no_grad():
+            for name, value in self.unflatten(theta).items():
+                params[name].copy_(value.to(params[name].dtype))
+
+
+def images_to_tensor(images: np.ndarray, image_size: int | None = None) -> torch.Tensor:
+    """uint8 images (N, H, W, C) to float32 (N, C, H', W') in [-1, 1].
+
+    ``image_size`` (a divisor of H and W) average-pools to that side length first; the exact
+    Hessian's cost grows with the pixels each conv layer touches, so the study runs on 14x14.
+    """
+    x = torch.tensor(np.asarray(images), dtype=torch.float32).permute(0, 3, 1, 2) / 255.0
+    if image_size is not None and image_size != x.shape[-1]:
+        h, w = x.shape[-2:]
+        if h % image_size or w % image_size:
+            raise InfluenceExplorerError(
+                f"image_size {image_size} must divide the images' side lengths ({h}x{w})."
+            )
+        x = nn.functional.avg_pool2d(x, (h // image_size, w // image_size))
+    return x * 2.0 - 1.0
+
+
+# ---------------------------------------------------------------------------- objective
+class NetworkObjective:
+    """The training objective of a trained network at θ̂, as the solvers' ``TwiceDifferentiable``.
+
+    R(θ) = (1/n) Σ_i ℓ(f(x_i; θ), y_i) + (λ/2)‖θ‖², in float64, over all parameters
+    (``scope="all"``) or only the linear head's (``scope="last"``: the head's block of ∇²R with
+    the rest of the network held at θ̂; that objective is a logistic regression on the network's
+    last features, so its Hessian is positive semi-definite plus λ).
+
+    Args:
+        network: the trained network (not modified; a float64 copy is made).
+        X: (n, C, H, W) training images as the network sees them.
+        y: (n,) integer labels.
+        l2: weight decay λ the network was trained with.
+        scope: "all" or "last".
+        n_classes: classes of the problem (default: from the labels, at least 2).
+    """
+
+    SCOPES = ("all", "last")
+
+    def __init__(
+        self,
+        network: SmallCNN,
+        X: Any,
+        y: Any,
+        l2: float,
+        *,
+        scope: str = "all",
+        n_classes: int | None = None,
+    ) -> None:
+        if scope not in self.SCOPES:
+            raise InfluenceExplorerError(f"scope must be 'all' or 'last'; got {scope!r}.")
+        if not (math.isfinite(l2) and l2 >= 0):
+            raise InfluenceExplorerError(f"l2 must be a finite number >= 0; got {l2!r}.")
+        self.l2 = float(l2)
+        self.scope = scope
+        self.labels = as_labels(y)
+        self.n_classes = n_classes if n_classes is not None else max(int(self.labels.max()) + 1, 2)
+        self.loss = make_loss(self.n_classes)
+        self.network = _float64_copy(network)
+        inputs = as_float64(X)
+        if scope == "all":
+            self.module: nn.Module = self.network
+            self.layout = ParameterLayout(self.network)
+            self.inputs = inputs
+        else:
+            # The head's objective only needs the body's (fixed) features: computed once.
+            self.module = self.network.head
+            self.layout = ParameterLayout(self.network.head)
+            with torch.no_grad():
+                self.inputs = self.network.body(inputs)
+        self.theta_ = self.layout.flatten(self.module)
+        self._grad_of_mean = grad(self._mean_loss)
+        self._hessian: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ protocol
+    @property
+    def n_train_(self) -> int:
+        return int(self.inputs.shape[0])
+
+    @property
+    def n_params_(self) -> int:
+        return int(self.theta_.shape[0])
+
+    def features(self, X: Any) -> torch.Tensor:
+        """What :attr:`module` sees for images X: the images, or the body's features for "last"."""
+        inputs = as_float64(X)
+        if self.scope == "all":
+            return inputs
+        with torch.no_grad():
+            return self.network.body(inputs)
+
+    def _scores(self, theta: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.module, self.layout.unflatten(theta), (inputs,))
+
+    def _losses(
+        self, theta: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        return self.loss.value(self._scores(theta, inputs), labels)
+
+    def _mean_loss(
+        self, theta: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        return self._losses(theta, inputs, labels).mean()
+
+    def _data_hvp(
+        self, v: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """(1/m) Σ ∇²ℓ_i v over the given examples, forward-over-reverse, one column."""
+
+        def g(theta: torch.Tensor) -> torch.Tensor:
+            return self._grad_of_mean(theta, inputs, labels)
+
+        return jvp(g, (self.theta_,), (v,))[1]
+
+    def _chunk(self, n_examples: int) -> int:
+        # vmap over k columns holds k copies of every activation: bound columns × examples.
+        return max(1, min(64, 32_000 // max(n_examples, 1)))
+
+    def hvp(self, vectors: Any, indices: Any | None = None) -> torch.Tensor:
+        """Hessian-vector products ∇²R(θ̂) v.
+
+        Args:
+            vectors: (p,) or (p, k).
+            indices: optional training indices; then the data term is their mean
+                (1/b) Σ_{i∈batch} ∇²ℓ_i v (unbiased under uniform sampling, what LiSSA uses).
+                λ v is always added exactly.
+        Returns:
+            Same shape as ``vectors``.
+        """
+        v = as_float64(vectors)
+        squeeze = v.ndim == 1
+        columns = v[:, None] if squeeze else v
+        if columns.shape[0] != self.n_params_:
+            raise InfluenceExplorerError(
+                f"vectors must have {self.n_params_} rows; got {tuple(v.shape)}."
+            )
+        inputs, labels = self.inputs, self.labels
+        if indices is not None:
+            idx = torch.as_tensor(np.asarray(indices), dtype=torch.int64)
+            inputs, labels = inputs[idx], labels[idx]
+        batched = vmap(lambda u: self._data_hvp(u, inputs, labels))
+        chunk = self._chunk(inputs.shape[0])
+        out = torch.cat([batched(c) for c in torch.split(columns.T, chunk)]).T
+        out = out + self.l2 * columns
+        return out[:, 0] if squeeze else out
+
+    def hessian(self) -> torch.Tensor:
+        """Exact ∇²R(θ̂). Returns: (p, p), a fresh copy (the exact solver adds its damping in
+        place).
+
+        Computed once (:meth:`cache_hessian`) and kept: p Hessian-vector products over the
+        whole training set.
+        """
+        if self._hessian is None:
+            self.cache_hessian()
+        assert self._hessian is not None
+        return self._hessian.clone()
+
+    def cache_hessian(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """Compute the dense Hessian now (with a progress callback) and keep it."""
+        if self._hessian is None:
+            self._hessian = self._dense_hessian(progress)
+
+    def _dense_hessian(self, progress: Callable[[int, int], None] | None) -> torch.Tensor:
+        # Columns H e_k from batched HVPs; symmetrised to remove the last bits of rounding.
+        p = self.n_params_
+        eye = torch.eye(p, dtype=DTYPE)
+        chunk = self._chunk(self.n_train_)
+        batched = vmap(lambda u: self._data_hvp(u, self.inputs, self.labels))
+        columns = []
+        for start in range(0, p, chunk):
+            columns.append(batched(eye[start : start + chunk]))
+            if progress is not None:
+                progress(min(start + chunk, p), p)
+        hessian = torch.cat(columns)
+        hessian = 0.5 * (hessian + hessian.T)
+        hessian.diagonal().add_(self.l2)
+        return hessian
+
+    # ------------------------------------------------------------------ quantities
+    def objective(self, theta: Any | None = None) -> float:
+        """R(θ) (at θ̂ by default)."""
+        th = self.theta_ if theta is None else as_float64(theta)
+        value = self._mean_loss(th, self.inputs, self.labels)
+        return float(value) + 0.5 * self.l2 * float(th @ th)
+
+    def objective_gradient(self, theta: Any | None = None) -> torch.Tensor:
+        """∇R(θ) (at θ̂ by default). Returns: (p,)."""
+        th = self.theta_ if theta is None else as_float64(theta)
+        return self._grad_of_mean(th, self.inputs, self.labels) + self.l2 * th
+
+    def per_example_losses(self, X: Any, y: Any) -> torch.Tensor:
+        """ℓ(z, θ̂) for images X (m, C, H, W). Returns: (m,)."""
+        with torch.no_grad():
+            return self._losses(self.theta_, self.features(X), as_labels(y))
+
+    def per_example_gradients(self, X: Any, y: Any, chunk: int = 256) -> torch.Tensor:
+        """∇_θ ℓ(z, θ̂) for each example (over the objective's scope). Returns: (m, p)."""
+        inputs, labels = self.features(X), as_labels(y)
+
+        def single(theta: torch.Tensor, x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+            return self._losses(theta, x[None], label[None])[0]
+
+        per_example = vmap(grad(single), in_dims=(None, 0, 0))
+        return torch.cat(
+            [
+                per_example(self.theta_, inputs[s : s + chunk], labels[s : s + chunk])
+                for s in range(0, inputs.shape[0], chunk)
+            ]
+        )
+
+
+def _float64_copy(network: SmallCNN) -> SmallCNN:
+    return copy.deepcopy(network).to(DTYPE)
+
+
+# ---------------------------------------------------------------------------- spectrum
+@dataclass(frozen=True)
+class Spectrum:
+    """Extreme eigenvalues of a Hessian.
+
+    Attributes:
+        smallest: most negative (or smallest) eigenvalue.
+        largest: largest eigenvalue.
+        method: "eigvalsh" (exact, from the dense Hessian) or "lanczos" (k HVPs; the smallest
+            Ritz value is an upper bound on the true smallest eigenvalue).
+        iterations: Lanczos steps (0 for eigvalsh).
+    """
+
+    smallest: float
+    largest: float
+    method: str
+    iterations: int = 0
+
+
+def spectrum_from_hessian(hessian: torch.Tensor) -> Spectrum:
+    """Exact extreme eigenvalues of a dense symmetric matrix."""
+    values = torch.linalg.eigvalsh(hessian)
+    return Spectrum(float(values[0]), float(values[-1]), "eigvalsh")
+
+
+def lanczos_spectrum(
+    hvp: Callable[[torch.Tensor], torch.Tensor], n_params: int, iterations: int = 80, seed: int = 0
+) -> Spectrum:
+    """Extreme eigenvalues of a symmetric operator by Lanczos with full reorthogonalisation.
+
+    Args:
+        hvp: v (p,) -> H v.
+        n_params: p.
+        iterations: Krylov dimension (capped at p).
+        seed: start vector seed.
+    """
+    k = min(iterations, n_params)
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(n_params, generator=generator, dtype=DTYPE)
+    q /= q.norm()
+    basis = torch.empty(k, n_params, dtype=DTYPE)
+    alphas, betas = [], []
+    beta = 0.0
+    q_prev = torch.zeros_like(q)
+    steps = 0
+    for j in range(k):
+        basis[j] = q
+        w = hvp(q) - beta * q_prev
+        alpha = float(q @ w)
+        w = w - alpha * q
+        # Full reorthogonalisation (twice is enough) keeps ghost eigenvalues out.
+        for _ in range(2):
+            w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
+        alphas.append(alpha)
+        steps = j + 1
+        beta = float(w.norm())
+        if beta < 1e-10 * max(1.0, abs(alpha)):
+            break
+        betas.append(beta)
+        q_prev, q = q, w / beta
+    t = torch.diag(torch.tensor(alphas, dtype=DTYPE))
+    off = torch.tensor(betas[: steps - 1], dtype=DTYPE)
+    t += torch.diag(off, 1) + torch.diag(off, -1)
+    ritz = torch.linalg.eigvalsh(t)
+    return Spectrum(float(ritz[0]), float(ritz[-1]), "lanczos", steps)
+
+
+# ---------------------------------------------------------------------------- training
+@dataclass(frozen=True)
+class SGDSchedule:
+    """Minibatch SGD with heavy-ball momentum and a cosine learning rate.
+
+    lr_t = lr · (1 + cos(π t / T)) / 2 over T = epochs · ceil(n / batch_size) steps, so the run
+    anneals to a (near) stationary point.
+    """
+
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    momentum: float
+
+    def total_steps(self, n: int) -> int:
+        return self.epochs * math.ceil(n / self.batch_size)
+
+    def learning_rate_at(self, step: int, n: int) -> float:
+        total = self.total_steps(n)
+        return self.learning_rate * 0.5 * (1.0 + math.cos(math.pi * step / total))
+
+
+def train_sgd(
+    network: SmallCNN,
+    theta0: torch.Tensor,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    weights: torch.Tensor,
+    l2: float,
+    schedule: SGDSchedule,
+    *,
+    seed: int = 0,
+    n_classes: int = 2,
+    progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Train m copies of the network at once (vmapped), each with its own sample weights.
+
+    Every copy sees the same minibatch sequence (shuffled per epoch from ``seed``), so copies that
+    differ in one sample weight differ only through that point: common random numbers for
+    leave-one-out retraining. The minibatch gradient is (1/b) Σ_{i∈batch} w_i ∇ℓ_i + λθ, an
+    unbiased estimate of ∇R with the removed points' terms dropped and 1/n kept.
+
+    Args:
+        network: defines the function (its parameter values are not used).
+        theta0: (m, p) float32 starting parameters.
+        X: (n, C, H, W) float32 images; y: (n,) labels.
+        weights: (m, n) sample weights.
+        l2: weight decay λ.
+        schedule: optimiser and learning-rate schedule.
+        seed: minibatch order.
+        progress: called as progress(epoch_done, epochs_total).
+    Returns:
+        (m, p) float32 parameters after the run.
+    """
+    layout = ParameterLayout(network)
+    loss = make_loss(n_classes)
+    n = X.shape[0]
+    b = schedule.batch_size
+    if theta0.ndim != 2 or theta0.shape[1] != layout.n_params:
+        raise InfluenceExplorerError(
+            f"theta0 must be (m, {layout.n_params}); got {tuple(theta0.shape)}."
+        )
+    if weights.shape != (theta0.shape[0], n):
+        raise InfluenceExplorerError(
+            f"weights must be (m, n) = ({theta0.shape[0]}, {n}); got {tuple(weights.shape)}."
+        )
+
+    def minibatch_objective(theta, xb, yb, wb):
+        scores = functional_call(network, layout.unflatten(theta), (xb,))
+        return (wb * loss.value(scores, yb)).mean() + 0.5 * l2 * (theta * theta).sum()
+
+    step_gradient = vmap(grad(minibatch_objective), in_dims=(0, None, None, 0))
+    theta = theta0.clone()
+    velocity = torch.zeros_like(theta)
+    generator = torch.Generator().manual_seed(seed)
+    epochs = schedule.epochs
+    step = 0
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, b):
+            batch = order[start : start + b]
+            g = step_gradient(theta, X[batch], y[batch], weights[:, batch])
+            velocity.mul_(schedule.momentum).add_(g)
+            theta.sub_(schedule.learning_rate_at(step, n) * velocity)
+            step += 1
+        if progress is not None:
+            progress(epoch + 1, epochs)
+    if not torch.isfinite(theta).all():
+        raise InfluenceExplorerError(
+            "Training diverged (non-finite parameters); lower the learning rate."
+        )
+    return theta

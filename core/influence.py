@@ -142,8 +142,8 @@ class ExactSolver(InverseHVPSolver):
 
     def __init__(self, model: TwiceDifferentiable, damping: float = 0.0) -> None:
         super().__init__(model, damping)
-        hessian = model.hessian()
-        hessian.diagonal().add_(self.damping)
+        # Not in place: a model may hand out a Hessian it keeps (a network's cached one).
+        hessian = model.hessian() + self.damping * torch.eye(model.n_params_, dtype=DTYPE)
         chol, info = torch.linalg.cholesky_ex(hessian)
         if int(info) != 0 or not torch.isfinite(chol).all():
             smallest = float(torch.linalg.eigvalsh(hessian)[0])

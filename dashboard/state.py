@@ -98,6 +98,14 @@ PERSISTENT_WIDGETS: tuple[str, ...] = (
     "explain_gallery_filter",
     "explain_gallery_page",
     "verify_k",
+    # Training data pages (the test-image inputs are left out on purpose: they start from the
+    # image chosen on Explain each time the page is opened).
+    "groups_model",
+    "groups_kinds",
+    "groups_sizes",
+    "groups_per_size",
+    "groups_custom",
+    "groups_seed",
 )
 
 

@@ -42,6 +42,12 @@ SECTIONS: dict[str, tuple[PageSpec, ...]] = {
     ),
     "Training data": (
         PageSpec("app_pages/groups.py", "Groups", ":material/workspaces:", "groups"),
+        PageSpec(
+            "app_pages/cleaning.py",
+            "Data cleaning",
+            ":material/cleaning_services:",
+            "data-cleaning",
+        ),
     ),
     "About": (PageSpec("app_pages/method.py", "Method", ":material/functions:", "method"),),
 }

@@ -106,6 +106,11 @@ PERSISTENT_WIDGETS: tuple[str, ...] = (
     "groups_per_size",
     "groups_custom",
     "groups_seed",
+    "clean_model",
+    "clean_k",
+    "clean_flip_percent",
+    "clean_checkpoints",
+    "clean_seed",
 )
 
 

@@ -48,6 +48,7 @@ SECTIONS: dict[str, tuple[PageSpec, ...]] = {
             ":material/cleaning_services:",
             "data-cleaning",
         ),
+        PageSpec("app_pages/attack.py", "Attack", ":material/bug_report:", "attack"),
     ),
     "About": (PageSpec("app_pages/method.py", "Method", ":material/functions:", "method"),),
 }

@@ -111,6 +111,12 @@ PERSISTENT_WIDGETS: tuple[str, ...] = (
     "clean_flip_percent",
     "clean_checkpoints",
     "clean_seed",
+    "attack_model",
+    "attack_budget",
+    "attack_step_size",
+    "attack_steps",
+    "attack_n_perturb",
+    "attack_retrain",
 )
 
 

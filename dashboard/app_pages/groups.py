@@ -53,6 +53,11 @@ with image_col:
             "model gets wrong (a mistake has a large loss, so group effects are easy to see).",
         )
     )
+    if state.current_query(explainer).upload is not None:
+        st.caption(
+            "Explain is showing your upload. This page retrains against a labelled test image, "
+            "so it uses one of the test images."
+        )
     predicted_name, probability = state.test_prediction(explainer, model_key, test_index)
     true_name = state.test_label_name(explainer, test_index)
     st.image(upscale(state.test_image(explainer, test_index), 112), width=112)

@@ -16,6 +16,11 @@ def _figure(value: float, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if math.isfinite(value) else "n/a"
 
 
+def _sentence(text: str) -> str:
+    """``text`` with a capital first letter (str.capitalize would lower "Basu" and "H")."""
+    return text[:1].upper() + text[1:]
+
+
 st.title("Groups of training images")
 st.markdown(
     "What if a whole group of training images were removed: a hundred random ones, one cluster, "
@@ -178,7 +183,7 @@ with st.container(key="groups_summary"):
             b.metric("Pearson", _figure(agreement.pearson))
             c.metric("Slope", _figure(agreement.slope, 2))
             st.caption(
-                f"{state.GROUP_ESTIMATE_DESCRIPTIONS[estimate].capitalize()}. "
+                f"{_sentence(state.GROUP_ESTIMATE_DESCRIPTIONS[estimate])}. "
                 f"Mean |predicted − actual| = {errors[estimate]:.3g}."
             )
 st.caption(

@@ -40,6 +40,16 @@ SECTIONS: dict[str, tuple[PageSpec, ...]] = {
         PageSpec("app_pages/compare.py", "Compare", ":material/compare:", "compare"),
         PageSpec("app_pages/verify.py", "Verify", ":material/fact_check:", "verify"),
     ),
+    "Training data": (
+        PageSpec("app_pages/groups.py", "Groups", ":material/workspaces:", "groups"),
+        PageSpec(
+            "app_pages/cleaning.py",
+            "Data cleaning",
+            ":material/cleaning_services:",
+            "data-cleaning",
+        ),
+        PageSpec("app_pages/attack.py", "Attack", ":material/bug_report:", "attack"),
+    ),
     "About": (PageSpec("app_pages/method.py", "Method", ":material/functions:", "method"),),
 }
 

@@ -32,6 +32,9 @@ import numpy as np
 import streamlit as st
 from scipy import stats
 
+from core import attack as core_attack
+from core import groups as core_groups
+from core import mislabel as core_mislabel
 from core.data import DEBIAN_FASHION_MNIST_DIR, Dataset, open_dataset, resolve_under_roots
 from core.errors import ImageDecodeError, InfluenceExplorerError
 from core.explainer import MODEL_KEYS, Explainer, ExplainerConfig, Explanation, default_classes
@@ -95,6 +98,25 @@ PERSISTENT_WIDGETS: tuple[str, ...] = (
     "explain_gallery_filter",
     "explain_gallery_page",
     "verify_k",
+    # Training data pages (the test-image inputs are left out on purpose: they start from the
+    # image chosen on Explain each time the page is opened).
+    "groups_model",
+    "groups_kinds",
+    "groups_sizes",
+    "groups_per_size",
+    "groups_custom",
+    "groups_seed",
+    "clean_model",
+    "clean_k",
+    "clean_flip_percent",
+    "clean_checkpoints",
+    "clean_seed",
+    "attack_model",
+    "attack_budget",
+    "attack_step_size",
+    "attack_steps",
+    "attack_n_perturb",
+    "attack_retrain",
 )
 
 
@@ -855,3 +877,451 @@ def summaries(explainer: Explainer) -> dict[str, Any]:
 
 
 ESTIMATE_NAMES: tuple[str, ...] = ESTIMATES
+
+
+# --------------------------------------------------------------------------- training data
+# The "Training data" pages (Groups, Data cleaning, Attack). Each experiment is computed by an
+# st.cache_data function keyed by content: the engine's settings, the model, the test image and
+# core's frozen config, never anything that identifies a session, so two sessions asking the same
+# question share one computation. A session also remembers the results it asked for (bounded, like
+# verifications) so that they are shown again, without a click, when the user comes back.
+
+#: Results of each kind remembered per session (oldest dropped first).
+MAX_TRAINING_DATA_RESULTS_PER_SESSION = 10
+_GROUP_RESULTS = "state_group_results"
+_MISLABEL_RESULTS = "state_mislabel_results"
+_ATTACK_RESULTS = "state_attack_results"
+
+
+def _remember(slot: str, key: tuple[Any, ...], value: Any) -> None:
+    remembered = dict(st.session_state.get(slot, {}))
+    remembered.pop(key, None)  # re-inserted below, as the newest
+    remembered[key] = value
+    while len(remembered) > MAX_TRAINING_DATA_RESULTS_PER_SESSION:
+        remembered.pop(next(iter(remembered)))
+    st.session_state[slot] = remembered
+
+
+def _remembered(slot: str, key: tuple[Any, ...]) -> Any:
+    return st.session_state.get(slot, {}).get(key)
+
+
+def initial_value(key: str, value: Any) -> None:
+    """Give widget ``key`` its first value through Session State, once per session.
+
+    For widgets listed in :data:`PERSISTENT_WIDGETS`: their value is re-saved through Session State
+    on every run, and a widget that also gets a ``value``/``default`` argument makes Streamlit warn.
+    """
+    if key not in st.session_state:
+        st.session_state[key] = value
+
+
+def forget_out_of_range(key: str, low: int, high: int) -> None:
+    """Drop widget ``key``'s value if it is outside [low, high] (e.g. after a dataset change)."""
+    value = st.session_state.get(key)
+    if value is not None and not low <= value <= high:
+        del st.session_state[key]
+
+
+class _StageProgress:
+    """``progress(stage, done, total)`` shown as a progress bar, for a cached computation.
+
+    The bar is created inside the cached function on purpose: Streamlit records what a cached
+    function draws and replays it on a cache hit, and a bar created outside the function would not
+    exist during the replay (CacheReplayClosureError). Updates are thinned to whole percents so a
+    replay stays short. Each update is also where Streamlit stops the run when the user navigates
+    away; the computation stops with it and nothing is cached.
+    """
+
+    def __init__(self, title: str) -> None:
+        self._title = title
+        self._bar = st.progress(0.0, text=f"{title}: starting…")
+        self._last: tuple[str, int] | None = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        fraction = 0.0 if total <= 0 else min(1.0, max(0.0, done / total))
+        mark = (stage, int(100 * fraction))
+        if mark == self._last:
+            return
+        self._last = mark
+        self._bar.progress(fraction, text=f"{self._title} · {stage}: {done}/{total}")
+
+    def clear(self) -> None:
+        self._bar.empty()
+
+
+def test_label_name(explainer: Explainer, index: int) -> str:
+    return str(explainer.class_names[int(explainer.test_labels[int(index)])])
+
+
+def test_prediction(explainer: Explainer, model_key: str, index: int) -> tuple[str, float]:
+    """(predicted label name, its probability) of one model for test image ``index``."""
+    probabilities = explainer.test_probabilities(model_key)[int(index)]
+    predicted = int(np.argmax(probabilities))
+    return str(explainer.class_names[predicted]), float(probabilities[predicted])
+
+
+def has_chosen_test_image() -> bool:
+    """Whether this session picked a test image (on Explain) rather than keeping the default."""
+    return _TEST_INDEX in st.session_state
+
+
+# ------------------------------------------------------------------ groups
+
+GROUP_KIND_LABELS = {
+    "random": "random",
+    "class": "random within one class",
+    "cluster": "k-means clusters",
+    "helpful": "most helpful",
+    "harmful": "most harmful",
+}
+#: Group sizes offered, as fractions of the training set (Koh et al. 2019: 0.25% to 25%).
+GROUP_SIZE_CHOICES: tuple[float, ...] = tuple(core_groups.DEFAULT_SIZES)
+#: Defaults light enough for well under a minute on the demo: 12 groups, 12 retrains.
+GROUP_DEFAULT_KINDS: tuple[str, ...] = ("random", "helpful", "harmful")
+GROUP_DEFAULT_SIZES: tuple[float, ...] = (0.005, 0.025, 0.1)
+GROUP_DEFAULT_PER_SIZE = 2
+GROUP_ESTIMATES: tuple[str, ...] = tuple(core_groups.GROUP_ESTIMATES)
+GROUP_ESTIMATE_NAMES = {
+    "first_order": "First order",
+    "second_order": "Second order (Basu et al.)",
+    "corrected": "Newton-corrected",
+}
+GROUP_ESTIMATE_DESCRIPTIONS = dict(core_groups.GROUP_ESTIMATE_LABELS)
+#: Most indices a user can type for their own group (the text box is bounded too).
+MAX_CUSTOM_INDICES = 5000
+
+
+def size_count(fraction: float, n_train: int) -> int:
+    """A group size given as a fraction of the training set, in images."""
+    return core_groups.size_count(fraction, n_train)
+
+
+def parse_indices(text: str) -> tuple[int, ...]:
+    """Training indices typed by a user: whole numbers separated by commas or spaces.
+
+    Raises:
+        InfluenceExplorerError: with a message saying which entry is not an index.
+    """
+    tokens = str(text).replace(",", " ").split()
+    if len(tokens) > MAX_CUSTOM_INDICES:
+        raise InfluenceExplorerError(
+            f"Type at most {MAX_CUSTOM_INDICES} training indices for your own group."
+        )
+    for token in tokens:
+        if not (token.isascii() and token.isdigit()):
+            shown = "".join(ch if ch.isprintable() and ch != "`" else "?" for ch in token[:20])
+            raise InfluenceExplorerError(
+                f"{as_code(shown)} is not a training index: type whole numbers separated by "
+                "commas, e.g. 3, 17, 250."
+            )
+    return tuple(int(token) for token in tokens)
+
+
+def group_config(
+    kinds: Sequence[str],
+    sizes: Sequence[float],
+    groups_per_size: int,
+    custom_text: str,
+    *,
+    seed: int,
+    tail_estimate: str,
+) -> core_groups.GroupConfig:
+    """The groups to form, from the page's widgets.
+
+    Raises:
+        InfluenceExplorerError: an index that is not a number, or settings core refuses.
+    """
+    custom = parse_indices(custom_text)
+    return core_groups.GroupConfig(
+        kinds=tuple(kinds),
+        sizes=tuple(sorted(float(s) for s in sizes)),
+        groups_per_size=int(groups_per_size),
+        custom=custom or None,
+        seed=int(seed),
+        tail_estimate=tail_estimate,
+    )
+
+
+def group_count(config: core_groups.GroupConfig, n_train: int) -> int:
+    """How many groups (and so retrains) a config makes on ``n_train`` images, before running."""
+    counts = sorted({size_count(f, n_train) for f in config.sizes})
+    total = 0
+    for kind in config.kinds:
+        if kind == "custom":
+            total += 1
+        elif kind in ("helpful", "harmful"):
+            total += len(counts)
+        elif kind == "cluster":
+            # One k-means per size, with about n / size clusters; groups_per_size of them are used.
+            total += sum(
+                min(config.groups_per_size, max(2, min(n_train, round(n_train / size))))
+                for size in counts
+            )
+        else:
+            total += len(counts) * config.groups_per_size
+    return total
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _first_misclassified(engine_key: tuple[Any, ...], _explainer: Explainer) -> int:
+    return core_groups.first_misclassified(_explainer)
+
+
+def default_group_test_index(explainer: Explainer, settings: Settings) -> int:
+    """The test image this session picked on Explain, else the first one every model gets wrong
+    (on a mistake the explained loss is large and group effects are easy to see)."""
+    if has_chosen_test_image():
+        return selected_test_index(explainer)
+    return _first_misclassified(settings.engine_key, explainer)
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def _group_experiment(
+    engine_key: tuple[Any, ...],
+    model_key: str,
+    test_index: int,
+    config: core_groups.GroupConfig,
+    _explainer: Explainer,
+) -> core_groups.GroupExperiment:
+    progress = _StageProgress(_explainer.models[model_key].label)
+    try:
+        return core_groups.explainer_group_experiment(
+            _explainer, model_key, config, test_index=test_index, progress=progress
+        )
+    finally:
+        progress.clear()
+
+
+def _group_key(
+    settings: Settings, model_key: str, test_index: int, config: core_groups.GroupConfig
+) -> tuple[Any, ...]:
+    return (settings.engine_key, model_key, int(test_index), config)
+
+
+def group_result(
+    settings: Settings, model_key: str, test_index: int, config: core_groups.GroupConfig
+) -> core_groups.GroupExperiment | None:
+    """This session's earlier result for exactly these settings, if any."""
+    return _remembered(_GROUP_RESULTS, _group_key(settings, model_key, test_index, config))
+
+
+def run_group_experiment(
+    explainer: Explainer,
+    settings: Settings,
+    model_key: str,
+    test_index: int,
+    config: core_groups.GroupConfig,
+) -> core_groups.GroupExperiment:
+    """Predict (three estimates) and measure (retraining) the effect of removing each group on
+    test image ``test_index``'s loss, with a progress bar; remembered for this session.
+
+    Raises:
+        InfluenceExplorerError: core refused the settings (e.g. an index out of range).
+    """
+    result = _group_experiment(settings.engine_key, model_key, int(test_index), config, explainer)
+    _remember(_GROUP_RESULTS, _group_key(settings, model_key, test_index, config), result)
+    return result
+
+
+# ------------------------------------------------------------------ data cleaning
+
+RANKINGS: tuple[str, ...] = tuple(core_mislabel.RANKINGS)
+RANKING_LABELS = dict(core_mislabel.RANKING_LABELS)
+#: Fractions of the training set checked at which the labels found are fixed and the model
+#: refitted (one refit per ranking and checkpoint); the curve itself costs no refits.
+MISLABEL_CHECKPOINT_CHOICES: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5)
+MISLABEL_DEFAULT_CHECKPOINTS: tuple[float, ...] = (0.1, 0.2)
+MISLABEL_DEFAULT_FLIP_PERCENT = 10
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def _suspicious(
+    engine_key: tuple[Any, ...], model_key: str, estimate: str, _explainer: Explainer
+) -> tuple[core_mislabel.SuspiciousImage, ...]:
+    return core_mislabel.suspicious_training_images(
+        _explainer, model_key, k=None, estimate=estimate
+    )
+
+
+def suspicious_images(
+    explainer: Explainer, settings: Settings, model_key: str
+) -> tuple[core_mislabel.SuspiciousImage, ...]:
+    """Every training image of one model, most suspicious first (largest self-influence, with
+    the sidebar's estimate)."""
+    return _suspicious(settings.engine_key, model_key, settings.estimate, explainer)
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def _suspicious_csv(
+    engine_key: tuple[Any, ...],
+    model_key: str,
+    estimate: str,
+    _rows: tuple[core_mislabel.SuspiciousImage, ...],
+) -> str:
+    return core_mislabel.suspicious_csv(_rows)
+
+
+def suspicious_csv(
+    settings: Settings, model_key: str, rows: tuple[core_mislabel.SuspiciousImage, ...]
+) -> str:
+    """:func:`suspicious_images`' ranking as CSV text (header row, full precision)."""
+    return _suspicious_csv(settings.engine_key, model_key, settings.estimate, rows)
+
+
+def mislabel_config(
+    flip_percent: float, checkpoints: Sequence[float], *, seed: int, estimate: str
+) -> core_mislabel.MislabelConfig:
+    """The flipped-labels experiment, from the page's widgets.
+
+    Raises:
+        InfluenceExplorerError: settings core refuses.
+    """
+    return core_mislabel.MislabelConfig(
+        flip_fraction=float(flip_percent) / 100.0,
+        seed=int(seed),
+        checkpoints=tuple(sorted(float(c) for c in checkpoints)),
+        estimate=estimate,
+    )
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def _mislabel_experiment(
+    engine_key: tuple[Any, ...],
+    model_key: str,
+    config: core_mislabel.MislabelConfig,
+    _explainer: Explainer,
+) -> core_mislabel.MislabelExperiment:
+    progress = _StageProgress(_explainer.models[model_key].label)
+    try:
+        return core_mislabel.explainer_mislabel_experiment(
+            _explainer, model_key, config, progress=progress
+        )
+    finally:
+        progress.clear()
+
+
+def _mislabel_key(settings: Settings, config: core_mislabel.MislabelConfig) -> tuple[Any, ...]:
+    return (settings.engine_key, config)
+
+
+def mislabel_results(
+    settings: Settings, config: core_mislabel.MislabelConfig
+) -> dict[str, core_mislabel.MislabelExperiment] | None:
+    """This session's earlier results (model key -> experiment) for this config, if any."""
+    return _remembered(_MISLABEL_RESULTS, _mislabel_key(settings, config))
+
+
+def run_mislabel_experiments(
+    explainer: Explainer, settings: Settings, config: core_mislabel.MislabelConfig
+) -> dict[str, core_mislabel.MislabelExperiment]:
+    """Flip labels, refit each model, rank its training images and fix the labels found, with a
+    progress bar per model; remembered for this session.
+
+    Raises:
+        InfluenceExplorerError: core refused the settings.
+    """
+    results = {
+        key: _mislabel_experiment(settings.engine_key, key, config, explainer)
+        for key in MODEL_KEYS
+        if key in explainer.models
+    }
+    _remember(_MISLABEL_RESULTS, _mislabel_key(settings, config), results)
+    return results
+
+
+def found_curve(result: core_mislabel.RankingResult, fractions: Sequence[float]) -> np.ndarray:
+    """Fraction of the flipped labels found after checking each fraction of the training set."""
+    return core_mislabel.curve_points(result, fractions)
+
+
+# ------------------------------------------------------------------ attack
+
+ATTACK_DEFAULTS = core_attack.AttackConfig()
+
+
+def attack_config(
+    budget: int, step_size: int, steps: int, n_perturb: int, retrain_every_step: bool
+) -> core_attack.AttackConfig:
+    """The attack's settings, from the page's widgets.
+
+    Raises:
+        InfluenceExplorerError: settings core refuses.
+    """
+    return core_attack.AttackConfig(
+        budget=int(budget),
+        step_size=int(step_size),
+        steps=int(steps),
+        n_perturb=int(n_perturb),
+        retrain_every_step=bool(retrain_every_step),
+    )
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def _attack(
+    engine_key: tuple[Any, ...],
+    model_key: str,
+    test_index: int,
+    config: core_attack.AttackConfig,
+    _explainer: Explainer,
+) -> core_attack.AttackResult:
+    progress = _StageProgress(_explainer.models[model_key].label)
+    try:
+        return core_attack.explainer_attack(
+            _explainer,
+            model_key,
+            test_index,
+            config,
+            progress=lambda done, total: progress("perturbing and retraining, step", done, total),
+        )
+    finally:
+        progress.clear()
+
+
+def _attack_key(
+    settings: Settings, model_key: str, test_index: int, config: core_attack.AttackConfig
+) -> tuple[Any, ...]:
+    return (settings.engine_key, model_key, int(test_index), config)
+
+
+def attack_result(
+    settings: Settings, model_key: str, test_index: int, config: core_attack.AttackConfig
+) -> core_attack.AttackResult | None:
+    """This session's earlier attack with exactly these settings, if any."""
+    return _remembered(_ATTACK_RESULTS, _attack_key(settings, model_key, test_index, config))
+
+
+def run_attack(
+    explainer: Explainer,
+    settings: Settings,
+    model_key: str,
+    test_index: int,
+    config: core_attack.AttackConfig,
+) -> core_attack.AttackResult:
+    """Perturb the test image's most helpful training image(s) within the budget, retraining
+    after each step, with a progress bar; remembered for this session.
+
+    Raises:
+        InfluenceExplorerError: core refused the settings.
+    """
+    result = _attack(settings.engine_key, model_key, int(test_index), config, explainer)
+    _remember(_ATTACK_RESULTS, _attack_key(settings, model_key, test_index, config), result)
+    return result
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _correctly_classified(
+    engine_key: tuple[Any, ...], count: int, _explainer: Explainer
+) -> list[int]:
+    return core_attack.correctly_classified(_explainer, count=count, seed=0)
+
+
+def attack_suggestions(explainer: Explainer, settings: Settings, count: int = 8) -> list[int]:
+    """Up to ``count`` test images every model classifies correctly (seeded): the images Koh &
+    Liang attack, where a flip makes a right prediction wrong."""
+    return _correctly_classified(settings.engine_key, int(count), explainer)
+
+
+def amplified_difference(result: core_attack.AttackResult) -> np.ndarray:
+    """(k, H, W, C) uint8: the perturbations made visible, grey = unchanged, ±budget = black/white."""
+    return core_attack.amplified_difference(result)

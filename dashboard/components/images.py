@@ -1,16 +1,20 @@
 """Image helpers for the dashboard: crisp upscaling, signed heatmap overlays, tile grids.
 
-Pure numpy except :func:`tile_grid`, which renders with Streamlit. Nothing here calls core.
+Pure numpy (and PIL to encode PNGs) except :func:`tile_grid`, which renders with Streamlit.
+Nothing here calls core.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import streamlit as st
+from PIL import Image
 
 #: Display size of a thumbnail, in pixels (28-pixel images become 3x, nearest neighbour).
 THUMBNAIL_PX = 84
@@ -107,3 +111,11 @@ def tile_grid(
                     help=tile.help,
                     type="primary" if tile.button_key == selected_key else "secondary",
                 )
+
+
+def png_data_url(image: np.ndarray, size: int = THUMBNAIL_PX) -> str:
+    """An (H, W, C) uint8 image as a ``data:image/png;base64,...`` URL, enlarged like
+    :func:`upscale`, for ``st.column_config.ImageColumn`` (table cells take URLs, not arrays)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(upscale(image, size))).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")

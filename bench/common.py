@@ -72,3 +72,45 @@ def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
     for row in rows:
         lines.append("| " + " | ".join(str(cell) for cell in row) + " |")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- memory
+# Linux keeps the peak resident set (VmHWM) per process; writing "5" to clear_refs resets it
+# (Linux >= 4.0), so one process can measure the peak of each stage separately.
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def current_rss_bytes() -> int:
+    """Resident memory of this process now."""
+    return _status_kib("VmRSS") * 1024
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process since start or the last :func:`reset_peak_rss`."""
+    return _status_kib("VmHWM") * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset the peak to the current resident size; False where the kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def median_and_spread(values: list[float]) -> str:
+    """'median (min-max)' of a few timings, in seconds with 3 significant digits."""
+    import statistics
+
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.3g}"
+    return f"{statistics.median(values):.3g} ({min(values):.3g}-{max(values):.3g})"

@@ -63,6 +63,33 @@ def write_results(name: str, title: str, body: str) -> Path:
     )
     path = RESULTS_DIR / f"{name}.md"
     path.write_text(header + body.rstrip() + "\n")
+    update_summary()
+    return path
+
+
+#: Sections of bench/RESULTS.md, in order (a results file that does not exist yet is skipped).
+SUMMARY_ORDER = ("peers", "scale", "latency", "svm_settings", "verify_demo", "features")
+
+
+def update_summary() -> Path:
+    """Rebuild ``bench/RESULTS.md`` from the latest ``bench/results/*.md`` of every benchmark."""
+    names = [n for n in SUMMARY_ORDER if (RESULTS_DIR / f"{n}.md").exists()]
+    names += sorted(p.stem for p in RESULTS_DIR.glob("*.md") if p.stem not in SUMMARY_ORDER)
+    parts = [
+        "# Benchmark results\n\n"
+        "The latest output of each `python -m bench.<name>` (regenerated whenever one of them "
+        "writes `bench/results/<name>.md`). Timings were taken on a machine shared with other "
+        "work: each section records the load average; compare ratios within a section rather "
+        "than absolute times across sections.\n"
+    ]
+    for name in names:
+        text = (RESULTS_DIR / f"{name}.md").read_text()
+        # One level down, and image links relative to bench/ instead of bench/results/.
+        text = "\n".join("#" + line if line.startswith("#") else line for line in text.splitlines())
+        text = text.replace("](scale_", "](results/scale_")
+        parts.append(text)
+    path = RESULTS_DIR.parent / "RESULTS.md"
+    path.write_text("\n\n".join(parts).rstrip() + "\n")
     return path
 
 

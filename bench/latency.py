@@ -179,15 +179,16 @@ def app_memory(app: Path) -> dict:
     script = (
         "import json, sys\n"
         "from streamlit.testing.v1 import AppTest\n"
-        "from bench.common import peak_rss_bytes\n"
+        "from pathlib import Path\n"
         f"at = AppTest.from_file({str(app)!r}, default_timeout=900).run()\n"
         "errors = [e.value for e in at.exception]\n"
-        "print(json.dumps({'peak_bytes': peak_rss_bytes(), 'exceptions': errors[:3]}))\n"
+        "status = Path('/proc/self/status').read_text().splitlines()\n"
+        "peak = [int(x.split()[1]) * 1024 for x in status if x.startswith('VmHWM:')][0]\n"
+        "print(json.dumps({'peak_bytes': peak, 'exceptions': errors[:3]}))\n"
     )
     env = dict(os.environ)
-    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{app.parent.parent}{os.pathsep}" + env.get(
-        "PYTHONPATH", ""
-    )
+    # The app's own checkout first, so an app from another branch runs with its own core.
+    env["PYTHONPATH"] = f"{app.parent.parent}{os.pathsep}" + env.get("PYTHONPATH", "")
     done = subprocess.run(
         [sys.executable, "-c", script],
         capture_output=True,

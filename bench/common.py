@@ -68,7 +68,8 @@ def write_results(name: str, title: str, body: str) -> Path:
 
 
 #: Sections of bench/RESULTS.md, in order (a results file that does not exist yet is skipped).
-SUMMARY_ORDER = ("peers", "scale", "latency", "svm_settings", "verify_demo", "features")
+#: ``analysis`` is the one hand-written file: what the measurements mean and which goals they miss.
+SUMMARY_ORDER = ("analysis", "peers", "scale", "latency", "svm_settings", "verify_demo", "features")
 
 
 def update_summary() -> Path:

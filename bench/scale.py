@@ -106,7 +106,7 @@ def load(model: str, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
     return X, y, X_test, y_test
 
 
-def worker(model_key: str, n: int, landmarks: int) -> dict:
+def worker(model_key: str, n: int, landmarks: int, gamma: float | None = None) -> dict:
     """Measure one (model, n) in this process."""
     import torch
 
@@ -119,9 +119,9 @@ def worker(model_key: str, n: int, landmarks: int) -> dict:
     if model_key.startswith("logreg"):
         model = LogisticRegression(l2=1e-3)
     elif model_key == "svm-exact":
-        model = KernelSVM(temperature=0.01)
+        model = KernelSVM(gamma=gamma, temperature=0.01)
     else:
-        model = NystroemSVM(n_components=landmarks, temperature=0.01)
+        model = NystroemSVM(n_components=landmarks, gamma=gamma, temperature=0.01)
         out["landmarks"] = min(landmarks, n)
     start = time.perf_counter()
     model.fit(X, y)
@@ -155,12 +155,16 @@ def worker(model_key: str, n: int, landmarks: int) -> dict:
     return out
 
 
-def run_child(model_key: str, n: int, landmarks: int, timeout: float) -> dict:
+def run_child(
+    model_key: str, n: int, landmarks: int, timeout: float, gamma: float | None = None
+) -> dict:
     env = dict(os.environ)
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     command = [sys.executable, "-m", "bench.scale", "--worker", model_key, str(n), str(landmarks)]
+    if gamma is not None:
+        command.append(repr(gamma))
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -186,7 +190,7 @@ def fit_quadratic_memory(results: list[dict]) -> tuple[float, float] | None:
     return float(a), float(b)
 
 
-def plot(results: list[dict]) -> list[Path]:
+def plot(results: list[dict], suffix: str = "") -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -232,7 +236,7 @@ def plot(results: list[dict]) -> list[Path]:
         ax.legend(fontsize=7)
         ax.set_title("Influence Explorer: " + ("time" if metric == "times" else "memory") + " vs n")
         fig.tight_layout()
-        path = RESULTS_DIR / name
+        path = RESULTS_DIR / name.replace(".png", f"{suffix}.png")
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -280,13 +284,21 @@ def nystroem_vs_exact(results: list[dict]) -> list[list[object]]:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        print(json.dumps(worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
+        gamma = float(sys.argv[5]) if len(sys.argv) > 5 else None
+        print(json.dumps(worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), gamma)))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small n only (a smoke run)")
     parser.add_argument("--landmarks", type=int, default=1000)
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--models", default=",".join(PLAN))
+    parser.add_argument(
+        "--gamma",
+        type=float,
+        default=None,
+        help="fixed RBF γ for both SVMs instead of the paper's 0.05/n (results go to scale_gamma<γ>)",
+    )
+    parser.add_argument("--max-exact-n", type=int, default=None, help="largest n for svm-exact")
     args = parser.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     plan = QUICK_PLAN if args.quick else PLAN
@@ -294,7 +306,9 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     for model in args.models.split(","):
         for n in plan[model]:
-            result = run_child(model, n, args.landmarks, args.timeout)
+            if model == "svm-exact" and args.max_exact_n and n > args.max_exact_n:
+                continue
+            result = run_child(model, n, args.landmarks, args.timeout, args.gamma)
             results.append(result)
             brief = {k: v for k, v in result.items() if not isinstance(v, list)}
             print(json.dumps(brief), flush=True)
@@ -356,7 +370,8 @@ def main() -> None:
         f"{'met' if r['one_test_s'] < 1 else 'missed'}).\n"
         for r in one_test_60k
     )
-    paths = plot([r for r in results if "fit_s" in r])
+    suffix = "" if args.gamma is None else f"_gamma{args.gamma:g}"
+    paths = plot([r for r in results if "fit_s" in r], suffix)
     ny_rows = nystroem_vs_exact(results)
     body = (
         __doc__.split("\n\n", 2)[2].strip()
@@ -389,7 +404,8 @@ def main() -> None:
         + ", ".join(f"![{p.stem}]({p.name})" for p in paths)
         + "\n"
     )
-    print(write_results("scale", "Scale: time and memory against n", body))
+    gamma_text = "the paper's γ = 0.05/n" if args.gamma is None else f"fixed γ = {args.gamma:g}"
+    print(write_results("scale" + suffix, f"Scale: time and memory against n ({gamma_text})", body))
 
 
 if __name__ == "__main__":

@@ -201,8 +201,9 @@ def plot(results: list[dict], suffix: str = "") -> list[Path]:
         ("times", "seconds", "scale_time.png"),
         ("peak_bytes", "peak resident memory (GiB)", "scale_memory.png"),
     ):
-        fig, ax = plt.subplots(figsize=(7.5, 5))
-        for model in PLAN:
+        fig, ax = plt.subplots(figsize=(9, 5.5))
+        for position, model in enumerate(PLAN):
+            color = f"C{position}"
             rows = sorted(
                 (r for r in results if r["model"] == model and "fit_s" in r), key=lambda r: r["n"]
             )
@@ -210,11 +211,23 @@ def plot(results: list[dict], suffix: str = "") -> list[Path]:
                 continue
             n = [r["n"] for r in rows]
             if metric == "times":
-                ax.plot(n, [r["fit_s"] for r in rows], "o-", label=f"{model}: fit")
-                ax.plot(n, [r["factorise_s"] for r in rows], "s--", label=f"{model}: factorise")
-                ax.plot(n, [r["one_test_s"] for r in rows], "^:", label=f"{model}: one test image")
+                ax.plot(n, [r["fit_s"] for r in rows], "o-", color=color, label=f"{model}: fit")
+                ax.plot(
+                    n,
+                    [r["factorise_s"] for r in rows],
+                    "s--",
+                    color=color,
+                    label=f"{model}: factorise",
+                )
+                ax.plot(
+                    n,
+                    [r["one_test_s"] for r in rows],
+                    "^:",
+                    color=color,
+                    label=f"{model}: one test image",
+                )
             else:
-                ax.plot(n, [r["peak_bytes"] / GIB for r in rows], "o-", label=model)
+                ax.plot(n, [r["peak_bytes"] / GIB for r in rows], "o-", color=color, label=model)
         if metric == "peak_bytes":
             ax.axhline(MEMORY_LIMIT_GIB, color="red", lw=1, label="24 GiB (this machine)")
             fit = fit_quadratic_memory(results)
@@ -233,7 +246,7 @@ def plot(results: list[dict], suffix: str = "") -> list[Path]:
         ax.set_xlabel("training points n")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         ax.set_title("Influence Explorer: " + ("time" if metric == "times" else "memory") + " vs n")
         fig.tight_layout()
         path = RESULTS_DIR / name.replace(".png", f"{suffix}.png")

@@ -63,6 +63,34 @@ def write_results(name: str, title: str, body: str) -> Path:
     )
     path = RESULTS_DIR / f"{name}.md"
     path.write_text(header + body.rstrip() + "\n")
+    update_summary()
+    return path
+
+
+#: Sections of bench/RESULTS.md, in order (a results file that does not exist yet is skipped).
+#: ``analysis`` is the one hand-written file: what the measurements mean and which goals they miss.
+SUMMARY_ORDER = ("analysis", "peers", "scale", "latency", "svm_settings", "verify_demo", "features")
+
+
+def update_summary() -> Path:
+    """Rebuild ``bench/RESULTS.md`` from the latest ``bench/results/*.md`` of every benchmark."""
+    names = [n for n in SUMMARY_ORDER if (RESULTS_DIR / f"{n}.md").exists()]
+    names += sorted(p.stem for p in RESULTS_DIR.glob("*.md") if p.stem not in SUMMARY_ORDER)
+    parts = [
+        "# Benchmark results\n\n"
+        "The latest output of each `python -m bench.<name>` (regenerated whenever one of them "
+        "writes `bench/results/<name>.md`). Timings were taken on a machine shared with other "
+        "work: each section records the load average; compare ratios within a section rather "
+        "than absolute times across sections.\n"
+    ]
+    for name in names:
+        text = (RESULTS_DIR / f"{name}.md").read_text()
+        # One level down, and image links relative to bench/ instead of bench/results/.
+        text = "\n".join("#" + line if line.startswith("#") else line for line in text.splitlines())
+        text = text.replace("](scale_", "](results/scale_")
+        parts.append(text)
+    path = RESULTS_DIR.parent / "RESULTS.md"
+    path.write_text("\n\n".join(parts).rstrip() + "\n")
     return path
 
 
@@ -72,3 +100,45 @@ def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
     for row in rows:
         lines.append("| " + " | ".join(str(cell) for cell in row) + " |")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- memory
+# Linux keeps the peak resident set (VmHWM) per process; writing "5" to clear_refs resets it
+# (Linux >= 4.0), so one process can measure the peak of each stage separately.
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def current_rss_bytes() -> int:
+    """Resident memory of this process now."""
+    return _status_kib("VmRSS") * 1024
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process since start or the last :func:`reset_peak_rss`."""
+    return _status_kib("VmHWM") * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset the peak to the current resident size; False where the kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def median_and_spread(values: list[float]) -> str:
+    """'median (min-max)' of a few timings, in seconds with 3 significant digits."""
+    import statistics
+
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.3g}"
+    return f"{statistics.median(values):.3g} ({min(values):.3g}-{max(values):.3g})"

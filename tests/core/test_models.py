@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ import torch
 import core.models as models
 from core.errors import InfluenceExplorerError, NotFittedError
 from core.losses import LogisticLoss, SmoothHingeLoss, SoftmaxCrossEntropy
-from core.models import KernelSVM, LogisticRegression, rbf_kernel
+from core.models import KernelSVM, LogisticRegression, NystroemSVM, rbf_kernel
 
 LOSSES = {
     "logistic": (LogisticLoss(), 1, 2),
@@ -53,6 +55,12 @@ def _fitted_models(make_logreg_problem, make_svm_problem):
         ),
         "logreg-softmax": (LogisticRegression(l2=1e-2).fit(multi.X, multi.y), multi),
         "svm": (KernelSVM(gamma=0.05, l2=1e-2, temperature=0.05).fit(pixels.X, pixels.y), pixels),
+        "svm-nystroem": (
+            NystroemSVM(n_components=30, gamma=0.05, l2=1e-2, temperature=0.05, chunk_size=7).fit(
+                pixels.X, pixels.y
+            ),
+            pixels,
+        ),
     }
 
 
@@ -61,7 +69,7 @@ def fitted(make_logreg_problem, make_svm_problem):
     return _fitted_models(make_logreg_problem, make_svm_problem)
 
 
-MODEL_NAMES = ["logreg-binary", "logreg-intercept", "logreg-softmax", "svm"]
+MODEL_NAMES = ["logreg-binary", "logreg-intercept", "logreg-softmax", "svm", "svm-nystroem"]
 
 
 def _objective_fn(model):
@@ -227,6 +235,7 @@ def test_unfitted_model_says_so():
         (LogisticRegression(l2=-1.0), "l2"),
         (KernelSVM(temperature=0.0), "temperature"),
         (KernelSVM(gamma=-2.0), "gamma"),
+        (NystroemSVM(n_components=0), "n_components"),
     ],
 )
 def test_bad_hyperparameters_name_the_field(model, message):
@@ -262,3 +271,46 @@ def test_preconditioned_refit_equals_dense_refit(fitted):
         assert fast.fit_info_.converged
         torch.testing.assert_close(fast.theta_, dense.theta_, rtol=1e-8, atol=1e-10)
         assert getattr(fast, "_preconditioner", None) is None
+
+
+def test_nystroem_with_every_point_as_landmark_is_the_exact_svm(make_svm_problem):
+    from core.influence import InfluenceEngine
+
+    problem = make_svm_problem(60, 20, seed=3)
+    settings = {"gamma": 0.05, "l2": 1e-2, "temperature": 0.05}
+    exact = KernelSVM(**settings).fit(problem.X, problem.y)
+    nystroem = NystroemSVM(n_components=1000, chunk_size=16, **settings).fit(problem.X, problem.y)
+    # Features L⁻¹k(X, x_i) are the rows of the exact model's factor (up to the tiny jitter).
+    torch.testing.assert_close(nystroem.features_, exact.features_, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(nystroem.theta_, exact.theta_, rtol=1e-7, atol=1e-8)
+    np.testing.assert_allclose(
+        nystroem.decision_function(problem.X_test),
+        exact.decision_function(problem.X_test),
+        rtol=1e-7,
+        atol=1e-9,
+    )
+    for estimate in ("first_order", "corrected"):
+        np.testing.assert_allclose(
+            InfluenceEngine(nystroem).influence_scores(
+                problem.X_test, problem.y_test, estimate=estimate
+            ),
+            InfluenceEngine(exact).influence_scores(
+                problem.X_test, problem.y_test, estimate=estimate
+            ),
+            rtol=1e-6,
+            atol=1e-10,
+        )
+
+
+def test_nystroem_kernel_error_shrinks_as_landmarks_are_added(make_svm_problem):
+    problem = make_svm_problem(80, 20, seed=4)
+    X = torch.as_tensor(problem.X)
+    kernel = rbf_kernel(X, X, 0.05)
+    errors = []
+    for m in (10, 30, 60, 80):
+        model = NystroemSVM(n_components=m, gamma=0.05, temperature=0.05).fit(problem.X, problem.y)
+        assert model.features_.shape == (80, m)
+        # The same seed gives nested landmark sets, so the Nyström error cannot grow.
+        errors.append(float((model.features_ @ model.features_.T - kernel).norm()))
+    assert all(a >= b - 1e-9 for a, b in itertools.pairwise(errors))
+    assert errors[0] > 10 * errors[-1] and errors[-1] < 1e-4

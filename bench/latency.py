@@ -1,0 +1,364 @@
+"""Interactive latency: from an uploaded image to both models' explanations; start-up and memory.
+
+Usage: ``python -m bench.latency [--uploads 50] [--skip-cold] [--skip-large] [--app PATH]``
+
+- **Uploads**: 50 PNG files made from demo test images the way a user's photo would arrive:
+  upscaled 10x to 280x280, RGB, dark garment on a light background (so ``decode_upload`` must
+  resize and invert). Each is timed end to end: ``decode_upload`` -> ``Explainer.explain`` (both
+  models: pixels for the SVM, the EfficientNet-Lite0 forward pass for the logistic regression,
+  scores of every training image, top 10 helpful and harmful), after 3 untimed warm-up uploads.
+  p50 and p95 over the 50.
+- **Demo size**: the bundled demo's default pair (n = 1000), the real explainer.
+- **Larger size**: n = 60,000 (all of Fashion-MNIST, upper-body garments vs the rest) with the
+  engines built directly: the RBF SVM as ``NystroemSVM`` (m = 1000; the exact kernel does not fit
+  in memory at 60k, see ``bench.scale``) and the logistic regression on **stand-in features**
+  (the fixed random ReLU projection of ``bench.scale``), because EfficientNet-Lite0 features for
+  70k images take ~40 min here. The upload still pays a real EfficientNet-Lite0 forward pass, so
+  the timed pipeline is the same work as the demo's.
+- **Start-up**: cold ``influence precompute`` on the demo with an empty cache directory (features,
+  λ by cross-validation, both fits, engines) and the warm start (building the explainer again with
+  everything cached), as issue 3 asks.
+- **Memory**: peak resident memory of a process holding the demo explainer and serving the
+  uploads, and of the dashboard app (``--app``, run headless through Streamlit's AppTest, plus the
+  resident size of an idle ``streamlit run`` server).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import markdown_table, peak_rss_bytes, write_results
+
+ROOT = Path(__file__).resolve().parents[1]
+MIB = 2**20
+
+
+def make_uploads(images: np.ndarray, count: int, seed: int = 0) -> list[bytes]:
+    """PNG bytes of dark-on-light, 10x upscaled RGB versions of light-on-dark 28x28 images."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    rows = rng.choice(len(images), count, replace=len(images) < count)
+    out = []
+    for row in rows:
+        gray = 255 - images[row][..., 0]
+        img = Image.fromarray(gray, mode="L").resize((280, 280), Image.Resampling.BILINEAR)
+        buffer = io.BytesIO()
+        img.convert("RGB").save(buffer, format="PNG")
+        out.append(buffer.getvalue())
+    return out
+
+
+def percentiles(values: list[float]) -> tuple[float, float]:
+    return float(np.percentile(values, 50)), float(np.percentile(values, 95))
+
+
+def time_demo_uploads(count: int) -> dict:
+    """Warm start of the demo explainer, then decode + explain for each upload."""
+    from core.data import load_demo
+    from core.explainer import Explainer
+    from core.images import decode_upload
+
+    dataset = load_demo()
+    start = time.perf_counter()
+    explainer = Explainer(dataset)
+    warm_start = time.perf_counter() - start
+    uploads = make_uploads(explainer.dataset.test_images, count + 3)
+    shape, light = explainer.dataset.image_shape, explainer.dataset.light_on_dark
+    totals, decodes, cpu = [], [], []
+    for i, data in enumerate(uploads):
+        cpu_start = time.process_time()
+        start = time.perf_counter()
+        image = decode_upload(data, target_shape=shape, light_on_dark=light).image
+        decoded = time.perf_counter()
+        explanation = explainer.explain(image=image, k=10)
+        end = time.perf_counter()
+        assert len(explanation.models) == 2
+        if i >= 3:
+            totals.append(end - start)
+            decodes.append(decoded - start)
+            # CPU seconds of all this process's threads: what the upload costs regardless of
+            # how many other processes compete for the two cores.
+            cpu.append(time.process_time() - cpu_start)
+    # The backbone's share: one image through EfficientNet-Lite0, as explain does it.
+    backbone = explainer.models["logreg"].featurizer
+    image = decode_upload(uploads[0], target_shape=shape, light_on_dark=light).image
+    forward = []
+    for _ in range(10):
+        start = time.perf_counter()
+        backbone.transform(image[None])
+        forward.append(time.perf_counter() - start)
+    return {
+        "n_train": explainer.n_train,
+        "warm_start_s": warm_start,
+        "totals": totals,
+        "decodes": decodes,
+        "cpu": cpu,
+        "backbone_s": statistics.median(forward),
+        "peak_bytes": peak_rss_bytes(),
+    }
+
+
+def time_large_uploads(count: int, landmarks: int) -> dict:
+    """The same pipeline at n = 60k with engines built directly (see the module docstring)."""
+    import torch
+
+    from bench.scale import UPPER_BODY, random_relu_features
+    from core.data import open_dataset
+    from core.features import PixelFeaturizer, get_featurizer
+    from core.images import decode_upload
+    from core.influence import InfluenceEngine, top_k
+    from core.models import LogisticRegression, NystroemSVM
+
+    data = open_dataset("fashion-mnist")
+    pixels = PixelFeaturizer()
+    X = pixels.transform(data.train_images)
+    y = np.isin(data.train_labels, UPPER_BODY).astype(np.int64)
+    start = time.perf_counter()
+    svm = NystroemSVM(n_components=landmarks, temperature=0.01).fit(X, y)
+    svm_engine = InfluenceEngine(svm)
+    svm_engine.leverage()
+    logreg = LogisticRegression(l2=1e-3).fit(random_relu_features(X), y)
+    logreg_engine = InfluenceEngine(logreg)
+    logreg_engine.leverage()
+    prepare = time.perf_counter() - start
+    backbone = get_featurizer("efficientnet-lite0")
+    pixels_train = torch.as_tensor(X)
+    uploads = make_uploads(data.test_images, count + 3)
+    totals = []
+    for i, upload in enumerate(uploads):
+        start = time.perf_counter()
+        image = decode_upload(upload, target_shape=(28, 28, 1), light_on_dark=True).image
+        batch = image[None]
+        backbone.transform(batch)  # the real per-upload backbone cost (stand-in features below)
+        x_pixels = pixels.transform(batch)
+        x_features = random_relu_features(x_pixels)
+        distances = torch.linalg.norm(pixels_train - torch.as_tensor(x_pixels[0]), dim=1)
+        for model, engine, x in ((svm, svm_engine, x_pixels), (logreg, logreg_engine, x_features)):
+            label = model.predict(x)
+            scores = engine.influence_scores(x, label)[0]
+            top_k(scores, 10)
+            model.predict_proba(x)
+        del distances
+        if i >= 3:
+            totals.append(time.perf_counter() - start)
+    return {"n_train": len(y), "prepare_s": prepare, "totals": totals}
+
+
+def cold_precompute() -> dict:
+    """``influence precompute`` on the demo with an empty cache directory, timed end to end."""
+    cache = Path(tempfile.mkdtemp(prefix="ie-cold-"))
+    env = dict(os.environ, INFLUENCE_CACHE_DIR=str(cache))
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    command = [sys.executable, "-m", "core", "precompute", "--quiet", "--json"]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+    seconds = time.perf_counter() - start
+    shutil.rmtree(cache, ignore_errors=True)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1:]}
+    return {"seconds": seconds}
+
+
+def app_memory(app: Path) -> dict:
+    """Peak RSS of the app script run headless by AppTest, and an idle server's resident size."""
+    script = (
+        "import json, sys\n"
+        "from streamlit.testing.v1 import AppTest\n"
+        "from pathlib import Path\n"
+        f"at = AppTest.from_file({str(app)!r}, default_timeout=900).run()\n"
+        "errors = [e.value for e in at.exception]\n"
+        "status = Path('/proc/self/status').read_text().splitlines()\n"
+        "peak = [int(x.split()[1]) * 1024 for x in status if x.startswith('VmHWM:')][0]\n"
+        "print(json.dumps({'peak_bytes': peak, 'exceptions': errors[:3]}))\n"
+    )
+    env = dict(os.environ)
+    # The app's own checkout first, so an app from another branch runs with its own core.
+    env["PYTHONPATH"] = f"{app.parent.parent}{os.pathsep}" + env.get("PYTHONPATH", "")
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=app.parent.parent,
+    )
+    result = {"app": str(app)}
+    if done.returncode == 0:
+        result.update(json.loads(done.stdout.strip().splitlines()[-1]))
+    else:
+        result["error"] = done.stderr.strip().splitlines()[-1:]
+    result["server_rss_bytes"] = idle_server_rss(app, env)
+    return result
+
+
+def idle_server_rss(app: Path, env: dict[str, str]) -> int | None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(app),
+        "--server.headless",
+        "true",
+        "--server.port",
+        str(port),
+        "--server.address",
+        "127.0.0.1",
+    ]
+    server = subprocess.Popen(
+        command,
+        env=env,
+        cwd=app.parent.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(120):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            return None
+        for line in Path(f"/proc/{server.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return None
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--uploads", type=int, default=50)
+    parser.add_argument("--landmarks", type=int, default=1000)
+    parser.add_argument("--skip-cold", action="store_true")
+    parser.add_argument("--skip-large", action="store_true")
+    parser.add_argument("--skip-app", action="store_true")
+    parser.add_argument("--app", type=Path, default=ROOT / "dashboard" / "streamlit_app.py")
+    parser.add_argument("--worker", choices=("demo", "large"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if args.worker == "demo":
+        print(json.dumps(time_demo_uploads(args.uploads)))
+        return
+    if args.worker == "large":
+        print(json.dumps(time_large_uploads(args.uploads, args.landmarks)))
+        return
+
+    def child(kind: str) -> dict:
+        command = [sys.executable, "-m", "bench.latency", "--worker", kind]
+        command += ["--uploads", str(args.uploads), "--landmarks", str(args.landmarks)]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = f"{ROOT}{os.pathsep}" + env.get("PYTHONPATH", "")
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            return {"error": done.stderr.strip().splitlines()[-1:]}
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    load_before = os.getloadavg()[0]
+    cold = None if args.skip_cold else cold_precompute()
+    print("cold", cold, flush=True)
+    demo = child("demo")
+    print("demo", {k: v for k, v in demo.items() if not isinstance(v, list)}, flush=True)
+    large = None if args.skip_large else child("large")
+    if large:
+        print("large", {k: v for k, v in large.items() if not isinstance(v, list)}, flush=True)
+    app = None if args.skip_app else app_memory(args.app.resolve())
+    print("app", app, flush=True)
+    load_after = os.getloadavg()[0]
+
+    rows, lines = [], []
+    for label, result in (
+        ("demo (n = 1000, real explainer)", demo),
+        ("n = 60,000 (see above)", large),
+    ):
+        if not result:
+            continue
+        if "error" in result:
+            rows.append([label, f"failed: {result['error']}", "", "", ""])
+            continue
+        p50, p95 = percentiles(result["totals"])
+        rows.append(
+            [
+                label,
+                result["n_train"],
+                f"{p50 * 1000:.0f}",
+                f"{p95 * 1000:.0f}",
+                len(result["totals"]),
+            ]
+        )
+    if demo and "totals" in demo:
+        p50, _ = percentiles(demo["totals"])
+        lines.append(
+            f"- Goal p50 < 300 ms at the demo size: {p50 * 1000:.0f} ms, "
+            f"{'met' if p50 < 0.3 else 'missed'}. Of a demo upload, decoding takes "
+            f"{statistics.median(demo['decodes']) * 1000:.1f} ms (median) and the EfficientNet-Lite0 "
+            f"forward pass alone {demo['backbone_s'] * 1000:.0f} ms."
+        )
+        lines.append(
+            f"- CPU time per demo upload (all threads, p50): "
+            f"{statistics.median(demo['cpu']) * 1000:.0f} ms; wall time well above CPU time / 2 "
+            "means the upload waited for cores other processes held."
+        )
+        lines.append(f"- Warm start (explainer from the cache): {demo['warm_start_s']:.1f} s.")
+        lines.append(
+            f"- Peak resident memory of the process holding the demo explainer and serving "
+            f"{args.uploads + 3} uploads: {demo['peak_bytes'] / MIB:.0f} MiB."
+        )
+    if cold:
+        lines.append(
+            "- Cold `influence precompute` on the demo (empty cache): "
+            + (f"{cold['seconds']:.0f} s." if "seconds" in cold else f"failed: {cold['error']}")
+        )
+    if large and "prepare_s" in large:
+        lines.append(
+            f"- n = 60k preparation (Nyström SVM fit + logistic regression fit + leverages): "
+            f"{large['prepare_s']:.0f} s."
+        )
+    if app:
+        if "peak_bytes" in app:
+            server = app.get("server_rss_bytes")
+            total = app["peak_bytes"] + (server or 0)
+            lines.append(
+                f"- Dashboard app `{app['app']}` run headless (AppTest): peak {app['peak_bytes'] / MIB:.0f}"
+                f" MiB; idle `streamlit run` server {server / MIB if server else float('nan'):.0f} MiB;"
+                f" together {total / MIB:.0f} MiB (goal < 2048 MiB: "
+                f"{'met' if total < 2 * 1024 * MIB else 'missed'})"
+                + (f"; exceptions: {app['exceptions']}" if app.get("exceptions") else "")
+                + "."
+            )
+        else:
+            lines.append(f"- Dashboard app memory: failed: {app.get('error')}.")
+    body = (
+        __doc__.split("\n\n", 2)[2].strip()
+        + f"\n\nLoad average (1-minute) before {load_before:.2f}, after {load_after:.2f}.\n\n"
+        + markdown_table(["problem", "n_train", "p50 ms", "p95 ms", "uploads timed"], rows)
+        + "\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
+    print(write_results("latency", "Interactive latency, start-up and memory", body))
+
+
+if __name__ == "__main__":
+    main()

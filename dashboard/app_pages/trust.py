@@ -23,9 +23,9 @@ st.markdown(
     "removed. For the two convex models on Explain that prediction can be checked exactly, and it "
     "holds. For neural networks it is known to be fragile (Basu, Pope & Feizi, *Influence "
     "Functions in Deep Learning are Fragile*, ICLR 2021). This page repeats their measurement on "
-    "the demo's T-shirt/top vs Shirt images: small CNNs trained end to end, with and without "
+    "a class pair of the demo: small CNNs trained end to end, with and without "
     "weight decay, influence computed three ways (exact Hessian, conjugate gradients, LiSSA), each "
-    "checked against actually retraining without the top 30 training images."
+    "checked against actually retraining without each of its most influential training images."
 )
 
 try:
@@ -85,8 +85,9 @@ st.dataframe(styled, hide_index=True, height="content", key="trust_table")
 st.caption(
     "The shape of Basu et al.'s Table 1. Each cell: **Pearson / Spearman** of the influence score "
     "(first order) against the actual change in that test image's loss after retraining without "
-    "each of the model's top 30 training images. Rows: the convex models (reference, retrained "
-    "exactly), then each CNN (dN wW: N conv layers of W channels) with each solver. Columns: the "
+    f"each of the model's top {results.config.ground_truth.top_k} training images. Rows: the "
+    "convex models (reference, retrained exactly), then each CNN (dN wW: N conv layers of W "
+    "channels) with each solver. Columns: the "
     "test image with the highest loss and the median one, with and without weight decay. Amber: "
     "the weaker of the two below 0.9; red: below 0.8. “—”: not run (a convex model without "
     "weight decay has no unique optimum to take influence at)."

@@ -50,7 +50,10 @@ SECTIONS: dict[str, tuple[PageSpec, ...]] = {
         ),
         PageSpec("app_pages/attack.py", "Attack", ":material/bug_report:", "attack"),
     ),
-    "About": (PageSpec("app_pages/method.py", "Method", ":material/functions:", "method"),),
+    "About": (
+        PageSpec("app_pages/method.py", "Method", ":material/functions:", "method"),
+        PageSpec("app_pages/trust.py", "Trust", ":material/verified_user:", "trust"),
+    ),
 }
 
 

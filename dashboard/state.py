@@ -20,6 +20,7 @@ the current explainer and query calls :func:`require_explainer` and :func:`curre
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import threading
 import time
@@ -39,6 +40,22 @@ from core.data import DEBIAN_FASHION_MNIST_DIR, Dataset, open_dataset, resolve_u
 from core.errors import ImageDecodeError, InfluenceExplorerError
 from core.explainer import MODEL_KEYS, Explainer, ExplainerConfig, Explanation, default_classes
 from core.features import DEFAULT_BACKBONE, available_backbones
+from core.fragility import (
+    Architecture,
+    CorrelationSeries,
+    FragilityConfig,
+    FragilityResults,
+    SeriesPoint,
+    Setting,
+    SettingResult,
+    SolverComparison,
+    bundled_results_path,
+    correlation_series,
+    load_results,
+    run_setting,
+    solver_comparison,
+    solver_label,
+)
 from core.images import DEFAULT_MAX_BYTES, SUPPORTED_EXTENSIONS, decode_upload
 from core.influence import ESTIMATES, SolverConfig
 from core.store import ArtifactStore
@@ -867,6 +884,273 @@ def run_verification(
         remembered.pop(next(iter(remembered)))
     st.session_state[_VERIFICATIONS] = remembered
     return result
+
+
+# --------------------------------------------------------------------------- trust
+# The Trust page (Basu, Pope & Feizi's fragility study) and the line linking each explanation
+# to it. The committed study (docs/fragility-results.json) is shared read-only data, cached by
+# the file's identity; a live run of one setting is cached by its content (the Setting and the
+# study's frozen FragilityConfig), so sessions asking the same question share it, and each
+# session remembers the runs it asked for so they are shown again when the user comes back.
+
+TRUST_PAGE = "app_pages/trust.py"
+#: Networks offered for a live run: the quick grid's and the committed grid's.
+TRUST_ARCHITECTURES: tuple[Architecture, ...] = (
+    Architecture(1, 4),
+    Architecture(2, 4),
+    Architecture(1, 8),
+    Architecture(2, 8),
+    Architecture(3, 8),
+    Architecture(4, 8),
+    Architecture(2, 16),
+)
+TRUST_WEIGHT_DECAYS: tuple[float, ...] = (1e-3, 0.0)
+#: The live run's default protocol: the CLI's ``--quick`` grid (200 images, 60 epochs, one
+#: seed); its smallest setting takes about 20 s on one busy core.
+TRUST_QUICK_CONFIG = FragilityConfig.quick()
+TEST_POINT_NAMES = {"high_loss": "high-loss", "median_loss": "median-loss"}
+#: Explain's model keys -> the committed study's reference rows.
+_REFERENCE_MODELS = {"svm": "svm", "logreg": "logistic"}
+#: Live runs remembered per session, as many as the Training data pages' results.
+_TRUST_RUNS = "state_trust_runs"
+
+
+@st.cache_data(max_entries=2, show_spinner="Reading the fragility results…")
+def _fragility_results(path: str, modified_ns: int, size: int) -> FragilityResults:
+    # modified_ns and size only key the cache: a regenerated file is read again.
+    return load_results(path)
+
+
+def fragility_results() -> FragilityResults:
+    """The committed full-grid study (docs/fragility-results.json).
+
+    Raises:
+        InfluenceExplorerError: the file is missing, damaged or of another format version.
+    """
+    path = bundled_results_path()
+    try:
+        info = path.stat()
+    except OSError:
+        return load_results(path)  # raises the domain error that says how to regenerate it
+    return _fragility_results(str(path), info.st_mtime_ns, info.st_size)
+
+
+def fragility_series(
+    results: FragilityResults, vary: str, test_point: str, weight_decay: float
+) -> tuple[str, tuple[CorrelationSeries, ...]]:
+    """A chart panel: correlation against ``vary`` ("depth" or "width") for one test point and
+    weight decay, one series per solver, and the panel's title (which says what is held fixed).
+
+    The "exact (last layer)" networks are added as their own series even when there is only one
+    on the line (core's series need two networks): they show what the last-layer shortcut costs.
+    """
+    series = correlation_series(results, vary, test_point=test_point, weight_decay=weight_decay)
+    if not series:
+        return f"Against {vary}", ()
+    # The most populated line fixes the other dimension (the committed grid has one per panel).
+    fixed = max(series, key=lambda c: len(c.points)).fixed
+    chosen = [c for c in series if c.fixed == fixed]
+    last = []
+    for s in results.settings:
+        if s.model != "cnn" or s.skipped or s.weight_decay != weight_decay:
+            continue
+        x, other = (s.depth, s.width) if vary == "depth" else (s.width, s.depth)
+        result = s.solver("exact", "last")
+        point = result.point(test_point) if result is not None else None
+        if other == fixed and point is not None:
+            last.append(SeriesPoint(x, s.label, s.n_params, point.pearson, point.spearman))
+    if last and not any(c.solver == "exact (last layer)" for c in chosen):
+        chosen.append(
+            CorrelationSeries(
+                vary,
+                fixed,
+                solver_label("exact", "last"),
+                test_point,
+                weight_decay,
+                tuple(sorted(last, key=lambda p: p.x)),
+            )
+        )
+    other_name = "width" if vary == "depth" else "depth"
+    return f"Against {vary} ({other_name} {fixed})", tuple(chosen)
+
+
+def fragility_solver_comparison(results: FragilityResults) -> tuple[SolverComparison, ...]:
+    """LiSSA against the exact solution (CG where exact covered only the last layer)."""
+    return solver_comparison(results, "lissa", "exact")
+
+
+@dataclass(frozen=True)
+class TrustProtocol:
+    """A protocol a live run can follow: the study's configuration and a plain description."""
+
+    name: str
+    label: str
+    config: FragilityConfig
+    description: str
+
+
+def _describe_protocol(config: FragilityConfig) -> str:
+    gt = config.ground_truth
+    solvers = ", ".join(solver_label(s, "all") for s in config.influence.solvers)
+    return (
+        f"{config.n_train} training images ({config.image_size}×{config.image_size}), "
+        f"{config.training.epochs} epochs of SGD, solvers {solvers}; ground truth: retrain "
+        f"without each of the top {gt.top_k} for {gt.retrain_fraction:g} of the epochs, "
+        f"{gt.seeds} minibatch order{'s' if gt.seeds != 1 else ''}"
+    )
+
+
+def trust_protocols(results: FragilityResults) -> dict[str, TrustProtocol]:
+    """The live run's protocols: "quick" (the default) and "committed" (the table's own)."""
+    return {
+        "quick": TrustProtocol(
+            "quick", "Quick", TRUST_QUICK_CONFIG, _describe_protocol(TRUST_QUICK_CONFIG)
+        ),
+        "committed": TrustProtocol(
+            "committed",
+            "As in the table",
+            results.config,
+            _describe_protocol(results.config),
+        ),
+    }
+
+
+def trust_setting(architecture: Architecture, weight_decay: float) -> Setting:
+    return Setting("cnn", float(weight_decay), architecture)
+
+
+def committed_counterpart(
+    results: FragilityResults, setting: Setting
+) -> tuple[SettingResult | None, str]:
+    """The committed network to compare a live run with, and how it relates to it.
+
+    The same network and weight decay if the grid has it; otherwise the grid's closest network
+    (same depth if possible, then the nearest width) with that weight decay, said so.
+    """
+    arch = setting.architecture
+    candidates = [
+        s
+        for s in results.settings
+        if s.model == "cnn" and not s.skipped and s.weight_decay == setting.weight_decay
+    ]
+    if arch is None or not candidates:
+        return None, "The committed grid has no network with this weight decay."
+    best = min(
+        candidates,
+        key=lambda s: (abs(s.depth - arch.depth), abs(math.log2(s.width / arch.width)), s.width),
+    )
+    if (best.depth, best.width) == (arch.depth, arch.width):
+        return best, f"the committed {best.label}, {_weight_decay_text(best.weight_decay)}"
+    return best, (
+        f"the closest committed network, {best.label} ({arch.label} is not in the committed "
+        f"grid), {_weight_decay_text(best.weight_decay)}"
+    )
+
+
+def _weight_decay_text(weight_decay: float) -> str:
+    return "no weight decay" if weight_decay == 0 else f"weight decay {weight_decay:g}"
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def _live_setting(setting: Setting, config: FragilityConfig) -> SettingResult:
+    progress = _StageProgress(f"{setting.label}, {_weight_decay_text(setting.weight_decay)}")
+    try:
+        # One torch thread: these networks are so small that more threads only add overhead,
+        # and the server's cores are shared with other sessions.
+        return run_setting(
+            setting,
+            config,
+            progress=lambda done, total, stage: progress(stage, done, total),
+            threads=1,
+        )
+    finally:
+        progress.clear()
+
+
+def _trust_key(setting: Setting, config: FragilityConfig) -> tuple[Setting, FragilityConfig]:
+    return (setting, config)
+
+
+def trust_run(setting: Setting, config: FragilityConfig) -> SettingResult | None:
+    """This session's earlier live run of exactly this setting and protocol, if any."""
+    return _remembered(_TRUST_RUNS, _trust_key(setting, config))
+
+
+def run_trust_setting(setting: Setting, config: FragilityConfig) -> SettingResult:
+    """Train one network, compute its influence with every solver and retrain to check it, with
+    a progress bar; shared by content across sessions and remembered for this one.
+
+    Raises:
+        InfluenceExplorerError: core refused the setting or a solver failed for good.
+    """
+    result = _live_setting(setting, config)
+    _remember(_TRUST_RUNS, _trust_key(setting, config), result)
+    return result
+
+
+@dataclass(frozen=True)
+class TrustReference:
+    """How far one of Explain's models can be trusted, from the committed study's convex row.
+
+    Attributes:
+        row: the reference row's label, e.g. "RBF SVM (pixels)".
+        estimate: the estimate the numbers are for (the one Explain shows, when recorded).
+        cells: (test point name, Pearson, Spearman) per test point.
+        measures: what the row measured, and how that differs from the model on Explain.
+    """
+
+    row: str
+    estimate: str
+    cells: tuple[tuple[str, float, float], ...]
+    measures: str
+
+
+def trust_reference(
+    model_key: str, explainer: Explainer, settings: Settings
+) -> TrustReference | None:
+    """The committed reference row for one of Explain's models, or None if it cannot be read."""
+    model = _REFERENCE_MODELS.get(model_key)
+    try:
+        results = fragility_results()
+    except InfluenceExplorerError:
+        return None
+    row = next(
+        (s for s in results.settings if s.model == model and not s.skipped and s.solvers), None
+    )
+    if row is None:
+        return None
+    points = row.solvers[0].points
+    corrected = settings.estimate == "corrected" and all(
+        math.isfinite(p.corrected_pearson) for p in points
+    )
+    cells = tuple(
+        (
+            TEST_POINT_NAMES.get(p.kind, p.kind),
+            p.corrected_pearson if corrected else p.pearson,
+            p.corrected_spearman if corrected else p.spearman,
+        )
+        for p in points
+    )
+    config = results.config
+    same_pair = settings.dataset == DEMO_SPEC and tuple(explainer.class_names) == tuple(
+        results.class_names
+    )
+    size = f"{config.image_size}×{config.image_size}"
+    images = f"{config.n_train} training images of {' vs '.join(results.class_names)}"
+    if not same_pair:
+        images += " (another class pair than here)"
+    if model == "logistic":
+        measures = (
+            f"logistic regression on raw {size} pixels (not on ImageNet features as here), {images}"
+        )
+    else:
+        measures = f"an RBF SVM like this one, on {size} pixels, {images}"
+    return TrustReference(
+        row=row.label,
+        estimate="Newton-corrected" if corrected else "first-order",
+        cells=cells,
+        measures=measures,
+    )
 
 
 # --------------------------------------------------------------------------- method

@@ -6,6 +6,7 @@ import streamlit as st
 
 from dashboard import state
 from dashboard.components.images import Tile, signed_overlay, tile_grid, upscale
+from dashboard.components.trust import trust_link
 
 GALLERY_PAGE_SIZE = 16
 GALLERY_COLUMNS = 8
@@ -244,3 +245,10 @@ for column, key in zip(columns, ("svm", "logreg"), strict=True):
                 selected_key=selected_key,
             )
         st.caption("Tile caption: label · influence score · pixel distance to the test image.")
+        trust_link(
+            state.trust_reference(key, explainer, settings),
+            model_name=model_labels[key],
+            trust_page=state.TRUST_PAGE,
+            verify_page="app_pages/verify.py",
+            key=f"explain_trust_{key}",
+        )

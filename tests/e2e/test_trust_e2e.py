@@ -1,0 +1,34 @@
+"""The Trust page in a real browser: it opens on its URL and shows the table and the charts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import Server
+from tests.e2e.test_dashboard_e2e import no_exception, screenshot, wait_idle
+
+pytestmark = pytest.mark.e2e
+
+
+def test_trust_shows_the_fragility_table_and_charts(page: Any, app_server: Server) -> None:
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=60_000)  # reruns on a shared, busy machine
+    page.goto(f"{app_server.url}/trust")
+    page.get_by_test_id("stSidebar").wait_for()
+    wait_idle(page)
+    expect(page.get_by_role("heading", name="Trust: where influence breaks")).to_be_visible()
+    table = page.get_by_test_id("stDataFrame").first
+    expect(table).to_be_visible()
+    # The grid renders on a canvas; its accessible copy holds the cells.
+    expect(table.get_by_text("RBF SVM (pixels)").first).to_be_attached()
+    charts = page.get_by_test_id("stPlotlyChart")
+    expect(charts).to_have_count(2)
+    expect(charts.first.locator(".main-svg").first).to_be_visible()
+    expect(page.get_by_role("button", name="Train, explain and retrain")).to_be_enabled()
+    no_exception(page)
+    page.set_viewport_size({"width": 1400, "height": 4200})
+    wait_idle(page)
+    screenshot(page, "trust")

@@ -13,7 +13,12 @@ import sys
 from collections.abc import Sequence
 
 from core import __version__
-from core.errors import InfluenceExplorerError
+from core.errors import (
+    InfluenceExplorerError,
+    NonFiniteFeaturesError,
+    NotPositiveDefiniteError,
+    SolverDivergedError,
+)
 
 #: Subcommand modules under core.commands, in help order.
 COMMANDS: tuple[str, ...] = (
@@ -57,11 +62,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except InfluenceExplorerError as error:
-        print(f"influence {args.command}: error: {error}", file=sys.stderr)
+        print(f"influence {args.command}: error: {error}{_option_hint(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"influence {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _option_hint(error: InfluenceExplorerError) -> str:
+    """The command-line option that fixes ``error``, when there is one (core's messages name
+    the setting, e.g. "damping"; this names the flag)."""
+    if isinstance(error, NotPositiveDefiniteError) and error.suggested_damping is not None:
+        return f" (Try --damping {error.suggested_damping:.2g}.)"
+    if isinstance(error, SolverDivergedError):
+        return " (Try --solver exact.)"
+    if isinstance(error, NonFiniteFeaturesError):
+        return " (Try another --backbone.)"
+    return ""
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -813,6 +813,16 @@ def resolve_under_roots(path: str | PathLike[str], roots: Sequence[str | PathLik
         raise DatasetError(f"{text!r} contains '..'; give a path inside the allowed directories.")
     allowed = [Path(root).resolve() for root in roots]
     listing = ", ".join(str(root) for root in allowed)
+    outside = DatasetError(
+        f"{text!r} is outside the allowed dataset directories ({listing}); a symlink that "
+        "leads out of them is refused too."
+    )
+    if requested.is_absolute():
+        # Refuse before looking at the file system, so the message never tells a user whether
+        # a path elsewhere on the server exists.
+        given = [Path(os.path.abspath(root)) for root in roots] + allowed
+        if not any(requested == root or requested.is_relative_to(root) for root in given):
+            raise outside
 
     candidates = [requested] if requested.is_absolute() else [root / requested for root in allowed]
     existing = [c for c in candidates if c.exists()]
@@ -820,8 +830,5 @@ def resolve_under_roots(path: str | PathLike[str], roots: Sequence[str | PathLik
         raise DatasetError(f"{text!r} does not exist under the allowed directories ({listing}).")
     resolved = existing[0].resolve()
     if not any(resolved == root or resolved.is_relative_to(root) for root in allowed):
-        raise DatasetError(
-            f"{text!r} is outside the allowed dataset directories ({listing}); a symlink that "
-            "leads out of them is refused too."
-        )
+        raise outside
     return resolved

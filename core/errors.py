@@ -28,7 +28,17 @@ class CacheError(InfluenceExplorerError):
 
 
 class NotPositiveDefiniteError(InfluenceExplorerError):
-    """The Hessian (plus damping) is not positive definite, so it cannot be inverted as asked."""
+    """The Hessian (plus damping) is not positive definite, so it cannot be inverted as asked.
+
+    Attributes:
+        suggested_damping: the smallest damping known to make it positive definite, when the
+            solver could measure it (the exact solver does); ``None`` otherwise. Front ends use
+            it to point at a concrete setting instead of repeating the message.
+    """
+
+    def __init__(self, message: str, *, suggested_damping: float | None = None) -> None:
+        super().__init__(message)
+        self.suggested_damping = suggested_damping
 
 
 class ConvergenceError(InfluenceExplorerError):
@@ -37,3 +47,7 @@ class ConvergenceError(InfluenceExplorerError):
 
 class SolverDivergedError(InfluenceExplorerError):
     """An iterative inverse-Hessian estimate (LiSSA) blew up instead of converging."""
+
+
+class NonFiniteFeaturesError(InfluenceExplorerError):
+    """A featurizer produced NaN or infinite values, so no model can use them."""

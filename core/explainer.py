@@ -25,12 +25,13 @@ import numpy as np
 import torch
 
 from core.data import Dataset
-from core.errors import InfluenceExplorerError
+from core.errors import InfluenceExplorerError, SolverDivergedError
 from core.features import (
     DEFAULT_BACKBONE,
     Featurizer,
     PixelFeaturizer,
     cached_features,
+    check_finite_features,
     get_featurizer,
 )
 from core.influence import ESTIMATES, Estimate, InfluenceEngine, SolverConfig, top_k
@@ -246,6 +247,10 @@ class Explainer:
         config: what to build.
         store: artifact cache for features and fitted parameters (default: the user cache).
         progress: ``progress(stage, done, total)`` while preparing.
+
+    Attributes:
+        warnings: why scores may be inaccurate although nothing failed (e.g. a LiSSA recursion
+            too short to have converged), each naming its model and what to change.
     """
 
     def __init__(
@@ -316,6 +321,13 @@ class Explainer:
             key: fitted.model.predict_proba(fitted.test_inputs)
             for key, fitted in self.models.items()
         }
+        # Why scores may be inaccurate although nothing failed (e.g. LiSSA too short to have
+        # converged), each naming its model and what to change; empty when all is well.
+        self.warnings: tuple[str, ...] = tuple(
+            f"{fitted.label}: {message}"
+            for fitted in self.models.values()
+            for message in fitted.engine.solver.convergence_warnings
+        )
         self.seconds = time.perf_counter() - start
 
     # ------------------------------------------------------------------ preparation
@@ -352,11 +364,8 @@ class Explainer:
             mine = np.flatnonzero(labels == new_label)
             take = [row_of_chunk[position_of[image_id]] for image_id in ids[mine]]
             out[mine] = features[take]
-        if not np.isfinite(out).all():
-            raise InfluenceExplorerError(
-                f"The {self.backbone.label} features contain NaN or infinite values; delete the "
-                "cache directory (or pass another --cache-dir) to recompute them."
-            )
+        # cached_features never returns non-finite values; this guards the assembly above.
+        check_finite_features(out, self.backbone, f"{split} split")
         return out
 
     def _fit_key(self, kind: str, **fields: Any) -> CacheKey:
@@ -520,10 +529,11 @@ class Explainer:
             return self.dataset.test_images[index], int(self.test_labels[index]), inputs
         image = self._check_image(image)
         batch = image[None]
-        inputs = {
-            key: torch.as_tensor(fitted.featurizer.transform(batch), dtype=torch.float64)
-            for key, fitted in self.models.items()
-        }
+        inputs = {}
+        for key, fitted in self.models.items():
+            features = fitted.featurizer.transform(batch)
+            check_finite_features(features, fitted.featurizer, "the uploaded image")
+            inputs[key] = torch.as_tensor(features, dtype=torch.float64)
         return image, None, inputs
 
     def _target(
@@ -569,6 +579,7 @@ class Explainer:
             model, engine = fitted.model, fitted.engine
             label = self._target(key, true_label, inputs[key], target)
             scores = engine.influence_scores(inputs[key], [label], estimate=estimate)[0]
+            _check_finite_scores(scores, fitted.label)
             probabilities = model.predict_proba(inputs[key])[0]
             feature_distances = torch.linalg.norm(
                 model.features_ - model.transform(inputs[key]), dim=1
@@ -706,6 +717,16 @@ class Explainer:
                 progress=lambda done, total, stage=stage: report(stage, done, total),
             )
         return out
+
+
+def _check_finite_scores(scores: np.ndarray, label: str) -> None:
+    # Finite features and a solver that raised nothing should give finite scores; if not, the
+    # inverse-Hessian estimate broke down, and a list of "helpful" images would be meaningless.
+    if not np.isfinite(scores).all():
+        raise SolverDivergedError(
+            f"{label}: {int((~np.isfinite(scores)).sum())} influence scores are NaN or infinite, "
+            "so the inverse-Hessian estimate broke down. Use the exact solver, or add damping."
+        )
 
 
 def _usable(theta: np.ndarray | None, size: int) -> np.ndarray | None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 import threading
 from abc import ABC, abstractmethod
@@ -40,8 +41,10 @@ import torch
 import torch.nn.functional as F
 
 from core.efficientnet_lite import EfficientNetLite0
-from core.errors import BackboneUnavailableError, DatasetError
+from core.errors import BackboneUnavailableError, DatasetError, NonFiniteFeaturesError
 from core.store import ArtifactStore, CacheKey
+
+logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -715,14 +718,44 @@ def cached_features(
 
     def build() -> dict[str, np.ndarray]:
         features = featurizer.transform(images, batch_size=batch_size, progress=progress)
+        # Never cache values no model can use: the next run would trust them.
+        check_finite_features(features, featurizer, part)
         return {"features": features}
 
     meta = {"featurizer_label": featurizer.label, "part": part}
     arrays = store.get_or_create(key, build, meta=meta)
     features = arrays.get("features")
-    if features is None or features.shape != expected_shape or features.dtype != expected_dtype:
-        # Intact file but inconsistent content (e.g. written by a buggy older version): rebuild.
+    if (
+        features is None
+        or features.shape != expected_shape
+        or features.dtype != expected_dtype
+        or not np.isfinite(features).all()
+    ):
+        # An intact file (checksum and version fine) with inconsistent or non-finite content,
+        # e.g. written by a buggy older version: never trusted, rebuilt.
+        logger.warning("cache: recomputing inconsistent %s features for %s", featurizer.name, part)
         store.discard(key)
         arrays = store.get_or_create(key, build, meta=meta)
         features = arrays["features"]
     return features
+
+
+def check_finite_features(features: np.ndarray, featurizer: Featurizer, part: str) -> None:
+    """Raise :class:`NonFiniteFeaturesError` if any feature is NaN or infinite.
+
+    Finite uint8 pixels through finite weights give finite features, so this points at the
+    backbone's weights (or a numerical fault in it), and the message says what to do.
+
+    Args:
+        features: (N, dim) features just computed.
+        featurizer: which featurizer computed them.
+        part: which images, e.g. ``"train/class3"`` or ``"an uploaded image"``.
+    """
+    bad = ~np.isfinite(features).all(axis=tuple(range(1, features.ndim)))
+    if bad.any():
+        raise NonFiniteFeaturesError(
+            f"{featurizer.label} produced NaN or infinite features for {int(bad.sum())} of "
+            f"{len(features)} images ({part}, first at row {int(np.flatnonzero(bad)[0])}), so "
+            "they cannot be used. Its weights may be damaged: choose another backbone, or "
+            "replace or reinstall the weights, and try again."
+        )

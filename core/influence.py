@@ -126,6 +126,17 @@ class InverseHVPSolver(ABC):
         _ = model.n_params_  # raises NotFittedError for an unfitted model
         self.model = model
         self.damping = float(damping)
+        self._convergence_warnings: list[str] = []
+
+    @property
+    def convergence_warnings(self) -> tuple[str, ...]:
+        """Why results of this solver may be inaccurate even though it raised nothing (e.g. a
+        LiSSA recursion too short to have converged), each with what to change; empty if none.
+
+        Also issued as Python warnings; kept here so that a front end which builds the solver in
+        another thread (the dashboard) can still show them to the user.
+        """
+        return tuple(self._convergence_warnings)
 
     @abstractmethod
     def inverse_hvp(self, vectors: torch.Tensor) -> torch.Tensor:
@@ -151,7 +162,9 @@ class ExactSolver(InverseHVPSolver):
             raise NotPositiveDefiniteError(
                 f"The Hessian plus damping {self.damping:g} is not positive definite (smallest "
                 f"eigenvalue {smallest:.3g}). Add damping of at least {suggestion:.2g}, or increase "
-                "the model's l2, and try again."
+                "the model's l2, and try again.",
+                # Damping adds to every eigenvalue, so this total makes the smallest positive.
+                suggested_damping=self.damping + suggestion,
             )
         self.cholesky = chol
 
@@ -263,13 +276,13 @@ class LiSSASolver(InverseHVPSolver):
             )
         if rate**depth > 1e-2:
             needed = math.ceil(math.log(1e-2) / math.log(rate))
-            warnings.warn(
+            message = (
                 f"LiSSA with scale {self.scale:.3g} and depth {depth} cannot have converged: the "
                 f"slowest direction (eigenvalue >= {smallest:.3g}) needs a depth of about {needed}. "
-                "Increase lissa_depth or damping, or use the exact or CG solver.",
-                LiSSAWarning,
-                stacklevel=2,
+                "Increase lissa_depth or damping, or use the exact or CG solver."
             )
+            self._convergence_warnings.append(message)
+            warnings.warn(message, LiSSAWarning, stacklevel=2)
 
     def _largest_eigenvalue(self, iterations: int = 50) -> float:
         generator = torch.Generator().manual_seed(self.seed + 7919)
@@ -305,6 +318,13 @@ class LiSSASolver(InverseHVPSolver):
                         f"(about {self.largest_eigenvalue:.3g} for the full Hessian; minibatches "
                         "can be larger): increase lissa_scale or lissa_batch_size, or add damping."
                     )
+            # The check above runs every 50 steps; a blow-up in the last few must not slip out.
+            if not torch.isfinite(h).all():
+                raise SolverDivergedError(
+                    f"LiSSA diverged in its last steps (non-finite values). Its scale "
+                    f"({self.scale:.3g}) must exceed the Hessian's largest eigenvalue: increase "
+                    "lissa_scale or lissa_batch_size, or add damping."
+                )
             total += h / self.scale
         return total / self.repeats
 

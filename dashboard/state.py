@@ -37,7 +37,14 @@ from core import attack as core_attack
 from core import groups as core_groups
 from core import mislabel as core_mislabel
 from core.data import DEBIAN_FASHION_MNIST_DIR, Dataset, open_dataset, resolve_under_roots
-from core.errors import ImageDecodeError, InfluenceExplorerError
+from core.errors import (
+    ConvergenceError,
+    ImageDecodeError,
+    InfluenceExplorerError,
+    NonFiniteFeaturesError,
+    NotPositiveDefiniteError,
+    SolverDivergedError,
+)
 from core.explainer import MODEL_KEYS, Explainer, ExplainerConfig, Explanation, default_classes
 from core.features import DEFAULT_BACKBONE, available_backbones
 from core.fragility import (
@@ -79,7 +86,7 @@ SOLVER_CAUTIONS = {
     "cg": "CG solves once per training image while preparing: about a minute or more here, "
     "against seconds for the exact solver, for the same scores to within its tolerance.",
     "lissa": "LiSSA takes minutes to prepare here, and at its default depth it does not converge "
-    "on these Hessians unless the damping is large (the server log says how deep it would need "
+    "on these Hessians unless the damping is large (each page then says how deep it would need "
     "to go), so its scores differ from the exact ones. Use it to see that effect, not for "
     "answers.",
 }
@@ -397,7 +404,7 @@ def require_explainer(settings: Settings | None = None) -> Explainer:
     try:
         job = preparation(settings)
     except InfluenceExplorerError as exc:
-        st.error(str(exc))
+        st.error(error_message(exc, settings))
         st.stop()
     if not job.finished:
         with st.status("Preparing the models (first launch only)…", expanded=True) as status:
@@ -419,13 +426,47 @@ def require_explainer(settings: Settings | None = None) -> Explainer:
     if job.error is not None:
         if not isinstance(job.error, InfluenceExplorerError):
             raise job.error
-        st.error(str(job.error))
+        st.error(error_message(job.error, settings))
         if st.button("Try again", key="state_retry_preparation"):
             _preparation.clear(settings.engine_key, None)
             st.rerun()
         st.stop()
     assert job.result is not None
+    for warning in job.result.warnings:
+        # E.g. LiSSA too short to have converged: the scores are shown, with this caveat.
+        st.warning(f"{warning}\n\n**In this dashboard:** {_SOLVER_FIX}", icon="⚠️")
     return job.result
+
+
+_SOLVER_FIX = (
+    "choose *Exact (Cholesky)* as the solver, or a larger *Damping*, in the sidebar under "
+    "*Advanced*."
+)
+
+
+def error_message(error: InfluenceExplorerError, settings: Settings | None = None) -> str:
+    """Core's message for a domain error, plus what to change in this dashboard to fix it.
+
+    Core's messages name settings as the engine knows them (damping, lissa_depth, a weights
+    file); the sidebar offers fewer, so where one of its controls is the fix, say which.
+    """
+    settings = settings or current_settings()
+    fix = None
+    if isinstance(error, NotPositiveDefiniteError):
+        suggested = error.suggested_damping
+        enough = [d for d in DAMPING_CHOICES if suggested is not None and d >= suggested]
+        fix = (
+            f"set *Damping* to {enough[0]:g} or more in the sidebar under *Advanced*."
+            if enough
+            else "choose a larger *Damping* in the sidebar under *Advanced*."
+        )
+    elif isinstance(error, (SolverDivergedError, ConvergenceError)) and settings.solver != "exact":
+        fix = _SOLVER_FIX
+    elif isinstance(error, SolverDivergedError):
+        fix = "choose a larger *Damping* in the sidebar under *Advanced*."
+    elif isinstance(error, NonFiniteFeaturesError):
+        fix = "choose another backbone in the sidebar."
+    return str(error) if fix is None else f"{error}\n\n**In this dashboard:** {fix}"
 
 
 # --------------------------------------------------------------------------- uploads
@@ -665,7 +706,7 @@ def _explanation(
 
 
 def _stop_on_domain_error(exc: InfluenceExplorerError) -> NoReturn:
-    st.error(str(exc))
+    st.error(error_message(exc))
     st.stop()
 
 

@@ -8,6 +8,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
@@ -187,7 +188,7 @@ def build_explainer(args: argparse.Namespace) -> Any:
     """Dataset + config from the parsed options -> a ready :class:`core.explainer.Explainer`."""
     from core.data import open_dataset
     from core.explainer import Explainer, ExplainerConfig
-    from core.influence import SolverConfig
+    from core.influence import LiSSAWarning, SolverConfig
     from core.store import ArtifactStore
 
     dataset = open_dataset(args.dataset, image_size=(args.image_size, args.image_size))
@@ -202,12 +203,18 @@ def build_explainer(args: argparse.Namespace) -> Any:
         solver=SolverConfig(method=args.solver, damping=args.damping),
         max_train_per_class=args.max_train_per_class,
     )
-    return Explainer(
-        dataset,
-        config,
-        store=ArtifactStore(args.cache_dir),
-        progress=StageBars(enabled=not args.quiet),
-    )
+    with warnings.catch_warnings():
+        # Reported once below, as a plain line naming the model, not as a Python warning.
+        warnings.simplefilter("ignore", LiSSAWarning)
+        explainer = Explainer(
+            dataset,
+            config,
+            store=ArtifactStore(args.cache_dir),
+            progress=StageBars(enabled=not args.quiet),
+        )
+    for message in explainer.warnings:
+        print(f"influence {args.command}: warning: {message}", file=sys.stderr)
+    return explainer
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:

@@ -94,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
         "positive = helped, negative = hurt",
         "seconds": explanation.seconds,
         "models": models,
+        # Why the scores may be inaccurate (e.g. LiSSA too short); also printed on stderr.
+        "warnings": list(explainer.warnings),
     }
     emit(payload, args, _report)
     return 0

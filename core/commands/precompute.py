@@ -29,6 +29,8 @@ def run(args: argparse.Namespace) -> int:
         "n_test": explainer.n_test,
         "seconds": explainer.seconds,
         "models": explainer.summaries(),
+        # Why the scores may be inaccurate (e.g. LiSSA too short); also printed on stderr.
+        "warnings": list(explainer.warnings),
     }
     emit(payload, args, _report)
     return 0

@@ -71,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
             }
             for item in per_test
         ],
+        # Why the scores may be inaccurate (e.g. LiSSA too short); also printed on stderr.
+        "warnings": list(explainer.warnings),
     }
     emit(payload, args, _report)
     return 0

@@ -59,7 +59,7 @@ if run:
     try:
         result = state.run_verification(explainer, query, settings, k, show)
     except state.InfluenceExplorerError as exc:
-        st.error(str(exc))
+        st.error(state.error_message(exc, settings))
         result = None
     bar.empty()
     hint.empty()

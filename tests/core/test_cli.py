@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import warnings
+from functools import partial
 
 import numpy as np
 import pytest
@@ -115,3 +118,51 @@ def test_python_dash_m_core_runs():
     ).stdout
     for command in ("precompute", "explain", "verify"):
         assert command in out
+
+
+def test_a_hessian_that_is_not_positive_definite_names_the_fix_and_the_fix_works(capsys, common):
+    # Not simulated: with (almost) no weight decay, 1280 features and 16 training images, the
+    # logistic regression's Hessian is singular to machine precision and Cholesky fails.
+    singular = ["explain", *common, "--test-index", "0", "--k", "2", "--logreg-l2", "1e-30"]
+    assert main(singular) == 2
+    err = capsys.readouterr().err
+    assert "not positive definite" in err
+    match = re.search(r"Try --damping (\S+)\.\)", err)
+    assert match, err
+    payload = run_json(capsys, [*singular, "--damping", match.group(1), "--json"])
+    assert payload["warnings"] == []
+    for model in payload["models"].values():
+        assert model["helpful"] or model["harmful"]
+
+
+def test_lissa_that_cannot_have_converged_is_reported(capsys, common, monkeypatch):
+    from core import influence
+
+    # A short recursion keeps the test quick; the default depth warns here too, only slower.
+    monkeypatch.setattr(influence, "SolverConfig", partial(influence.SolverConfig, lissa_depth=30))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # shown as a line of its own, not as a Python warning
+        status = main(["explain", *common, "--test-index", "0", "--solver", "lissa", "--json"])
+    assert status == 0
+    out, err = capsys.readouterr()
+    warned = json.loads(out)["warnings"]
+    assert len(warned) == 2
+    assert all("cannot have converged" in message for message in warned)
+    assert err.count("influence explain: warning: ") == 2
+
+
+def test_lissa_that_diverges_says_to_use_the_exact_solver(capsys, common, monkeypatch):
+    from core import influence
+
+    # An eigenvalue estimate made too small, so the recursion's scale is too: it diverges.
+    real = influence.LiSSASolver._largest_eigenvalue
+    monkeypatch.setattr(
+        influence.LiSSASolver, "_largest_eigenvalue", lambda self: 0.05 * real(self)
+    )
+    monkeypatch.setattr(influence, "SolverConfig", partial(influence.SolverConfig, lissa_depth=60))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        status = main(["explain", *common, "--test-index", "0", "--solver", "lissa"])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "LiSSA diverged" in err and "(Try --solver exact.)" in err

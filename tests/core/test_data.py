@@ -597,6 +597,15 @@ class TestResolveUnderRoots:
         with pytest.raises(DatasetError, match="outside"):
             resolve_under_roots("/", [allowed])
 
+    def test_absolute_elsewhere_does_not_reveal_whether_it_exists(self, roots, tmp_path):
+        allowed, other, _ = roots
+        messages = []
+        for path in (other / "secret", other / "no-such-thing"):
+            with pytest.raises(DatasetError, match="outside") as refused:
+                resolve_under_roots(path, [allowed])
+            messages.append(str(refused.value).replace(str(path), "PATH"))
+        assert messages[0] == messages[1]
+
     def test_prefix_sibling_is_not_inside(self, roots, tmp_path):
         allowed, _, _ = roots
         sibling = tmp_path / "datasets-evil"

@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import json
+import multiprocessing
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+from core import store as store_module
 from core.data import Dataset, load_demo
-from core.errors import BackboneUnavailableError, InfluenceExplorerError
+from core.errors import (
+    BackboneUnavailableError,
+    InfluenceExplorerError,
+    NonFiniteFeaturesError,
+    SolverDivergedError,
+)
 from core.explainer import LOGREG_L2_GRID, Explainer, ExplainerConfig, default_classes
-from core.store import ArtifactStore
+from core.influence import LiSSAWarning, SolverConfig
+from core.store import ArtifactStore, CacheKey
+from tests.core.test_store import DAMAGE
 
 
 def _tiny_demo(per_class_train: int = 16, per_class_test: int = 4) -> Dataset:
@@ -191,3 +204,144 @@ def test_bad_queries_and_configs_are_refused(tiny, explainer, store, tmp_path, m
     monkeypatch.delenv("INFLUENCE_INCEPTION_WEIGHTS", raising=False)
     with pytest.raises(BackboneUnavailableError, match="inception"):
         Explainer(tiny, ExplainerConfig(backbone="inception-v3"), store=store)
+
+
+# ---------------------------------------------------------------- faults, damage and races
+
+
+def test_a_healthy_explainer_has_no_warnings(explainer):
+    assert explainer.warnings == ()
+
+
+def test_lissa_that_cannot_have_converged_is_reported_on_the_explainer(tiny, store):
+    short = ExplainerConfig(solver=SolverConfig(method="lissa", lissa_depth=20))
+    with pytest.warns(LiSSAWarning):
+        built = Explainer(tiny, short, store=store)
+    assert len(built.warnings) == 2  # one per model, each naming it
+    assert built.warnings[0].startswith("RBF SVM on pixels: LiSSA")
+    assert built.warnings[1].startswith("Logistic regression on")
+    assert all("lissa_depth" in message for message in built.warnings)
+
+
+def test_non_finite_features_of_an_upload_are_refused(explainer, monkeypatch):
+    from core.features import EfficientNetLite0Featurizer
+
+    real = EfficientNetLite0Featurizer.transform
+
+    def broken(self, images, **kwargs):
+        return np.full_like(real(self, images, **kwargs), np.inf)
+
+    monkeypatch.setattr(EfficientNetLite0Featurizer, "transform", broken)
+    with pytest.raises(NonFiniteFeaturesError, match=r"the uploaded image.*another backbone"):
+        explainer.explain(image=explainer.dataset.test_images[0].copy())
+
+
+def test_non_finite_scores_are_refused_not_listed(explainer, monkeypatch):
+    engine = explainer.models["svm"].engine
+    real = engine.influence_scores
+
+    def broken(*args, **kwargs):
+        scores = real(*args, **kwargs)
+        scores[0, ::2] = np.nan
+        return scores
+
+    monkeypatch.setattr(engine, "influence_scores", broken)
+    with pytest.raises(SolverDivergedError, match="RBF SVM on pixels: 16 influence scores"):
+        explainer.explain(test_index=0)
+
+
+def _poison_with_nan(path):
+    """Rewrite an artifact with a NaN in it and a valid checksum (a buggy writer, not damage)."""
+    key = _key_of(path)
+    arrays = dict(store_module.decode_artifact(path.read_bytes(), key).arrays)
+    arrays["features"] = arrays["features"].copy()
+    arrays["features"][0, 0] = np.nan
+    path.write_bytes(store_module.encode_artifact(key, arrays))
+
+
+def test_explainer_rebuilds_from_a_damaged_feature_cache(tiny, store, explainer, tmp_path):
+    damaged = ArtifactStore(tmp_path / "damaged")
+    shutil.copytree(store.root, damaged.root)
+    features = sorted(damaged.root.glob("features-*.artifact"))
+    assert len(features) == 4  # train and test of both classes
+    damages = [DAMAGE["truncated"], DAMAGE["flip-payload-middle"], _poison_with_nan, Path.unlink]
+    for path, damage in zip(features, damages, strict=True):
+        damage(path)
+
+    from core.features import EfficientNetLite0Featurizer
+
+    calls = []
+    real = EfficientNetLite0Featurizer.transform
+
+    def counting(self, images, **kwargs):
+        calls.append(len(images))
+        return real(self, images, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(EfficientNetLite0Featurizer, "transform", counting)
+        rebuilt = Explainer(tiny, store=damaged)
+    assert len(calls) == 4  # every damaged chunk recomputed, none trusted
+    for key in ("svm", "logreg"):
+        np.testing.assert_allclose(
+            rebuilt.explain(test_index=1).models[key].scores,
+            explainer.explain(test_index=1).models[key].scores,
+            rtol=1e-6,
+            atol=1e-12,
+        )
+    # The cache is whole again: a third build reads everything.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(EfficientNetLite0Featurizer, "transform", counting)
+        Explainer(tiny, store=damaged)
+    assert len(calls) == 4
+
+
+def _build_in_another_process(root: str, barrier, results) -> None:
+    built_from = []
+    from core.features import EfficientNetLite0Featurizer
+
+    real = EfficientNetLite0Featurizer.transform
+
+    def counting(self, images, **kwargs):
+        built_from.append(len(images))
+        return real(self, images, **kwargs)
+
+    EfficientNetLite0Featurizer.transform = counting
+    barrier.wait()
+    built = Explainer(_tiny_demo(), store=ArtifactStore(root))
+    scores = built.explain(test_index=1).models["logreg"].scores
+    results.put((len(built_from), scores.tolist()))
+
+
+@pytest.mark.slow
+def test_two_processes_preparing_one_cache_at_once(tmp_path, explainer):
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(2)
+    results = context.Queue()
+    root = tmp_path / "shared"
+    workers = [
+        context.Process(target=_build_in_another_process, args=(str(root), barrier, results))
+        for _ in range(2)
+    ]
+    for worker in workers:
+        worker.start()
+    outputs = [results.get(timeout=600) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+    # Each feature chunk was computed by one of them (the lock), and both got the same answer.
+    assert sorted(count for count, _ in outputs) in ([0, 4], [1, 3], [2, 2])
+    expected = explainer.explain(test_index=1).models["logreg"].scores
+    for _, scores in outputs:
+        np.testing.assert_allclose(scores, expected, rtol=1e-6, atol=1e-12)
+    assert not list(root.glob("*.tmp")) and not list(root.glob(".*.tmp"))
+    shared = ArtifactStore(root)
+    for path in root.glob("*.artifact"):
+        assert shared.load_artifact(_key_of(path)) is not None, f"{path.name} is damaged"
+
+
+def _key_of(path):
+    data = path.read_bytes()
+    _, _, meta_length, _, _ = store_module._PREFIX.unpack_from(data)
+    start = store_module._PREFIX.size
+    stored = json.loads(data[start : start + meta_length])["key"]
+    return CacheKey.of(stored["kind"], stored["fields"])

@@ -12,7 +12,7 @@ import torchvision
 from PIL import Image
 
 from core import features as features_module
-from core.errors import BackboneUnavailableError, DatasetError
+from core.errors import BackboneUnavailableError, DatasetError, NonFiniteFeaturesError
 from core.features import (
     EfficientNetLite0Featurizer,
     Featurizer,
@@ -423,6 +423,42 @@ def test_cached_features_recompute_inconsistent_entries(tmp_path: Path) -> None:
     store.save(key, {"features": np.zeros((3, 2))})  # intact file, wrong shape
     features = cached_features(store, featurizer, images, dataset_hash="d", part="p")
     assert featurizer.calls == 1 and features.shape == (4, 784)
+
+
+def test_cached_features_with_non_finite_values_are_recomputed(tmp_path: Path) -> None:
+    # A file whose checksum is fine but whose values no model can use (e.g. written by an older,
+    # buggy version) is not trusted: recomputed, and replaced on disk.
+    store = ArtifactStore(tmp_path / "cache")
+    images = make_images(4)
+    featurizer = CountingPixels()
+    key = features_module.features_cache_key(featurizer, images, dataset_hash="d", part="p")
+    poisoned = featurizer.transform(images)
+    poisoned[1, 5] = np.nan
+    poisoned[2, 0] = np.inf
+    store.save(key, {"features": poisoned})
+    features = cached_features(store, featurizer, images, dataset_hash="d", part="p")
+    assert featurizer.calls == 2 and np.isfinite(features).all()
+    assert np.isfinite(store.load(key)["features"]).all()
+
+
+class NaNPixels(PixelFeaturizer):
+    """A featurizer gone wrong (as damaged weights would make it): NaN for one image."""
+
+    def transform(self, images: np.ndarray, **kwargs: object) -> np.ndarray:
+        features = super().transform(images, **kwargs)
+        features[len(features) // 2, :3] = np.nan
+        return features
+
+
+def test_non_finite_features_are_refused_with_advice_and_not_cached(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "cache")
+    images = make_images(6)
+    with pytest.raises(NonFiniteFeaturesError, match="1 of 6 images") as refused:
+        cached_features(store, NaNPixels(), images, dataset_hash="d", part="train/class0")
+    message = str(refused.value)
+    assert "train/class0" in message and "row 3" in message
+    assert "choose another backbone" in message
+    assert not list(store.root.glob("features-*.artifact"))
 
 
 def test_featurizer_interface_is_abstract() -> None:

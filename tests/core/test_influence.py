@@ -242,11 +242,37 @@ def test_singular_hessian_asks_for_damping(make_logreg_problem):
     problem = make_logreg_problem(20, 60, seed=14, noise=5.0)
     model = LogisticRegression(l2=1e-3).fit(problem.X, problem.y)
     model.l2 = 0.0  # what the Hessian would be without weight decay
-    with pytest.raises(NotPositiveDefiniteError, match="damping"):
+    with pytest.raises(NotPositiveDefiniteError, match="damping") as refused:
         ExactSolver(model)
     with pytest.raises(NotPositiveDefiniteError, match="damping"):
         CGSolver(model, max_iter=500).inverse_hvp(torch.randn(model.n_params_, dtype=torch.float64))
     assert ExactSolver(model, damping=1e-3).cholesky is not None
+    # The suggested fix is a number a front end can offer, and it works.
+    suggested = refused.value.suggested_damping
+    assert suggested is not None and f"{suggested:.2g}" in str(refused.value)
+    assert ExactSolver(model, damping=suggested).cholesky is not None
+
+
+def test_indefinite_hessian_suggests_damping_that_makes_it_definite(binary_model, monkeypatch):
+    # A Hessian with a clearly negative eigenvalue (as a non-convex objective would give):
+    # the suggested total damping is just enough, while half of it is not.
+    model, _ = binary_model
+    shift = model.l2 + 0.02
+    real_hessian = type(model).hessian
+
+    def indefinite(self):
+        hessian = real_hessian(self)
+        hessian.diagonal().sub_(shift)
+        return hessian
+
+    monkeypatch.setattr(type(model), "hessian", indefinite)
+    with pytest.raises(NotPositiveDefiniteError) as refused:
+        ExactSolver(model, damping=1e-3)
+    suggested = refused.value.suggested_damping
+    assert suggested is not None and 1e-3 < suggested < shift + 1e-3 + 0.01
+    assert ExactSolver(model, damping=suggested).cholesky is not None
+    with pytest.raises(NotPositiveDefiniteError):
+        ExactSolver(model, damping=suggested / 2)
 
 
 def test_cg_that_does_not_converge_says_what_to_change(binary_model):
@@ -270,7 +296,33 @@ def test_lissa_divergence_and_short_depth_are_reported(binary_model, monkeypatch
         LiSSASolver(model, depth=400, scale=0.3 * largest).inverse_hvp(v)
     monkeypatch.undo()
     with pytest.warns(LiSSAWarning, match="lissa_depth"):
-        LiSSASolver(model, depth=5)
+        short = LiSSASolver(model, depth=5)
+    # Kept on the solver too, for front ends that build it in another thread.
+    assert len(short.convergence_warnings) == 1 and "lissa_depth" in short.convergence_warnings[0]
+
+
+def test_lissa_long_enough_has_no_convergence_warning(binary_model):
+    model, _ = binary_model
+    assert LiSSASolver(model, damping=0.05, depth=600, batch_size=50).convergence_warnings == ()
+    assert ExactSolver(model).convergence_warnings == ()
+
+
+def test_lissa_blowing_up_between_checks_is_reported(binary_model, monkeypatch):
+    # The recursion checks its norm every 50 steps; a blow-up after the last check must still
+    # raise instead of returning infinities.
+    model, _ = binary_model
+    solver = LiSSASolver(model, damping=0.05, depth=30, batch_size=50)
+    real = LiSSASolver._damped_hvp
+    calls = []
+
+    def breaks_after_the_first_step(self, vectors, indices=None):
+        calls.append(1)
+        out = real(self, vectors, indices)
+        return out if len(calls) == 1 else out * float("inf")
+
+    monkeypatch.setattr(LiSSASolver, "_damped_hvp", breaks_after_the_first_step)
+    with pytest.raises(SolverDivergedError, match="last steps"):
+        solver.inverse_hvp(torch.ones(model.n_params_, dtype=torch.float64))
 
 
 @pytest.mark.parametrize(

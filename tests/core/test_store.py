@@ -302,6 +302,78 @@ def test_two_processes_racing_on_one_key_build_once(tmp_path: Path) -> None:
     assert not list(root.glob("*.tmp"))
 
 
+# -- crashes ---------------------------------------------------------------------------------------
+
+
+def _wait_for(path: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path.name} never appeared"
+        time.sleep(0.05)
+
+
+def _builder_that_hangs(root: str, marker: str) -> None:
+    def build() -> dict[str, np.ndarray]:
+        Path(marker).write_text("building")
+        time.sleep(600)  # killed long before this ends
+        return _race_arrays()
+
+    ArtifactStore(Path(root)).get_or_create(RACE_KEY, build)
+
+
+def test_builder_killed_mid_build_releases_its_lock(tmp_path: Path) -> None:
+    # A dashboard killed while preparing must not leave the next one waiting forever: the
+    # kernel drops a dead process's flock, and no half-built artifact is left behind.
+    context = multiprocessing.get_context("spawn")
+    marker = tmp_path / "building"
+    root = tmp_path / "cache"
+    worker = context.Process(target=_builder_that_hangs, args=(str(root), str(marker)))
+    worker.start()
+    try:
+        _wait_for(marker)
+    finally:
+        worker.kill()
+        worker.join(timeout=60)
+    assert not ArtifactStore(root).path_for(RACE_KEY).exists()
+
+    build = CountingBuild(_race_arrays())
+    started = time.monotonic()
+    arrays = ArtifactStore(root).get_or_create(RACE_KEY, build)
+    assert build.calls == 1 and time.monotonic() - started < 30
+    assert_same_arrays(arrays, _race_arrays())
+
+
+def _writer_killed_before_rename(root: str, marker: str) -> None:
+    real_fsync = store_module.os.fsync
+
+    def fsync_then_hang(descriptor: int) -> None:
+        real_fsync(descriptor)
+        Path(marker).write_text("written, not yet renamed")
+        time.sleep(600)
+
+    store_module.os.fsync = fsync_then_hang
+    ArtifactStore(Path(root)).save(RACE_KEY, {"values": np.full((10, 100), 7.0)})
+
+
+def test_writer_killed_mid_write_leaves_the_old_artifact_intact(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    store = ArtifactStore(root)
+    store.save(RACE_KEY, _race_arrays())
+    context = multiprocessing.get_context("spawn")
+    marker = tmp_path / "written"
+    worker = context.Process(target=_writer_killed_before_rename, args=(str(root), str(marker)))
+    worker.start()
+    try:
+        _wait_for(marker)
+    finally:
+        worker.kill()
+        worker.join(timeout=60)
+    # Readers see the complete old file, never the new one half-way; the orphaned temporary
+    # file is hidden and never read as an artifact.
+    assert_same_arrays(store.load(RACE_KEY), _race_arrays())
+    assert [path.name for path in root.glob("*.artifact")] == [RACE_KEY.filename]
+
+
 # -- unwritable ------------------------------------------------------------------------------------
 
 

@@ -178,3 +178,71 @@ def test_an_upload_is_explained_on_every_page_and_stays_in_its_session(
     assert "Test image #0" in [s.value for s in theirs.subheader]
     assert theirs.session_state["state_settings"] == mine.session_state["state_settings"]
     assert "state_upload" not in theirs.session_state
+
+
+# ---------------------------------------------------------------- the corpus on the real page
+
+
+class _PickedFile(io.BytesIO):
+    """What st.file_uploader returns for a picked file (name, file_id, a binary stream)."""
+
+    def __init__(self, name: str, payload: bytes) -> None:
+        super().__init__(payload)
+        self.name = name
+        self.file_id = f"{name}:{len(payload)}"
+
+
+def test_every_corpus_upload_on_the_explain_page(
+    make_app: Callable[[], AppTest], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real Explain page, one session, the upload widget answering with each corpus file in
+    turn: an explanation of it, or one clear message with the last good query still explained;
+    after each, a normal action works. (AppTest cannot drive a file_uploader; the browser tests
+    upload for real.)"""
+    import streamlit as st
+
+    picked: list[_PickedFile] = []
+    monkeypatch.setattr(st, "file_uploader", lambda *args, **kwargs: picked[-1])
+    at = make_app()
+    failures = []
+    for number, case in enumerate(CORPUS):
+        picked.append(_PickedFile(case.filename, case.data))
+        at.run()
+        problem = _corpus_outcome_problem(at, case)
+        if problem is None:
+            # A normal action afterwards: pick a test image, which becomes the query.
+            index = number % 16  # on the gallery's first page
+            at.button(key=f"explain_pick_{index}").click().run()
+            if at.exception or at.main.error:
+                problem = "picking a test image afterwards failed"
+            elif f"Test image #{index}" not in [s.value for s in at.subheader]:
+                problem = "picking a test image afterwards did not select it"
+        if problem is not None:
+            failures.append(f"{case.name}: {problem}")
+    assert not failures, "\n".join(failures)
+
+
+def _corpus_outcome_problem(at: AppTest, case: UploadCase) -> str | None:
+    if at.exception:
+        return f"exception {[e.value for e in at.exception]}"
+    subheaders = [s.value for s in at.subheader]
+    errors = [e.value for e in at.main.error]
+    inspect = [b.key for b in at.button if b.key and b.key.startswith("explain_inspect_")]
+    if not (
+        any(key.startswith("explain_inspect_svm_") for key in inspect)
+        and any(key.startswith("explain_inspect_logreg_") for key in inspect)
+    ):
+        return "the page shows no explanation"
+    if case.expect == "ok":
+        if errors:
+            return f"unexpected error {errors}"
+        if f"Uploaded `{case.filename}`" not in subheaders:
+            return f"not explained as the upload (headings {subheaders})"
+        return None
+    if len(errors) != 1 or not errors[0].startswith(f"`{case.filename}` could not be used: "):
+        return f"expected one message naming the file, got {errors}"
+    if case.message_contains and case.message_contains not in errors[0].lower():
+        return f"message lacks {case.message_contains!r}: {errors[0]}"
+    if not any(h.startswith(("Test image #", "Uploaded `")) for h in subheaders):
+        return "the previous query is no longer shown"
+    return None

@@ -8,7 +8,7 @@ PORT ?= 8501
 # whenever anything else (a browser, another user's request) wants the CPU.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: run test lint format clean-cache
+.PHONY: run test test-load lint format clean-cache
 
 $(PY):
 	$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "Python 3.10 or newer is needed")'
@@ -26,6 +26,10 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest
+
+# Ten browser sessions at once against one server, twice over (about 7 minutes on 2 cores).
+test-load: $(STAMP)
+	$(PY) -m pytest -m load tests/load
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

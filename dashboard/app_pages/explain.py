@@ -62,10 +62,13 @@ with choose_col:
 
     # Collapsed at first so both models' explanations are in view without scrolling.
     with st.expander(f"…or pick one of the {explainer.n_test} test images", key="explain_gallery"):
+        # Initial values through session state, not the widgets' defaults: the values are re-saved
+        # on every run to survive other pages, and a default as well would make Streamlit warn.
+        state.initial_value("explain_gallery_filter", "all")
+        state.initial_value("explain_gallery_page", 1)
         which = st.segmented_control(
             "Show",
             options=list(state.GALLERY_FILTERS),
-            default="all",
             required=True,
             format_func=state.GALLERY_FILTERS.get,
             key="explain_gallery_filter",
@@ -80,7 +83,7 @@ with choose_col:
             st.session_state["explain_goto"] = None
         nav_col, jump_col = st.columns(2)
         page_number = nav_col.number_input(
-            f"Page (of {pages})", min_value=1, max_value=pages, value=1, key="explain_gallery_page"
+            f"Page (of {pages})", min_value=1, max_value=pages, key="explain_gallery_page"
         )
         jump_col.number_input(
             "Go to test image #",

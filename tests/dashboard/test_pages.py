@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+from streamlit.elements.lib import policies
 from streamlit.testing.v1 import AppTest
 
 from dashboard import navigation
@@ -88,6 +89,23 @@ def test_gallery_filters(make_app: Factory, which: str) -> None:
     _no_errors(at)
     index = picks[0].rsplit("_", 1)[1]
     assert f"Test image #{index}" in _texts(at)
+
+
+def test_gallery_settings_survive_another_page_without_a_state_warning(
+    make_app: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Streamlit logs (once per process) when a widget has a default and a Session State value.
+    warned: list[str] = []
+    monkeypatch.setattr(policies, "_shown_default_value_warning", False)
+    monkeypatch.setattr(policies._LOGGER, "warning", lambda msg, *args: warned.append(msg % args))
+    at = make_app().run()
+    at.segmented_control(key="explain_gallery_filter").set_value("misclassified").run()
+    at.switch_page("app_pages/compare.py").run()
+    at.switch_page("app_pages/explain.py").run()
+    _no_errors(at)
+    assert at.segmented_control(key="explain_gallery_filter").value == "misclassified"
+    assert at.number_input(key="explain_gallery_page").value == 1
+    assert not warned, warned
 
 
 def test_class_pair_picker(make_app: Factory) -> None:

@@ -79,6 +79,11 @@ def test_a_refused_path_says_why_and_the_demo_is_used(
     assert any(m.value.startswith("**Most helpful**") for m in at.markdown)
 
 
+DAMPING_HINT = (
+    "\n\n**In this dashboard:** choose a larger *Damping* in the sidebar under *Advanced*."
+)
+
+
 def test_a_failed_preparation_shows_the_message_and_can_be_retried(
     make_app: Factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -88,8 +93,9 @@ def test_a_failed_preparation_shows_the_message_and_can_be_retried(
     monkeypatch.setattr(state, "Explainer", failing)
     at = make_app().run()
     assert not at.exception
+    # The engine's message, then which sidebar control fixes it.
     assert [e.value for e in at.main.error] == [
-        "The Hessian is not positive definite; add damping."
+        "The Hessian is not positive definite; add damping." + DAMPING_HINT
     ]
     assert at.button(key="state_retry_preparation")
     monkeypatch.undo()
@@ -113,5 +119,5 @@ def test_a_domain_error_while_explaining_is_shown_on_every_page(
         at.switch_page(script).run()
         assert not at.exception
         assert [e.value for e in at.main.error] == [
-            "LiSSA diverged; increase damping or use the exact solver."
+            "LiSSA diverged; increase damping or use the exact solver." + DAMPING_HINT
         ]

@@ -55,7 +55,7 @@ import torch
 
 from core.errors import InfluenceExplorerError
 from core.influence import ESTIMATES, ExactSolver, InfluenceEngine
-from core.models import DTYPE, LinearModel, as_float64, as_labels
+from core.models import DTYPE, LinearModel, as_float64, as_labels, cholesky_solve
 from core.validation import RETRAIN_TOL, Agreement, agreement, retrain_without
 
 #: The three estimates of a group's effect: one, two, and all terms of the Newton step's series.
@@ -395,7 +395,7 @@ def predicted_params_change(
             inner = 0.5 * (inner + inner.T)
             chol, info = torch.linalg.cholesky_ex(inner)
             if int(info) == 0:
-                z = torch.cholesky_solve(projected[:, None], chol)[:, 0]
+                z = cholesky_solve(chol, projected)
             else:
                 z = torch.linalg.lstsq(inner, projected[:, None]).solution[:, 0]
             out["corrected"] = first + V @ z

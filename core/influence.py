@@ -36,7 +36,7 @@ from core.errors import (
     NotPositiveDefiniteError,
     SolverDivergedError,
 )
-from core.models import DTYPE, LinearModel, as_float64
+from core.models import DTYPE, LinearModel, as_float64, cholesky_solve
 
 Estimate = Literal["corrected", "first_order"]
 ESTIMATES: tuple[str, ...] = ("corrected", "first_order")
@@ -169,10 +169,7 @@ class ExactSolver(InverseHVPSolver):
         self.cholesky = chol
 
     def inverse_hvp(self, vectors: torch.Tensor) -> torch.Tensor:
-        v = as_float64(vectors)
-        if v.ndim == 1:
-            return torch.cholesky_solve(v[:, None], self.cholesky)[:, 0]
-        return torch.cholesky_solve(v, self.cholesky)
+        return cholesky_solve(self.cholesky, as_float64(vectors))
 
 
 class CGSolver(InverseHVPSolver):

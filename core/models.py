@@ -47,6 +47,20 @@ def as_float64(x: Any) -> torch.Tensor:
     return torch.as_tensor(_writable(np.asarray(x)), dtype=DTYPE)
 
 
+def cholesky_solve(chol: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Solve (L Lᵀ) x = b for a lower Cholesky factor L; b is (p,) or (p, k).
+
+    Two triangular solves rather than ``torch.cholesky_solve``, which copies the whole factor on
+    every call: for one right-hand side that copy dominates (measured on 2 cores: 1.6 s against
+    0.08 s for p = 12,800; 7 ms against 0.8 ms for p = 1,280), and influence queries are
+    usually one or a few vectors against a factor computed once.
+    """
+    rhs = b[:, None] if b.ndim == 1 else b
+    y = torch.linalg.solve_triangular(chol, rhs, upper=False)
+    x = torch.linalg.solve_triangular(chol.mT, y, upper=True)
+    return x[:, 0] if b.ndim == 1 else x
+
+
 def as_labels(y: Any) -> torch.Tensor:
     """An int64 tensor of class indices."""
     if isinstance(y, torch.Tensor):
@@ -287,7 +301,7 @@ class LinearModel:
             hessian = self._hessian_from(derivs)
             chol, info = torch.linalg.cholesky_ex(hessian)
             if int(info) == 0:
-                return torch.cholesky_solve(grad[:, None], chol)[:, 0]
+                return cholesky_solve(chol, grad)
             return torch.linalg.lstsq(hessian, grad[:, None]).solution[:, 0]
         # Large models: solve H step = grad by conjugate gradients on exact HVPs.
         return _conjugate_gradient(

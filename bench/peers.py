@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import statistics
@@ -372,6 +373,21 @@ def headline(summary: dict, problem: str) -> str:
     return " ".join(lines)
 
 
+#: The module each peer library is imported as.
+PEER_MODULES = {
+    "captum": "captum",
+    "pydvl": "pydvl",
+    "dattri": "dattri",
+    "kronfluence": "kronfluence",
+}
+
+
+def _peer_installed(library: str) -> bool:
+    """Whether the peer behind a method's library label ("captum 0.9.0", "ours") is importable."""
+    module = PEER_MODULES.get(library.split()[0])
+    return module is None or importlib.util.find_spec(module) is not None
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         worker(*sys.argv[2:5])
@@ -395,6 +411,15 @@ def main() -> None:
     )
     if "ours-exact" not in [m.key for m in methods]:
         methods.insert(0, METHODS_BY_KEY["ours-exact"])
+    missing = sorted({m.library for m in methods if not _peer_installed(m.library)})
+    if missing:
+        sys.exit(
+            f"bench.peers: {', '.join(missing)} not installed in this environment. The peers are "
+            "benchmark-only and pyDVL 0.10 needs numpy < 2, so give them their own environment:\n"
+            "  python3 -m venv .venv-bench && .venv-bench/bin/pip install -e '.[bench]'\n"
+            "  .venv-bench/bin/python -m bench.peers\n"
+            "or time ours alone with --methods ours-exact,ours-exact-corrected,ours-cg."
+        )
     load_before = os.getloadavg()
     sections, headlines = [], []
     with tempfile.TemporaryDirectory() as tmp:

@@ -191,7 +191,16 @@ def fit_quadratic_memory(results: list[dict]) -> tuple[float, float] | None:
 
 
 def plot(results: list[dict], suffix: str = "") -> list[Path]:
-    import matplotlib
+    """Time and memory against n as PNGs; none (with a note on stderr) without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(
+            "bench.scale: matplotlib is not installed, so the plots are skipped (the tables are "
+            "complete); pip install matplotlib, or use the bench extra, for them.",
+            file=sys.stderr,
+        )
+        return []
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -413,8 +422,7 @@ def main() -> None:
         )
         + "\n\n## Complexity\n\n"
         + "\n".join(f"- **{k}**: {v}" for k, v in COMPLEXITY.items())
-        + "\n\nPlots: "
-        + ", ".join(f"![{p.stem}]({p.name})" for p in paths)
+        + ("\n\nPlots: " + ", ".join(f"![{p.stem}]({p.name})" for p in paths) if paths else "")
         + "\n"
     )
     gamma_text = "the paper's γ = 0.05/n" if args.gamma is None else f"fixed γ = {args.gamma:g}"

@@ -1,6 +1,6 @@
 """How fitting and influence scale with the training set, up to the full 60k Fashion-MNIST.
 
-Usage: ``python -m bench.scale [--quick] [--timeout 1800]``
+Usage: ``python -m bench.scale [--quick] [--timeout 1800] [--models M,...] [--sizes N,...]``
 
 Data: the full Fashion-MNIST idx files (``open_dataset("fashion-mnist")``), training sets of the
 first n images. Binary tasks use **upper-body garments** (T-shirt/top, Pullover, Dress, Coat,
@@ -321,13 +321,20 @@ def main() -> None:
         help="fixed RBF γ for both SVMs instead of the paper's 0.05/n (results go to scale_gamma<γ>)",
     )
     parser.add_argument("--max-exact-n", type=int, default=None, help="largest n for svm-exact")
+    parser.add_argument(
+        "--sizes",
+        default=None,
+        help="comma-separated n for every model in --models instead of the plan's; the results "
+        "then go to scale_<models> so the full run's file is kept",
+    )
     args = parser.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     plan = QUICK_PLAN if args.quick else PLAN
     results = []
     load_before = os.getloadavg()[0]
     for model in args.models.split(","):
-        for n in plan[model]:
+        sizes = [int(n) for n in args.sizes.split(",")] if args.sizes else plan[model]
+        for n in sizes:
             if model == "svm-exact" and args.max_exact_n and n > args.max_exact_n:
                 continue
             result = run_child(model, n, args.landmarks, args.timeout, args.gamma)
@@ -393,6 +400,8 @@ def main() -> None:
         for r in one_test_60k
     )
     suffix = "" if args.gamma is None else f"_gamma{args.gamma:g}"
+    if args.sizes:
+        suffix += "_" + args.models.replace(",", "_")
     paths = plot([r for r in results if "fit_s" in r], suffix)
     ny_rows = nystroem_vs_exact(results)
     body = (

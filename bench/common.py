@@ -51,10 +51,15 @@ def git_revision() -> str:
         return "unknown"
 
 
-def write_results(name: str, title: str, body: str) -> Path:
-    """Write ``bench/results/<name>.md`` with a header naming the command, machine and date."""
+def write_results(name: str, title: str, body: str, module: str | None = None) -> Path:
+    """Write ``bench/results/<name>.md`` with a header naming the command, machine and date.
+
+    ``module`` is the script (``bench.<module>``) when it differs from ``name``, e.g. scale's
+    variants ``scale_gamma5e-05``.
+    """
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    command = "python -m bench." + name + "".join(" " + shlex.quote(a) for a in sys.argv[1:])
+    script = module or name
+    command = "python -m bench." + script + "".join(" " + shlex.quote(a) for a in sys.argv[1:])
     header = (
         f"# {title}\n\n"
         f"- Command: `{command}`\n"

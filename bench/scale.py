@@ -435,7 +435,8 @@ def main() -> None:
         + "\n"
     )
     gamma_text = "the paper's γ = 0.05/n" if args.gamma is None else f"fixed γ = {args.gamma:g}"
-    print(write_results("scale" + suffix, f"Scale: time and memory against n ({gamma_text})", body))
+    title = f"Scale: time and memory against n ({gamma_text})"
+    print(write_results("scale" + suffix, title, body, module="scale"))
 
 
 if __name__ == "__main__":

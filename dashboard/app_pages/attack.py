@@ -7,6 +7,7 @@ import streamlit as st
 from dashboard import state
 from dashboard.components.figures import loss_history
 from dashboard.components.images import upscale
+from dashboard.components.runs import remembered_or_run
 
 IMAGE_PX = 168
 
@@ -125,26 +126,16 @@ try:
 except state.InfluenceExplorerError as exc:
     st.error(str(exc))
 
-result = None if config is None else state.attack_result(settings, model_key, test_index, config)
-run = st.button(
-    "Attack" if result is None else "Attack again",
+result = remembered_or_run(
+    None if config is None else state.attack_result(settings, model_key, test_index, config),
+    lambda: state.run_attack(explainer, settings, model_key, test_index, config),
     key="attack_run",
-    type="primary",
-    disabled=config is None,
+    label="Attack",
+    running="Attacking…",
+    idle="Press the button to attack.",
+    enabled=config is not None,
+    settings=settings,
 )
-if run and config is not None:
-    hint = st.caption("Attacking… navigate to another page to cancel.")
-    try:
-        result = state.run_attack(explainer, settings, model_key, test_index, config)
-    except state.InfluenceExplorerError as exc:
-        st.error(str(exc))
-        result = None
-    hint.empty()
-
-if result is None:
-    if config is not None:
-        st.info("Not run yet for these settings. Press the button to attack.")
-    st.stop()
 
 before = names[result.predicted_before]
 after = names[result.predicted_after]

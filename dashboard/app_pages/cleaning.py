@@ -9,6 +9,7 @@ import streamlit as st
 from dashboard import state
 from dashboard.components.figures import found_vs_checked
 from dashboard.components.images import png_data_url
+from dashboard.components.runs import remembered_or_run
 
 st.title("Data cleaning")
 st.markdown(
@@ -141,26 +142,16 @@ if config is not None:
         f"{refits} fits of each model ({len(labels) * refits} in all; a few seconds each for "
         "the logistic regression on the demo, about one for the SVM)."
     )
-results = None if config is None else state.mislabel_results(settings, config)
-run = st.button(
-    "Flip labels and look for them" if results is None else "Run again",
+results = remembered_or_run(
+    None if config is None else state.mislabel_results(settings, config),
+    lambda: state.run_mislabel_experiments(explainer, settings, config),
     key="clean_run",
-    type="primary",
-    disabled=config is None,
+    label="Flip labels and look for them",
+    running="Refitting…",
+    idle="Press the button to flip labels and refit.",
+    enabled=config is not None,
+    settings=settings,
 )
-if run and config is not None:
-    hint = st.caption("Refitting… navigate to another page to cancel.")
-    try:
-        results = state.run_mislabel_experiments(explainer, settings, config)
-    except state.InfluenceExplorerError as exc:
-        st.error(str(exc))
-        results = None
-    hint.empty()
-
-if results is None:
-    if config is not None:
-        st.info("Not run yet for these settings. Press the button to flip labels and refit.")
-    st.stop()
 
 grid = np.linspace(0.0, 1.0, 201)
 st.plotly_chart(

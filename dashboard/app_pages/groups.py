@@ -10,6 +10,7 @@ import streamlit as st
 from dashboard import state
 from dashboard.components.figures import group_predicted_vs_actual, ratio_by_group_size
 from dashboard.components.images import upscale
+from dashboard.components.runs import remembered_or_run
 
 
 def _figure(value: float, digits: int = 3) -> str:
@@ -132,26 +133,16 @@ if config is not None:
             f"{count} retrains will take minutes. Fewer sizes or kinds make a quicker first look."
         )
 
-result = None if config is None else state.group_result(settings, model_key, test_index, config)
-run = st.button(
-    "Predict and retrain" if result is None else "Run again",
+result = remembered_or_run(
+    None if config is None else state.group_result(settings, model_key, test_index, config),
+    lambda: state.run_group_experiment(explainer, settings, model_key, test_index, config),
     key="groups_run",
-    type="primary",
-    disabled=config is None,
+    label="Predict and retrain",
+    running="Retraining…",
+    idle="Press the button to predict and retrain.",
+    enabled=config is not None,
+    settings=settings,
 )
-if run and config is not None:
-    hint = st.caption("Retraining… navigate to another page to cancel.")
-    try:
-        result = state.run_group_experiment(explainer, settings, model_key, test_index, config)
-    except state.InfluenceExplorerError as exc:
-        st.error(str(exc))
-        result = None
-    hint.empty()
-
-if result is None:
-    if config is not None:
-        st.info("Not run yet for these settings. Press the button to predict and retrain.")
-    st.stop()
 
 names = state.GROUP_ESTIMATE_NAMES
 st.subheader(

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core.errors import InfluenceExplorerError
+from core.errors import InfluenceExplorerError, NotPositiveDefiniteError
 from core.groups import first_misclassified
 from dashboard import state
 from tests.upload_corpus import build_upload_corpus
@@ -46,6 +46,10 @@ def _frame(at: AppTest, column: str) -> pd.DataFrame:
 
 def _failing(*args: object, **kwargs: object) -> None:
     raise InfluenceExplorerError("The solver gave up: try the exact solver.")
+
+
+def _not_positive_definite(*args: object, **kwargs: object) -> None:
+    raise NotPositiveDefiniteError("The Hessian is not positive definite.", suggested_damping=5e-3)
 
 
 def test_groups_default_image_run_remember_and_a_domain_error(make_app: Factory) -> None:
@@ -166,10 +170,15 @@ def test_attack_runs_two_images_and_shows_a_domain_error(
     at.number_input(key="attack_n_perturb").set_value(2).run()
 
     with monkeypatch.context() as patch:
-        patch.setattr("core.attack.explainer_attack", _failing)
+        patch.setattr("core.attack.explainer_attack", _not_positive_definite)
         at.button(key="attack_run").click().run()
         assert not at.exception
-        assert any("The solver gave up" in e.value for e in at.error)
+        # The engine's message, and which sidebar control fixes it (as on Explain and Verify).
+        assert any(
+            e.value.startswith("The Hessian is not positive definite.")
+            and "*Damping* to 0.01 or more" in e.value
+            for e in at.error
+        ), [e.value for e in at.error]
 
     at.button(key="attack_run").click().run()
     _no_errors(at)

@@ -8,33 +8,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from core.store import ENV_CACHE_DIR
+from bench.load import CHROMIUM_ARGS, streamlit_server
+from bench.load import ServerProcess as Server
 from tests.prepared_cache import REPO, cache_dir, prepare_default_explainer
 
 ARTIFACTS = REPO / "test-artifacts"
 REQUIRE_BROWSER_ENV = "INFLUENCE_REQUIRE_BROWSER"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-HEALTH_TIMEOUT = 180.0
 
 
 def _unavailable(reason: str) -> None:
@@ -55,77 +39,15 @@ def chromium_path() -> str:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-@dataclass(frozen=True)
-class Server:
-    url: str
-    log: Path
-
-
 @pytest.fixture(scope="session")
 def app_server(chromium_path: str) -> Iterator[Server]:
     """`streamlit run dashboard/streamlit_app.py` on a free port, with the prepared cache."""
     directory = cache_dir()
     prepare_default_explainer(directory)
     ARTIFACTS.mkdir(exist_ok=True)
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = dict(os.environ)
-    env.update(
-        {
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
-            # torch's OpenMP threads spin on idle cores otherwise (shared CI machines).
-            "OMP_WAIT_POLICY": "PASSIVE",
-            ENV_CACHE_DIR: str(directory),
-        }
-    )
-    log = ARTIFACTS / "e2e-server.log"
-    command = [
-        sys.executable,
-        "-m",
-        "streamlit",
-        "run",
-        "dashboard/streamlit_app.py",
-        "--server.port",
-        str(port),
-        "--server.address",
-        "127.0.0.1",
-        "--server.headless",
-        "true",
-        "--browser.gatherUsageStats",
-        "false",
-    ]
-    with log.open("w") as out:
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + HEALTH_TIMEOUT
-        while not _healthy(url):
-            if process.poll() is not None:
-                pytest.fail(f"streamlit exited with {process.returncode}; see {log}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"streamlit was not healthy after {HEALTH_TIMEOUT:.0f} s; see {log}")
-            time.sleep(0.5)
-        yield Server(url, log)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=15)
+    # The same server the load test starts (bench/load.py); a failed start names its log.
+    with streamlit_server(directory, ARTIFACTS / "e2e-server.log") as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -1155,6 +1155,23 @@ def _run_solver(
     t = time.perf_counter()
     notes: list[str] = []
     solver: InverseHVPSolver | None = None
+
+    def failed(error: Exception) -> _SolverRun:
+        """This solver's row when it could not produce scores, with the reason."""
+        elapsed = time.perf_counter() - t
+        note = "; ".join(notes)
+        return _SolverRun(
+            name,
+            objective.scope,
+            damping,
+            objective.n_params_,
+            elapsed,
+            note,
+            None,
+            None,
+            str(error),
+        )
+
     # Lanczos' smallest Ritz value only bounds λ_min from above: if CG meets negative
     # curvature anyway, double the shift and say so.
     for attempt in range(4):
@@ -1167,32 +1184,12 @@ def _run_solver(
             break
         except NotPositiveDefiniteError as error:
             if attempt == 3:
-                return _SolverRun(
-                    name,
-                    objective.scope,
-                    damping,
-                    objective.n_params_,
-                    time.perf_counter() - t,
-                    "; ".join(notes),
-                    None,
-                    None,
-                    str(error),
-                )
+                return failed(error)
             shift = damping - sc.damping_margin
             damping = 2 * max(shift, sc.damping_margin) + sc.damping_margin
             notes.append(f"retried with damping {damping:.3g} (negative curvature met)")
         except (ConvergenceError, SolverDivergedError) as error:
-            return _SolverRun(
-                name,
-                objective.scope,
-                damping,
-                objective.n_params_,
-                time.perf_counter() - t,
-                "; ".join(notes),
-                None,
-                None,
-                str(error),
-            )
+            return failed(error)
     assert solver is not None
     scores = (train_gradients @ s_test).T.numpy() / n
     if isinstance(solver, CGSolver):

@@ -75,7 +75,7 @@ def time_demo_uploads(count: int) -> dict:
 
     dataset = load_demo()
     start = time.perf_counter()
-    explainer = Explainer(dataset)
+    explainer = Explainer(dataset).prepare()
     warm_start = time.perf_counter() - start
     uploads = make_uploads(explainer.dataset.test_images, count + 3)
     shape, light = explainer.dataset.image_shape, explainer.dataset.light_on_dark

@@ -88,7 +88,7 @@ def demo_problem(n_test: int, seed: int) -> tuple[Problem, object]:
     from core.data import load_demo
     from core.explainer import Explainer
 
-    explainer = Explainer(load_demo())
+    explainer = Explainer(load_demo()).prepare()
     fitted = explainer.models["logreg"]
     model = fitted.model
     rows = np.sort(np.random.default_rng(seed).choice(explainer.n_test, n_test, replace=False))

@@ -31,9 +31,8 @@ def main() -> None:
     args = parser.parse_args()
 
     start = time.perf_counter()
-    explainer = Explainer(
-        load_demo(), ExplainerConfig(classes=parse_classes(args.classes)), progress=StageBars(True)
-    )
+    explainer = Explainer(load_demo(), ExplainerConfig(classes=parse_classes(args.classes)))
+    explainer.prepare(StageBars(True))
     prepared = time.perf_counter() - start
     indices = np.sort(
         np.random.default_rng(args.seed).choice(explainer.n_test, args.tests, replace=False)

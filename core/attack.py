@@ -35,14 +35,16 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from core.data import Dataset
 from core.errors import InfluenceExplorerError
+from core.explainer import FittedModel
 from core.features import Featurizer
 from core.influence import InfluenceEngine, SolverConfig
 from core.models import KernelSVM, LinearModel, as_float64
@@ -320,28 +322,31 @@ def attack_training_images(
 
 
 # ---------------------------------------------------------------------------------- explainer
-def explainer_attack(
-    explainer: Any,
-    key: str,
+def model_attack(
+    fitted: FittedModel,
+    dataset: Dataset,
     test_index: int,
     config: AttackConfig | None = None,
     *,
     train_indices: Sequence[int] | None = None,
     progress: Progress | None = None,
 ) -> AttackResult:
-    """:func:`attack_training_images` on one model of an :class:`~core.explainer.Explainer`."""
-    fitted = _fitted(explainer, key)
-    n_test = len(explainer.test_labels)
+    """:func:`attack_training_images` on one fitted model of an explainer's collection.
+
+    Args:
+        fitted: the model (not modified); dataset: the data it was fitted on.
+    """
+    n_test = dataset.n_test
     if not 0 <= int(test_index) < n_test:
         raise InfluenceExplorerError(f"test_index must be in [0, {n_test}); got {test_index}.")
     index = int(test_index)
     return attack_training_images(
         fitted.model,
         fitted.featurizer,
-        explainer.dataset.train_images,
+        dataset.train_images,
         fitted.test_inputs[index : index + 1],
         config,
-        solver=explainer.config.solver,
+        solver=fitted.solver,
         engine=fitted.engine,
         train_indices=train_indices,
         test_index=index,
@@ -349,22 +354,16 @@ def explainer_attack(
     )
 
 
-def _fitted(explainer: Any, key: str) -> Any:
-    if key not in explainer.models:
-        raise InfluenceExplorerError(
-            f"model must be one of {', '.join(explainer.models)}; got {key!r}."
-        )
-    return explainer.models[key]
-
-
-def correctly_classified(explainer: Any, *, count: int, seed: int = 0) -> list[int]:
+def correctly_classified(
+    models: Iterable[FittedModel], test_labels: Any, *, count: int, seed: int = 0
+) -> list[int]:
     """Up to ``count`` test images every model classifies correctly, in a seeded random order
     (the images Koh & Liang attack)."""
     if count < 1:
         raise InfluenceExplorerError(f"count must be >= 1; got {count}.")
-    truth = np.asarray(explainer.test_labels)
+    truth = np.asarray(test_labels)
     correct = np.ones(len(truth), dtype=bool)
-    for fitted in explainer.models.values():
+    for fitted in models:
         # The decision function's class, as the attack uses: the SVM's Platt-scaled
         # probabilities can put 0.5 slightly off the decision boundary.
         correct &= fitted.model.predict(fitted.test_inputs) == truth
@@ -392,8 +391,8 @@ class AttackSummary:
 
 
 def attack_many(
-    explainer: Any,
-    key: str,
+    fitted: FittedModel,
+    dataset: Dataset,
     test_indices: Sequence[int],
     config: AttackConfig | None = None,
     *,
@@ -402,7 +401,6 @@ def attack_many(
     """Attack each test image in turn with the same settings; the success rate over them."""
     start = time.perf_counter()
     config = config if config is not None else AttackConfig()
-    fitted = _fitted(explainer, key)
     indices = [int(i) for i in test_indices]
     if not indices:
         raise InfluenceExplorerError("Give at least one test image to attack.")
@@ -411,10 +409,10 @@ def attack_many(
     results = []
     for position, index in enumerate(indices):
         report(stage, position, len(indices))
-        results.append(explainer_attack(explainer, key, index, config))
+        results.append(model_attack(fitted, dataset, index, config))
     report(stage, len(indices), len(indices))
     return AttackSummary(
-        key=key,
+        key=fitted.key,
         config=config,
         results=tuple(results),
         success_rate=float(np.mean([r.flipped for r in results])),
@@ -430,6 +428,6 @@ __all__ = [
     "attack_many",
     "attack_training_images",
     "correctly_classified",
-    "explainer_attack",
+    "model_attack",
     "retrained_loss_gradient",
 ]

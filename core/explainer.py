@@ -1,17 +1,19 @@
-"""The join: a dataset, a class pair, a backbone and two fitted models with their influence engines.
+"""The join: a dataset, chosen classes, and an ordered collection of fitted models with their
+influence engines.
 
-:class:`Explainer` turns the engine into the paper's experiment on real images. It holds, for the
-chosen classes of a dataset,
+:class:`Explainer` turns the engine into the paper's experiment on real images. For the chosen
+classes of a dataset it holds :attr:`Explainer.models`, key -> :class:`FittedModel`, today
 
 - ``"svm"``: the RBF-kernel SVM on raw pixels (smooth hinge), and
 - ``"logreg"``: L2 logistic regression on frozen ImageNet-backbone features,
 
 each with an :class:`~core.influence.InfluenceEngine`, and answers ``explain`` (scores of every
 training image for one test image, top-k helpful and harmful), ``heatmap`` (per-pixel perturbation
-influence of a training image) and ``verify`` (leave-one-out retraining).
+influence of a training image) and ``verify`` (leave-one-out retraining), for every model.
 
-An Explainer is read-only after construction (everything lazy in the engines is computed up
-front), so one instance can be shared by many dashboard sessions at once.
+Construction is cheap; :meth:`Explainer.prepare` computes features, fits and engines. A prepared
+Explainer is read-only (everything lazy in the engines is computed up front), so one instance can
+be shared by many dashboard sessions at once.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 
 from core.data import Dataset
-from core.errors import InfluenceExplorerError, SolverDivergedError
+from core.errors import InfluenceExplorerError, NotFittedError, SolverDivergedError
 from core.features import (
     DEFAULT_BACKBONE,
     Featurizer,
@@ -34,7 +36,7 @@ from core.features import (
     check_finite_features,
     get_featurizer,
 )
-from core.influence import ESTIMATES, Estimate, InfluenceEngine, SolverConfig, top_k
+from core.influence import Estimate, InfluenceEngine, SolverConfig, top_k
 from core.models import KernelSVM, LinearModel, LogisticRegression
 from core.store import ArtifactStore, CacheKey
 from core.validation import Verification, verify
@@ -42,8 +44,6 @@ from core.validation import Verification, verify
 #: Stage-aware progress: progress(stage, done, total).
 StageProgress = Callable[[str, int, int], None]
 Target = Literal["auto", "true", "predicted"]
-
-MODEL_KEYS: tuple[str, ...] = ("svm", "logreg")
 
 #: Weight decays tried for the logistic regression, chosen by cross-validated accuracy.
 LOGREG_L2_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
@@ -77,7 +77,7 @@ class ExplainerConfig:
             cross-validated accuracy over :data:`LOGREG_L2_GRID` (never by how good influence looks).
         svm_l2, svm_gamma, svm_temperature: the kernel SVM's hyperparameters (``svm_gamma=None``
             is the paper's 0.05 / n_train).
-        solver: how H⁻¹ is applied for both models.
+        solver: how H⁻¹ is applied for every model.
         max_train_per_class: subsample larger training sets (seeded) to keep the kernel SVM's
             n x n factorisation in memory; ``None`` keeps all.
         seed: subsampling and cross-validation seed.
@@ -198,7 +198,7 @@ class ModelExplanation:
 
 @dataclass(frozen=True)
 class Explanation:
-    """Both models' explanations of one test image.
+    """Every model's explanation of one test image.
 
     Attributes:
         image: (H, W, C) uint8, exactly what the models saw.
@@ -217,7 +217,22 @@ class Explanation:
 
 
 @dataclass(frozen=True)
-class _FittedModel:
+class FittedModel:
+    """One model of an explainer's collection, fitted, with its influence engine.
+
+    Attributes:
+        key: short stable id used in URLs, JSON and caches (e.g. "svm", "logreg").
+        label: for people, e.g. "RBF SVM on pixels".
+        features_label: what the model sees, e.g. "EfficientNet-Lite0 (ImageNet) features, 1280-d".
+        featurizer: images -> the model's inputs.
+        model: the fitted estimator.
+        engine: its influence engine (everything lazy already computed, so it is never mutated
+            while shared).
+        test_inputs: (n_test, D) float64 model inputs of the test split.
+        selection: cross-validated accuracy per λ tried, when λ was chosen (else empty).
+        solver: how the engine applies H⁻¹; refits (attacks, relabelling) build theirs from it.
+    """
+
     key: str
     label: str
     features_label: str
@@ -226,31 +241,47 @@ class _FittedModel:
     engine: InfluenceEngine
     test_inputs: torch.Tensor
     selection: dict[str, float]
+    solver: SolverConfig
+
+    def inputs(self, images: np.ndarray, what: str = "the image") -> torch.Tensor:
+        """The model's inputs for (m, H, W, C) uint8 images. Returns: (m, D) float64."""
+        features = self.featurizer.transform(images)
+        check_finite_features(features, self.featurizer, what)
+        return torch.as_tensor(features, dtype=torch.float64)
 
 
 def _subsample(labels: np.ndarray, per_class: int | None, seed: int) -> np.ndarray:
+    """Rows to keep: at most ``per_class`` of each class, seeded per class so that a class keeps
+    the same images whichever other classes are chosen (its features are then reused)."""
     if per_class is None:
         return np.arange(len(labels))
-    rng = np.random.default_rng(seed)
-    keep = [
-        np.sort(rng.permutation(np.flatnonzero(labels == c))[:per_class]) for c in np.unique(labels)
-    ]
+    keep = []
+    for c in np.unique(labels):
+        rng = np.random.default_rng([seed, int(c)])
+        keep.append(np.sort(rng.permutation(np.flatnonzero(labels == c))[:per_class]))
     return np.sort(np.concatenate(keep))
 
 
 class Explainer:
-    """Both models, fitted on the chosen classes of a dataset, with their influence engines.
+    """An ordered collection of fitted models on the chosen classes of a dataset, each with its
+    influence engine.
+
+    Construction is cheap (it selects the classes and sets up the featurizers);
+    :meth:`prepare` does the work (features, fits, engines) with progress. The models are
+    ``"svm"``, the RBF-kernel SVM on raw pixels, and ``"logreg"``, logistic regression on the
+    backbone's features; code that uses them loops over :attr:`models`.
 
     Args:
         dataset: the full dataset (all classes); features are cached per original class so that
-            switching pairs reuses them.
+            switching classes reuses them.
         config: what to build.
         store: artifact cache for features and fitted parameters (default: the user cache).
-        progress: ``progress(stage, done, total)`` while preparing.
 
     Attributes:
+        models: key -> :class:`FittedModel`, in display order (empty until prepared).
         warnings: why scores may be inaccurate although nothing failed (e.g. a LiSSA recursion
             too short to have converged), each naming its model and what to change.
+        seconds: wall time of :meth:`prepare`.
     """
 
     def __init__(
@@ -259,85 +290,117 @@ class Explainer:
         config: ExplainerConfig | None = None,
         *,
         store: ArtifactStore | None = None,
-        progress: StageProgress | None = None,
     ) -> None:
-        start = time.perf_counter()
         self.config = config if config is not None else ExplainerConfig()
         self.store = store if store is not None else ArtifactStore()
-        self._progress = progress or (lambda stage, done, total: None)
+        self._progress: StageProgress = lambda stage, done, total: None
         self.source = dataset
         classes = (
             self.config.classes if self.config.classes is not None else default_classes(dataset)
         )
         self.class_indices = tuple(dataset._class_index(c) for c in classes)
+        if len(set(self.class_indices)) != len(self.class_indices):
+            raise InfluenceExplorerError(f"classes lists a class twice: {classes!r}.")
         subset = dataset.select_classes(list(self.class_indices))
         keep = _subsample(subset.train_labels, self.config.max_train_per_class, self.config.seed)
         self.dataset = subset if len(keep) == subset.n_train else _take_train(subset, keep)
         self.class_names = self.dataset.class_names
         self.train_labels = self.dataset.train_labels
         self.test_labels = self.dataset.test_labels
-
         self.pixels = PixelFeaturizer()
         self.backbone = get_featurizer(self.config.backbone, **self._backbone_options())
-        pixels_train = self._pixel_inputs(self.dataset.train_images)
-        pixels_test = self._pixel_inputs(self.dataset.test_images)
+        #: (key, label) of every model :meth:`prepare` fits, in display order.
+        self.model_specs: tuple[tuple[str, str], ...] = (
+            ("svm", "RBF SVM on pixels"),
+            ("logreg", f"Logistic regression on {self.backbone.label} features"),
+        )
+        self.models: dict[str, FittedModel] = {}
+        self.warnings: tuple[str, ...] = ()
+        self.seconds: float | None = None
+
+    @property
+    def model_keys(self) -> tuple[str, ...]:
+        """Keys of the models in display order, known before :meth:`prepare`."""
+        return tuple(key for key, _ in self.model_specs)
+
+    @property
+    def prepared(self) -> bool:
+        return bool(self.models)
+
+    def prepare(self, progress: StageProgress | None = None) -> Explainer:
+        """Compute features, fit every model and build its influence engine (once).
+
+        Args:
+            progress: ``progress(stage, done, total)`` while preparing.
+        Returns:
+            ``self``, prepared.
+        """
+        if self.prepared:
+            return self
+        start = time.perf_counter()
+        self._progress = progress or (lambda stage, done, total: None)
+        try:
+            self._prepare()
+        finally:
+            self._progress = lambda stage, done, total: None
+        self.seconds = time.perf_counter() - start
+        return self
+
+    def _prepare(self) -> None:
+        pixels_train = self.pixels.transform(self.dataset.train_images)
+        pixels_test = self.pixels.transform(self.dataset.test_images)
         features_train = self._backbone_features("train")
         features_test = self._backbone_features("test")
-        self._pixels_train = pixels_train
+        self._pixels_train = torch.as_tensor(pixels_train, dtype=torch.float64)
+        self._pixels_test = torch.as_tensor(pixels_test, dtype=torch.float64)
 
         svm = self._fit_svm(pixels_train)
         logreg, selection = self._fit_logreg(features_train)
-        self._progress("Preparing influence engines", 0, 2)
-        self.models: dict[str, _FittedModel] = {}
-        for position, (key, label, featurizer, model, test_inputs, chosen) in enumerate(
-            (
-                ("svm", "RBF SVM on pixels", self.pixels, svm, pixels_test, {}),
-                (
-                    "logreg",
-                    f"Logistic regression on {self.backbone.label} features",
-                    self.backbone,
-                    logreg,
-                    features_test,
-                    selection,
-                ),
-            )
-        ):
+        labels = dict(self.model_specs)
+        specs = (
+            ("svm", labels["svm"], self.pixels, svm, pixels_test, {}),
+            ("logreg", labels["logreg"], self.backbone, logreg, features_test, selection),
+        )
+        self._progress("Preparing influence engines", 0, len(specs))
+        models: dict[str, FittedModel] = {}
+        for position, (key, label, featurizer, model, test_inputs, chosen) in enumerate(specs):
             engine = InfluenceEngine(model, self.config.solver)
             # Compute everything lazy now, so the shared explainer is never mutated later.
-            for estimate in ESTIMATES:
+            for estimate in engine.estimates:
                 engine.self_influence(estimate)
-            self.models[key] = _FittedModel(
+            models[key] = FittedModel(
                 key=key,
                 label=label,
-                features_label=self._features_label(key, model),
+                features_label=self._features_label(featurizer, model),
                 featurizer=featurizer,
                 model=model,
                 engine=engine,
                 test_inputs=torch.as_tensor(test_inputs, dtype=torch.float64),
                 selection=chosen,
+                solver=self.config.solver,
             )
-            self._progress("Preparing influence engines", position + 1, 2)
+            self._progress("Preparing influence engines", position + 1, len(specs))
         self._test_predictions = {
-            key: fitted.model.predict_proba(fitted.test_inputs)
-            for key, fitted in self.models.items()
+            key: fitted.model.predict_proba(fitted.test_inputs) for key, fitted in models.items()
         }
         # Why scores may be inaccurate although nothing failed (e.g. LiSSA too short to have
         # converged), each naming its model and what to change; empty when all is well.
-        self.warnings: tuple[str, ...] = tuple(
+        self.warnings = tuple(
             f"{fitted.label}: {message}"
-            for fitted in self.models.values()
+            for fitted in models.values()
             for message in fitted.engine.solver.convergence_warnings
         )
-        self.seconds = time.perf_counter() - start
+        self.models = models
+
+    def _require_prepared(self) -> None:
+        if not self.prepared:
+            raise NotFittedError("This Explainer is not prepared yet; call prepare() first.")
 
     # ------------------------------------------------------------------ preparation
     def _backbone_options(self) -> dict[str, Any]:
         if self.config.backbone == "inception-v3" and self.config.inception_weights:
             return {"weights_path": self.config.inception_weights}
         return {}
-
-    def _pixel_inputs(self, images: np.ndarray) -> np.ndarray:
-        return self.pixels.transform(images)
 
     def _backbone_features(self, split: str) -> np.ndarray:
         """Backbone features of a split, cached per original class of the full dataset."""
@@ -450,11 +513,11 @@ class Explainer:
         best = max(range(len(grid)), key=lambda i: (round(float(accuracy[i]), 10), grid[i]))
         return float(grid[best]), {f"{g:g}": float(a) for g, a in zip(grid, accuracy, strict=True)}
 
-    def _features_label(self, key: str, model: LinearModel) -> str:
-        if key == "svm":
+    def _features_label(self, featurizer: Featurizer, model: LinearModel) -> str:
+        if isinstance(featurizer, PixelFeaturizer) and isinstance(model, KernelSVM):
             h, w, c = self.dataset.image_shape
             return f"raw pixels ({h}x{w}x{c}) through an RBF kernel (γ = {model.gamma_:.3g})"
-        return f"{self.backbone.label} features, {model.features_.shape[1]}-d"
+        return f"{featurizer.label} features, {model.features_.shape[1]}-d"
 
     # ------------------------------------------------------------------ queries
     @property
@@ -466,7 +529,8 @@ class Explainer:
         return len(self.test_labels)
 
     def summaries(self) -> dict[str, ModelSummary]:
-        """Accuracy and settings of both models."""
+        """Accuracy and settings of every model."""
+        self._require_prepared()
         out = {}
         for key, fitted in self.models.items():
             model = fitted.model
@@ -496,11 +560,16 @@ class Explainer:
         return self._test_predictions[self._check_key(key)]
 
     def _check_key(self, key: str) -> str:
+        self._require_prepared()
         if key not in self.models:
             raise InfluenceExplorerError(
-                f"model must be one of {', '.join(MODEL_KEYS)}; got {key!r}."
+                f"model must be one of {', '.join(self.models)}; got {key!r}."
             )
         return key
+
+    def model(self, key: str) -> FittedModel:
+        """One model of the collection by key."""
+        return self.models[self._check_key(key)]
 
     def _check_image(self, image: np.ndarray) -> np.ndarray:
         image = np.asarray(image)
@@ -515,6 +584,7 @@ class Explainer:
         self, test_index: int | None, image: np.ndarray | None
     ) -> tuple[np.ndarray, int | None, dict[str, torch.Tensor]]:
         """The image, its true label (if a test image) and each model's input for it."""
+        self._require_prepared()
         if (test_index is None) == (image is None):
             raise InfluenceExplorerError("Give exactly one of test_index or image.")
         if test_index is not None:
@@ -528,13 +598,27 @@ class Explainer:
             }
             return self.dataset.test_images[index], int(self.test_labels[index]), inputs
         image = self._check_image(image)
-        batch = image[None]
-        inputs = {}
-        for key, fitted in self.models.items():
-            features = fitted.featurizer.transform(batch)
-            check_finite_features(features, fitted.featurizer, "the uploaded image")
-            inputs[key] = torch.as_tensor(features, dtype=torch.float64)
+        inputs = {
+            key: fitted.inputs(image[None], "the uploaded image")
+            for key, fitted in self.models.items()
+        }
         return image, None, inputs
+
+    def pixel_distances(
+        self, *, test_index: int | None = None, image: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Euclidean distance from the query to every training image, pixels scaled to [-1, 1].
+
+        Returns: (n_train,).
+        """
+        self._require_prepared()
+        if test_index is not None:
+            query = self._pixels_test[int(test_index)]
+        else:
+            query = torch.as_tensor(
+                self.pixels.transform(self._check_image(image)[None])[0], dtype=torch.float64
+            )
+        return torch.linalg.norm(self._pixels_train - query, dim=1).numpy()
 
     def _target(
         self, key: str, true_label: int | None, inputs: torch.Tensor, target: Target
@@ -558,7 +642,7 @@ class Explainer:
         estimate: Estimate = "corrected",
         target: Target = "auto",
     ) -> Explanation:
-        """Score every training image for one test image, for both models.
+        """Score every training image for one test image, for every model.
 
         Args:
             test_index: a row of the test set, or
@@ -570,10 +654,9 @@ class Explainer:
         """
         start = time.perf_counter()
         query_image, true_label, inputs = self._query(test_index, image)
-        pixel_query = inputs["svm"][0]
-        pixel_distances = torch.linalg.norm(
-            torch.as_tensor(self._pixels_train) - pixel_query, dim=1
-        ).numpy()
+        pixel_distances = self.pixel_distances(
+            test_index=test_index, image=None if test_index is not None else query_image
+        )
         models = {}
         for key, fitted in self.models.items():
             model, engine = fitted.model, fitted.engine
@@ -675,7 +758,7 @@ class Explainer:
         select_by: Estimate = "corrected",
         progress: StageProgress | None = None,
     ) -> dict[str, Verification]:
-        """Leave-one-out retraining for the top k training images (by |score|) of both models."""
+        """Leave-one-out retraining for the top k training images (by |score|) of every model."""
         _, true_label, inputs = self._query(test_index, image)
         out = {}
         report = progress or (lambda stage, done, total: None)
@@ -700,7 +783,7 @@ class Explainer:
         select_by: Estimate = "corrected",
         progress: StageProgress | None = None,
     ) -> dict[str, list[Verification]]:
-        """Leave-one-out checks for several test images at once (true labels), both models."""
+        """Leave-one-out checks for several test images at once (true labels), every model."""
         indices = [int(i) for i in test_indices]
         for index in indices:
             self._query(index, None)

@@ -5,7 +5,7 @@ with and without weight decay, and measures how well the influence score predict
 effect of retraining without a training point, exactly as the convex models are checked, so the
 convex models appear in the same table as reference rows.
 
-The score is the DESIGN.md one, first order (the paper's estimate):
+The score is the one of docs/architecture.md, first order (the paper's estimate):
 
     score(z_j, z_test) = (1/n) ∇ℓ(z_test, θ̂)ᵀ (H + δI)⁻¹ ∇ℓ(z_j, θ̂)  ≈  ℓ(z_test, θ̂_{-j}) - ℓ(z_test, θ̂),
 
@@ -77,23 +77,22 @@ from core.errors import (
 )
 from core.influence import (
     CGSolver,
-    ExactSolver,
     InfluenceEngine,
     InverseHVPSolver,
     LiSSASolver,
     LiSSAWarning,
+    SolverConfig,
+    make_solver,
 )
+from core.linalg import Spectrum, lanczos_spectrum, spectrum_from_hessian
 from core.models import DTYPE, KernelSVM, LinearModel, LogisticRegression
 from core.networks import (
     Architecture,
     NetworkObjective,
     ParameterLayout,
     SGDSchedule,
-    Spectrum,
     build_network,
     images_to_tensor,
-    lanczos_spectrum,
-    spectrum_from_hessian,
     torch_threads,
     train_sgd,
 )
@@ -229,6 +228,21 @@ class SolverSettings:
             _check_int(name, getattr(self, name), 1)
         if self.lissa_scale is not None:
             _check_positive("lissa_scale", self.lissa_scale)
+
+    def solver_config(self, method: str, damping: float, seed: int) -> SolverConfig:
+        """The engine's :class:`~core.influence.SolverConfig` for one of this study's solvers at
+        a damping already chosen (the study measures the spectrum itself, to report it)."""
+        return SolverConfig(
+            method=method,
+            damping=damping,
+            cg_tol=self.cg_tol,
+            cg_max_iter=self.cg_max_iter,
+            lissa_depth=self.lissa_depth,
+            lissa_scale=self.lissa_scale,
+            lissa_repeats=self.lissa_repeats,
+            lissa_batch_size=self.lissa_batch_size,
+            seed=seed,
+        )
 
 
 @dataclass(frozen=True)
@@ -979,15 +993,12 @@ def _run_cnn(
     tracker.advance(0, "Hessian spectrum")
 
     # ---- solvers
-    gradients: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    test_gradients: dict[str, torch.Tensor] = {}
 
-    def scope_gradients(obj: NetworkObjective) -> tuple[torch.Tensor, torch.Tensor]:
-        if obj.scope not in gradients:
-            gradients[obj.scope] = (
-                obj.per_example_gradients(X, y),
-                obj.per_example_gradients(X_points, y_points),
-            )
-        return gradients[obj.scope]
+    def scope_test_gradients(obj: NetworkObjective) -> torch.Tensor:
+        if obj.scope not in test_gradients:
+            test_gradients[obj.scope] = obj.loss_gradients(X_points, y_points)
+        return test_gradients[obj.scope]
 
     runs: list[_SolverRun] = []
     last_objective: NetworkObjective | None = None
@@ -1016,7 +1027,7 @@ def _run_cnn(
             )
             obj = last_objective
             damping = max(0.0, -last_spectrum.smallest) + sc.damping_margin
-        run = _run_solver(name, obj, damping, sc, scope_gradients, n, tc.seed, spectrum)
+        run = _run_solver(name, obj, damping, sc, scope_test_gradients, tc.seed, spectrum)
         if name == "exact":
             # The exact solver's cost is mostly the dense Hessian: count it.
             run.seconds += curvature[-1].seconds
@@ -1145,13 +1156,12 @@ def _run_solver(
     objective: NetworkObjective,
     damping: float,
     sc: SolverSettings,
-    scope_gradients: Callable[[NetworkObjective], tuple[torch.Tensor, torch.Tensor]],
-    n: int,
+    scope_test_gradients: Callable[[NetworkObjective], torch.Tensor],
     seed: int,
     spectrum: Spectrum,
 ) -> _SolverRun:
     """Scores of one solver: s_test = (H + δI)⁻¹∇ℓ_test, score_j = (1/n) ∇ℓ_jᵀ s_test."""
-    train_gradients, test_gradients = scope_gradients(objective)
+    test_gradients = scope_test_gradients(objective)
     t = time.perf_counter()
     notes: list[str] = []
     solver: InverseHVPSolver | None = None
@@ -1179,7 +1189,7 @@ def _run_solver(
             with warnings.catch_warnings():
                 # LiSSA's own depth check assumes H ⪰ λI; the note below uses the true λ_min.
                 warnings.simplefilter("ignore", LiSSAWarning)
-                solver = _make_solver(name, objective, damping, sc, seed)
+                solver = make_solver(objective, sc.solver_config(name, damping, seed))
                 s_test = solver.inverse_hvp(test_gradients.T)
             break
         except NotPositiveDefiniteError as error:
@@ -1191,7 +1201,7 @@ def _run_solver(
         except (ConvergenceError, SolverDivergedError) as error:
             return failed(error)
     assert solver is not None
-    scores = (train_gradients @ s_test).T.numpy() / n
+    scores = InfluenceEngine(objective, solver).scores_from_stest(s_test.T, estimate="first_order")
     if isinstance(solver, CGSolver):
         notes.append(f"{solver.last_iterations} iterations to relative residual {sc.cg_tol:g}")
     if isinstance(solver, LiSSASolver):
@@ -1212,24 +1222,6 @@ def _run_solver(
         "; ".join(notes),
         s_test,
         scores,
-    )
-
-
-def _make_solver(
-    name: str, objective: NetworkObjective, damping: float, sc: SolverSettings, seed: int
-) -> InverseHVPSolver:
-    if name == "exact":
-        return ExactSolver(objective, damping)
-    if name == "cg":
-        return CGSolver(objective, damping, tol=sc.cg_tol, max_iter=sc.cg_max_iter)
-    return LiSSASolver(
-        objective,
-        damping,
-        depth=sc.lissa_depth,
-        scale=sc.lissa_scale,
-        repeats=sc.lissa_repeats,
-        batch_size=sc.lissa_batch_size,
-        seed=seed,
     )
 
 

@@ -1,6 +1,6 @@
 """Influence of groups of training points (Koh, Ang, Teo & Liang 2019; Basu, You & Feizi 2020).
 
-Removing a group U of training points follows the project's definition (DESIGN.md): the group's loss
+Removing a group U of training points follows the project's definition (docs/architecture.md): the group's loss
 terms are dropped while the 1/n and λ stay,
 
     R_U(θ) = R(θ) - (1/n) Σ_{j∈U} w_j ℓ_j(θ),    R(θ) = (1/n) Σ_i w_i ℓ_i(θ) + (λ/2)‖θ‖²,
@@ -46,16 +46,19 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from core.data import Dataset
 from core.errors import InfluenceExplorerError
-from core.influence import ESTIMATES, ExactSolver, InfluenceEngine
-from core.models import DTYPE, LinearModel, as_float64, as_labels, cholesky_solve
+from core.explainer import FittedModel
+from core.influence import ESTIMATES, InfluenceEngine
+from core.linalg import cholesky_solve
+from core.models import DTYPE, LinearModel, as_float64, as_labels
 from core.validation import RETRAIN_TOL, Agreement, agreement, retrain_without
 
 #: The three estimates of a group's effect: one, two, and all terms of the Newton step's series.
@@ -566,6 +569,13 @@ def group_experiment(
 
     predicted, at_params = empty(), empty()
     test_loss, test_loss_at_params, test_accuracy = empty(), empty(), empty()
+    # The first-order group effect is the (weighted) sum of the points' own first-order scores.
+    individual = (
+        engine.influence_scores(
+            X_test[position : position + 1], focus_label, estimate="first_order"
+        )[0]
+        * model.sample_weight_.numpy()
+    )
     for i, group in enumerate(groups):
         report("Predicting group effects", i, G)
         for estimate, delta in predicted_params_change(engine, group.indices).items():
@@ -573,7 +583,11 @@ def group_experiment(
             scores = _scores_at(model, features, theta)
             losses = model.loss_.value(scores, y_test)
             focus_loss = model.loss_.value(_scores_at(model, focus, theta), focus_label)[0]
-            predicted[estimate][i] = float(focus_gradient @ delta)
+            predicted[estimate][i] = (
+                float(individual[group.indices].sum())
+                if estimate == "first_order"
+                else float(focus_gradient @ delta)
+            )
             at_params[estimate][i] = float(focus_loss) - base_loss
             test_loss[estimate][i] = float((test_gradients @ delta).mean())
             test_loss_at_params[estimate][i] = float((losses - base_losses).mean())
@@ -587,7 +601,7 @@ def group_experiment(
     eval_inputs = torch.cat([X_test[position : position + 1], X_test.repeat(n_classes, 1)])
     eval_labels = torch.cat([focus_label, torch.arange(n_classes).repeat_interleave(m)])
     stage = f"Retraining without each of {G} groups"
-    preconditioner = engine.solver.inverse_hvp if isinstance(engine.solver, ExactSolver) else None
+    preconditioner = engine.preconditioner
     retrained = retrain_without(
         model,
         [g.indices for g in groups],
@@ -656,54 +670,51 @@ def group_experiment(
     )
 
 
-def first_misclassified(explainer: Any) -> int:
+def first_misclassified(models: Iterable[FittedModel], test_labels: Any) -> int:
     """The first test image every model gets wrong (else the first any model gets wrong, else 0).
 
     The default test point of the group experiment: on a mistake the explained loss is large and
-    both losses are in their steep part (a confidently right SVM prediction sits on the flat side
+    the losses are in their steep part (a confidently right SVM prediction sits on the flat side
     of the smooth hinge, where every predicted group effect is close to zero).
     """
-    truth = np.asarray(explainer.test_labels)
-    wrong = [f.model.predict(f.test_inputs) != truth for f in explainer.models.values()]
+    truth = np.asarray(test_labels)
+    wrong = [f.model.predict(f.test_inputs) != truth for f in models]
+    if not wrong:
+        return 0
     for rows in (np.logical_and.reduce(wrong), np.logical_or.reduce(wrong)):
         if rows.any():
             return int(np.flatnonzero(rows)[0])
     return 0
 
 
-def explainer_group_experiment(
-    explainer: Any,
-    key: str,
+def model_group_experiment(
+    fitted: FittedModel,
+    dataset: Dataset,
     config: GroupConfig | None = None,
     *,
     test_index: int = 0,
     target: str = "true",
     progress: StageProgress | None = None,
 ) -> GroupExperiment:
-    """:func:`group_experiment` for one model of an :class:`~core.explainer.Explainer`.
+    """:func:`group_experiment` for one fitted model of an explainer's collection.
 
     Args:
-        explainer: a built explainer (not modified).
-        key: "svm" or "logreg".
+        fitted: the model (not modified).
+        dataset: the data it was fitted on (the explainer's ``dataset``).
         config: the groups to form (default :class:`GroupConfig`).
         test_index: the test image whose loss is explained; the test-set figures use all.
         target: "true" (its true label) or "predicted" (the model's prediction).
         progress: ``progress(stage, done, total)``.
     """
-    if key not in explainer.models:
-        raise InfluenceExplorerError(
-            f"model must be one of {', '.join(explainer.models)}; got {key!r}."
-        )
     if target not in ("true", "predicted"):
         raise InfluenceExplorerError(f"target must be 'true' or 'predicted'; got {target!r}.")
     config = config if config is not None else GroupConfig()
-    fitted = explainer.models[key]
-    n_test = len(explainer.test_labels)
+    n_test = dataset.n_test
     if not 0 <= int(test_index) < n_test:
         raise InfluenceExplorerError(f"test_index must be in [0, {n_test}); got {test_index}.")
     inputs = fitted.test_inputs[int(test_index) : int(test_index) + 1]
     label = (
-        int(explainer.test_labels[int(test_index)])
+        int(dataset.test_labels[int(test_index)])
         if target == "true"
         else int(fitted.model.predict(inputs)[0])
     )
@@ -715,14 +726,14 @@ def explainer_group_experiment(
         labels=fitted.model.labels_.numpy(),
         features=fitted.model.training_inputs_.numpy() if "cluster" in config.kinds else None,
         scores=scores,
-        class_names=list(explainer.class_names),
+        class_names=list(dataset.class_names),
         progress=progress,
     )
     return group_experiment(
         fitted.engine,
         groups,
         fitted.test_inputs,
-        explainer.test_labels,
+        dataset.test_labels,
         test_position=int(test_index),
         test_label=label,
         progress=progress,
@@ -739,11 +750,11 @@ __all__ = [
     "GroupExperiment",
     "KMeansResult",
     "SizeTrend",
-    "explainer_group_experiment",
     "first_misclassified",
     "group_experiment",
     "kmeans",
     "make_groups",
+    "model_group_experiment",
     "predicted_params_change",
     "size_count",
 ]

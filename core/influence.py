@@ -1,22 +1,28 @@
-"""Influence of training points on test predictions, for the convex models in :mod:`core.models`.
+"""Influence of training points on test predictions: one engine over a small protocol.
 
-One convention everywhere (DESIGN.md):
+One convention everywhere (docs/architecture.md):
 
     score(z_j, z_test) = (1/n) ∇ℓ(z_test, θ̂)ᵀ H⁻¹ ∇ℓ(z_j, θ̂)  ≈  ℓ(z_test, θ̂_{-j}) - ℓ(z_test, θ̂)
 
 in units of test loss. Positive: removing z_j would raise the test loss, so z_j **helped** the
 prediction. Negative: z_j **hurt** it.
 
-Two estimates of the same leave-one-out change:
+:class:`InfluenceEngine` works for anything that implements :class:`TwiceDifferentiable` (the
+training objective's Hessian-vector products, per-example loss gradients and their products with
+vectors): the convex models of :mod:`core.models` and a network's objective
+(:class:`core.networks.NetworkObjective`) alike. Two estimates of the same leave-one-out change:
 
-- ``"first_order"`` — the paper's, with the Hessian H of the full training objective.
+- ``"first_order"`` — the paper's, with the Hessian H of the full training objective. Every model.
 - ``"corrected"`` (default) — one exact Newton step on the objective without z_j, i.e. H replaced by
-  H_{-j} = H - (1/n)∇²ℓ(z_j), through a Woodbury update. For binary models (rank-one per-example
-  Hessians) it is the first-order score divided by (1 - h_j), h_j = (1/n) c_j φ_jᵀH⁻¹φ_j the leverage.
-  It removes the first-order estimate's systematic under-estimate for high-leverage points.
+  H_{-j} = H - (1/n)∇²ℓ(z_j), through a Woodbury update. A capability of models whose per-example
+  Hessians factor through fixed features (:class:`ExampleCurvature`: the convex models). For
+  binary models (rank-one per-example Hessians) it is the first-order score divided by (1 - h_j),
+  h_j = (1/n) c_j φ_jᵀH⁻¹φ_j the leverage. It removes the first-order estimate's systematic
+  under-estimate for high-leverage points.
 
 The inverse-Hessian solver is the only thing that varies (``ExactSolver``, ``CGSolver``,
-``LiSSASolver``); everything else is built on ``inverse_hvp``.
+``LiSSASolver``, chosen by one :class:`SolverConfig`); everything else is built on
+``inverse_hvp``.
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ from __future__ import annotations
 import math
 import warnings
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -36,7 +43,16 @@ from core.errors import (
     NotPositiveDefiniteError,
     SolverDivergedError,
 )
-from core.models import DTYPE, LinearModel, as_float64, cholesky_solve
+from core.linalg import (
+    DTYPE,
+    Spectrum,
+    cholesky_solve,
+    conjugate_gradient,
+    lanczos_spectrum,
+    spectrum_from_hessian,
+)
+from core.losses import LossDerivatives
+from core.models import LinearModel, as_float64
 
 Estimate = Literal["corrected", "first_order"]
 ESTIMATES: tuple[str, ...] = ("corrected", "first_order")
@@ -53,11 +69,19 @@ class LiSSAWarning(UserWarning):
 
 @dataclass(frozen=True)
 class SolverConfig:
-    """How to apply (H + damping·I)⁻¹. Frozen, so it can key a cache.
+    """How to apply (H + δI)⁻¹, for the convex models and networks alike. Frozen, so it can key
+    a cache.
 
     Attributes:
         method: "exact" (Cholesky, factorised once), "cg" (conjugate gradients) or "lissa".
-        damping: added to the Hessian's diagonal by every method.
+        damping: δ added to the Hessian's diagonal by every method.
+        damping_margin: for Hessians that may be indefinite (a network's at the end of
+            training): when set, the damping is raised by max(0, -λ_min) + damping_margin, with
+            λ_min the Hessian's smallest eigenvalue (exact from the dense Hessian for "exact",
+            else Lanczos), so H + δI has smallest eigenvalue about ``damping_margin`` or more.
+            ``None`` (the convex models) adds nothing.
+        lanczos_iterations: Krylov steps for λ_min when ``damping_margin`` is set and the dense
+            Hessian is not formed.
         cg_tol: CG stops when every residual is below cg_tol times its right-hand side's norm.
         cg_max_iter: CG iterations before it gives up with an error.
         lissa_depth: LiSSA recursion length.
@@ -65,11 +89,13 @@ class SolverConfig:
             ``None`` estimates it (2x the largest eigenvalue of H + damping, by power iteration).
         lissa_repeats: independent LiSSA runs averaged.
         lissa_batch_size: training points per stochastic Hessian-vector product.
-        seed: LiSSA's minibatch sampling seed.
+        seed: LiSSA's minibatch sampling and Lanczos' start vector seed.
     """
 
     method: str = "exact"
     damping: float = 0.0
+    damping_margin: float | None = None
+    lanczos_iterations: int = 80
     cg_tol: float = 1e-10
     cg_max_iter: int = 2000
     lissa_depth: int = 2000
@@ -87,9 +113,21 @@ class SolverConfig:
             raise InfluenceExplorerError(
                 f"damping must be a finite number >= 0; got {self.damping!r}."
             )
+        if self.damping_margin is not None and not (
+            math.isfinite(self.damping_margin) and self.damping_margin > 0
+        ):
+            raise InfluenceExplorerError(
+                f"damping_margin must be a finite number > 0 or None; got {self.damping_margin!r}."
+            )
         if not (0 < self.cg_tol < 1):
             raise InfluenceExplorerError(f"cg_tol must be in (0, 1); got {self.cg_tol!r}.")
-        for name in ("cg_max_iter", "lissa_depth", "lissa_repeats", "lissa_batch_size"):
+        for name in (
+            "cg_max_iter",
+            "lissa_depth",
+            "lissa_repeats",
+            "lissa_batch_size",
+            "lanczos_iterations",
+        ):
             if int(getattr(self, name)) < 1:
                 raise InfluenceExplorerError(f"{name} must be >= 1; got {getattr(self, name)!r}.")
         if self.lissa_scale is not None and not (self.lissa_scale > 0):
@@ -99,11 +137,21 @@ class SolverConfig:
 
 
 class TwiceDifferentiable(Protocol):
-    """What the solvers need from a fitted model (the convex models, or a network's objective).
+    """What the engine and its solvers need from a fitted training objective.
 
-    ``hessian()`` is the exact (p, p) Hessian of the training objective (only the exact solver
-    calls it), ``hvp(vectors, indices=None)`` its products with (p,) or (p, k) vectors (a
-    minibatch mean over ``indices`` when given), ``l2`` the weight decay included in both.
+    R(θ) = (1/n) Σ_i w_i ℓ(z_i, θ) + (λ/2)‖θ‖² at its (approximate) minimiser θ̂. Implemented by
+    the convex models (:class:`core.models.LinearModel`) and by a network's objective
+    (:class:`core.networks.NetworkObjective`).
+
+    - ``hessian()``: the exact (p, p) ∇²R(θ̂), a copy the caller may modify (only the exact
+      solver and the damping margin call it);
+    - ``hvp(vectors, indices=None)``: ∇²R(θ̂) v for (p,) or (p, k) vectors, or with ``indices``
+      the minibatch mean of the data term (what LiSSA uses); λ v is always added exactly;
+    - ``loss_gradients(inputs, labels)``: (m, p) ∇_θ ℓ(z, θ̂) for inputs in the objective's
+      input space (what :meth:`InfluenceEngine.influence_scores` is given);
+    - ``training_gradient_products(vectors)``: (k, n) ∇ℓ(z_j, θ̂)ᵀ v for (p, k) vectors and every
+      training point j (a model may do this without forming the (n, p) gradient matrix);
+    - ``l2``: the weight decay λ included in the Hessian.
     """
 
     l2: float
@@ -118,6 +166,28 @@ class TwiceDifferentiable(Protocol):
 
     def hvp(self, vectors: Any, indices: Any | None = None) -> torch.Tensor: ...
 
+    def loss_gradients(self, inputs: Any, labels: Any) -> torch.Tensor: ...
+
+    def training_gradient_products(self, vectors: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class ExampleCurvature(Protocol):
+    """Objectives whose per-example derivatives factor through fixed features φ (n, d):
+
+        ∇ℓ(z_j) = φ_j ⊗ r_j,   ∇²ℓ(z_j) = (φ_j ⊗ B_j)(φ_j ⊗ B_j)ᵀ,
+
+    with r_j = ``training_derivatives().d1[j]`` (C,) and B_j = ``factor[j]`` (C, r), parameters
+    laid out θ[k·C + c] = W[k, c]. This is what the Newton-corrected estimate needs: H_{-j} is a
+    rank-r update of H, inverted by Woodbury with a C x C form per point, never a p x p matrix.
+    The convex models implement it; a whole network's objective does not.
+    """
+
+    features_: torch.Tensor
+    n_outputs_: int
+
+    def training_derivatives(self) -> LossDerivatives: ...
+
 
 class InverseHVPSolver(ABC):
     """Applies (H + damping·I)⁻¹ to vectors, H the Hessian of the model's training objective."""
@@ -127,6 +197,8 @@ class InverseHVPSolver(ABC):
         self.model = model
         self.damping = float(damping)
         self._convergence_warnings: list[str] = []
+        #: What make_solver measured to choose the damping (``damping_margin``), else None.
+        self.spectrum: Spectrum | None = None
 
     @property
     def convergence_warnings(self) -> tuple[str, ...]:
@@ -149,12 +221,22 @@ class InverseHVPSolver(ABC):
 
 
 class ExactSolver(InverseHVPSolver):
-    """Cholesky factorisation of H + damping·I, computed once and reused for every query."""
+    """Cholesky factorisation of H + damping·I, computed once and reused for every query.
 
-    def __init__(self, model: TwiceDifferentiable, damping: float = 0.0) -> None:
+    Args:
+        hessian: the model's Hessian if the caller already has it (it is modified in place).
+    """
+
+    def __init__(
+        self,
+        model: TwiceDifferentiable,
+        damping: float = 0.0,
+        *,
+        hessian: torch.Tensor | None = None,
+    ) -> None:
         super().__init__(model, damping)
-        # Not in place: a model may hand out a Hessian it keeps (a network's cached one).
-        hessian = model.hessian() + self.damping * torch.eye(model.n_params_, dtype=DTYPE)
+        hessian = model.hessian() if hessian is None else hessian
+        hessian.diagonal().add_(self.damping)
         chol, info = torch.linalg.cholesky_ex(hessian)
         if int(info) != 0 or not torch.isfinite(chol).all():
             smallest = float(torch.linalg.eigvalsh(hessian)[0])
@@ -188,44 +270,24 @@ class CGSolver(InverseHVPSolver):
         self.last_iterations = 0
 
     def inverse_hvp(self, vectors: torch.Tensor) -> torch.Tensor:
-        b = as_float64(vectors)
-        squeeze = b.ndim == 1
-        b = b[:, None] if squeeze else b
-        x = torch.zeros_like(b)
-        r = b.clone()
-        d = r.clone()
-        rr = (r * r).sum(0)
-        target = (self.tol * b.norm(dim=0)) ** 2
-        iterations = 0
-        while bool((rr > target).any()):
-            if iterations >= self.max_iter:
-                worst = float((rr.sqrt() / b.norm(dim=0).clamp_min(1e-300)).max())
-                raise ConvergenceError(
-                    f"Conjugate gradients did not converge in {self.max_iter} iterations (worst "
-                    f"relative residual {worst:.2g}, tolerance {self.tol:g}). Increase cg_max_iter, "
-                    "add damping, or use the exact solver."
-                )
-            active = rr > target
-            ad = self._damped_hvp(d)
-            curvature = (d * ad).sum(0)
-            # A singular Hessian shows up as a residual that grows instead of curvature <= 0.
-            blew_up = bool((rr > 1e12 * b.norm(dim=0) ** 2).any())
-            if bool(((curvature <= 0) & active).any()) or blew_up:
-                raise NotPositiveDefiniteError(
-                    "Conjugate gradients met a direction of (numerically) non-positive curvature: the "
-                    f"Hessian plus damping {self.damping:g} is not positive definite. Add damping or "
-                    "increase the model's l2."
-                )
-            alpha = torch.where(active, rr / curvature.clamp_min(1e-300), torch.zeros_like(rr))
-            x += alpha * d
-            r -= alpha * ad
-            rr_new = (r * r).sum(0)
-            beta = torch.where(active, rr_new / rr.clamp_min(1e-300), torch.zeros_like(rr))
-            d = r + beta * d
-            rr = rr_new
-            iterations += 1
-        self.last_iterations = iterations
-        return x[:, 0] if squeeze else x
+        run = conjugate_gradient(
+            self._damped_hvp, as_float64(vectors), rtol=self.tol, max_iter=self.max_iter
+        )
+        self.last_iterations = run.iterations
+        if run.nonpositive_curvature:
+            raise NotPositiveDefiniteError(
+                "Conjugate gradients met a direction of (numerically) non-positive curvature: the "
+                f"Hessian plus damping {self.damping:g} is not positive definite. Add damping or "
+                "increase the model's l2."
+            )
+        if not run.converged:
+            worst = float(run.relative_residuals.max())
+            raise ConvergenceError(
+                f"Conjugate gradients did not converge in {self.max_iter} iterations (worst "
+                f"relative residual {worst:.2g}, tolerance {self.tol:g}). Increase cg_max_iter, "
+                "add damping, or use the exact solver."
+            )
+        return run.solution
 
 
 class LiSSASolver(InverseHVPSolver):
@@ -327,33 +389,72 @@ class LiSSASolver(InverseHVPSolver):
 
 
 def make_solver(model: TwiceDifferentiable, config: SolverConfig) -> InverseHVPSolver:
-    """The solver a :class:`SolverConfig` describes, for a fitted model."""
+    """The solver a :class:`SolverConfig` describes, for a fitted model.
+
+    With ``config.damping_margin`` the damping is first raised so that H + δI is positive
+    definite (see :class:`SolverConfig`); the measured spectrum is kept on ``solver.spectrum``.
+    """
+    damping = config.damping
+    hessian = None
+    spectrum = None
+    if config.damping_margin is not None:
+        if config.method == "exact":
+            hessian = model.hessian()
+            spectrum = spectrum_from_hessian(hessian)
+        else:
+            spectrum = lanczos_spectrum(
+                model.hvp, model.n_params_, config.lanczos_iterations, seed=config.seed
+            )
+        damping += max(0.0, -spectrum.smallest) + config.damping_margin
     if config.method == "exact":
-        return ExactSolver(model, config.damping)
-    if config.method == "cg":
-        return CGSolver(model, config.damping, config.cg_tol, config.cg_max_iter)
-    return LiSSASolver(
-        model,
-        config.damping,
-        depth=config.lissa_depth,
-        scale=config.lissa_scale,
-        repeats=config.lissa_repeats,
-        batch_size=config.lissa_batch_size,
-        seed=config.seed,
-    )
+        solver: InverseHVPSolver = ExactSolver(model, damping, hessian=hessian)
+    elif config.method == "cg":
+        solver = CGSolver(model, damping, config.cg_tol, config.cg_max_iter)
+    else:
+        solver = LiSSASolver(
+            model,
+            damping,
+            depth=config.lissa_depth,
+            scale=config.lissa_scale,
+            repeats=config.lissa_repeats,
+            batch_size=config.lissa_batch_size,
+            seed=config.seed,
+        )
+    solver.spectrum = spectrum
+    return solver
+
+
+def with_damping(config: SolverConfig, damping: float) -> SolverConfig:
+    """``config`` with a fixed damping (and no margin to add on top)."""
+    return replace(config, damping=float(damping), damping_margin=None)
 
 
 @dataclass(frozen=True)
 class TopK:
     """The most helpful (largest positive scores) and most harmful (most negative) training points.
 
-    Indices are into the training set; scores are in the DESIGN.md convention.
+    Indices are into the training set; scores follow the one sign convention (positive helped).
     """
 
     helpful: np.ndarray
     helpful_scores: np.ndarray
     harmful: np.ndarray
     harmful_scores: np.ndarray
+
+
+def _check_row(scores: Any, k: int) -> np.ndarray:
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 1:
+        raise InfluenceExplorerError("top_k takes the scores of one test point, shape (n_train,).")
+    if k < 1:
+        raise InfluenceExplorerError(f"k must be >= 1; got {k}.")
+    return scores
+
+
+def _largest(values: np.ndarray, k: int) -> np.ndarray:
+    # Stable order: among equal values the lower training index comes first, so lists are
+    # reproducible across runs and machines.
+    return np.argsort(-values, kind="stable")[:k]
 
 
 def top_k(scores: np.ndarray, k: int) -> TopK:
@@ -366,44 +467,69 @@ def top_k(scores: np.ndarray, k: int) -> TopK:
         scores: (n_train,) influence scores for one test point.
         k: how many of each.
     """
-    scores = np.asarray(scores, dtype=np.float64)
-    if scores.ndim != 1:
-        raise InfluenceExplorerError("top_k takes the scores of one test point, shape (n_train,).")
-    if k < 1:
-        raise InfluenceExplorerError(f"k must be >= 1; got {k}.")
-    order = np.argsort(-scores, kind="stable")
-    helpful = order[:k][scores[order[:k]] > 0]
-    order = np.argsort(scores, kind="stable")
-    harmful = order[:k][scores[order[:k]] < 0]
+    scores = _check_row(scores, k)
+    helpful = _largest(scores, k)
+    helpful = helpful[scores[helpful] > 0]
+    harmful = _largest(-scores, k)
+    harmful = harmful[scores[harmful] < 0]
     return TopK(helpful, scores[helpful], harmful, scores[harmful])
 
 
+def top_k_by_magnitude(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest |scores| (helpful or harmful), largest first: the points a
+    leave-one-out check retrains. Returns: (min(k, n_train),)."""
+    scores = _check_row(scores, k)
+    return _largest(np.abs(scores), k)
+
+
 class InfluenceEngine:
-    """Influence of every training point of a fitted convex model on test losses.
+    """Influence of every training point of a fitted objective on test losses.
 
     Args:
-        model: a fitted :class:`~core.models.LinearModel`.
+        model: anything implementing :class:`TwiceDifferentiable` (a fitted convex model, a
+            network's objective). Models that also implement :class:`ExampleCurvature` get the
+            Newton-corrected estimate, self-influence, leverages and parameter changes.
         solver: a :class:`SolverConfig` (default: exact) or a ready solver.
     """
 
     def __init__(
-        self, model: LinearModel, solver: SolverConfig | InverseHVPSolver | None = None
+        self,
+        model: TwiceDifferentiable,
+        solver: SolverConfig | InverseHVPSolver | None = None,
     ) -> None:
-        model._require_fitted()
+        _ = model.n_params_  # raises NotFittedError for an unfitted model
         self.model = model
         if isinstance(solver, InverseHVPSolver):
             self.solver = solver
         else:
             self.solver = make_solver(model, solver if solver is not None else SolverConfig())
         self.n_train = model.n_train_
-        self._train_derivs = model._derivatives(model.features_, model.labels_, model.theta_)
-        self._effective_residuals: dict[str, torch.Tensor] = {"first_order": self._train_derivs.d1}
+        self.structured = isinstance(model, ExampleCurvature)
+        self._train_derivs = model.training_derivatives() if self.structured else None
+        self._effective_residuals: dict[str, torch.Tensor] = {}
+        if self._train_derivs is not None:
+            self._effective_residuals["first_order"] = self._train_derivs.d1
         self._self_influence: dict[str, np.ndarray] = {}
+
+    @property
+    def estimates(self) -> tuple[str, ...]:
+        """The estimates this model supports, default first."""
+        return ESTIMATES if self.structured else ("first_order",)
+
+    @property
+    def default_estimate(self) -> str:
+        return self.estimates[0]
+
+    @property
+    def preconditioner(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The factorised (H + damping)⁻¹ at θ̂ when the solver has one (exact), to precondition
+        retraining near θ̂ (see :meth:`core.models.LinearModel.refit`); else None."""
+        return self.solver.inverse_hvp if isinstance(self.solver, ExactSolver) else None
 
     # ----------------------------------------------------------------- building blocks
     def test_gradients(self, X_test: Any, y_test: Any) -> torch.Tensor:
         """∇_θ ℓ(z_test, θ̂). Returns: (m, p)."""
-        return self.model.per_example_gradients(self.model.transform(X_test), y_test)
+        return self.model.loss_gradients(X_test, y_test)
 
     def inverse_hvp_test(self, X_test: Any, y_test: Any) -> torch.Tensor:
         """s_test = (H + damping)⁻¹ ∇ℓ(z_test), one batched solve. Returns: (m, p)."""
@@ -415,6 +541,20 @@ class InfluenceEngine:
             raise InfluenceExplorerError(
                 f"estimate must be one of {', '.join(ESTIMATES)}; got {estimate!r}."
             )
+        if estimate not in self.estimates:
+            raise InfluenceExplorerError(
+                f"The {estimate!r} estimate needs per-example Hessian factors through fixed "
+                f"features, which {type(self.model).__name__} does not provide; use "
+                "estimate='first_order'."
+            )
+
+    def _require_structured(self, what: str) -> LossDerivatives:
+        if self._train_derivs is None:
+            raise InfluenceExplorerError(
+                f"{what} needs per-example Hessian factors through fixed features, which "
+                f"{type(self.model).__name__} does not provide."
+            )
+        return self._train_derivs
 
     def _unit_quadratic_forms(self, chunk: int = 256) -> torch.Tensor:
         """Q_j = (φ_j ⊗ I_C)ᵀ H⁻¹ (φ_j ⊗ I_C) for every training point. Returns: (n, C, C)."""
@@ -437,7 +577,8 @@ class InfluenceEngine:
         self._check_estimate(estimate)
         if estimate not in self._effective_residuals:
             n = self.n_train
-            d1, factor = self._train_derivs.d1, self._train_derivs.factor
+            derivs = self._require_structured("The Newton-corrected estimate")
+            d1, factor = derivs.d1, derivs.factor
             q = self._unit_quadratic_forms()
             # Woodbury with U_j = φ_j ⊗ B_j: (1/n) g_tᵀ H_{-j}⁻¹ g_j = (1/n) s_tᵀ (φ_j ⊗ e_j),
             # e_j = d1_j + B_j (nI - B_jᵀQ_jB_j)⁻¹ B_jᵀ Q_j d1_j.
@@ -461,15 +602,23 @@ class InfluenceEngine:
         Args:
             X_test: (m, D) test inputs in the model's input space.
             y_test: (m,) labels whose loss is explained (usually the predicted or true label).
-            estimate: "corrected" (default) or "first_order".
+            estimate: "corrected" (default; models with :class:`ExampleCurvature`) or
+                "first_order".
         Returns:
             (m, n_train) scores in units of test loss.
         """
-        residuals = self._residuals(estimate)
-        s_test = self.inverse_hvp_test(X_test, y_test)
-        return self._scores_from_stest(s_test, residuals)
+        self._check_estimate(estimate)
+        return self.scores_from_stest(self.inverse_hvp_test(X_test, y_test), estimate=estimate)
 
-    def _scores_from_stest(self, s_test: torch.Tensor, residuals: torch.Tensor) -> np.ndarray:
+    def scores_from_stest(
+        self, s_test: torch.Tensor, *, estimate: Estimate = "corrected"
+    ) -> np.ndarray:
+        """Scores from precomputed s_test = (H + damping)⁻¹ ∇ℓ(z_test) (m, p). The one place a
+        score is formed. Returns: (m, n_train)."""
+        self._check_estimate(estimate)
+        if not self.structured:
+            return (self.model.training_gradient_products(s_test.T) / self.n_train).numpy()
+        residuals = self._residuals(estimate)
         features = self.model.features_
         d, c = features.shape[1], self.model.n_outputs_
         # (1/n) s_tᵀ (φ_j ⊗ e_j) = (1/n) Σ_c (φ_jᵀ S_t)[c] e_j[c], with S_t the (d, C) reshape.
@@ -483,12 +632,12 @@ class InfluenceEngine:
         mislabelled data. Returns: (n_train,).
         """
         self._check_estimate(estimate)
+        derivs = self._require_structured("Self-influence")
         if estimate not in self._self_influence:
             residuals = self._residuals("corrected")  # also computes the quadratic forms Q_j
             if estimate == "first_order":
-                residuals = self._train_derivs.d1
-            d1 = self._train_derivs.d1
-            values = torch.einsum("ja,jab,jb->j", d1, self._quadratic_forms, residuals)
+                residuals = derivs.d1
+            values = torch.einsum("ja,jab,jb->j", derivs.d1, self._quadratic_forms, residuals)
             self._self_influence[estimate] = (values / self.n_train).numpy()
         return self._self_influence[estimate]
 
@@ -498,8 +647,8 @@ class InfluenceEngine:
         For binary models this is exactly the h_j of the correction score/(1 - h_j).
         Returns: (n_train,).
         """
+        factor = self._require_structured("Leverage").factor
         self._residuals("corrected")
-        factor = self._train_derivs.factor
         m = factor.transpose(1, 2) @ self._quadratic_forms @ factor
         return (torch.diagonal(m, dim1=1, dim2=2).sum(-1) / self.n_train).numpy()
 
@@ -509,16 +658,24 @@ class InfluenceEngine:
         First order: (1/n) H⁻¹ ∇ℓ(z_j); corrected: (1/n) H_{-j}⁻¹ ∇ℓ(z_j).
         Returns: (k, p).
         """
+        self._require_structured("Parameter changes")
         idx = torch.as_tensor(np.asarray(train_indices, dtype=np.int64))
         residuals = self._residuals(estimate)[idx]
         phi = self.model.features_[idx]
         gradients = (phi[:, :, None] * residuals[:, None, :]).reshape(len(idx), -1)
         return (self.solver.inverse_hvp(gradients.T).T / self.n_train).numpy()
 
+    def _linear_model(self, what: str) -> LinearModel:
+        if not isinstance(self.model, LinearModel):
+            raise InfluenceExplorerError(
+                f"{what} is implemented for the convex models only; got {type(self.model).__name__}."
+            )
+        return self.model
+
     def training_inputs(self, train_indices: Any) -> torch.Tensor:
         """The model-space inputs x_j of training points (pixels for the SVM). Returns: (k, D)."""
         idx = torch.as_tensor(np.asarray(train_indices, dtype=np.int64))
-        return self.model.training_inputs_[idx]
+        return self._linear_model("Training inputs").training_inputs_[idx]
 
     def perturbation_influence(
         self,
@@ -550,7 +707,7 @@ class InfluenceEngine:
         Returns:
             (m, k, D) gradients in units of test loss per unit of the model's input.
         """
-        model = self.model
+        model = self._linear_model("Perturbation influence")
         X_test = as_float64(X_test)
         labels = torch.as_tensor(np.asarray(y_test), dtype=torch.int64).reshape(-1)
         s_test = self.inverse_hvp_test(X_test, labels)

@@ -1,6 +1,6 @@
 """Fixing training data: finding mislabelled training images by self-influence (Koh & Liang 2017, §5.4).
 
-A training point's self-influence is its score on its own loss (DESIGN.md's convention):
+A training point's self-influence is its score on its own loss (the convention of docs/architecture.md):
 
     self_influence(z_j) = (1/n) ∇ℓ(z_j)ᵀ H⁻¹ ∇ℓ(z_j)  ≈  ℓ(z_j, θ̂_{-j}) - ℓ(z_j, θ̂)  ≥ 0
 
@@ -28,7 +28,9 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from core.data import Dataset
 from core.errors import InfluenceExplorerError
+from core.explainer import FittedModel
 from core.influence import ESTIMATES, InfluenceEngine, SolverConfig
 from core.models import LinearModel, as_float64, as_labels
 
@@ -196,19 +198,15 @@ def suspicious_points(
 
 
 def suspicious_training_images(
-    explainer: Any, key: str, *, k: int | None = 20, estimate: str = "corrected"
+    fitted: FittedModel, dataset: Dataset, *, k: int | None = 20, estimate: str = "corrected"
 ) -> tuple[SuspiciousImage, ...]:
-    """:func:`suspicious_points` for one model of an :class:`~core.explainer.Explainer`,
-    with the dataset's ids and class names."""
-    if key not in explainer.models:
-        raise InfluenceExplorerError(
-            f"model must be one of {', '.join(explainer.models)}; got {key!r}."
-        )
+    """:func:`suspicious_points` for one fitted model of an explainer's collection, with the
+    dataset's ids and class names (``dataset``: the data it was fitted on)."""
     return suspicious_points(
-        explainer.models[key].engine,
+        fitted.engine,
         k=k,
-        ids=explainer.dataset.train_ids,
-        class_names=explainer.class_names,
+        ids=dataset.train_ids,
+        class_names=dataset.class_names,
         estimate=estimate,
     )
 
@@ -425,25 +423,21 @@ def mislabel_experiment(
     )
 
 
-def explainer_mislabel_experiment(
-    explainer: Any,
-    key: str,
+def model_mislabel_experiment(
+    fitted: FittedModel,
+    dataset: Dataset,
     config: MislabelConfig | None = None,
     *,
     progress: StageProgress | None = None,
 ) -> MislabelExperiment:
-    """:func:`mislabel_experiment` for one model of an :class:`~core.explainer.Explainer`."""
-    if key not in explainer.models:
-        raise InfluenceExplorerError(
-            f"model must be one of {', '.join(explainer.models)}; got {key!r}."
-        )
-    fitted = explainer.models[key]
+    """:func:`mislabel_experiment` for one fitted model of an explainer's collection
+    (``dataset``: the data it was fitted on)."""
     return mislabel_experiment(
         fitted.model,
         fitted.test_inputs,
-        explainer.test_labels,
+        dataset.test_labels,
         config,
-        solver=explainer.config.solver,
+        solver=fitted.solver,
         progress=progress,
     )
 
@@ -463,9 +457,9 @@ __all__ = [
     "RankingResult",
     "SuspiciousImage",
     "curve_points",
-    "explainer_mislabel_experiment",
     "flip_labels",
     "mislabel_experiment",
+    "model_mislabel_experiment",
     "rank_training_points",
     "read_suspicious_csv",
     "suspicion",

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from core.errors import ConvergenceError, InfluenceExplorerError, NotFittedError
+from core.linalg import cholesky_solve, conjugate_gradient
 from core.losses import LogisticLoss, Loss, LossDerivatives, SmoothHingeLoss, SoftmaxCrossEntropy
 
 DTYPE = torch.float64
@@ -45,21 +46,6 @@ def as_float64(x: Any) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.detach().to(device="cpu", dtype=DTYPE)
     return torch.as_tensor(_writable(np.asarray(x)), dtype=DTYPE)
-
-
-def cholesky_solve(chol: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Solve (L Lᵀ) x = b for a lower Cholesky factor L; b is (p,) or (p, k).
-
-    Two triangular solves rather than ``torch.cholesky_solve``, which copies the whole factor on
-    every call: for one right-hand side that copy dominates, and influence queries are usually one
-    or a few vectors against a factor computed once. ``python -m bench.scale --models
-    logreg-10class --sizes 1000`` times one 10-class test image (p = 12,800): about 0.1 s this
-    way, against 3-4 s with ``torch.cholesky_solve`` (bench/results/scale.md, the earlier run).
-    """
-    rhs = b[:, None] if b.ndim == 1 else b
-    y = torch.linalg.solve_triangular(chol, rhs, upper=False)
-    x = torch.linalg.solve_triangular(chol.mT, y, upper=True)
-    return x[:, 0] if b.ndim == 1 else x
 
 
 def as_labels(y: Any) -> torch.Tensor:
@@ -292,9 +278,15 @@ class LinearModel:
         p = grad.shape[0]
         preconditioner = getattr(self, "_preconditioner", None)
         if preconditioner is not None:
-            step = _preconditioned_cg(lambda v: self._hvp_from(derivs, v), grad, preconditioner)
-            if step is not None:
-                return step
+            run = conjugate_gradient(
+                lambda v: self._hvp_from(derivs, v),
+                grad,
+                rtol=1e-12,
+                max_iter=30,
+                preconditioner=preconditioner,
+            )
+            if run.converged:
+                return run.solution
             # The Hessian has moved too far from θ̂'s (e.g. a sharp smooth hinge whose active
             # set changed): stop trying for the rest of this fit.
             self._preconditioner = None
@@ -304,10 +296,14 @@ class LinearModel:
             if int(info) == 0:
                 return cholesky_solve(chol, grad)
             return torch.linalg.lstsq(hessian, grad[:, None]).solution[:, 0]
-        # Large models: solve H step = grad by conjugate gradients on exact HVPs.
-        return _conjugate_gradient(
-            lambda v: self._hvp_from(derivs, v), grad, rtol=min(0.1, float(grad.norm()) ** 0.5)
-        )
+        # Large models: an inexact Newton step by conjugate gradients on exact HVPs, with the
+        # forcing term shrinking with the gradient (superlinear convergence near the optimum).
+        return conjugate_gradient(
+            lambda v: self._hvp_from(derivs, v),
+            grad,
+            rtol=min(0.1, float(grad.norm()) ** 0.5),
+            max_iter=500,
+        ).solution
 
     # ------------------------------------------------------------------ objective & derivatives
     def _require_fitted(self) -> None:
@@ -367,6 +363,28 @@ class LinearModel:
         features = as_float64(features)
         derivs = self._derivatives(features, as_labels(labels), self.theta_)
         return (features[:, :, None] * derivs.d1[:, None, :]).reshape(features.shape[0], -1)
+
+    def loss_gradients(self, inputs: Any, labels: Any) -> torch.Tensor:
+        """∇_θ ℓ(z, θ̂) for inputs in the model's input space (pixels, features). Returns: (m, p)."""
+        return self.per_example_gradients(self.transform(inputs), labels)
+
+    def training_derivatives(self) -> LossDerivatives:
+        """Loss derivatives with respect to the scores at θ̂ for every training point (unweighted:
+        influence asks about each point's own term)."""
+        self._require_fitted()
+        return self._train_derivs
+
+    def training_gradient_products(self, vectors: torch.Tensor) -> torch.Tensor:
+        """∇ℓ(z_j, θ̂)ᵀ v = (φ_jᵀ V)·r_j for (p, k) vectors, without the (n, p) gradients.
+
+        Returns: (k, n_train).
+        """
+        self._require_fitted()
+        v = as_float64(vectors)
+        v = v[:, None] if v.ndim == 1 else v
+        d, c = self.features_.shape[1], self.n_outputs_
+        projected = torch.einsum("jd,dck->kjc", self.features_, v.reshape(d, c, -1))
+        return (projected * self._train_derivs.d1[None]).sum(-1)
 
     def example_hessian_factors(self, features: Any, labels: Any) -> torch.Tensor:
         """Factors B with ∇²_θ ℓ(z) = (φ ⊗ B)(φ ⊗ B)ᵀ. Returns: (m, C, r)."""
@@ -742,57 +760,3 @@ class NystroemSVM(KernelSVM):
     def torch_transform(self, X: torch.Tensor) -> torch.Tensor:
         k = rbf_kernel(self.landmarks_, X, self.gamma_)
         return torch.linalg.solve_triangular(self.cholesky_, k, upper=False).T
-
-
-def _preconditioned_cg(
-    matvec: Callable[[torch.Tensor], torch.Tensor],
-    rhs: torch.Tensor,
-    preconditioner: Callable[[torch.Tensor], torch.Tensor],
-    rtol: float = 1e-12,
-    max_iter: int = 30,
-) -> torch.Tensor | None:
-    """Preconditioned CG for one SPD system; ``None`` if it is not done in ``max_iter``
-    iterations (a poor preconditioner: the caller falls back to a dense solve)."""
-    x = torch.zeros_like(rhs)
-    r = rhs.clone()
-    z = preconditioner(r)
-    d = z.clone()
-    rz = float(r @ z)
-    stop = rtol * float(rhs.norm())
-    for _ in range(max_iter):
-        if float(r.norm()) <= stop:
-            return x
-        ad = matvec(d)
-        curvature = float(d @ ad)
-        if not curvature > 0:
-            return None
-        alpha = rz / curvature
-        x += alpha * d
-        r -= alpha * ad
-        z = preconditioner(r)
-        rz_new = float(r @ z)
-        d = z + (rz_new / rz) * d
-        rz = rz_new
-    return x if float(r.norm()) <= stop else None
-
-
-def _conjugate_gradient(
-    matvec: Any, rhs: torch.Tensor, rtol: float, max_iter: int = 500
-) -> torch.Tensor:
-    """Plain CG for one symmetric positive definite system (used inside Newton-CG)."""
-    x = torch.zeros_like(rhs)
-    r = rhs.clone()
-    d = r.clone()
-    rr = float(r @ r)
-    stop = (rtol * float(rhs.norm())) ** 2
-    for _ in range(max_iter):
-        if rr <= stop:
-            break
-        ad = matvec(d)
-        alpha = rr / float(d @ ad)
-        x += alpha * d
-        r -= alpha * ad
-        rr_new = float(r @ r)
-        d = r + (rr_new / rr) * d
-        rr = rr_new
-    return x

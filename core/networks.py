@@ -1,7 +1,7 @@
 """Small CNNs for the fragility study, their training objective as a ``TwiceDifferentiable``, and
 batched SGD that trains many copies at once (for leave-one-out retraining).
 
-The objective is the convex models' convention (DESIGN.md):
+The objective is the convex models' convention (docs/architecture.md):
 
     R(θ) = (1/n) Σ_i w_i ℓ(f(x_i; θ), y_i) + (λ/2)‖θ‖²,
 
@@ -249,6 +249,7 @@ class NetworkObjective:
         self.theta_ = self.layout.flatten(self.module)
         self._grad_of_mean = grad(self._mean_loss)
         self._hessian: torch.Tensor | None = None
+        self._training_gradients: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ protocol
     @property
@@ -374,7 +375,28 @@ class NetworkObjective:
 
     def per_example_gradients(self, X: Any, y: Any, chunk: int = 256) -> torch.Tensor:
         """∇_θ ℓ(z, θ̂) for each example (over the objective's scope). Returns: (m, p)."""
-        inputs, labels = self.features(X), as_labels(y)
+        return self._module_gradients(self.features(X), as_labels(y), chunk)
+
+    def loss_gradients(self, inputs: Any, labels: Any) -> torch.Tensor:
+        """The engine's name for :meth:`per_example_gradients` (images in). Returns: (m, p)."""
+        return self.per_example_gradients(inputs, labels)
+
+    def training_gradients(self) -> torch.Tensor:
+        """∇_θ ℓ(z_j, θ̂) for every training point, computed once and kept. Returns: (n, p)."""
+        if self._training_gradients is None:
+            self._training_gradients = self._module_gradients(self.inputs, self.labels)
+        return self._training_gradients
+
+    def training_gradient_products(self, vectors: torch.Tensor) -> torch.Tensor:
+        """∇ℓ(z_j, θ̂)ᵀ v for (p, k) vectors and every training point. Returns: (k, n)."""
+        v = as_float64(vectors)
+        v = v[:, None] if v.ndim == 1 else v
+        return (self.training_gradients() @ v).T
+
+    def _module_gradients(
+        self, inputs: torch.Tensor, labels: torch.Tensor, chunk: int = 256
+    ) -> torch.Tensor:
+        """Per-example gradients for inputs already in :attr:`module`'s space. Returns: (m, p)."""
 
         def single(theta: torch.Tensor, x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
             return self._losses(theta, x[None], label[None])[0]
@@ -390,73 +412,6 @@ class NetworkObjective:
 
 def _float64_copy(network: SmallCNN) -> SmallCNN:
     return copy.deepcopy(network).to(DTYPE)
-
-
-# ---------------------------------------------------------------------------- spectrum
-@dataclass(frozen=True)
-class Spectrum:
-    """Extreme eigenvalues of a Hessian.
-
-    Attributes:
-        smallest: most negative (or smallest) eigenvalue.
-        largest: largest eigenvalue.
-        method: "eigvalsh" (exact, from the dense Hessian) or "lanczos" (k HVPs; the smallest
-            Ritz value is an upper bound on the true smallest eigenvalue).
-        iterations: Lanczos steps (0 for eigvalsh).
-    """
-
-    smallest: float
-    largest: float
-    method: str
-    iterations: int = 0
-
-
-def spectrum_from_hessian(hessian: torch.Tensor) -> Spectrum:
-    """Exact extreme eigenvalues of a dense symmetric matrix."""
-    values = torch.linalg.eigvalsh(hessian)
-    return Spectrum(float(values[0]), float(values[-1]), "eigvalsh")
-
-
-def lanczos_spectrum(
-    hvp: Callable[[torch.Tensor], torch.Tensor], n_params: int, iterations: int = 80, seed: int = 0
-) -> Spectrum:
-    """Extreme eigenvalues of a symmetric operator by Lanczos with full reorthogonalisation.
-
-    Args:
-        hvp: v (p,) -> H v.
-        n_params: p.
-        iterations: Krylov dimension (capped at p).
-        seed: start vector seed.
-    """
-    k = min(iterations, n_params)
-    generator = torch.Generator().manual_seed(seed)
-    q = torch.randn(n_params, generator=generator, dtype=DTYPE)
-    q /= q.norm()
-    basis = torch.empty(k, n_params, dtype=DTYPE)
-    alphas, betas = [], []
-    beta = 0.0
-    q_prev = torch.zeros_like(q)
-    steps = 0
-    for j in range(k):
-        basis[j] = q
-        w = hvp(q) - beta * q_prev
-        alpha = float(q @ w)
-        w = w - alpha * q
-        # Full reorthogonalisation (twice is enough) keeps ghost eigenvalues out.
-        for _ in range(2):
-            w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
-        alphas.append(alpha)
-        steps = j + 1
-        beta = float(w.norm())
-        if beta < 1e-10 * max(1.0, abs(alpha)):
-            break
-        betas.append(beta)
-        q_prev, q = q, w / beta
-    t = torch.diag(torch.tensor(alphas, dtype=DTYPE))
-    off = torch.tensor(betas[: steps - 1], dtype=DTYPE)
-    t += torch.diag(off, 1) + torch.diag(off, -1)
-    ritz = torch.linalg.eigvalsh(t)
-    return Spectrum(float(ritz[0]), float(ritz[-1]), "lanczos", steps)
 
 
 # ---------------------------------------------------------------------------- training

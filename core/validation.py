@@ -19,7 +19,7 @@ import torch
 from scipy import stats
 
 from core.errors import InfluenceExplorerError
-from core.influence import ESTIMATES, Estimate, ExactSolver, InfluenceEngine
+from core.influence import Estimate, InfluenceEngine, top_k_by_magnitude
 from core.models import LinearModel, as_labels
 
 Progress = Callable[[int, int], None]
@@ -159,13 +159,6 @@ def agreement(predicted: Any, actual: Any) -> Agreement:
     return Agreement(pearson, spearman, float(slope), float(intercept), int(x.size))
 
 
-def _preconditioner(engine: InfluenceEngine) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The engine's factorised Hessian at θ̂, when it has one, to precondition retraining."""
-    if isinstance(engine.solver, ExactSolver):
-        return engine.solver.inverse_hvp
-    return None
-
-
 @dataclass(frozen=True)
 class Verification:
     """Predicted against actual leave-one-out change in one test point's loss.
@@ -208,31 +201,32 @@ def verify(
     Returns:
         One :class:`Verification` per test point.
     """
-    if select_by not in ESTIMATES:
-        raise InfluenceExplorerError(f"select_by must be one of {', '.join(ESTIMATES)}.")
+    if select_by not in engine.estimates:
+        raise InfluenceExplorerError(f"select_by must be one of {', '.join(engine.estimates)}.")
     if k < 3:
         raise InfluenceExplorerError("k must be at least 3 to compute correlations.")
     model = engine.model
-    scores = {e: engine.influence_scores(X_test, y_test, estimate=e) for e in ESTIMATES}
+    s_test = engine.inverse_hvp_test(X_test, y_test)
+    scores = {e: engine.scores_from_stest(s_test, estimate=e) for e in engine.estimates}
     k = min(k, engine.n_train)
-    chosen = [np.argsort(-np.abs(row), kind="stable")[:k] for row in scores[select_by]]
+    chosen = [top_k_by_magnitude(row, k) for row in scores[select_by]]
     union = np.unique(np.concatenate(chosen))
     retrained = loo_retrain(
-        model, union, X_test, y_test, progress=progress, preconditioner=_preconditioner(engine)
+        model, union, X_test, y_test, progress=progress, preconditioner=engine.preconditioner
     )
     position = {int(j): i for i, j in enumerate(union)}
     results = []
     for t, indices in enumerate(chosen):
         rows = np.array([position[int(j)] for j in indices])
         actual = retrained.actual[rows, t]
-        predicted = {e: scores[e][t, indices] for e in ESTIMATES}
+        predicted = {e: scores[e][t, indices] for e in engine.estimates}
         results.append(
             Verification(
                 test_position=t,
                 train_indices=indices,
                 predicted=predicted,
                 actual=actual,
-                agreement={e: agreement(predicted[e], actual) for e in ESTIMATES},
+                agreement={e: agreement(predicted[e], actual) for e in engine.estimates},
                 selected_by=select_by,
                 seconds=retrained.seconds,
                 converged=retrained.converged,

@@ -45,7 +45,7 @@ from core.errors import (
     NotPositiveDefiniteError,
     SolverDivergedError,
 )
-from core.explainer import MODEL_KEYS, Explainer, ExplainerConfig, Explanation, default_classes
+from core.explainer import Explainer, ExplainerConfig, Explanation, default_classes
 from core.features import DEFAULT_BACKBONE, available_backbones
 from core.fragility import (
     Architecture,
@@ -355,7 +355,7 @@ def _preparation(engine_key: tuple[Any, ...], _dataset: Dataset) -> Preparation:
     config = _settings_from_engine_key(engine_key).config()
 
     def build(progress: Callable[[str, int, int], None]) -> Explainer:
-        return Explainer(_dataset, config, store=ArtifactStore(), progress=progress)
+        return Explainer(_dataset, config, store=ArtifactStore()).prepare(progress)
 
     return Preparation(build)
 
@@ -765,7 +765,7 @@ def train_image(explainer: Explainer, train_index: int) -> np.ndarray:
 
 
 def model_labels(explainer: Explainer) -> dict[str, str]:
-    return {key: explainer.models[key].label for key in MODEL_KEYS}
+    return {key: fitted.label for key, fitted in explainer.models.items()}
 
 
 def inspect(model_key: str, train_index: int, query_key: str) -> None:
@@ -1390,7 +1390,7 @@ def group_count(config: core_groups.GroupConfig, n_train: int) -> int:
 
 @st.cache_data(max_entries=8, show_spinner=False)
 def _first_misclassified(engine_key: tuple[Any, ...], _explainer: Explainer) -> int:
-    return core_groups.first_misclassified(_explainer)
+    return core_groups.first_misclassified(_explainer.models.values(), _explainer.test_labels)
 
 
 def default_group_test_index(explainer: Explainer, settings: Settings) -> int:
@@ -1411,8 +1411,12 @@ def _group_experiment(
 ) -> core_groups.GroupExperiment:
     progress = _StageProgress(_explainer.models[model_key].label)
     try:
-        return core_groups.explainer_group_experiment(
-            _explainer, model_key, config, test_index=test_index, progress=progress
+        return core_groups.model_group_experiment(
+            _explainer.models[model_key],
+            _explainer.dataset,
+            config,
+            test_index=test_index,
+            progress=progress,
         )
     finally:
         progress.clear()
@@ -1465,7 +1469,7 @@ def _suspicious(
     engine_key: tuple[Any, ...], model_key: str, estimate: str, _explainer: Explainer
 ) -> tuple[core_mislabel.SuspiciousImage, ...]:
     return core_mislabel.suspicious_training_images(
-        _explainer, model_key, k=None, estimate=estimate
+        _explainer.models[model_key], _explainer.dataset, k=None, estimate=estimate
     )
 
 
@@ -1519,8 +1523,8 @@ def _mislabel_experiment(
 ) -> core_mislabel.MislabelExperiment:
     progress = _StageProgress(_explainer.models[model_key].label)
     try:
-        return core_mislabel.explainer_mislabel_experiment(
-            _explainer, model_key, config, progress=progress
+        return core_mislabel.model_mislabel_experiment(
+            _explainer.models[model_key], _explainer.dataset, config, progress=progress
         )
     finally:
         progress.clear()
@@ -1548,8 +1552,7 @@ def run_mislabel_experiments(
     """
     results = {
         key: _mislabel_experiment(settings.engine_key, key, config, explainer)
-        for key in MODEL_KEYS
-        if key in explainer.models
+        for key in explainer.models
     }
     _remember(_MISLABEL_RESULTS, _mislabel_key(settings, config), results)
     return results
@@ -1592,9 +1595,9 @@ def _attack(
 ) -> core_attack.AttackResult:
     progress = _StageProgress(_explainer.models[model_key].label)
     try:
-        return core_attack.explainer_attack(
-            _explainer,
-            model_key,
+        return core_attack.model_attack(
+            _explainer.models[model_key],
+            _explainer.dataset,
             test_index,
             config,
             progress=lambda done, total: progress("perturbing and retraining, step", done, total),
@@ -1638,7 +1641,9 @@ def run_attack(
 def _correctly_classified(
     engine_key: tuple[Any, ...], count: int, _explainer: Explainer
 ) -> list[int]:
-    return core_attack.correctly_classified(_explainer, count=count, seed=0)
+    return core_attack.correctly_classified(
+        _explainer.models.values(), _explainer.test_labels, count=count, seed=0
+    )
 
 
 def attack_suggestions(explainer: Explainer, settings: Settings, count: int = 8) -> list[int]:

@@ -32,4 +32,4 @@ def prepare_default_explainer(directory: Path) -> None:
     from core.store import ArtifactStore
 
     directory.mkdir(parents=True, exist_ok=True)
-    Explainer(load_demo(), ExplainerConfig(), store=ArtifactStore(directory))
+    Explainer(load_demo(), ExplainerConfig(), store=ArtifactStore(directory)).prepare()

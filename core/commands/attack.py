@@ -32,7 +32,7 @@ def register(subparsers: Any) -> None:
         "--n-test",
         type=int,
         default=10,
-        help="attack this many test images that both models classify correctly, chosen with "
+        help="attack this many test images that every model classifies correctly, chosen with "
         "--seed (default 10)",
     )
     defaults = AttackConfig()
@@ -93,18 +93,22 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     explainer = build_explainer(args)
     if requested is None:
-        indices = correctly_classified(explainer, count=args.n_test, seed=args.seed)
+        indices = correctly_classified(
+            explainer.models.values(), explainer.test_labels, count=args.n_test, seed=args.seed
+        )
         if not indices:
             raise InfluenceExplorerError(
-                "No test image is classified correctly by both models; give --test-indices."
+                "No test image is classified correctly by every model; give --test-indices."
             )
     else:
         indices = [check_test_index(explainer, i) for i in requested]
     bars = StageBars(enabled=not args.quiet)
     names = explainer.class_names
     models = {}
-    for key in model_keys(args.model):
-        summary = attack_many(explainer, key, indices, config, progress=bars)
+    for key in model_keys(args.model, tuple(explainer.models)):
+        summary = attack_many(
+            explainer.models[key], explainer.dataset, indices, config, progress=bars
+        )
         attacks = []
         for result in summary.results:
             entry = {

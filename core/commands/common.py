@@ -186,6 +186,7 @@ class StageBars:
 
 def build_explainer(args: argparse.Namespace) -> Any:
     """Dataset + config from the parsed options -> a ready :class:`core.explainer.Explainer`."""
+    from core.commands.lists import model_keys
     from core.data import open_dataset
     from core.explainer import Explainer, ExplainerConfig
     from core.influence import LiSSAWarning, SolverConfig
@@ -206,12 +207,11 @@ def build_explainer(args: argparse.Namespace) -> Any:
     with warnings.catch_warnings():
         # Reported once below, as a plain line naming the model, not as a Python warning.
         warnings.simplefilter("ignore", LiSSAWarning)
-        explainer = Explainer(
-            dataset,
-            config,
-            store=ArtifactStore(args.cache_dir),
-            progress=StageBars(enabled=not args.quiet),
-        )
+        explainer = Explainer(dataset, config, store=ArtifactStore(args.cache_dir))
+        if getattr(args, "model", None) is not None:
+            # Refuse an unknown --model before the expensive part.
+            model_keys(args.model, explainer.model_keys)
+        explainer.prepare(StageBars(enabled=not args.quiet))
     for message in explainer.warnings:
         print(f"influence {args.command}: warning: {message}", file=sys.stderr)
     return explainer

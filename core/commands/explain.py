@@ -43,9 +43,9 @@ def query_from_args(args: argparse.Namespace, explainer: Any) -> dict[str, Any]:
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "explain",
-        help="top-k helpful and harmful training images for a test image, both models",
-        description="Score every training image's influence on one test image's loss for both "
-        "models. Scores are in units of test loss: positive = helped (removing the image would "
+        help="top-k helpful and harmful training images for a test image, every model",
+        description="Score every training image's influence on one test image's loss for every "
+        "model. Scores are in units of test loss: positive = helped (removing the image would "
         "raise the loss), negative = hurt.",
     )
     add_query_options(parser)

@@ -38,7 +38,7 @@ def register(subparsers: Any) -> None:
         "--test-index",
         type=int,
         default=None,
-        help="the test image whose loss is explained (default: the first one both models get "
+        help="the test image whose loss is explained (default: the first one every model gets "
         "wrong)",
     )
     parser.add_argument(
@@ -75,7 +75,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from core.groups import GroupConfig, explainer_group_experiment, first_misclassified
+    from core.groups import GroupConfig, first_misclassified, model_group_experiment
 
     config = GroupConfig(
         kinds=parse_choices(args.kinds, "--kinds", KINDS),
@@ -93,16 +93,16 @@ def run(args: argparse.Namespace) -> int:
             f"--indices must be training rows in [0, {explainer.n_train}); got {max(config.custom)}."
         )
     test_index = (
-        first_misclassified(explainer)
+        first_misclassified(explainer.models.values(), explainer.test_labels)
         if args.test_index is None
         else check_test_index(explainer, args.test_index)
     )
     bars = StageBars(enabled=not args.quiet)
     models = {}
-    for key in model_keys(args.model):
-        result = explainer_group_experiment(
-            explainer,
-            key,
+    for key in model_keys(args.model, tuple(explainer.models)):
+        result = model_group_experiment(
+            explainer.models[key],
+            explainer.dataset,
             config,
             test_index=test_index,
             target=args.target,

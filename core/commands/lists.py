@@ -11,23 +11,22 @@ from collections.abc import Sequence
 
 from core.errors import InfluenceExplorerError
 
-MODEL_CHOICES: tuple[str, ...] = ("both", "svm", "logreg")
-
 
 def add_model_choice(parser: argparse.ArgumentParser) -> None:
-    """--model both|svm|logreg."""
+    """--model all|KEY[,KEY...]."""
     parser.add_argument(
         "--model",
-        choices=MODEL_CHOICES,
-        default="both",
-        help="which model: the RBF SVM on pixels, the logistic regression on backbone features, "
-        "or both (default)",
+        default="all",
+        help="which models, by key (e.g. svm: the RBF SVM on pixels; logreg: the logistic "
+        "regression on backbone features), comma-separated, or all (default; 'both' also works)",
     )
 
 
-def model_keys(choice: str) -> tuple[str, ...]:
-    """--model's value as explainer model keys."""
-    return ("svm", "logreg") if choice == "both" else (choice,)
+def model_keys(choice: str, available: Sequence[str]) -> tuple[str, ...]:
+    """--model's value as keys of the explainer's models (``available``, in display order)."""
+    if choice.strip() in ("all", "both"):
+        return tuple(available)
+    return parse_choices(choice, "--model", tuple(available))
 
 
 def _items(text: str, option: str) -> list[str]:

@@ -63,7 +63,7 @@ def register(subparsers: Any) -> None:
         "--csv",
         type=Path,
         default=None,
-        help="write the whole suspicious list (every training image, ranked) as CSV; with both "
+        help="write the whole suspicious list (every training image, ranked) as CSV; with several "
         "models, one file per model named <stem>-<model><suffix>",
     )
     add_common_options(parser)
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         RANKINGS,
         MislabelConfig,
         curve_points,
-        explainer_mislabel_experiment,
+        model_mislabel_experiment,
         suspicious_training_images,
         write_suspicious_csv,
     )
@@ -97,12 +97,12 @@ def run(args: argparse.Namespace) -> int:
     explainer = build_explainer(args)
     bars = StageBars(enabled=not args.quiet)
     grid = np.round(np.arange(0, 1 + 1e-9, args.curve_step), 10)
-    keys = model_keys(args.model)
+    keys = model_keys(args.model, tuple(explainer.models))
     models = {}
     for key in keys:
-        result = explainer_mislabel_experiment(
-            explainer,
-            key,
+        result = model_mislabel_experiment(
+            explainer.models[key],
+            explainer.dataset,
             config,
             progress=lambda stage, done, total, key=key: bars(f"{key}: {stage}", done, total),
         )
@@ -125,12 +125,15 @@ def run(args: argparse.Namespace) -> int:
         }
         if args.suspicious:
             entry["suspicious"] = suspicious_training_images(
-                explainer, key, k=args.suspicious, estimate=args.estimate
+                explainer.models[key], explainer.dataset, k=args.suspicious, estimate=args.estimate
             )
         if args.csv is not None:
             path = args.csv if len(keys) == 1 else _per_model_path(args.csv, key)
             write_suspicious_csv(
-                suspicious_training_images(explainer, key, k=None, estimate=args.estimate), path
+                suspicious_training_images(
+                    explainer.models[key], explainer.dataset, k=None, estimate=args.estimate
+                ),
+                path,
             )
             entry["csv"] = path
         models[key] = entry

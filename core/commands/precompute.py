@@ -1,4 +1,4 @@
-"""``influence precompute``: prepare features and both models, and report their accuracy."""
+"""``influence precompute``: prepare features and every model, and report their accuracy."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from core.commands.common import add_common_options, build_explainer, emit
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "precompute",
-        help="compute and cache features, fit both models, print their accuracy",
+        help="compute and cache features, fit every model, print their accuracy",
         description="Compute (or read from the cache) the backbone features of the chosen "
         "classes, fit the RBF SVM on pixels and the logistic regression on backbone features, "
-        "and report both models' accuracy. Later commands and the dashboard start from the cache.",
+        "and report every model's accuracy. Later commands and the dashboard start from the cache.",
     )
     add_common_options(parser)
     parser.set_defaults(handler=run)

@@ -1,4 +1,4 @@
-"""``influence verify``: check influence against leave-one-out retraining, both models."""
+"""``influence verify``: check influence against leave-one-out retraining, every model."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "verify",
         help="retrain without each of the top-k training images and compare with the estimates",
-        description="For a test image, retrain both models without each of its k most influential "
+        description="For a test image, retrain every model without each of its k most influential "
         "training images (by |score|), warm-started and to tolerance 1e-11, and compare the "
         "actual change in test loss with the Newton-corrected and the first-order estimates: "
         "Pearson, Spearman and the slope of actual against predicted (1 = right scale).",

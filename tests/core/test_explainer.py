@@ -57,7 +57,7 @@ def store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def explainer(tiny, store):
     stages = []
-    built = Explainer(tiny, store=store, progress=lambda stage, done, total: stages.append(stage))
+    built = Explainer(tiny, store=store).prepare(lambda stage, done, total: stages.append(stage))
     built.stages = stages
     return built
 
@@ -180,7 +180,7 @@ def test_second_build_reads_the_cache(tiny, store, explainer, monkeypatch):
         raise AssertionError("features were recomputed instead of read from the cache")
 
     monkeypatch.setattr(EfficientNetLite0Featurizer, "transform", no_recompute)
-    again = Explainer(tiny, store=store)
+    again = Explainer(tiny, store=store).prepare()
     assert again.models["logreg"].model.fit_info_.iterations <= 1
     np.testing.assert_allclose(
         again.models["logreg"].model.theta_, explainer.models["logreg"].model.theta_, atol=1e-10
@@ -203,7 +203,7 @@ def test_bad_queries_and_configs_are_refused(tiny, explainer, store, tmp_path, m
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     monkeypatch.delenv("INFLUENCE_INCEPTION_WEIGHTS", raising=False)
     with pytest.raises(BackboneUnavailableError, match="inception"):
-        Explainer(tiny, ExplainerConfig(backbone="inception-v3"), store=store)
+        Explainer(tiny, ExplainerConfig(backbone="inception-v3"), store=store).prepare()
 
 
 # ---------------------------------------------------------------- faults, damage and races
@@ -216,7 +216,7 @@ def test_a_healthy_explainer_has_no_warnings(explainer):
 def test_lissa_that_cannot_have_converged_is_reported_on_the_explainer(tiny, store):
     short = ExplainerConfig(solver=SolverConfig(method="lissa", lissa_depth=20))
     with pytest.warns(LiSSAWarning):
-        built = Explainer(tiny, short, store=store)
+        built = Explainer(tiny, short, store=store).prepare()
     assert len(built.warnings) == 2  # one per model, each naming it
     assert built.warnings[0].startswith("RBF SVM on pixels: LiSSA")
     assert built.warnings[1].startswith("Logistic regression on")
@@ -279,7 +279,7 @@ def test_explainer_rebuilds_from_a_damaged_feature_cache(tiny, store, explainer,
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(EfficientNetLite0Featurizer, "transform", counting)
-        rebuilt = Explainer(tiny, store=damaged)
+        rebuilt = Explainer(tiny, store=damaged).prepare()
     assert len(calls) == 4  # every damaged chunk recomputed, none trusted
     for key in ("svm", "logreg"):
         np.testing.assert_allclose(
@@ -291,7 +291,7 @@ def test_explainer_rebuilds_from_a_damaged_feature_cache(tiny, store, explainer,
     # The cache is whole again: a third build reads everything.
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(EfficientNetLite0Featurizer, "transform", counting)
-        Explainer(tiny, store=damaged)
+        Explainer(tiny, store=damaged).prepare()
     assert len(calls) == 4
 
 
@@ -307,7 +307,7 @@ def _build_in_another_process(root: str, barrier, results) -> None:
 
     EfficientNetLite0Featurizer.transform = counting
     barrier.wait()
-    built = Explainer(_tiny_demo(), store=ArtifactStore(root))
+    built = Explainer(_tiny_demo(), store=ArtifactStore(root)).prepare()
     scores = built.explain(test_index=1).models["logreg"].scores
     results.put((len(built_from), scores.tolist()))
 

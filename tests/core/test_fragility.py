@@ -29,15 +29,21 @@ from core.fragility import (
     save_results,
     solver_comparison,
 )
-from core.influence import CGSolver, ExactSolver, LiSSASolver
+from core.influence import (
+    CGSolver,
+    ExactSolver,
+    InfluenceEngine,
+    LiSSASolver,
+    SolverConfig,
+    make_solver,
+)
+from core.linalg import lanczos_spectrum, spectrum_from_hessian
 from core.networks import (
     Architecture,
     NetworkObjective,
     ParameterLayout,
     SGDSchedule,
     build_network,
-    lanczos_spectrum,
-    spectrum_from_hessian,
     torch_threads,
     train_sgd,
 )
@@ -121,6 +127,60 @@ def test_per_example_gradients_average_to_the_objective_gradient(make_network_pr
     torch.testing.assert_close(
         gradients.mean(0) + 0.05 * objective.theta_, objective.objective_gradient()
     )
+
+
+def test_the_engine_scores_a_network_as_the_formula_says(make_network_problem):
+    """One engine for convex models and networks: first-order scores of a CNN's objective equal
+    (1/n) ∇ℓ_jᵀ (H + δI)⁻¹ ∇ℓ_test with everything from torch.func, δ from the damping margin."""
+    network, X, y = make_network_problem(n=14, depth=2, width=2, seed=5)
+    objective = NetworkObjective(network, X, y, l2=0.0)
+    by_hand, theta = _objective_by_hand(network, X, y, 0.0)
+    hessian = torch.func.hessian(by_hand)(theta)
+    smallest = float(torch.linalg.eigvalsh(hessian)[0])
+    assert smallest < 0, "an untrained network's Hessian should be indefinite"
+    engine = InfluenceEngine(objective, SolverConfig(damping_margin=0.05))
+    damping = -smallest + 0.05
+    assert engine.solver.damping == pytest.approx(damping, rel=1e-9)
+    assert engine.estimates == ("first_order",)
+
+    net64 = build_network(network.architecture, (6, 6, 1), 2, seed=0).double()
+    layout = ParameterLayout(net64)
+
+    def loss_of(theta_, x, label):
+        score = functional_call(net64, layout.unflatten(theta_), (x[None].double(),))[0, 0]
+        return torch.nn.functional.softplus(-(2 * label - 1) * score)
+
+    gradients = torch.stack([torch.func.grad(loss_of)(theta, X[i], y[i]) for i in range(len(y))])
+    test_rows = [2, 7]
+    s_test = torch.linalg.solve(
+        hessian + damping * torch.eye(len(theta), dtype=torch.float64), gradients[test_rows].T
+    )
+    expected = (gradients @ s_test).T / len(y)
+    scores = engine.influence_scores(X[test_rows], y[test_rows], estimate="first_order")
+    np.testing.assert_allclose(scores, expected.numpy(), rtol=1e-8, atol=1e-12)
+
+    cg = InfluenceEngine(objective, SolverConfig(method="cg", damping=damping, cg_tol=1e-12))
+    np.testing.assert_allclose(
+        cg.influence_scores(X[test_rows], y[test_rows], estimate="first_order"),
+        expected.numpy(),
+        rtol=1e-7,
+        atol=1e-12,
+    )
+    with pytest.raises(InfluenceExplorerError, match="first_order"):
+        engine.influence_scores(X[test_rows], y[test_rows])  # the corrected default
+
+
+def test_damping_margin_by_lanczos_for_the_iterative_solvers(make_network_problem):
+    network, X, y = make_network_problem(n=14, depth=2, width=2, seed=5)
+    objective = NetworkObjective(network, X, y, l2=0.0)
+    exact = spectrum_from_hessian(objective.hessian())
+    solver = make_solver(
+        objective, SolverConfig(method="cg", damping_margin=0.05, lanczos_iterations=200)
+    )
+    assert solver.spectrum is not None and solver.spectrum.method == "lanczos"
+    # With a full Krylov space Lanczos finds λ_min, so the damped Hessian's smallest eigenvalue
+    # is the margin.
+    assert solver.damping == pytest.approx(-exact.smallest + 0.05, rel=1e-6)
 
 
 def test_last_layer_scope_is_the_head_block_of_the_hessian(make_network_problem):

@@ -11,7 +11,7 @@ import torch
 import core.models as models
 from core.errors import InfluenceExplorerError, NotFittedError
 from core.losses import LogisticLoss, SmoothHingeLoss, SoftmaxCrossEntropy
-from core.models import KernelSVM, LogisticRegression, NystroemSVM, cholesky_solve, rbf_kernel
+from core.models import KernelSVM, LogisticRegression, NystroemSVM, rbf_kernel
 
 LOSSES = {
     "logistic": (LogisticLoss(), 1, 2),
@@ -314,15 +314,3 @@ def test_nystroem_kernel_error_shrinks_as_landmarks_are_added(make_svm_problem):
         errors.append(float((model.features_ @ model.features_.T - kernel).norm()))
     assert all(a >= b - 1e-9 for a, b in itertools.pairwise(errors))
     assert errors[0] > 10 * errors[-1] and errors[-1] < 1e-4
-
-
-@pytest.mark.parametrize("shape", [(40,), (40, 1), (40, 7)])
-def test_cholesky_solve_matches_a_general_solver(shape: tuple[int, ...]) -> None:
-    generator = torch.Generator().manual_seed(3)
-    a = torch.randn(40, 40, generator=generator, dtype=torch.float64)
-    spd = a @ a.T + 0.1 * torch.eye(40, dtype=torch.float64)
-    b = torch.randn(*shape, generator=generator, dtype=torch.float64)
-    x = cholesky_solve(torch.linalg.cholesky(spd), b)
-    assert x.shape == b.shape
-    expected = torch.linalg.solve(spd, b)
-    assert torch.allclose(x, expected, rtol=1e-9, atol=1e-9 * float(expected.abs().max()))

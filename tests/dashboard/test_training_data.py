@@ -60,7 +60,7 @@ def test_groups_default_image_run_remember_and_a_domain_error(make_app: Factory)
     default = int(at.number_input(key="groups_test_index").value)
     explainer = state.explainer_if_ready(at.session_state["state_settings"])
     assert explainer is not None
-    assert default == first_misclassified(explainer)
+    assert default == first_misclassified(explainer.models.values(), explainer.test_labels)
     assert _charts(at) == 0
 
     at.radio(key="groups_model").set_value("svm")
@@ -136,7 +136,7 @@ def test_data_cleaning_lists_runs_and_shows_a_domain_error(
     at.slider(key="clean_flip_percent").set_value(5)
     at.pills(key="clean_checkpoints").set_value([0.1]).run()
     with monkeypatch.context() as patch:
-        patch.setattr("core.mislabel.explainer_mislabel_experiment", _failing)
+        patch.setattr("core.mislabel.model_mislabel_experiment", _failing)
         at.button(key="clean_run").click().run()
         assert not at.exception
         assert any("The solver gave up" in e.value for e in at.error)
@@ -170,7 +170,7 @@ def test_attack_runs_two_images_and_shows_a_domain_error(
     at.number_input(key="attack_n_perturb").set_value(2).run()
 
     with monkeypatch.context() as patch:
-        patch.setattr("core.attack.explainer_attack", _not_positive_definite)
+        patch.setattr("core.attack.model_attack", _not_positive_definite)
         at.button(key="attack_run").click().run()
         assert not at.exception
         # The engine's message, and which sidebar control fixes it (as on Explain and Verify).

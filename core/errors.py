@@ -51,3 +51,7 @@ class SolverDivergedError(InfluenceExplorerError):
 
 class NonFiniteFeaturesError(InfluenceExplorerError):
     """A featurizer produced NaN or infinite values, so no model can use them."""
+
+
+class PreparationCancelled(InfluenceExplorerError):
+    """Preparing an explainer was stopped on request (its ``cancel`` callback returned True)."""

@@ -27,7 +27,12 @@ import numpy as np
 import torch
 
 from core.data import Dataset
-from core.errors import InfluenceExplorerError, NotFittedError, SolverDivergedError
+from core.errors import (
+    InfluenceExplorerError,
+    NotFittedError,
+    PreparationCancelled,
+    SolverDivergedError,
+)
 from core.features import (
     DEFAULT_BACKBONE,
     Featurizer,
@@ -37,7 +42,17 @@ from core.features import (
     get_featurizer,
 )
 from core.influence import Estimate, InfluenceEngine, SolverConfig, top_k
-from core.models import KernelSVM, LinearModel, LogisticRegression
+from core.models import (
+    DEFAULT_GAMMA,
+    GAMMA_RULES,
+    KernelSVM,
+    LinearModel,
+    LogisticRegression,
+    NystroemSVM,
+    cross_validated_accuracies,
+    make_rbf_svm,
+    rbf_gamma,
+)
 from core.store import ArtifactStore, CacheKey
 from core.validation import Verification, verify
 
@@ -55,6 +70,9 @@ PREFERRED_PAIRS: tuple[tuple[str, str], ...] = (("T-shirt/top", "Shirt"),)
 #: Bump when anything that changes a fitted model's parameters changes.
 FIT_VERSION = "1"
 
+#: ``ExplainerConfig.classes`` value for every class of the dataset.
+ALL_CLASSES: tuple[str] = ("all",)
+
 
 def default_classes(dataset: Dataset) -> tuple[int, int]:
     """The default class pair of a dataset (indices into ``dataset.class_names``)."""
@@ -70,16 +88,20 @@ class ExplainerConfig:
     """What to build. Frozen and hashable, so it can key a cache.
 
     Attributes:
-        classes: class indices (or names) of the dataset to tell apart; ``None`` = default pair.
+        classes: class indices (or names) of the dataset to tell apart, at least two, or
+            ``("all",)`` (also ``"all"``) for every class; ``None`` = the default pair.
         backbone: featurizer for the logistic regression (see ``core.features``).
         inception_weights: optional path to Inception v3 ImageNet weights.
         logreg_l2: weight decay of the logistic regression; ``None`` = choose by 3-fold
             cross-validated accuracy over :data:`LOGREG_L2_GRID` (never by how good influence looks).
-        svm_l2, svm_gamma, svm_temperature: the kernel SVM's hyperparameters (``svm_gamma=None``
-            is the paper's 0.05 / n_train).
+        svm_l2, svm_gamma, svm_temperature: the RBF SVM's hyperparameters. ``svm_gamma`` is a
+            number or a rule of :func:`core.models.rbf_gamma`: ``"median"`` (default; the median
+            heuristic on the chosen classes' training pixels, informative at every n) or
+            ``"paper"`` (0.05 / n_train, Koh & Liang's; ``None`` means the same). The SVM is
+            exact while it fits in memory and a Nyström approximation beyond
+            (:func:`core.models.make_rbf_svm`).
         solver: how H⁻¹ is applied for every model.
-        max_train_per_class: subsample larger training sets (seeded) to keep the kernel SVM's
-            n x n factorisation in memory; ``None`` keeps all.
+        max_train_per_class: subsample larger training sets (seeded); ``None`` keeps all.
         seed: subsampling and cross-validation seed.
     """
 
@@ -88,7 +110,7 @@ class ExplainerConfig:
     inception_weights: str | None = None
     logreg_l2: float | None = None
     svm_l2: float = 1e-3
-    svm_gamma: float | None = None
+    svm_gamma: float | str | None = DEFAULT_GAMMA
     svm_temperature: float = 1e-2
     solver: SolverConfig = field(default_factory=SolverConfig)
     max_train_per_class: int | None = None
@@ -96,10 +118,12 @@ class ExplainerConfig:
 
     def __post_init__(self) -> None:
         if self.classes is not None:
-            object.__setattr__(self, "classes", tuple(self.classes))
-            if len(self.classes) != 2:
+            classes = (self.classes,) if isinstance(self.classes, str) else tuple(self.classes)
+            object.__setattr__(self, "classes", classes)
+            if classes != ALL_CLASSES and len(classes) < 2:
                 raise InfluenceExplorerError(
-                    f"classes must name exactly two classes (the SVM is binary); got {self.classes!r}."
+                    f"classes must name at least two classes, or be ('all',) for every class; "
+                    f"got {self.classes!r}."
                 )
         if self.backbone == PixelFeaturizer.name:
             raise InfluenceExplorerError(
@@ -110,8 +134,15 @@ class ExplainerConfig:
         for name in ("svm_l2", "svm_temperature"):
             if not getattr(self, name) > 0:
                 raise InfluenceExplorerError(f"{name} must be > 0; got {getattr(self, name)!r}.")
-        if self.svm_gamma is not None and not self.svm_gamma > 0:
-            raise InfluenceExplorerError(f"svm_gamma must be > 0 or None; got {self.svm_gamma!r}.")
+        gamma = self.svm_gamma
+        if not (
+            gamma is None
+            or gamma in GAMMA_RULES
+            or (isinstance(gamma, (int, float)) and not isinstance(gamma, bool) and gamma > 0)
+        ):
+            raise InfluenceExplorerError(
+                f"svm_gamma must be > 0 or one of {', '.join(GAMMA_RULES)}; got {gamma!r}."
+            )
         if self.max_train_per_class is not None and self.max_train_per_class < 2:
             raise InfluenceExplorerError("max_train_per_class must be at least 2 or None.")
 
@@ -298,6 +329,8 @@ class Explainer:
         classes = (
             self.config.classes if self.config.classes is not None else default_classes(dataset)
         )
+        if tuple(classes) == ALL_CLASSES:
+            classes = tuple(range(dataset.n_classes))
         self.class_indices = tuple(dataset._class_index(c) for c in classes)
         if len(set(self.class_indices)) != len(self.class_indices):
             raise InfluenceExplorerError(f"classes lists a class twice: {classes!r}.")
@@ -327,18 +360,38 @@ class Explainer:
     def prepared(self) -> bool:
         return bool(self.models)
 
-    def prepare(self, progress: StageProgress | None = None) -> Explainer:
+    def prepare(
+        self,
+        progress: StageProgress | None = None,
+        *,
+        cancel: Callable[[], bool] | None = None,
+    ) -> Explainer:
         """Compute features, fit every model and build its influence engine (once).
 
         Args:
             progress: ``progress(stage, done, total)`` while preparing.
+            cancel: polled at every progress report (e.g. ``threading.Event().is_set``); when it
+                returns True preparation stops with :class:`PreparationCancelled` at the next
+                report, keeping whatever was cached so far (features, fitted parameters). One
+                dense factorisation is not interruptible: the stages
+                ":func:`preparation_cost`" lists say how long each one may take.
         Returns:
             ``self``, prepared.
         """
         if self.prepared:
             return self
         start = time.perf_counter()
-        self._progress = progress or (lambda stage, done, total: None)
+        report = progress or (lambda stage, done, total: None)
+
+        def checked(stage: str, done: int, total: int) -> None:
+            if cancel is not None and cancel():
+                raise PreparationCancelled(
+                    f"Preparation was cancelled during '{stage}'; what was computed so far is "
+                    "cached, so preparing again resumes from there."
+                )
+            report(stage, done, total)
+
+        self._progress = checked
         try:
             self._prepare()
         finally:
@@ -361,13 +414,18 @@ class Explainer:
             ("svm", labels["svm"], self.pixels, svm, pixels_test, {}),
             ("logreg", labels["logreg"], self.backbone, logreg, features_test, selection),
         )
-        self._progress("Preparing influence engines", 0, len(specs))
         models: dict[str, FittedModel] = {}
-        for position, (key, label, featurizer, model, test_inputs, chosen) in enumerate(specs):
+        for key, label, featurizer, model, test_inputs, chosen in specs:
+            stage = f"{label}: Hessian ({model.n_params_:,} parameters) and its factorisation"
+            self._progress(stage, 0, 1)
             engine = InfluenceEngine(model, self.config.solver)
+            self._progress(stage, 1, 1)
             # Compute everything lazy now, so the shared explainer is never mutated later.
-            for estimate in engine.estimates:
+            stage = f"{label}: Newton-corrected estimate and self-influence"
+            self._progress(stage, 0, len(engine.estimates))
+            for done, estimate in enumerate(engine.estimates, start=1):
                 engine.self_influence(estimate)
+                self._progress(stage, done, len(engine.estimates))
             models[key] = FittedModel(
                 key=key,
                 label=label,
@@ -379,7 +437,6 @@ class Explainer:
                 selection=chosen,
                 solver=self.config.solver,
             )
-            self._progress("Preparing influence engines", position + 1, len(specs))
         self._test_predictions = {
             key: fitted.model.predict_proba(fitted.test_inputs) for key, fitted in models.items()
         }
@@ -445,20 +502,37 @@ class Explainer:
         arrays = self.store.load(key)
         return None if arrays is None else arrays.get("theta")
 
+    def _svm_gamma(self, pixels_train: np.ndarray) -> float:
+        """γ as a number: a rule is resolved once on the chosen classes' training pixels, so
+        every refit (leave-one-out, attacks on moved pixels) keeps the same kernel width."""
+        pixels = torch.as_tensor(pixels_train, dtype=torch.float64)
+        return rbf_gamma(self.config.svm_gamma, pixels, seed=self.config.seed)
+
     def _fit_svm(self, pixels_train: np.ndarray) -> KernelSVM:
-        self._progress("Fitting the RBF SVM on pixels", 0, 1)
+        stage = "Fitting the RBF SVM on pixels"
+        self._progress(stage, 0, 1)
         cfg = self.config
+        gamma = self._svm_gamma(pixels_train)
+        model = make_rbf_svm(
+            len(pixels_train),
+            len(self.class_names),
+            gamma=gamma,
+            l2=cfg.svm_l2,
+            temperature=cfg.svm_temperature,
+        )
+        landmarks = model.n_components if isinstance(model, NystroemSVM) else "exact"
         key = self._fit_key(
-            "fit-svm", gamma=cfg.svm_gamma, l2=cfg.svm_l2, temperature=cfg.svm_temperature
+            "fit-svm", gamma=gamma, l2=cfg.svm_l2, temperature=cfg.svm_temperature, kernel=landmarks
         )
         theta0 = self._cached_theta(key)
-        model = KernelSVM(gamma=cfg.svm_gamma, l2=cfg.svm_l2, temperature=cfg.svm_temperature)
+        outputs = 1 if len(self.class_names) == 2 else len(self.class_names)
+        width = len(pixels_train) if landmarks == "exact" else min(int(landmarks), len(pixels_train))
         # A cached θ̂ only warm-starts Newton; the fit still runs to tolerance, so a stale or
         # damaged cache can cost time but never change the model.
-        model.fit(pixels_train, self.train_labels, theta0=_usable(theta0, len(pixels_train)))
+        model.fit(pixels_train, self.train_labels, theta0=_usable(theta0, width * outputs))
         if theta0 is None:
             self.store.save(key, {"theta": model.theta_.numpy()})
-        self._progress("Fitting the RBF SVM on pixels", 1, 1)
+        self._progress(stage, 1, 1)
         return model
 
     def _fit_logreg(self, features: np.ndarray) -> tuple[LogisticRegression, dict[str, float]]:
@@ -472,8 +546,11 @@ class Explainer:
             "fit-logreg", backbone=self.backbone.name, weights=self.backbone.weights_id, l2=l2
         )
         theta0 = self._cached_theta(key)
+        outputs = 1 if len(self.class_names) == 2 else len(self.class_names)
         model = LogisticRegression(l2=l2)
-        model.fit(features, self.train_labels, theta0=_usable(theta0, features.shape[1]))
+        model.fit(
+            features, self.train_labels, theta0=_usable(theta0, features.shape[1] * outputs)
+        )
         if theta0 is None:
             self.store.save(key, {"theta": model.theta_.numpy()})
         self._progress("Fitting the logistic regression", 1, 1)
@@ -488,6 +565,7 @@ class Explainer:
             grid=",".join(f"{v:g}" for v in LOGREG_L2_GRID),
             seed=self.config.seed,
         )
+        stage = "Choosing the logistic regression's λ"
 
         def build() -> dict[str, np.ndarray]:
             rng = np.random.default_rng(self.config.seed)
@@ -495,18 +573,17 @@ class Explainer:
             for c in np.unique(self.train_labels):
                 rows = rng.permutation(np.flatnonzero(self.train_labels == c))
                 folds[rows] = np.arange(len(rows)) % 3
-            accuracy = np.zeros(len(LOGREG_L2_GRID))
             total = len(LOGREG_L2_GRID) * 3
-            for i, l2 in enumerate(LOGREG_L2_GRID):
-                for fold in range(3):
-                    self._progress("Choosing the logistic regression's λ", i * 3 + fold, total)
-                    train, held = folds != fold, folds == fold
-                    model = LogisticRegression(l2=l2, tol=1e-8).fit(
-                        features[train], self.train_labels[train]
-                    )
-                    accuracy[i] += model.accuracy(features[held], self.train_labels[held]) / 3
-            self._progress("Choosing the logistic regression's λ", total, total)
-            return {"grid": np.asarray(LOGREG_L2_GRID), "accuracy": accuracy}
+            self._progress(stage, 0, total)
+            table = cross_validated_accuracies(
+                lambda l2: LogisticRegression(l2=l2, tol=1e-8),
+                features,
+                self.train_labels,
+                folds,
+                LOGREG_L2_GRID,
+                progress=lambda done, total: self._progress(stage, done, total),
+            )
+            return {"grid": np.asarray(LOGREG_L2_GRID), "accuracy": table.mean(axis=1)}
 
         arrays = self.store.get_or_create(key, build)
         grid, accuracy = arrays["grid"], arrays["accuracy"]
@@ -516,7 +593,12 @@ class Explainer:
     def _features_label(self, featurizer: Featurizer, model: LinearModel) -> str:
         if isinstance(featurizer, PixelFeaturizer) and isinstance(model, KernelSVM):
             h, w, c = self.dataset.image_shape
-            return f"raw pixels ({h}x{w}x{c}) through an RBF kernel (γ = {model.gamma_:.3g})"
+            kernel = f"γ = {model.gamma_:.3g}"
+            if self.config.svm_gamma in GAMMA_RULES:
+                kernel += f", {self.config.svm_gamma} rule"
+            if isinstance(model, NystroemSVM):
+                kernel += f"; Nyström, {model.features_.shape[1]} landmarks"
+            return f"raw pixels ({h}x{w}x{c}) through an RBF kernel ({kernel})"
         return f"{featurizer.label} features, {model.features_.shape[1]}-d"
 
     # ------------------------------------------------------------------ queries
@@ -537,6 +619,8 @@ class Explainer:
             hyper: dict[str, float] = {"l2": float(model.l2)}
             if isinstance(model, KernelSVM):
                 hyper.update(gamma=float(model.gamma_), temperature=float(model.temperature))
+                if isinstance(model, NystroemSVM):
+                    hyper.update(landmarks=float(model.features_.shape[1]))
             out[key] = ModelSummary(
                 key=key,
                 label=fitted.label,

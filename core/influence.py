@@ -49,6 +49,7 @@ from core.linalg import (
     cholesky_solve,
     conjugate_gradient,
     lanczos_spectrum,
+    quadratic_forms,
     spectrum_from_hessian,
 )
 from core.losses import LossDerivatives
@@ -557,10 +558,30 @@ class InfluenceEngine:
         return self._train_derivs
 
     def _unit_quadratic_forms(self, chunk: int = 256) -> torch.Tensor:
-        """Q_j = (φ_j ⊗ I_C)ᵀ H⁻¹ (φ_j ⊗ I_C) for every training point. Returns: (n, C, C)."""
+        """Q_j = (φ_j ⊗ I_C)ᵀ H⁻¹ (φ_j ⊗ I_C) for every training point. Returns: (n, C, C).
+
+        With S = (H + δI)⁻¹ and S_ab its (a, b) block of d x d (θ[k·C + c] = W[k, c]),
+        Q_j[a, b] = φ_jᵀ S_ab φ_j: for each of the C(C+1)/2 pairs a <= b (Q_j is symmetric) one
+        batch of quadratic forms over all training points from the lower triangle of S_ab's
+        symmetric part (:func:`core.linalg.quadratic_forms`), about n·d²·C(C+1)/2 flops in GEMMs,
+        after forming S once from the exact solver's Cholesky factor (2p³/3). Solving for the
+        n·C columns φ_j ⊗ e_a instead costs 2p²·n·C, about 4n/d times more, and is kept only for
+        solvers without a factor when p > n·C. No p x p matrix per point is ever formed.
+        """
         features = self.model.features_
         n, d = features.shape
         c = self.model.n_outputs_
+        if isinstance(self.solver, ExactSolver) or d <= n:
+            inverse = self._inverse_hessian(chunk)
+            blocks = inverse.view(d, c, d, c)
+            out = torch.empty(n, c, c, dtype=DTYPE)
+            for a in range(c):
+                for b in range(a, c):
+                    block = blocks[:, a, :, b]
+                    forms = quadratic_forms(features, 0.5 * (block + block.T))
+                    out[:, a, b] = forms
+                    out[:, b, a] = forms
+            return out
         eye = torch.eye(c, dtype=DTYPE)
         out = torch.empty(n, c, c, dtype=DTYPE)
         for start in range(0, n, chunk):
@@ -571,6 +592,19 @@ class InfluenceEngine:
             solved = self.solver.inverse_hvp(rhs).reshape(d, c, len(phi), c)
             out[start : start + chunk] = torch.einsum("jd,dajb->jab", phi, solved)
         return out
+
+    def _inverse_hessian(self, chunk: int) -> torch.Tensor:
+        """S = (H + δI)⁻¹ (p, p): from the Cholesky factor, else one solve per unit vector."""
+        if isinstance(self.solver, ExactSolver):
+            return torch.cholesky_inverse(self.solver.cholesky)
+        p = self.model.n_params_
+        inverse = torch.empty(p, p, dtype=DTYPE)
+        for start in range(0, p, chunk):
+            stop = min(start + chunk, p)
+            unit = torch.zeros(p, stop - start, dtype=DTYPE)
+            unit[torch.arange(start, stop), torch.arange(stop - start)] = 1.0
+            inverse[:, start:stop] = self.solver.inverse_hvp(unit)
+        return inverse
 
     def _residuals(self, estimate: str) -> torch.Tensor:
         """Per-example residuals e_j such that the score is (1/n) s_testᵀ (φ_j ⊗ e_j). (n, C)."""

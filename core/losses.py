@@ -9,6 +9,7 @@ influence differentiates through it.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import NamedTuple
 
@@ -23,7 +24,8 @@ class LossDerivatives(NamedTuple):
         loss: (n,) per-example loss.
         d1: (n, C) first derivative with respect to the scores.
         d2: (n, C, C) second derivative with respect to the scores.
-        factor: (n, C, r) with ``d2 = factor @ factorᵀ`` (r = C for the softmax, 1 otherwise).
+        factor: (n, C, r) with ``d2 = factor @ factorᵀ`` (r = C for the softmax and the
+            multiclass smooth hinge, 1 for the one-column binary losses).
     """
 
     loss: torch.Tensor
@@ -105,6 +107,53 @@ class SmoothHingeLoss(Loss):
         d1 = (-torch.sigmoid(u) * sign)[:, None]
         curvature = torch.sigmoid(u) * torch.sigmoid(-u) / t
         return LossDerivatives(loss, d1, curvature[:, None, None], curvature.sqrt()[:, None, None])
+
+
+class MulticlassSmoothHinge(Loss):
+    """Crammer and Singer's multiclass hinge, smoothed with the temperature t; one score column
+    per class, C >= 3 classes.
+
+        ℓ(s, y) = t·log(1 + Σ_{c≠y} exp((1 + s_c - s_y)/t)),
+
+    a smooth maximum of the C - 1 margin violations 1 + s_c - s_y and 0, so as t goes to 0 it
+    becomes the hinge max(0, 1 + max_{c≠y} s_c - s_y). With two classes and the difference of
+    the two scores as the one parameter (s = s_1 - s_0) it is exactly :class:`SmoothHingeLoss`,
+    the paper's binary model, which the SVM keeps for two classes.
+
+    It is t times the softmax cross-entropy of the loss-augmented scores v = (s + 1 - e_y)/t
+    (the label's own score gets no margin): log Σ_c exp(v_c) - v_y is the expression above. So
+    with p = softmax(v) the derivatives are those of the softmax scaled by the temperature:
+    gradient p - e_y, Hessian (diag(p) - p pᵀ)/t, whose factor diag(√p) - p √pᵀ over √t has
+    rank C - 1 (adding a constant to every score changes nothing).
+    """
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = float(temperature)
+
+    def n_outputs(self, n_classes: int) -> int:
+        return n_classes
+
+    def _augmented(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # A comparison rather than F.one_hot, which torch.func.vmap cannot batch.
+        classes = torch.arange(scores.shape[-1], device=scores.device)
+        own = (labels[..., None].long() == classes).to(scores.dtype)
+        return (scores + 1.0 - own) / self.temperature
+
+    def value(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        v = self._augmented(scores, labels)
+        own = torch.gather(v, -1, labels[..., None].long())[..., 0]
+        return self.temperature * (torch.logsumexp(v, dim=-1) - own)
+
+    def derivatives(self, scores: torch.Tensor, labels: torch.Tensor) -> LossDerivatives:
+        t = self.temperature
+        log_probs = torch.log_softmax(self._augmented(scores, labels), dim=1)
+        probs = log_probs.exp()
+        loss = -t * torch.gather(log_probs, 1, labels[:, None].long())[:, 0]
+        d1 = probs - F.one_hot(labels.long(), scores.shape[1]).to(scores.dtype)
+        d2 = (torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]) / t
+        root = probs.sqrt()
+        factor = (torch.diag_embed(root) - probs[:, :, None] * root[:, None, :]) / math.sqrt(t)
+        return LossDerivatives(loss, d1, d2, factor)
 
 
 class SoftmaxCrossEntropy(Loss):

@@ -196,8 +196,10 @@ def test_bad_queries_and_configs_are_refused(tiny, explainer, store, tmp_path, m
         explainer.explain(image=np.zeros((32, 32, 3), dtype=np.uint8))
     with pytest.raises(InfluenceExplorerError, match="model must be"):
         explainer.heatmap("cnn", 0, test_index=0)
-    with pytest.raises(InfluenceExplorerError, match="exactly two"):
-        ExplainerConfig(classes=(0, 1, 2))
+    with pytest.raises(InfluenceExplorerError, match="at least two classes"):
+        ExplainerConfig(classes=(0,))
+    with pytest.raises(InfluenceExplorerError, match="svm_gamma"):
+        ExplainerConfig(svm_gamma="widest")
     with pytest.raises(InfluenceExplorerError, match="ImageNet backbone"):
         ExplainerConfig(backbone="pixels")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))

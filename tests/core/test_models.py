@@ -250,8 +250,8 @@ def test_bad_inputs_are_refused_with_a_message():
         LogisticRegression().fit(np.where(X > 1, np.nan, X), y)
     with pytest.raises(InfluenceExplorerError, match="same n"):
         LogisticRegression().fit(X, y[:4])
-    with pytest.raises(InfluenceExplorerError, match="binary"):
-        KernelSVM().fit(X, np.array([0, 1, 2, 0, 1, 2]))
+    with pytest.raises(InfluenceExplorerError, match="class indices >= 0"):
+        KernelSVM().fit(X, np.array([0, 1, -1, 0, 1, 2]))
     model = LogisticRegression().fit(X, y)
     with pytest.raises(InfluenceExplorerError, match="shape"):
         model.predict(np.zeros((2, 5)))

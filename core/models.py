@@ -624,7 +624,7 @@ def rbf_gamma(gamma: float | str | None, X: torch.Tensor, seed: int = 0) -> floa
         sample = X[rows[: min(n, MEDIAN_SAMPLE)]]
         squared = torch.cdist(sample, sample).square()
         upper = torch.triu_indices(len(sample), len(sample), offset=1)
-        median = float(squared[upper[0], upper[1]].median())
+        median = float(torch.quantile(squared[upper[0], upper[1]], 0.5))
         if not median > 0:
             raise InfluenceExplorerError(
                 "The median heuristic for the RBF width failed: the sampled training images are "

@@ -526,7 +526,9 @@ class Explainer:
         )
         theta0 = self._cached_theta(key)
         outputs = 1 if len(self.class_names) == 2 else len(self.class_names)
-        width = len(pixels_train) if landmarks == "exact" else min(int(landmarks), len(pixels_train))
+        width = (
+            len(pixels_train) if landmarks == "exact" else min(int(landmarks), len(pixels_train))
+        )
         # A cached θ̂ only warm-starts Newton; the fit still runs to tolerance, so a stale or
         # damaged cache can cost time but never change the model.
         model.fit(pixels_train, self.train_labels, theta0=_usable(theta0, width * outputs))
@@ -548,9 +550,7 @@ class Explainer:
         theta0 = self._cached_theta(key)
         outputs = 1 if len(self.class_names) == 2 else len(self.class_names)
         model = LogisticRegression(l2=l2)
-        model.fit(
-            features, self.train_labels, theta0=_usable(theta0, features.shape[1] * outputs)
-        )
+        model.fit(features, self.train_labels, theta0=_usable(theta0, features.shape[1] * outputs))
         if theta0 is None:
             self.store.save(key, {"theta": model.theta_.numpy()})
         self._progress("Fitting the logistic regression", 1, 1)

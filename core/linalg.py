@@ -64,7 +64,9 @@ def weighted_gram(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor
     return out
 
 
-def quadratic_forms(features: torch.Tensor, matrix: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+def quadratic_forms(
+    features: torch.Tensor, matrix: torch.Tensor, chunk: int = 8192
+) -> torch.Tensor:
     """φ_jᵀ G φ_j for every row φ_j of Φ and a symmetric G, from G's lower triangle.
 
     φᵀGφ = Σ_i φ_iᵀG_iiφ_i + 2 Σ_{i>k} φ_iᵀG_ikφ_k over strips of coordinates, one GEMM per strip

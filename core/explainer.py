@@ -148,6 +148,62 @@ class ExplainerConfig:
 
 
 @dataclass(frozen=True)
+class StageCost:
+    """What one stage of :meth:`Explainer.prepare` costs, estimated before it runs.
+
+    Attributes:
+        stage: what it does, e.g. "Logistic regression: Hessian and its factorisation".
+        flops: float64 floating-point operations (dense linear algebra; the Newton fits assume
+            :data:`ASSUMED_NEWTON_STEPS` steps each, the real count depends on the data).
+        memory_bytes: the largest arrays the stage holds at once.
+        images: images whose backbone features are not cached yet (feature stages only; their
+            cost is a forward pass of the backbone each, not counted in ``flops``).
+    """
+
+    stage: str
+    flops: float
+    memory_bytes: int
+    images: int = 0
+
+
+@dataclass(frozen=True)
+class PreparationCost:
+    """Estimated cost of preparing an explainer, stage by stage (:meth:`Explainer.cost`).
+
+    Attributes:
+        n_train, n_classes: the training set the models will be fitted on.
+        svm: "exact" or "Nyström, m landmarks".
+        stages: in the order :meth:`Explainer.prepare` runs them.
+    """
+
+    n_train: int
+    n_classes: int
+    svm: str
+    stages: tuple[StageCost, ...]
+
+    @property
+    def flops(self) -> float:
+        return sum(stage.flops for stage in self.stages)
+
+    @property
+    def peak_memory_bytes(self) -> int:
+        return max(stage.memory_bytes for stage in self.stages)
+
+    @property
+    def uncached_images(self) -> int:
+        return sum(stage.images for stage in self.stages)
+
+    def seconds(self, gflops: float) -> float:
+        """The linear-algebra stages' time at a sustained ``gflops`` (e.g. from
+        :func:`core.linalg.gemm_rate`); feature stages are not included."""
+        return self.flops / (gflops * 1e9)
+
+
+#: Newton steps per fit assumed by :meth:`Explainer.cost` (the demo's fits take 5-12).
+ASSUMED_NEWTON_STEPS = 10
+
+
+@dataclass(frozen=True)
 class ModelSummary:
     """One fitted model, for reports.
 
@@ -350,6 +406,86 @@ class Explainer:
         self.models: dict[str, FittedModel] = {}
         self.warnings: tuple[str, ...] = ()
         self.seconds: float | None = None
+
+    def cost(self) -> PreparationCost:
+        """Estimated cost of :meth:`prepare` per stage, without doing it (cheap: it only hashes
+        the images to see which features are cached). For a front end to say what a choice
+        (e.g. every class of the full dataset) costs before starting it.
+
+        Counts are for the convex models' dense linear algebra: forming a Hessian's C(C+1)/2
+        symmetric blocks (n·d² each, :func:`core.linalg.weighted_gram`), factorising it (p³/3),
+        inverting it for the Newton-corrected forms (2p³/3) and those forms (n·d² per block
+        again); each Newton fit as :data:`ASSUMED_NEWTON_STEPS` steps of a Hessian build and
+        factorisation (dense) or 50 conjugate-gradient iterations of 4·n·p flops (large p).
+        """
+        from core.models import DENSE_NEWTON_MAX_PARAMS, MAX_LANDMARKS, SVM_MEMORY_BUDGET
+
+        n = self.n_train
+        classes = len(self.class_names)
+        outputs = 1 if classes == 2 else classes
+        pairs = outputs * (outputs + 1) // 2
+        pixels = int(np.prod(self.dataset.image_shape))
+        backbone_dim = self.backbone.output_dim(self.dataset.image_shape)
+        stages = [self._feature_cost(split) for split in ("train", "test")]
+
+        probe = make_rbf_svm(
+            n, classes, memory_budget=SVM_MEMORY_BUDGET, max_landmarks=MAX_LANDMARKS
+        )
+        width = min(probe.n_components, n) if isinstance(probe, NystroemSVM) else n
+        svm_kind = f"Nyström, {width} landmarks" if isinstance(probe, NystroemSVM) else "exact"
+
+        def engine(label: str, rows: int, d: int) -> list[StageCost]:
+            p = d * outputs
+            build = pairs * rows * d * d * (1 + min(1.0, 256 / d))
+            return [
+                StageCost(f"{label}: Hessian and its factorisation", build + p**3 / 3, 16 * p * p),
+                StageCost(f"{label}: Newton-corrected estimate", 2 * p**3 / 3 + build, 16 * p * p),
+            ]
+
+        def fit(label: str, rows: int, d: int, fits: int) -> StageCost:
+            p = d * outputs
+            if p <= DENSE_NEWTON_MAX_PARAMS:
+                step = pairs * rows * d * d + p**3 / 3
+            else:
+                step = 50 * 4 * rows * p + rows * d * d + d**3 * 9
+            return StageCost(label, fits * ASSUMED_NEWTON_STEPS * step, 8 * (rows * d + 2 * p * p))
+
+        feature_map = (
+            2 * n * width * pixels + width**3 / 3 + n * width * width
+            if isinstance(probe, NystroemSVM)
+            else 2 * n * n * pixels + n**3 / 3
+        )
+        stages.append(StageCost("RBF SVM: kernel and its factor", feature_map, 8 * 3 * n * width))
+        stages.append(fit("Fitting the RBF SVM on pixels", n, width, 1))
+        if self.config.logreg_l2 is None:
+            folds = len(LOGREG_L2_GRID) * 3
+            stages.append(
+                fit("Choosing the logistic regression's λ", 2 * n // 3, backbone_dim, folds)
+            )
+        stages.append(fit("Fitting the logistic regression", n, backbone_dim, 1))
+        stages += engine("RBF SVM", n, width)
+        stages += engine("Logistic regression", n, backbone_dim)
+        return PreparationCost(n, classes, svm_kind, tuple(stages))
+
+    def _feature_cost(self, split: str) -> StageCost:
+        from core.features import features_cache_key
+
+        labels = getattr(self.source, f"{split}_labels")
+        images = getattr(self.source, f"{split}_images")
+        missing = 0
+        for original in self.class_indices:
+            rows = np.flatnonzero(labels == original)
+            key = features_cache_key(
+                self.backbone,
+                images[rows],
+                dataset_hash=self.source.content_hash,
+                part=f"{split}/class{original}",
+            )
+            if not self.store.path_for(key).exists():
+                missing += len(rows)
+        dim = self.backbone.output_dim(self.dataset.image_shape)
+        count = len(getattr(self.dataset, f"{split}_labels"))
+        return StageCost(f"{self.backbone.label} features: {split}", 0.0, 8 * count * dim, missing)
 
     @property
     def model_keys(self) -> tuple[str, ...]:

@@ -8,6 +8,7 @@ reports it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -91,6 +92,21 @@ def quadratic_forms(
             total += 2.0 * (product[:, :i0] * rows[:, :i0]).sum(1)
             total += (product[:, i0:i1] * rows[:, i0:i1]).sum(1)
     return out
+
+
+def gemm_rate(size: int = 2048, repeats: int = 3) -> float:
+    """This machine's float64 matrix-multiply rate now, in GFLOP/s (best of ``repeats``
+    products of two size x size matrices, 2·size³ flops each): what the dense stages run at."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=generator, dtype=DTYPE)
+    b = torch.randn(size, size, generator=generator, dtype=DTYPE)
+    best = float("inf")
+    _ = a @ b
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _ = a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
 
 
 @dataclass(frozen=True)
@@ -244,6 +260,7 @@ __all__ = [
     "Spectrum",
     "cholesky_solve",
     "conjugate_gradient",
+    "gemm_rate",
     "lanczos_spectrum",
     "quadratic_forms",
     "spectrum_from_hessian",

@@ -71,13 +71,15 @@ def _writable(array: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class FitInfo:
-    """How a fit ended: Newton iterations, final gradient norm and objective, wall time."""
+    """How a fit ended: Newton iterations, final gradient norm and objective, wall time, and the
+    conjugate-gradient iterations of the Newton steps (0 when every step was a dense solve)."""
 
     iterations: int
     gradient_norm: float
     objective: float
     converged: bool
     seconds: float
+    cg_iterations: int = 0
 
 
 class LinearModel:
@@ -245,12 +247,14 @@ class LinearModel:
         """Damped Newton: exact steps, backtracking (Armijo) line search, stop at ‖∇R‖ <= tol."""
         value, grad, derivs = self._objective_terms(theta)
         iterations = 0
+        cg_iterations = 0
         while True:
             gnorm = float(grad.norm())
             if gnorm <= self.tol or iterations >= self.max_iter:
                 break
             iterations += 1
-            step = self._newton_step(derivs, grad)
+            step, inner = self._newton_step(derivs, grad)
+            cg_iterations += inner
             slope = float(grad @ step)
             t = 1.0
             while True:
@@ -275,6 +279,7 @@ class LinearModel:
             objective=value,
             converged=gnorm <= self.tol,
             seconds=time.perf_counter() - start,
+            cg_iterations=cg_iterations,
         )
         if not info.converged and gnorm > max(1e3 * self.tol, 1e-6):
             raise ConvergenceError(
@@ -283,7 +288,8 @@ class LinearModel:
             )
         return theta, info
 
-    def _newton_step(self, derivs: LossDerivatives, grad: torch.Tensor) -> torch.Tensor:
+    def _newton_step(self, derivs: LossDerivatives, grad: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The Newton direction H⁻¹∇R and the conjugate-gradient iterations it took (0: dense)."""
         p = grad.shape[0]
         preconditioner = getattr(self, "_preconditioner", None)
         if preconditioner is not None:
@@ -295,7 +301,7 @@ class LinearModel:
                 preconditioner=preconditioner,
             )
             if run.converged:
-                return run.solution
+                return run.solution, run.iterations
             # The Hessian has moved too far from θ̂'s (e.g. a sharp smooth hinge whose active
             # set changed): stop trying for the rest of this fit.
             self._preconditioner = None
@@ -303,18 +309,19 @@ class LinearModel:
             hessian = self._hessian_from(derivs)
             chol, info = torch.linalg.cholesky_ex(hessian)
             if int(info) == 0:
-                return cholesky_solve(chol, grad)
-            return torch.linalg.lstsq(hessian, grad[:, None]).solution[:, 0]
+                return cholesky_solve(chol, grad), 0
+            return torch.linalg.lstsq(hessian, grad[:, None]).solution[:, 0], 0
         # Large models: an inexact Newton step by conjugate gradients on exact HVPs, with the
         # forcing term shrinking with the gradient (superlinear convergence near the optimum),
         # preconditioned by a Kronecker-factored approximation of the Hessian.
-        return conjugate_gradient(
+        run = conjugate_gradient(
             lambda v: self._hvp_from(derivs, v),
             grad,
             rtol=min(0.1, float(grad.norm()) ** 0.5),
             max_iter=500,
             preconditioner=self._kronecker_preconditioner(derivs),
-        ).solution
+        )
+        return run.solution, run.iterations
 
     def _kronecker_preconditioner(
         self, derivs: LossDerivatives

@@ -452,3 +452,21 @@ def test_nystroem_kernel_error_shrinks_as_landmarks_are_added(make_svm_problem):
         errors.append(float((model.features_ @ model.features_.T - kernel).norm()))
     assert all(a >= b - 1e-9 for a, b in itertools.pairwise(errors))
     assert errors[0] > 10 * errors[-1] and errors[-1] < 1e-4
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_dual_newton_step_is_the_dense_step(make_logreg_problem, n_classes):
+    # Fewer data than parameters (n·r <= p/2): Newton steps go through Woodbury on n·r x n·r.
+    problem = make_logreg_problem(30, 200, seed=7, n_classes=n_classes)
+    weights = np.ones(30)
+    weights[[3, 4]] = 0
+    model = LogisticRegression(l2=1e-2).fit(problem.X, problem.y, sample_weight=weights)
+    assert model.fit_info_.converged
+    derivs = model._derivatives(model.features_, model.labels_, model.theta_)
+    vector = torch.randn(model.n_params_, generator=torch.Generator().manual_seed(1)).double()
+    torch.testing.assert_close(
+        model._dual_newton_step(derivs, vector),
+        torch.linalg.solve(model.hessian(), vector),
+        rtol=1e-9,
+        atol=1e-12,
+    )

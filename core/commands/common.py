@@ -124,6 +124,7 @@ def emit(payload: Any, args: argparse.Namespace, human: Callable[[Any], str]) ->
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """Backbone, hyperparameters and the inverse-Hessian solver of the two models."""
+    from core.explainer import DEFAULT_SVM_TEMPERATURE
     from core.features import DEFAULT_BACKBONE
     from core.models import DEFAULT_GAMMA
 
@@ -154,7 +155,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "training images, informative at every n) or 'paper' (Koh & Liang's 0.05/n_train)",
     )
     group.add_argument(
-        "--svm-temperature", type=float, default=1e-2, help="smooth-hinge temperature t"
+        "--svm-temperature",
+        type=float,
+        default=DEFAULT_SVM_TEMPERATURE,
+        help=f"smooth-hinge temperature t (default {DEFAULT_SVM_TEMPERATURE:g})",
     )
     group.add_argument(
         "--max-train-per-class",

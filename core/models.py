@@ -307,7 +307,9 @@ class LinearModel:
             self._preconditioner = None
         n, rank = self.features_.shape[0], derivs.factor.shape[2]
         if self.l2 > 0 and n * rank < p and n * rank <= DENSE_NEWTON_MAX_PARAMS:
-            return self._dual_newton_step(derivs, grad), 0
+            step = self._dual_newton_step(derivs, grad)
+            if step is not None:
+                return step, 0
         if p <= DENSE_NEWTON_MAX_PARAMS:
             hessian = self._hessian_from(derivs)
             chol, info = torch.linalg.cholesky_ex(hessian)
@@ -326,7 +328,7 @@ class LinearModel:
         )
         return run.solution, run.iterations
 
-    def _dual_newton_step(self, derivs: LossDerivatives, grad: torch.Tensor) -> torch.Tensor:
+    def _dual_newton_step(self, derivs: LossDerivatives, grad: torch.Tensor) -> torch.Tensor | None:
         """H⁻¹g through Woodbury when the data term has lower rank than the parameter count.
 
         H = λI + U Uᵀ with U = [√(w_j/n) φ_j ⊗ B_j]_j, p x (n·r): H⁻¹g = (g - U (λI + UᵀU)⁻¹ Uᵀg)/λ,
@@ -334,7 +336,9 @@ class LinearModel:
         of features and kept). A few dozen images with 1280-d features and three classes solve a
         144 x 144 system instead of factorising a 3840 x 3840 Hessian; a cross-validation fold
         of the demo's pair (667 images, 1280-d) one of 667 instead of 1280. Exact, like the dense
-        step.
+        step, as long as λ is not negligible next to the data's curvature: the result divides by
+        λ, so its rounding error grows like ε·‖UᵀU‖/λ; beyond 1e8 this returns None and the
+        primal step is taken.
         """
         features, factor = self.features_, derivs.factor
         n, d = features.shape
@@ -350,6 +354,8 @@ class LinearModel:
             scale[:, None, None, None] * scale[None, None, :, None]
         )
         small = small.reshape(n * r, n * r)
+        if float(small.diagonal().max()) > 1e8 * self.l2:
+            return None
         small.diagonal().add_(self.l2)
         projected = features @ grad.reshape(d, c)  # (n, C): φ_jᵀ G
         rhs = (torch.einsum("jc,jck->jk", projected, factor) * scale[:, None]).reshape(n * r)

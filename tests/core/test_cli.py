@@ -55,6 +55,25 @@ def test_precompute_reports_both_models(capsys, common):
     assert "RBF SVM on pixels" in report and "accuracy:" in report and "λ by 3-fold CV" in report
 
 
+def test_precompute_every_class(capsys, common):
+    # CG keeps the ten-class logistic regression's 12,800-parameter Hessian implicit (this tiny
+    # set has 80 images, far fewer than the parameters), and a fixed λ skips cross-validation.
+    every = ["--classes", "all", "--solver", "cg", "--logreg-l2", "0.1", "--json"]
+    payload = run_json(capsys, ["precompute", *common, *every])
+    assert payload["classes"] == list(load_demo().class_names)
+    assert payload["n_train"] == 80 and payload["n_test"] == 30
+    for model in payload["models"].values():
+        assert 0 <= model["test_accuracy"] <= 1 and model["gradient_norm"] <= 1e-8
+    svm = payload["models"]["svm"]
+    assert "median rule" in svm["features"] and svm["hyperparameters"]["temperature"] == 0.1
+    paper = run_json(
+        capsys,
+        ["precompute", *common, "--classes", "0,2,6", "--svm-gamma", "paper", "--json"],
+    )
+    assert paper["classes"] == ["T-shirt/top", "Pullover", "Shirt"]
+    assert paper["models"]["svm"]["hyperparameters"]["gamma"] == pytest.approx(0.05 / 24)
+
+
 def test_explain_a_test_index_and_an_image_file(capsys, common, tmp_path):
     payload = run_json(capsys, ["explain", *common, "--test-index", "1", "--k", "3", "--json"])
     assert payload["true_label"] in ("T-shirt/top", "Shirt")
@@ -93,6 +112,7 @@ def test_verify_reports_both_estimates(capsys, common):
         (["explain", "--k", "3"], "--test-index"),
         (["precompute", "--classes", "Foo,Bar"], "Foo"),
         (["verify", "--test-index", "0", "--k", "1"], "--k"),
+        (["precompute", "--classes", "Shirt"], "at least two classes"),
         (["explain", "--test-index", "999"], "test_index"),
     ],
 )
@@ -166,3 +186,10 @@ def test_lissa_that_diverges_says_to_use_the_exact_solver(capsys, common, monkey
     assert status == 2
     err = capsys.readouterr().err
     assert "LiSSA diverged" in err and "(Try --solver exact.)" in err
+
+
+def test_svm_gamma_takes_a_rule_or_a_positive_number(capsys, common):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["precompute", *common, "--svm-gamma", "widest"])
+    assert exit_info.value.code == 2
+    assert "median" in capsys.readouterr().err

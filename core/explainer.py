@@ -38,6 +38,7 @@ from core.features import (
 )
 from core.influence import Estimate, InfluenceEngine, SolverConfig, top_k
 from core.models import KernelSVM, LinearModel, LogisticRegression
+from core.ood import Familiarity, NeighbourDistance
 from core.store import ArtifactStore, CacheKey
 from core.validation import Verification, verify
 
@@ -178,6 +179,8 @@ class ModelExplanation:
         scores: (n_train,) influence of every training image.
         pixel_distances, feature_distances: (n_train,) distances to the test image.
         helpful, harmful: the top-k of each, strongest first.
+        familiarity: where the image lies among the training data in this model's feature
+            space (``familiarity.unusual``: farther than every held-out test image).
     """
 
     key: str
@@ -194,6 +197,7 @@ class ModelExplanation:
     feature_distances: np.ndarray
     helpful: tuple[InfluentialImage, ...]
     harmful: tuple[InfluentialImage, ...]
+    familiarity: Familiarity
 
 
 @dataclass(frozen=True)
@@ -215,6 +219,14 @@ class Explanation:
     models: dict[str, ModelExplanation]
     seconds: float
 
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """Why this explanation should not be trusted as it stands (e.g. the image is unlike the
+        training data for some model), one sentence each; empty if none."""
+        return tuple(
+            m.familiarity.message(m.label) for m in self.models.values() if m.familiarity.unusual
+        )
+
 
 @dataclass(frozen=True)
 class FittedModel:
@@ -231,6 +243,8 @@ class FittedModel:
         test_inputs: (n_test, D) float64 model inputs of the test split.
         selection: cross-validated accuracy per λ tried, when λ was chosen (else empty).
         solver: how the engine applies H⁻¹; refits (attacks, relabelling) build theirs from it.
+        familiarity: how far an image lies from the training data in this model's feature
+            space, against held-out test images (:mod:`core.ood`).
     """
 
     key: str
@@ -242,6 +256,7 @@ class FittedModel:
     test_inputs: torch.Tensor
     selection: dict[str, float]
     solver: SolverConfig
+    familiarity: NeighbourDistance
 
     def inputs(self, images: np.ndarray, what: str = "the image") -> torch.Tensor:
         """The model's inputs for (m, H, W, C) uint8 images. Returns: (m, D) float64."""
@@ -368,6 +383,10 @@ class Explainer:
             # Compute everything lazy now, so the shared explainer is never mutated later.
             for estimate in engine.estimates:
                 engine.self_influence(estimate)
+            test_inputs = torch.as_tensor(test_inputs, dtype=torch.float64)
+            familiarity = NeighbourDistance(
+                model.features_, model.transform(test_inputs), seed=self.config.seed
+            )
             models[key] = FittedModel(
                 key=key,
                 label=label,
@@ -375,9 +394,10 @@ class Explainer:
                 featurizer=featurizer,
                 model=model,
                 engine=engine,
-                test_inputs=torch.as_tensor(test_inputs, dtype=torch.float64),
+                test_inputs=test_inputs,
                 selection=chosen,
                 solver=self.config.solver,
+                familiarity=familiarity,
             )
             self._progress("Preparing influence engines", position + 1, len(specs))
         self._test_predictions = {
@@ -664,9 +684,8 @@ class Explainer:
             scores = engine.influence_scores(inputs[key], [label], estimate=estimate)[0]
             _check_finite_scores(scores, fitted.label)
             probabilities = model.predict_proba(inputs[key])[0]
-            feature_distances = torch.linalg.norm(
-                model.features_ - model.transform(inputs[key]), dim=1
-            ).numpy()
+            query_features = model.transform(inputs[key])
+            feature_distances = torch.linalg.norm(model.features_ - query_features, dim=1).numpy()
             best = top_k(scores, k)
 
             predicted = int(np.argmax(probabilities))
@@ -685,6 +704,7 @@ class Explainer:
                 feature_distances=feature_distances,
                 helpful=self._influential(best.helpful, scores, pixel_distances, feature_distances),
                 harmful=self._influential(best.harmful, scores, pixel_distances, feature_distances),
+                familiarity=fitted.familiarity.check(query_features)[0],
             )
         return Explanation(
             image=query_image,

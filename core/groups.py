@@ -1,7 +1,7 @@
 """Influence of groups of training points (Koh, Ang, Teo & Liang 2019; Basu, You & Feizi 2020).
 
-Removing a group U of training points follows the project's definition (DESIGN.md): the group's loss
-terms are dropped while the 1/n and λ stay,
+Removing a group U of training points follows the project's definition (docs/architecture.md): the
+group's loss terms are dropped while the 1/n and λ stay,
 
     R_U(θ) = R(θ) - (1/n) Σ_{j∈U} w_j ℓ_j(θ),    R(θ) = (1/n) Σ_i w_i ℓ_i(θ) + (λ/2)‖θ‖²,
 
@@ -60,11 +60,6 @@ from core.validation import RETRAIN_TOL, Agreement, agreement, retrain_without
 
 #: The three estimates of a group's effect: one, two, and all terms of the Newton step's series.
 GROUP_ESTIMATES: tuple[str, ...] = ("first_order", "second_order", "corrected")
-GROUP_ESTIMATE_LABELS = {
-    "first_order": "first order (sum of individual scores)",
-    "second_order": "second order (Basu et al., pairwise interactions)",
-    "corrected": "Newton-corrected (H without the group)",
-}
 #: How groups are formed.
 GROUP_KINDS: tuple[str, ...] = ("random", "class", "cluster", "helpful", "harmful", "custom")
 #: Group sizes as fractions of the training set, about 0.25% to 25% (Koh et al. 2019).
@@ -732,7 +727,6 @@ def explainer_group_experiment(
 __all__ = [
     "DEFAULT_SIZES",
     "GROUP_ESTIMATES",
-    "GROUP_ESTIMATE_LABELS",
     "GROUP_KINDS",
     "Group",
     "GroupConfig",

@@ -1,6 +1,6 @@
 """Influence of training points on test predictions, for the convex models in :mod:`core.models`.
 
-One convention everywhere (DESIGN.md):
+One convention everywhere (docs/architecture.md):
 
     score(z_j, z_test) = (1/n) ∇ℓ(z_test, θ̂)ᵀ H⁻¹ ∇ℓ(z_j, θ̂)  ≈  ℓ(z_test, θ̂_{-j}) - ℓ(z_test, θ̂)
 
@@ -40,10 +40,6 @@ from core.models import DTYPE, LinearModel, as_float64, cholesky_solve
 
 Estimate = Literal["corrected", "first_order"]
 ESTIMATES: tuple[str, ...] = ("corrected", "first_order")
-ESTIMATE_LABELS = {
-    "corrected": "Newton-corrected (H without the point)",
-    "first_order": "first order (Koh & Liang)",
-}
 SOLVERS: tuple[str, ...] = ("exact", "cg", "lissa")
 
 
@@ -347,7 +343,7 @@ def make_solver(model: TwiceDifferentiable, config: SolverConfig) -> InverseHVPS
 class TopK:
     """The most helpful (largest positive scores) and most harmful (most negative) training points.
 
-    Indices are into the training set; scores are in the DESIGN.md convention.
+    Indices are into the training set; scores are in the docs/architecture.md convention.
     """
 
     helpful: np.ndarray

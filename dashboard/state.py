@@ -65,6 +65,16 @@ from core.fragility import (
 )
 from core.images import DEFAULT_MAX_BYTES, SUPPORTED_EXTENSIONS, decode_upload
 from core.influence import ESTIMATES, SolverConfig
+from core.labels import (  # noqa: F401 (the pages read them from here)
+    ESTIMATE_LABELS,
+    GROUP_ESTIMATE_DESCRIPTIONS,
+    GROUP_ESTIMATE_LABELS,
+    GROUP_KIND_LABELS,
+    RANKING_LABELS,
+    SOLVER_LABELS,
+    TEST_POINT_DESCRIPTIONS,
+    TEST_POINT_LABELS,
+)
 from core.store import ArtifactStore
 from core.validation import Verification
 
@@ -79,8 +89,6 @@ MAX_UPLOAD_MB = DEFAULT_MAX_BYTES // 2**20
 #: File-name suffixes the upload widget offers (the decoder sniffs content, not names).
 UPLOAD_TYPES: tuple[str, ...] = tuple(sorted(ext.lstrip(".") for ext in SUPPORTED_EXTENSIONS))
 
-ESTIMATE_LABELS = {"corrected": "Newton-corrected", "first_order": "First order (paper)"}
-SOLVER_LABELS = {"exact": "Exact (Cholesky)", "cg": "Conjugate gradients", "lissa": "LiSSA"}
 #: What to expect from the iterative solvers on these small models (measured on the demo pair).
 SOLVER_CAUTIONS = {
     "cg": "CG solves once per training image while preparing: about a minute or more here, "
@@ -949,7 +957,6 @@ TRUST_WEIGHT_DECAYS: tuple[float, ...] = (1e-3, 0.0)
 #: The live run's default protocol: the CLI's ``--quick`` grid (200 images, 60 epochs, one
 #: seed); its smallest setting takes about 20 s on one busy core.
 TRUST_QUICK_CONFIG = FragilityConfig.quick()
-TEST_POINT_NAMES = {"high_loss": "high-loss", "median_loss": "median-loss"}
 #: Explain's model keys -> the committed study's reference rows.
 _REFERENCE_MODELS = {"svm": "svm", "logreg": "logistic"}
 #: Live runs remembered per session, as many as the Training data pages' results.
@@ -1166,7 +1173,7 @@ def trust_reference(
     )
     cells = tuple(
         (
-            TEST_POINT_NAMES.get(p.kind, p.kind),
+            TEST_POINT_LABELS.get(p.kind, p.kind),
             p.corrected_pearson if corrected else p.pearson,
             p.corrected_spearman if corrected else p.spearman,
         )
@@ -1293,13 +1300,8 @@ def has_chosen_test_image() -> bool:
 
 # ------------------------------------------------------------------ groups
 
-GROUP_KIND_LABELS = {
-    "random": "random",
-    "class": "random within one class",
-    "cluster": "k-means clusters",
-    "helpful": "most helpful",
-    "harmful": "most harmful",
-}
+#: Kinds offered as choices ("custom" is added by typing indices).
+GROUP_KIND_CHOICES: tuple[str, ...] = tuple(k for k in core_groups.GROUP_KINDS if k != "custom")
 #: Group sizes offered, as fractions of the training set (Koh et al. 2019: 0.25% to 25%).
 GROUP_SIZE_CHOICES: tuple[float, ...] = tuple(core_groups.DEFAULT_SIZES)
 #: Defaults light enough for well under a minute on the demo: 12 groups, 12 retrains.
@@ -1307,12 +1309,6 @@ GROUP_DEFAULT_KINDS: tuple[str, ...] = ("random", "helpful", "harmful")
 GROUP_DEFAULT_SIZES: tuple[float, ...] = (0.005, 0.025, 0.1)
 GROUP_DEFAULT_PER_SIZE = 2
 GROUP_ESTIMATES: tuple[str, ...] = tuple(core_groups.GROUP_ESTIMATES)
-GROUP_ESTIMATE_NAMES = {
-    "first_order": "First order",
-    "second_order": "Second order (Basu et al.)",
-    "corrected": "Newton-corrected",
-}
-GROUP_ESTIMATE_DESCRIPTIONS = dict(core_groups.GROUP_ESTIMATE_LABELS)
 #: Most indices a user can type for their own group (the text box is bounded too).
 MAX_CUSTOM_INDICES = 5000
 
@@ -1452,7 +1448,6 @@ def run_group_experiment(
 # ------------------------------------------------------------------ data cleaning
 
 RANKINGS: tuple[str, ...] = tuple(core_mislabel.RANKINGS)
-RANKING_LABELS = dict(core_mislabel.RANKING_LABELS)
 #: Fractions of the training set checked at which the labels found are fixed and the model
 #: refitted (one refit per ranking and checkpoint); the curve itself costs no refits.
 MISLABEL_CHECKPOINT_CHOICES: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5)

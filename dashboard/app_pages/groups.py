@@ -75,7 +75,7 @@ with image_col:
 with settings_col:
     kinds = st.pills(
         "Kinds of group",
-        options=list(state.GROUP_KIND_LABELS),
+        options=list(state.GROUP_KIND_CHOICES),
         selection_mode="multi",
         format_func=state.GROUP_KIND_LABELS.get,
         key="groups_kinds",
@@ -144,7 +144,7 @@ result = remembered_or_run(
     settings=settings,
 )
 
-names = state.GROUP_ESTIMATE_NAMES
+names = state.GROUP_ESTIMATE_LABELS
 st.subheader(
     f"{len(result.groups)} groups · test image #{test_index} · {labels[model_key]}",
     anchor=False,

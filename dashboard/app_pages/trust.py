@@ -99,10 +99,10 @@ point_col, wd_col, metric_col = st.columns(3)
 with point_col:
     test_point = st.segmented_control(
         "Test image",
-        options=list(state.TEST_POINT_NAMES),
+        options=list(state.TEST_POINT_LABELS),
         default="high_loss",
         required=True,
-        format_func=lambda kind: state.TEST_POINT_NAMES[kind],
+        format_func=lambda kind: state.TEST_POINT_LABELS[kind],
         key="trust_chart_point",
         persist_state="session",
     )

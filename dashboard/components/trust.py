@@ -15,6 +15,8 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
+from dashboard.state import TEST_POINT_DESCRIPTIONS, TEST_POINT_LABELS
+
 #: Colours per solver (Okabe-Ito). CG gives the exact answer wherever both ran, so it is dashed
 #: over the exact line rather than hidden by it.
 SOLVER_STYLES: dict[str, dict[str, Any]] = {
@@ -24,7 +26,6 @@ SOLVER_STYLES: dict[str, dict[str, Any]] = {
     "exact (last layer)": {"color": "#CC79A7", "dash": "dot", "symbol": "x"},
 }
 TEST_POINT_COLOURS = {"high_loss": "#D55E00", "median_loss": "#0072B2"}
-TEST_POINT_NAMES = {"high_loss": "high-loss", "median_loss": "median-loss"}
 
 
 def _cell_style(pearson: float, spearman: float) -> str:
@@ -167,7 +168,7 @@ def solver_comparison_figure(comparisons: Sequence[Any]) -> go.Figure:
                     x=[getattr(c, f"reference_{metric}") for c in chosen],
                     y=[getattr(c, metric) for c in chosen],
                     mode="markers",
-                    name=f"{TEST_POINT_NAMES[kind]} test point",
+                    name=TEST_POINT_DESCRIPTIONS[kind],
                     legendgroup=kind,
                     showlegend=col == 1,
                     marker={
@@ -218,7 +219,7 @@ def solver_comparison_frame(comparisons: Sequence[Any]) -> pd.DataFrame:
             {
                 "network": c.label,
                 "weight decay": c.weight_decay,
-                "test point": TEST_POINT_NAMES.get(c.test_point, c.test_point),
+                "test point": TEST_POINT_LABELS.get(c.test_point, c.test_point),
                 "reference": c.reference,
                 "reference Pearson": c.reference_pearson,
                 f"{c.solver} Pearson": c.pearson,
@@ -249,7 +250,7 @@ def live_comparison_frame(live: Any, committed: Any | None) -> pd.DataFrame:
                 solver.solver
             )
         row: dict[str, Any] = {"solver": solver.label}
-        for kind, name in TEST_POINT_NAMES.items():
+        for kind, name in TEST_POINT_LABELS.items():
             mine = solver.point(kind)
             theirs = reference.point(kind) if reference is not None else None
             row[f"{name}: this run"] = _pair(mine)

@@ -1366,22 +1366,7 @@ def group_config(
 
 def group_count(config: core_groups.GroupConfig, n_train: int) -> int:
     """How many groups (and so retrains) a config makes on ``n_train`` images, before running."""
-    counts = sorted({size_count(f, n_train) for f in config.sizes})
-    total = 0
-    for kind in config.kinds:
-        if kind == "custom":
-            total += 1
-        elif kind in ("helpful", "harmful"):
-            total += len(counts)
-        elif kind == "cluster":
-            # One k-means per size, with about n / size clusters; groups_per_size of them are used.
-            total += sum(
-                min(config.groups_per_size, max(2, min(n_train, round(n_train / size))))
-                for size in counts
-            )
-        else:
-            total += len(counts) * config.groups_per_size
-    return total
+    return core_groups.count_groups(config, n_train)
 
 
 @st.cache_data(max_entries=8, show_spinner=False)

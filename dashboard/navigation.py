@@ -1,5 +1,5 @@
 """The page list. To add a page: write ``app_pages/<name>.py`` (a thin script that calls
-functions in ``dashboard/state.py``) and add one :class:`PageSpec` line to :data:`SECTIONS`.
+functions in ``dashboard/services/``) and add one :class:`PageSpec` line to :data:`SECTIONS`.
 
 The AppTest smoke test runs every page listed here, so a new page is covered as soon as it is
 registered.

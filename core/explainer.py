@@ -235,6 +235,7 @@ class FittedModel:
     Attributes:
         key: short stable id used in URLs, JSON and caches (e.g. "svm", "logreg").
         label: for people, e.g. "RBF SVM on pixels".
+        short_label: where the label does not fit (a thumbnail's caption), e.g. "SVM".
         features_label: what the model sees, e.g. "EfficientNet-Lite0 (ImageNet) features, 1280-d".
         featurizer: images -> the model's inputs.
         model: the fitted estimator.
@@ -249,6 +250,7 @@ class FittedModel:
 
     key: str
     label: str
+    short_label: str
     features_label: str
     featurizer: Featurizer
     model: LinearModel
@@ -324,10 +326,10 @@ class Explainer:
         self.test_labels = self.dataset.test_labels
         self.pixels = PixelFeaturizer()
         self.backbone = get_featurizer(self.config.backbone, **self._backbone_options())
-        #: (key, label) of every model :meth:`prepare` fits, in display order.
-        self.model_specs: tuple[tuple[str, str], ...] = (
-            ("svm", "RBF SVM on pixels"),
-            ("logreg", f"Logistic regression on {self.backbone.label} features"),
+        #: (key, label, short label) of every model :meth:`prepare` fits, in display order.
+        self.model_specs: tuple[tuple[str, str, str], ...] = (
+            ("svm", "RBF SVM on pixels", "SVM"),
+            ("logreg", f"Logistic regression on {self.backbone.label} features", "LR"),
         )
         self.models: dict[str, FittedModel] = {}
         self.warnings: tuple[str, ...] = ()
@@ -336,7 +338,7 @@ class Explainer:
     @property
     def model_keys(self) -> tuple[str, ...]:
         """Keys of the models in display order, known before :meth:`prepare`."""
-        return tuple(key for key, _ in self.model_specs)
+        return tuple(spec[0] for spec in self.model_specs)
 
     @property
     def prepared(self) -> bool:
@@ -371,14 +373,16 @@ class Explainer:
 
         svm = self._fit_svm(pixels_train)
         logreg, selection = self._fit_logreg(features_train)
-        labels = dict(self.model_specs)
+        names = {key: (label, short) for key, label, short in self.model_specs}
         specs = (
-            ("svm", labels["svm"], self.pixels, svm, pixels_test, {}),
-            ("logreg", labels["logreg"], self.backbone, logreg, features_test, selection),
+            ("svm", *names["svm"], self.pixels, svm, pixels_test, {}),
+            ("logreg", *names["logreg"], self.backbone, logreg, features_test, selection),
         )
         self._progress("Preparing influence engines", 0, len(specs))
         models: dict[str, FittedModel] = {}
-        for position, (key, label, featurizer, model, test_inputs, chosen) in enumerate(specs):
+        for position, (key, label, short, featurizer, model, test_inputs, chosen) in enumerate(
+            specs
+        ):
             engine = InfluenceEngine(model, self.config.solver)
             # Compute everything lazy now, so the shared explainer is never mutated later.
             for estimate in engine.estimates:
@@ -390,6 +394,7 @@ class Explainer:
             models[key] = FittedModel(
                 key=key,
                 label=label,
+                short_label=short,
                 features_label=self._features_label(featurizer, model),
                 featurizer=featurizer,
                 model=model,

@@ -45,7 +45,7 @@ from core.files import (
     read_regular_file,
     resolve_roots,
 )
-from core.images import DEFAULT_MAX_PIXELS, GRAYSCALE_MODES, decode_upload
+from core.images import DEFAULT_MAX_PIXELS, GRAYSCALE_MODES, decode_uploads
 
 FASHION_MNIST_CLASSES: tuple[str, ...] = (
     "T-shirt/top",
@@ -73,6 +73,10 @@ _MAX_IMAGE_FOLDER_ARRAY_BYTES = 4 * 2**30
 # Per-file byte limit for ImageFolder files: larger than the upload limit, since camera originals
 # are common in user datasets. Pixels are limited as for uploads (see folder_max_pixels).
 _FOLDER_MAX_FILE_BYTES = 64 * 2**20
+# Files handed to the decoding worker at once: one round trip per file would cost, on a busy
+# machine, more waiting than decoding a small image takes. Bounded in bytes too (memory).
+_BATCH_FILES = 64
+_BATCH_BYTES = 32 * 2**20
 FOLDER_MAX_PIXELS_ENV = "INFLUENCE_FOLDER_MAX_PIXELS"
 """Environment variable an operator sets to let ImageFolder files be larger than the upload limit."""
 # Files that operating systems drop into folders and that are never images.
@@ -669,7 +673,7 @@ def load_image_folder(
     Classes are the sorted names of the sub-directories of ``train/``; ``test/`` may hold a subset
     of them. Files are found recursively under each class directory; hidden files and directories
     (".*") and OS junk (Thumbs.db, desktop.ini) are skipped; every other entry must be an image
-    file. Each file is decoded by :func:`core.images.decode_upload` (EXIF rotation, mode
+    file. Each file is decoded by :func:`core.images.decode_uploads` (EXIF rotation, mode
     conversion, transparency onto white, center-crop and resize), so an upload of the same file
     gives the same pixels.
 
@@ -763,27 +767,34 @@ def load_image_folder(
     images = np.empty((len(files), height, width, channels_decoded), dtype=np.uint8)
     all_grayscale = True
     failures: list[str] = []
-    for position, (_, file, _) in enumerate(files):
-        try:
-            data = read_regular_file(
-                file.path, _FOLDER_MAX_FILE_BYTES, roots=allowed, shown=file.shown
-            )
-            decoded = decode_upload(
-                data,
-                target_shape=(height, width, channels_decoded),
-                light_on_dark=False,
-                max_bytes=_FOLDER_MAX_FILE_BYTES,
-                max_pixels=pixel_limit,
-            )
-        except UnreadableFileError as exc:
-            failures.append(str(exc))  # names the file already
-        except ImageDecodeError as exc:
-            failures.append(f"{file.shown}: {exc}")
-        else:
-            images[position] = decoded.image
-            all_grayscale = all_grayscale and decoded.original_mode in GRAYSCALE_MODES
-        if progress is not None and (position % 64 == 0 or position == len(files) - 1):
-            progress(position + 1, len(files))
+    for batch in _batches(files):
+        # Read in the parent (confined, bounded), decoded together by a worker (bounded too).
+        readable: list[tuple[int, _Found, bytes]] = []
+        for position in batch:
+            file = files[position][1]
+            try:
+                data = read_regular_file(
+                    file.path, _FOLDER_MAX_FILE_BYTES, roots=allowed, shown=file.shown
+                )
+            except UnreadableFileError as exc:
+                failures.append(str(exc))  # names the file already
+            else:
+                readable.append((position, file, data))
+        decoded_batch = decode_uploads(
+            [data for _, _, data in readable],
+            target_shape=(height, width, channels_decoded),
+            light_on_dark=False,
+            max_bytes=_FOLDER_MAX_FILE_BYTES,
+            max_pixels=pixel_limit,
+        )
+        for (position, file, _), decoded in zip(readable, decoded_batch, strict=True):
+            if isinstance(decoded, ImageDecodeError):
+                failures.append(f"{file.shown}: {decoded}")
+            else:
+                images[position] = decoded.image
+                all_grayscale = all_grayscale and decoded.original_mode in GRAYSCALE_MODES
+        if progress is not None:
+            progress(batch[-1] + 1, len(files))
     if failures:
         shown = "\n  ".join(failures[:10])
         more = f"\n  ... and {len(failures) - 10} more" if len(failures) > 10 else ""
@@ -841,6 +852,23 @@ _LAYOUTS = (
     "(train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz], "
     "t10k-labels-idx1-ubyte[.gz])."
 )
+
+
+def _batches(files: Sequence[tuple[str, _Found, int]]) -> list[list[int]]:
+    """Positions of ``files`` in groups of at most _BATCH_FILES files or about _BATCH_BYTES."""
+    batches: list[list[int]] = [[]]
+    size = 0
+    for position, (_, file, _) in enumerate(files):
+        try:
+            length = os.stat(file.path).st_size
+        except OSError:
+            length = 0  # reading it will say what is wrong
+        if batches[-1] and (len(batches[-1]) >= _BATCH_FILES or size + length > _BATCH_BYTES):
+            batches.append([])
+            size = 0
+        batches[-1].append(position)
+        size += length
+    return [batch for batch in batches if batch]
 
 
 @dataclass(frozen=True)

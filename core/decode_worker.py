@@ -39,6 +39,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -109,19 +110,77 @@ def decode(
         ImageDecodeError: whatever the pipeline raises, or the worker ran out of CPU time or
             memory, or died, with a message for the user.
     """
+    (result,) = decode_many(
+        [data], target_shape=target_shape, light_on_dark=light_on_dark, max_pixels=max_pixels
+    )
+    if isinstance(result, ImageDecodeError):
+        raise result
+    return result
+
+
+def decode_many(
+    files: Sequence[bytes],
+    *,
+    target_shape: tuple[int, int, int],
+    light_on_dark: bool,
+    max_pixels: int,
+) -> list[DecodedImage | ImageDecodeError]:
+    """Decode several files in one round trip to a worker, each within its own budget.
+
+    For dataset folders: one request per file costs a wait for the worker to be scheduled, which on
+    a busy machine is most of the time a small image takes. The worker re-arms its CPU and memory
+    limits before every file, so each still gets exactly one :class:`DecodeBudget`; a file that
+    kills its worker costs only itself (the rest go to a new worker).
+
+    Returns:
+        For each file, in order, its decoded image or the error that refused it.
+    """
     budget = DecodeBudget.for_pixels(max_pixels)
     request = {
         "target_shape": list(target_shape),
         "light_on_dark": light_on_dark,
         "max_pixels": max_pixels,
-        "max_bytes": len(data),
         "cpu_seconds": budget.cpu_seconds,
         "memory_bytes": budget.memory_bytes,
     }
-    worker = _POOL.acquire() if _isolation_available() else None
-    if worker is None:
-        from core.images import decode_in_process
+    results: list[DecodedImage | ImageDecodeError | None] = [None] * len(files)
+    pending = list(range(len(files)))
+    while pending:
+        worker = _POOL.acquire() if _isolation_available() else None
+        if worker is None:
+            for index in pending:
+                results[index] = _decode_here(files[index], target_shape, light_on_dark, max_pixels)
+            break
+        healthy = False
+        done: list[int] = []
+        rss: object = None
+        try:
+            for position, reply, pixels in worker.ask(
+                request, [files[index] for index in pending], budget
+            ):
+                index = pending[position]
+                results[index] = _result_from_reply(reply, pixels, target_shape)
+                done.append(index)
+                rss = reply.get("rss")
+            # Only a worker that answered everything goes back to the pool: one with replies
+            # still in its pipe would hand them to the next caller.
+            healthy = isinstance(rss, int) and rss <= _RETIRE_RSS_BYTES
+        except ImageDecodeError as exc:
+            # The worker died on the next file in line: that file is refused, the rest retried.
+            results[pending[len(done)]] = exc
+            done.append(pending[len(done)])
+        finally:
+            _POOL.release(worker, healthy=healthy)
+        pending = pending[len(done) :]
+    return [r if r is not None else ImageDecodeError("The image was not decoded.") for r in results]
 
+
+def _decode_here(
+    data: bytes, target_shape: tuple[int, int, int], light_on_dark: bool, max_pixels: int
+) -> DecodedImage | ImageDecodeError:
+    from core.images import decode_in_process
+
+    try:
         return decode_in_process(
             data,
             target_shape=target_shape,
@@ -129,14 +188,8 @@ def decode(
             max_bytes=len(data),
             max_pixels=max_pixels,
         )
-    healthy = False
-    try:
-        reply, pixels = worker.ask(request, data, budget)
-        rss = reply.get("rss")
-        healthy = isinstance(rss, int) and rss <= _RETIRE_RSS_BYTES
-        return _decoded_from_reply(reply, pixels, target_shape)
-    finally:
-        _POOL.release(worker, healthy=healthy)
+    except ImageDecodeError as exc:
+        return exc
 
 
 def shutdown() -> None:
@@ -175,11 +228,19 @@ class _Worker:
             raise OSError("the decoding worker did not start")
 
     def ask(
-        self, request: dict[str, Any], data: bytes, budget: DecodeBudget
-    ) -> tuple[dict[str, Any], bytes]:
+        self, request: dict[str, Any], files: Sequence[bytes], budget: DecodeBudget
+    ) -> Iterator[tuple[int, dict[str, Any], bytes]]:
+        """Send ``files`` in one request; yield (position, reply, pixels) as each is answered.
+
+        Raises:
+            ImageDecodeError: the worker died or stopped answering (it is killed); the file it
+                was on is the one after the last yielded.
+        """
         try:
-            _send(self._stdin, request, data)
-            return self._receive(time.monotonic() + budget.wall_seconds)
+            _send(self._stdin, {**request, "files": [len(data) for data in files]}, files)
+            for position in range(len(files)):
+                reply, pixels = self._receive(time.monotonic() + budget.wall_seconds)
+                yield position, reply, pixels
         except _WorkerTimeout:
             self.kill()
             raise ImageDecodeError(
@@ -187,7 +248,7 @@ class _Worker:
                 "stopped. The server may be very busy; try again, or save the image again as an "
                 "ordinary PNG or JPEG."
             ) from None
-        except (OSError, _WorkerGone):
+        except (OSError, ValueError, _WorkerGone):
             self.kill()
             raise ImageDecodeError(self._describe_death(budget)) from None
 
@@ -343,6 +404,15 @@ def _isolation_available() -> bool:
     return resource is not None and os.name == "posix"
 
 
+def _result_from_reply(
+    reply: dict[str, Any], pixels: bytes, target_shape: tuple[int, int, int]
+) -> DecodedImage | ImageDecodeError:
+    try:
+        return _decoded_from_reply(reply, pixels, target_shape)
+    except ImageDecodeError as exc:
+        return exc
+
+
 def _decoded_from_reply(
     reply: dict[str, Any], pixels: bytes, target_shape: tuple[int, int, int]
 ) -> DecodedImage:
@@ -378,10 +448,11 @@ def _decoded_from_reply(
     )
 
 
-def _send(stream: IO[bytes], header: dict[str, Any], payload: bytes) -> None:
+def _send(stream: IO[bytes], header: dict[str, Any], payloads: Sequence[bytes]) -> None:
     encoded = json.dumps(header).encode("utf-8")
-    stream.write(_FRAME.pack(len(encoded), len(payload)) + encoded)
-    stream.write(payload)
+    stream.write(_FRAME.pack(len(encoded), sum(len(p) for p in payloads)) + encoded)
+    for payload in payloads:
+        stream.write(payload)
     stream.flush()
 
 
@@ -401,42 +472,53 @@ def serve() -> None:
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     from core.images import decode_in_process
 
-    _send(replies, {"ready": True}, b"")
+    _send(replies, {"ready": True}, [])
     while True:
         frame = requests.read(_FRAME.size)
         if len(frame) < _FRAME.size:
             return
         header_length, payload_length = _FRAME.unpack(frame)
         request = json.loads(requests.read(header_length))
-        data = requests.read(payload_length)
-        if len(data) < payload_length:
+        payload = requests.read(payload_length)
+        if len(payload) < payload_length:
             return
-        _limit(int(request["cpu_seconds"]), int(request["memory_bytes"]))
-        try:
-            decoded = decode_in_process(
-                data,
-                target_shape=tuple(request["target_shape"]),
-                light_on_dark=bool(request["light_on_dark"]),
-                max_bytes=int(request["max_bytes"]),
-                max_pixels=int(request["max_pixels"]),
-            )
-        except ImageDecodeError as exc:
-            reply, pixels = {"ok": False, "message": str(exc)}, b""
-        except Exception as exc:  # a bug here must still produce an answer, not a dead worker
-            print(f"decode worker: {type(exc).__name__}: {exc}", file=sys.stderr)
-            reply, pixels = {"ok": False, "message": ""}, b""
-        else:
-            reply = {
-                "ok": True,
-                "original_size": list(decoded.original_size),
-                "original_mode": decoded.original_mode,
-                "format": decoded.format,
-                "notes": list(decoded.notes),
-            }
-            pixels = decoded.image.tobytes()
-        del data
-        reply["rss"] = _resident_bytes()
-        _send(replies, reply, pixels)
+        start = 0
+        for length in request["files"]:
+            data = payload[start : start + length]
+            start += length
+            # Re-armed for every file: each gets the whole budget, and no more.
+            _limit(int(request["cpu_seconds"]), int(request["memory_bytes"]))
+            reply, pixels = _decode_one(data, request, decode_in_process)
+            del data
+            reply["rss"] = _resident_bytes()
+            _send(replies, reply, [pixels])
+        del payload
+
+
+def _decode_one(
+    data: bytes, request: dict[str, Any], decode_in_process: Any
+) -> tuple[dict[str, Any], bytes]:
+    try:
+        decoded = decode_in_process(
+            data,
+            target_shape=tuple(request["target_shape"]),
+            light_on_dark=bool(request["light_on_dark"]),
+            max_bytes=max(1, len(data)),
+            max_pixels=int(request["max_pixels"]),
+        )
+    except ImageDecodeError as exc:
+        return {"ok": False, "message": str(exc)}, b""
+    except Exception as exc:  # a bug here must still produce an answer, not a dead worker
+        print(f"decode worker: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return {"ok": False, "message": ""}, b""
+    reply = {
+        "ok": True,
+        "original_size": list(decoded.original_size),
+        "original_mode": decoded.original_mode,
+        "format": decoded.format,
+        "notes": list(decoded.notes),
+    }
+    return reply, decoded.image.tobytes()
 
 
 def _limit(cpu_seconds: int, memory_bytes: int) -> None:

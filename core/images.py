@@ -190,6 +190,41 @@ def decode_upload(
     )
 
 
+def decode_uploads(
+    files: Sequence[bytes],
+    *,
+    target_shape: tuple[int, int, int],
+    light_on_dark: bool,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> list[DecodedImage | ImageDecodeError]:
+    """:func:`decode_upload` for many files at once (a dataset folder): same pixels, same limits.
+
+    The files go to a decoding worker together, each still within its own CPU-time and memory
+    budget; batching saves a round trip to the worker per file.
+
+    Returns:
+        For each file, in order, its decoded image or the :class:`ImageDecodeError` refusing it.
+    """
+    from core import decode_worker
+
+    shape = _check_target_shape(target_shape)
+    results: list[DecodedImage | ImageDecodeError | None] = []
+    checked: list[bytes] = []
+    for data in files:
+        try:
+            checked.append(_check_data(data, max_bytes))
+            results.append(None)
+        except ImageDecodeError as exc:
+            results.append(exc)
+    decoded = iter(
+        decode_worker.decode_many(
+            checked, target_shape=shape, light_on_dark=bool(light_on_dark), max_pixels=max_pixels
+        )
+    )
+    return [result if result is not None else next(decoded) for result in results]
+
+
 def decode_in_process(
     data: bytes,
     *,

@@ -492,6 +492,35 @@ def test_a_decode_past_its_cpu_budget_is_stopped_with_a_message():
     assert run.result["cpu"] < 10, run.result
 
 
+def test_in_a_batch_a_file_that_kills_its_worker_costs_only_itself():
+    # Dataset folders are decoded in batches; each file keeps its own budget.
+    run = run_bounded(
+        """
+        import io
+        from PIL import Image
+        from core import decode_worker
+        from core.errors import ImageDecodeError
+        from core.images import decode_uploads
+        from tests.hostile_files import jpeg_scan_bomb
+        decode_worker.DecodeBudget.for_pixels = classmethod(lambda cls, pixels: cls(cpu_seconds=1))
+        def png(value):
+            buffer = io.BytesIO()
+            Image.new("L", (8, 8), value).save(buffer, "PNG")
+            return buffer.getvalue()
+        files = [png(10), jpeg_scan_bomb(13000, 13000, 99), b"", png(20), png(30)]
+        results = decode_uploads(files, target_shape=(8, 8, 1), light_on_dark=False,
+                                 max_pixels=200_000_000)
+        report(outcomes=[str(r) if isinstance(r, ImageDecodeError) else int(r.image.max())
+                         for r in results])
+        """,
+        timeout=60,
+    )
+    assert run.result is not None, run.output
+    first, bomb, empty, *rest = run.result["outcomes"]
+    assert first == 10 and rest == [20, 30]
+    assert "processor time" in bomb and "empty" in empty
+
+
 def test_a_decode_past_its_memory_budget_is_refused_with_a_message():
     run = run_bounded(
         """

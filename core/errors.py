@@ -55,3 +55,12 @@ class NonFiniteFeaturesError(InfluenceExplorerError):
 
 class PreparationCancelled(InfluenceExplorerError):
     """Preparing an explainer was stopped on request (its ``cancel`` callback returned True)."""
+
+
+class UnreadableFileError(InfluenceExplorerError):
+    """A file on disk was refused before decoding: missing, not a regular file (a FIFO, device or
+    socket), outside the allowed directories, or larger than the limit."""
+
+
+class OutsideRootsError(DatasetError):
+    """A dataset path, or a symbolic link inside a dataset, leads outside the allowed directories."""

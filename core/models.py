@@ -318,13 +318,13 @@ class LinearModel:
             return torch.linalg.lstsq(hessian, grad[:, None]).solution[:, 0], 0
         # Large models: an inexact Newton step by conjugate gradients on exact HVPs, with the
         # forcing term shrinking with the gradient (superlinear convergence near the optimum),
-        # preconditioned by a Kronecker-factored approximation of the Hessian.
+        # preconditioned by the Hessian's class blocks in the features' eigenbasis.
         run = conjugate_gradient(
             lambda v: self._hvp_from(derivs, v),
             grad,
             rtol=min(0.1, float(grad.norm()) ** 0.5),
             max_iter=500,
-            preconditioner=self._kronecker_preconditioner(derivs),
+            preconditioner=self._class_block_preconditioner(derivs),
         )
         return run.solution, run.iterations
 
@@ -363,34 +363,36 @@ class LinearModel:
         back = torch.einsum("jck,jk->jc", factor, solved) * scale[:, None]
         return (grad - (features.T @ back).reshape(-1)) / self.l2
 
-    def _kronecker_preconditioner(
+    def _class_block_preconditioner(
         self, derivs: LossDerivatives
     ) -> Callable[[torch.Tensor], torch.Tensor]:
-        """v -> M⁻¹v for M = G ⊗ Ā + λI, a Kronecker-factored stand-in for the Hessian.
+        """v -> M⁻¹v, M the Hessian's class-diagonal blocks, each diagonal in the eigenbasis U of
+        the features' (weighted) second moment ΦᵀWΦ/n.
 
-        The data term (1/n) Σ_j w_j (φ_jφ_jᵀ) ⊗ A_j is approximated by writing every A_j as
-        c_j Ā with c_j = tr A_j: G = (1/n) Σ_j w_j c_j φ_jφ_jᵀ (d x d) and Ā = Σ_j w_j A_j / Σ_j
-        w_j c_j (C x C). It is exact when every A_j is a multiple of one matrix (any one-column
-        loss) and otherwise keeps the features' correlations, which make the problem ill
-        conditioned. With G = U diag(μ) Uᵀ and Ā = V diag(ν) Vᵀ, M⁻¹ is diagonal in U ⊗ V: one
-        d x d and one C x C eigendecomposition per Newton step, O(d²·C) per application.
+        M = Σ_c (U diag(δ_c) Uᵀ) ⊗ e_c e_cᵀ + λI with δ_c[k] = (1/n) Σ_j w_j (u_kᵀφ_j)² A_j[c, c],
+        the exact diagonal of block (c, c) in that basis. It drops the coupling between classes
+        and the off-diagonal terms within a block; it keeps how differently each class and each
+        feature direction is curved, which a single Kronecker product G ⊗ Ā does not (on the
+        demo's ten classes G ⊗ Ā took more CG iterations than no preconditioner). U and the
+        projected features ΦU are computed once per feature set; each Newton step costs
+        n·d·C, each application O(d²·C).
         """
         features, w, d2 = self.features_, self.sample_weight_, derivs.d2
         n, d = features.shape
         c = self.n_outputs_
-        trace = torch.diagonal(d2, dim1=1, dim2=2).sum(-1)
-        gram = _sparse_weighted_gram(features, w * trace / n)
-        mean = torch.einsum("j,jab->ab", w, d2) / max(float(w @ trace), 1e-300)
-        mu, u = torch.linalg.eigh(gram)
-        nu, v = torch.linalg.eigh(mean)
-        inverse = 1.0 / (mu.clamp_min(0.0)[:, None] * nu.clamp_min(0.0)[None, :] + self.l2)
+        cached = getattr(self, "_feature_basis", None)
+        if cached is None or cached[0] is not features or not torch.equal(cached[1], w):
+            _, basis = torch.linalg.eigh(_sparse_weighted_gram(features, w / n))
+            cached = (features, w.clone(), basis, (features @ basis).square_())
+            self._feature_basis = cached
+        basis, projected = cached[2], cached[3]
+        curvature = torch.diagonal(d2, dim1=1, dim2=2) * (w / n)[:, None]  # (n, C)
+        inverse = 1.0 / (projected.T @ curvature + self.l2)  # (d, C)
 
         def apply(r: torch.Tensor) -> torch.Tensor:
             k = r.shape[1]
-            rotated = (u.T @ r.reshape(d, c * k)).reshape(d, c, k)
-            rotated = torch.einsum("ick,ce->iek", rotated, v) * inverse[:, :, None]
-            back = torch.einsum("iek,ce->ick", rotated, v).reshape(d, c * k)
-            return (u @ back).reshape(d * c, k)
+            rotated = (basis.T @ r.reshape(d, c * k)).reshape(d, c, k) * inverse[:, :, None]
+            return (basis @ rotated.reshape(d, c * k)).reshape(d * c, k)
 
         return apply
 

@@ -316,15 +316,16 @@ class LinearModel:
             if int(info) == 0:
                 return cholesky_solve(chol, grad), 0
             return torch.linalg.lstsq(hessian, grad[:, None]).solution[:, 0], 0
-        # Large models: an inexact Newton step by conjugate gradients on exact HVPs, with the
-        # forcing term shrinking with the gradient (superlinear convergence near the optimum),
-        # preconditioned by the Hessian's class blocks in the features' eigenbasis.
+        # Large models: an inexact Newton step by conjugate gradients on Hessian-vector
+        # products, with the forcing term shrinking with the gradient (superlinear convergence
+        # near the optimum). No preconditioner: on the demo's ten classes (n = 5000, p = 12,800,
+        # λ = 1e-3) plain CG took 332 iterations over the fit, a Kronecker factorisation G ⊗ Ā
+        # of the Hessian 427 and its class blocks in the features' eigenbasis 782.
         run = conjugate_gradient(
-            lambda v: self._hvp_from(derivs, v),
+            self._single_precision_hvp(derivs),
             grad,
             rtol=min(0.1, float(grad.norm()) ** 0.5),
             max_iter=500,
-            preconditioner=self._class_block_preconditioner(derivs),
         )
         return run.solution, run.iterations
 
@@ -363,38 +364,36 @@ class LinearModel:
         back = torch.einsum("jck,jk->jc", factor, solved) * scale[:, None]
         return (grad - (features.T @ back).reshape(-1)) / self.l2
 
-    def _class_block_preconditioner(
+    def _single_precision_hvp(
         self, derivs: LossDerivatives
     ) -> Callable[[torch.Tensor], torch.Tensor]:
-        """v -> M⁻¹v, M the Hessian's class-diagonal blocks, each diagonal in the eigenbasis U of
-        the features' (weighted) second moment ΦᵀWΦ/n.
+        """Hessian-vector products at ``derivs`` in float32, for the inexact Newton steps only.
 
-        M = Σ_c (U diag(δ_c) Uᵀ) ⊗ e_c e_cᵀ + λI with δ_c[k] = (1/n) Σ_j w_j (u_kᵀφ_j)² A_j[c, c],
-        the exact diagonal of block (c, c) in that basis. It drops the coupling between classes
-        and the off-diagonal terms within a block; it keeps how differently each class and each
-        feature direction is curved, which a single Kronecker product G ⊗ Ā does not (on the
-        demo's ten classes G ⊗ Ā took more CG iterations than no preconditioner). U and the
-        projected features ΦU are computed once per feature set; each Newton step costs
-        n·d·C, each application O(d²·C).
+        A Newton-CG step only needs H⁻¹∇R to the forcing tolerance (0.1 down to √‖∇R‖, never
+        below 1e-5 at ‖∇R‖ = 1e-10), far above float32's 1e-7; the gradient, the objective and
+        the stopping rule stay float64, so the fit ends at the same ‖∇R‖ <= tol. Each product
+        reads the n x d features twice, so halving their size halves the dominant memory
+        traffic of a large fit. The float32 copy is made once per feature set.
         """
-        features, w, d2 = self.features_, self.sample_weight_, derivs.d2
-        n, d = features.shape
-        c = self.n_outputs_
-        cached = getattr(self, "_feature_basis", None)
-        if cached is None or cached[0] is not features or not torch.equal(cached[1], w):
-            _, basis = torch.linalg.eigh(_sparse_weighted_gram(features, w / n))
-            cached = (features, w.clone(), basis, (features @ basis).square_())
-            self._feature_basis = cached
-        basis, projected = cached[2], cached[3]
-        curvature = torch.diagonal(d2, dim1=1, dim2=2) * (w / n)[:, None]  # (n, C)
-        inverse = 1.0 / (projected.T @ curvature + self.l2)  # (d, C)
+        features = self.features_
+        cached = getattr(self, "_features32", None)
+        if cached is None or cached[0] is not features:
+            cached = (features, features.to(torch.float32))
+            self._features32 = cached
+        single = cached[1]
+        d2 = (derivs.d2 * (self.sample_weight_ / features.shape[0])[:, None, None]).to(
+            torch.float32
+        )
+        d, c = features.shape[1], self.n_outputs_
 
-        def apply(r: torch.Tensor) -> torch.Tensor:
-            k = r.shape[1]
-            rotated = (basis.T @ r.reshape(d, c * k)).reshape(d, c, k) * inverse[:, :, None]
-            return (basis @ rotated.reshape(d, c * k)).reshape(d * c, k)
+        def hvp(v: torch.Tensor) -> torch.Tensor:
+            k = v.shape[1]
+            s = (single @ v.to(torch.float32).reshape(d, c * k)).reshape(-1, c, k)
+            t = torch.bmm(d2, s)
+            out = (single.T @ t.reshape(-1, c * k)).reshape(d * c, k)
+            return out.to(DTYPE) + self.l2 * v
 
-        return apply
+        return hvp
 
     # ------------------------------------------------------------------ objective & derivatives
     def _require_fitted(self) -> None:

@@ -216,23 +216,12 @@ def test_newton_cg_path_matches_dense(make_logreg_problem, make_svm_problem, mon
     torch.testing.assert_close(iterative.theta_, dense.theta_, rtol=1e-7, atol=1e-9)
 
 
-def test_class_block_preconditioner_inverts_the_blocks_diagonal_in_the_feature_basis(fitted):
-    # What it promises exactly: for u_k an eigenvector of the features' second moment and a
-    # class c, M⁻¹(u_k ⊗ e_c) = (u_k ⊗ e_c) / (u_kᵀ H_cc u_k), H_cc the Hessian's class block.
+def test_single_precision_hvp_is_the_hvp_to_float32(fitted):
     model, _ = fitted["logreg-softmax"]
-    derivs = model.training_derivatives()
-    apply = model._class_block_preconditioner(derivs)
-    basis = model._feature_basis[2]
-    d, c = model.features_.shape[1], model.n_outputs_
-    hessian = model.hessian().reshape(d, c, d, c)
-    for k in (0, d - 1):
-        for cls in range(c):
-            direction = torch.zeros(d, c, dtype=torch.float64)
-            direction[:, cls] = basis[:, k]
-            curvature = basis[:, k] @ hessian[:, cls, :, cls] @ basis[:, k]
-            torch.testing.assert_close(
-                apply(direction.reshape(-1, 1))[:, 0], direction.reshape(-1) / curvature
-            )
+    hvp = model._single_precision_hvp(model.training_derivatives())
+    vectors = torch.randn(model.n_params_, 3, generator=torch.Generator().manual_seed(0)).double()
+    assert hvp(vectors).dtype == torch.float64
+    torch.testing.assert_close(hvp(vectors), model.hvp(vectors), rtol=1e-5, atol=1e-6)
 
 
 def test_kernel_svm_is_a_kernel_machine(fitted):

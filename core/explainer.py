@@ -480,7 +480,7 @@ class Explainer:
             if p <= DENSE_NEWTON_MAX_PARAMS:
                 step = pairs * rows * d * d + p**3 / 3
             else:
-                step = 50 * 4 * rows * p + rows * d * d + d**3 * 9
+                step = 50 * 4 * rows * p
             return StageCost(label, fits * ASSUMED_NEWTON_STEPS * step, 8 * (rows * d + 2 * p * p))
 
         feature_map = (

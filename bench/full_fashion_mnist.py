@@ -20,8 +20,7 @@ What it measures, in one process (so the peak memory is the whole preparation's)
 FLOPs next to each time: the dense stages' counts are exact formulas for what the code does
 (C(C+1)/2 symmetric blocks of n·d²·(1 + 256/d) each, p³/3 for a Cholesky factor, 2p³/3 for the
 inverse); the fits' counts are from their recorded Newton and conjugate-gradient iterations
-(4·n·d·C per gradient or Hessian-vector product; the products inside Newton-CG run in float32),
-so they are estimates of the same kind. Features must be cached first (``python -m
+(4·n·d·C per gradient or Hessian-vector product), so they are estimates of the same kind. Features must be cached first (``python -m
 core precompute --dataset fashion-mnist --classes all``, or any command with the same cache);
 computing them is not part of the timed preparation.
 

@@ -216,14 +216,6 @@ def test_newton_cg_path_matches_dense(make_logreg_problem, make_svm_problem, mon
     torch.testing.assert_close(iterative.theta_, dense.theta_, rtol=1e-7, atol=1e-9)
 
 
-def test_single_precision_hvp_is_the_hvp_to_float32(fitted):
-    model, _ = fitted["logreg-softmax"]
-    hvp = model._single_precision_hvp(model.training_derivatives())
-    vectors = torch.randn(model.n_params_, 3, generator=torch.Generator().manual_seed(0)).double()
-    assert hvp(vectors).dtype == torch.float64
-    torch.testing.assert_close(hvp(vectors), model.hvp(vectors), rtol=1e-5, atol=1e-6)
-
-
 def test_kernel_svm_is_a_kernel_machine(fitted):
     model, problem = fitted["svm"]
     # Training points' features are the rows of the Cholesky factor.

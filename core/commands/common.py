@@ -163,6 +163,27 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--damping", type=float, default=0.0, help="added to the Hessian's diagonal")
 
 
+def add_estimate_option(
+    parser: argparse.ArgumentParser, what: str, default: str | None = None
+) -> None:
+    """--estimate, offering every estimate of :data:`core.influence.ESTIMATES`.
+
+    Args:
+        what: what the estimate is used for, e.g. "influence estimate".
+        default: the option's default (default: the engine's default estimate).
+    """
+    from core.influence import ESTIMATE_LABELS, ESTIMATES
+
+    default = ESTIMATES[0] if default is None else default
+    described = "; ".join(f"{e}: {ESTIMATE_LABELS[e]}" for e in ESTIMATES)
+    parser.add_argument(
+        "--estimate",
+        choices=ESTIMATES,
+        default=default,
+        help=f"{what} — {described} (default: {default})",
+    )
+
+
 def parse_classes(text: str | None) -> tuple[int | str, ...] | None:
     """'T-shirt/top,Shirt' or '0,6' -> a tuple of names or indices."""
     if text is None:

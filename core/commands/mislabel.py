@@ -9,7 +9,13 @@ from typing import Any
 
 import numpy as np
 
-from core.commands.common import StageBars, add_common_options, build_explainer, emit
+from core.commands.common import (
+    StageBars,
+    add_common_options,
+    add_estimate_option,
+    build_explainer,
+    emit,
+)
 from core.commands.lists import add_model_choice, model_keys, parse_choices, parse_fractions
 from core.errors import InfluenceExplorerError
 
@@ -41,12 +47,8 @@ def register(subparsers: Any) -> None:
         default=",".join(RANKINGS),
         help=f"orders to compare, among {', '.join(RANKINGS)} (default: all)",
     )
-    parser.add_argument(
-        "--estimate",
-        choices=("corrected", "first_order"),
-        default="corrected",
-        help="self-influence estimate: Newton-corrected (default) or first order (Koh & Liang)",
-    )
+    # The flipped-labels figures in docs/beyond-single-points.md were measured with "corrected".
+    add_estimate_option(parser, "which self-influence ranks the images", default="corrected")
     parser.add_argument(
         "--curve-step",
         type=float,

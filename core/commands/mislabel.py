@@ -18,6 +18,7 @@ from core.commands.common import (
 )
 from core.commands.lists import add_model_choice, model_keys, parse_choices, parse_fractions
 from core.errors import InfluenceExplorerError
+from core.influence import ESTIMATE_LABELS
 
 
 def register(subparsers: Any) -> None:
@@ -146,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
         "flip_fraction": config.flip_fraction,
         "seed": config.seed,
         "estimate": config.estimate,
+        "estimate_label": ESTIMATE_LABELS[config.estimate],
         "checkpoints": list(config.checkpoints),
         "seconds": time.perf_counter() - start,
         "models": models,
@@ -164,7 +166,7 @@ def _report(payload: dict[str, Any]) -> str:
     lines = [
         f"{payload['dataset']}: "
         f"{payload['flip_fraction']:.0%} of {payload['n_train']} training labels flipped "
-        f"(seed {payload['seed']}); self-influence: {payload['estimate']}",
+        f"(seed {payload['seed']}); self-influence: {payload['estimate_label']}",
         "",
     ]
     checkpoints = [f"{c:g}" for c in payload["checkpoints"]]

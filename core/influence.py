@@ -61,7 +61,7 @@ from core.linalg import (
     spectrum_from_hessian,
 )
 from core.losses import Loss, LossDerivatives
-from core.models import LinearModel, as_float64
+from core.models import LinearModel, as_float64, as_labels
 
 Estimate = Literal["margin", "corrected", "first_order"]
 #: Every estimate, the default first.
@@ -679,7 +679,7 @@ class InfluenceEngine:
             return {e: self.scores_from_stest(s_test, estimate=e) for e in estimates}
         model = self.model
         features = model.transform(X_test)
-        labels = torch.as_tensor(np.asarray(y_test), dtype=torch.int64).reshape(-1)
+        labels = as_labels(y_test).reshape(-1)
         outputs = model.scores(features)
         solves = self._unit_output_solves(features)
         out = {}

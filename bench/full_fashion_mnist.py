@@ -259,7 +259,7 @@ def run(args: argparse.Namespace) -> dict:
             "test_accuracy": s.test_accuracy,
             "train_accuracy": s.train_accuracy,
             "hyperparameters": s.hyperparameters,
-            "selection": s.selection,
+            "lambda_curve": s.lambda_curve.as_dict() if s.lambda_curve else None,
             "params": explainer.models[key].model.n_params_,
             "dim": int(explainer.models[key].model.features_.shape[1]),
             "outputs": int(explainer.models[key].model.n_outputs_),

@@ -49,11 +49,17 @@ from core.models import (
     LinearModel,
     LogisticRegression,
     NystroemSVM,
-    cross_validated_accuracies,
     make_rbf_svm,
     rbf_gamma,
 )
 from core.ood import Familiarity, NeighbourDistance
+from core.selection import (  # LOGREG_L2_GRID: still importable from here
+    LOGREG_L2_GRID,  # noqa: F401
+    LambdaCurve,
+    SelectionConfig,
+    curve_from_values,
+    held_out_values,
+)
 from core.store import ArtifactStore, CacheKey
 from core.validation import Verification, verify
 
@@ -61,15 +67,13 @@ from core.validation import Verification, verify
 StageProgress = Callable[[str, int, int], None]
 Target = Literal["auto", "true", "predicted"]
 
-#: Weight decays tried for the logistic regression, chosen by cross-validated accuracy.
-LOGREG_L2_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
 
 #: The default pair when a dataset has these classes: both models are good but not perfect on
 #: it (about 0.8-0.9 test accuracy), so there are real mistakes to explain.
 PREFERRED_PAIRS: tuple[tuple[str, str], ...] = (("T-shirt/top", "Shirt"),)
 
 #: Bump when anything that changes a fitted model's parameters changes.
-FIT_VERSION = "1"
+FIT_VERSION = "2"
 
 #: The RBF SVM's smooth-hinge temperature t. ``python -m bench.svm_defaults`` (demo pair, 10 test
 #: images with the hard cases): with the median-heuristic γ, t = 0.01 lets confident test images'
@@ -100,8 +104,10 @@ class ExplainerConfig:
             ``("all",)`` (also ``"all"``) for every class; ``None`` = the default pair.
         backbone: featurizer for the logistic regression (see ``core.features``).
         inception_weights: optional path to Inception v3 ImageNet weights.
-        logreg_l2: weight decay of the logistic regression; ``None`` = choose by 3-fold
-            cross-validated accuracy over :data:`LOGREG_L2_GRID` (never by how good influence looks).
+        logreg_l2: weight decay of the logistic regression; ``None`` = choose over
+            :data:`~core.selection.LOGREG_L2_GRID` by repeated stratified cross-validation and
+            the one-standard-error rule (:mod:`core.selection`; never by how good influence
+            looks).
         svm_l2, svm_gamma, svm_temperature: the RBF SVM's hyperparameters. ``svm_gamma`` is a
             number or a rule of :func:`core.models.rbf_gamma`: ``"median"`` (default; the median
             heuristic on the chosen classes' training pixels, informative at every n) or
@@ -111,7 +117,7 @@ class ExplainerConfig:
             ``svm_gamma="paper", svm_temperature=0.01`` is the earlier default (the paper's γ).
         solver: how H⁻¹ is applied for every model.
         max_train_per_class: subsample larger training sets (seeded); ``None`` keeps all.
-        seed: subsampling and cross-validation seed.
+        seed: subsampling and cross-validation seed (the λ curve's :class:`SelectionConfig`).
     """
 
     classes: tuple[int | str, ...] | None = None
@@ -222,7 +228,8 @@ class ModelSummary:
         features: what the model sees, e.g. "EfficientNet-Lite0 (ImageNet) features, 1280-d".
         train_accuracy, test_accuracy: on the selected classes.
         hyperparameters: name -> value (including the chosen λ).
-        selection: for the logistic regression, cross-validated accuracy per λ tried.
+        lambda_curve: for a model whose λ was chosen by cross-validation, the whole curve
+            (mean and standard error per λ, the best and the chosen λ); else ``None``.
         fit_seconds: wall time of the final fit; iterations and gradient norm of its Newton run.
     """
 
@@ -232,7 +239,7 @@ class ModelSummary:
     train_accuracy: float
     test_accuracy: float
     hyperparameters: dict[str, float]
-    selection: dict[str, float]
+    lambda_curve: LambdaCurve | None
     fit_seconds: float
     iterations: int
     gradient_norm: float
@@ -270,7 +277,7 @@ class ModelExplanation:
         probabilities: (n_classes,) predicted probabilities (the SVM's are Platt-scaled scores).
         explained_label, explained_label_name: the label whose loss the scores explain.
         loss: that loss at θ̂.
-        estimate: "corrected" or "first_order".
+        estimate: which estimate scored it (a key of :data:`~core.influence.ESTIMATES`).
         scores: (n_train,) influence of every training image.
         pixel_distances, feature_distances: (n_train,) distances to the test image.
         helpful, harmful: the top-k of each, strongest first.
@@ -337,7 +344,7 @@ class FittedModel:
         engine: its influence engine (everything lazy already computed, so it is never mutated
             while shared).
         test_inputs: (n_test, D) float64 model inputs of the test split.
-        selection: cross-validated accuracy per λ tried, when λ was chosen (else empty).
+        lambda_curve: how λ was chosen by cross-validation, when it was (else ``None``).
         solver: how the engine applies H⁻¹; refits (attacks, relabelling) build theirs from it.
         familiarity: how far an image lies from the training data in this model's feature
             space, against held-out test images (:mod:`core.ood`).
@@ -351,7 +358,7 @@ class FittedModel:
     model: LinearModel
     engine: InfluenceEngine
     test_inputs: torch.Tensor
-    selection: dict[str, float]
+    lambda_curve: LambdaCurve | None
     solver: SolverConfig
     familiarity: NeighbourDistance
 
@@ -491,9 +498,15 @@ class Explainer:
         stages.append(StageCost("RBF SVM: kernel and its factor", feature_map, 8 * 3 * n * width))
         stages.append(fit("Fitting the RBF SVM on pixels", n, width, 1))
         if self.config.logreg_l2 is None:
-            folds = len(LOGREG_L2_GRID) * 3
+            plan = SelectionConfig(seed=self.config.seed)
+            folds = len(plan.grid) * plan.folds * plan.repeats
             stages.append(
-                fit("Choosing the logistic regression's λ", 2 * n // 3, backbone_dim, folds)
+                fit(
+                    "Choosing the logistic regression's λ",
+                    n * (plan.folds - 1) // plan.folds,
+                    backbone_dim,
+                    folds,
+                )
             )
         stages.append(fit("Fitting the logistic regression", n, backbone_dim, 1))
         stages += engine("RBF SVM", n, width)
@@ -596,11 +609,11 @@ class Explainer:
         self._pixels_test = torch.as_tensor(pixels_test, dtype=torch.float64)
 
         svm = self._fit_svm(pixels_train)
-        logreg, selection = self._fit_logreg(features_train)
+        logreg, curve = self._fit_logreg(features_train)
         names = {key: (label, short) for key, label, short in self.model_specs}
         specs = (
-            ("svm", *names["svm"], self.pixels, svm, pixels_test, {}),
-            ("logreg", *names["logreg"], self.backbone, logreg, features_test, selection),
+            ("svm", *names["svm"], self.pixels, svm, pixels_test, None),
+            ("logreg", *names["logreg"], self.backbone, logreg, features_test, curve),
         )
         models: dict[str, FittedModel] = {}
         for key, label, short, featurizer, model, test_inputs, chosen in specs:
@@ -627,7 +640,7 @@ class Explainer:
                 model=model,
                 engine=engine,
                 test_inputs=test_inputs,
-                selection=chosen,
+                lambda_curve=chosen,
                 solver=self.config.solver,
                 familiarity=familiarity,
             )
@@ -724,12 +737,13 @@ class Explainer:
         self._progress(stage, 1, 1)
         return model
 
-    def _fit_logreg(self, features: np.ndarray) -> tuple[LogisticRegression, dict[str, float]]:
+    def _fit_logreg(self, features: np.ndarray) -> tuple[LogisticRegression, LambdaCurve | None]:
         cfg = self.config
-        selection: dict[str, float] = {}
+        curve = None
         l2 = cfg.logreg_l2
         if l2 is None:
-            l2, selection = self._choose_logreg_l2(features)
+            curve = self._choose_logreg_l2(features)
+            l2 = curve.chosen
         self._progress("Fitting the logistic regression", 0, 1)
         key = self._fit_key(
             "fit-logreg", backbone=self.backbone.name, weights=self.backbone.weights_id, l2=l2
@@ -741,41 +755,33 @@ class Explainer:
         if theta0 is None:
             self.store.save(key, {"theta": model.theta_.numpy()})
         self._progress("Fitting the logistic regression", 1, 1)
-        return model, selection
+        return model, curve
 
-    def _choose_logreg_l2(self, features: np.ndarray) -> tuple[float, dict[str, float]]:
-        """λ with the best 3-fold cross-validated accuracy (ties go to the larger λ)."""
+    def _choose_logreg_l2(self, features: np.ndarray) -> LambdaCurve:
+        """λ by repeated stratified cross-validation and the one-standard-error rule
+        (:mod:`core.selection`). The per-example held-out values are cached; the rule is applied
+        to them on every load."""
+        selection = SelectionConfig(seed=self.config.seed)
         key = self._fit_key(
             "select-logreg-l2",
             backbone=self.backbone.name,
             weights=self.backbone.weights_id,
-            grid=",".join(f"{v:g}" for v in LOGREG_L2_GRID),
-            seed=self.config.seed,
+            **selection.cache_fields,
         )
         stage = "Choosing the logistic regression's λ"
 
         def build() -> dict[str, np.ndarray]:
-            rng = np.random.default_rng(self.config.seed)
-            folds = np.empty(len(features), dtype=np.int64)
-            for c in np.unique(self.train_labels):
-                rows = rng.permutation(np.flatnonzero(self.train_labels == c))
-                folds[rows] = np.arange(len(rows)) % 3
-            total = len(LOGREG_L2_GRID) * 3
-            self._progress(stage, 0, total)
-            table = cross_validated_accuracies(
-                lambda l2: LogisticRegression(l2=l2, tol=1e-8),
+            values = held_out_values(
                 features,
                 self.train_labels,
-                folds,
-                LOGREG_L2_GRID,
+                selection,
                 progress=lambda done, total: self._progress(stage, done, total),
             )
-            return {"grid": np.asarray(LOGREG_L2_GRID), "accuracy": table.mean(axis=1)}
+            # Per-example averages over the repeats are all the rule needs.
+            return {name: array.mean(axis=0) for name, array in values.items()}
 
         arrays = self.store.get_or_create(key, build)
-        grid, accuracy = arrays["grid"], arrays["accuracy"]
-        best = max(range(len(grid)), key=lambda i: (round(float(accuracy[i]), 10), grid[i]))
-        return float(grid[best]), {f"{g:g}": float(a) for g, a in zip(grid, accuracy, strict=True)}
+        return curve_from_values(arrays, selection)
 
     def _features_label(self, featurizer: Featurizer, model: LinearModel) -> str:
         if isinstance(featurizer, PixelFeaturizer) and isinstance(model, KernelSVM):
@@ -819,7 +825,7 @@ class Explainer:
                     np.mean(self._test_predictions[key].argmax(1) == self.test_labels)
                 ),
                 hyperparameters=hyper,
-                selection=fitted.selection,
+                lambda_curve=fitted.lambda_curve,
                 fit_seconds=model.fit_info_.seconds,
                 iterations=model.fit_info_.iterations,
                 gradient_norm=model.fit_info_.gradient_norm,
@@ -910,7 +916,7 @@ class Explainer:
         test_index: int | None = None,
         image: np.ndarray | None = None,
         k: int = 10,
-        estimate: Estimate = "corrected",
+        estimate: Estimate | None = None,
         target: Target = "auto",
     ) -> Explanation:
         """Score every training image for one test image, for every model.
@@ -919,7 +925,8 @@ class Explainer:
             test_index: a row of the test set, or
             image: an (H, W, C) uint8 image in the dataset's format (e.g. a decoded upload).
             k: how many helpful and harmful images to list per model.
-            estimate: "corrected" (default) or "first_order".
+            estimate: one of :data:`~core.influence.ESTIMATES`; ``None`` is each engine's
+                default ("margin", exact in the margin, for the convex models).
             target: which label's loss to explain: "true" (test images), "predicted" (each
                 model's own prediction), or "auto" (true label when known, else predicted).
         """
@@ -932,7 +939,8 @@ class Explainer:
         for key, fitted in self.models.items():
             model, engine = fitted.model, fitted.engine
             label = self._target(key, true_label, inputs[key], target)
-            scores = engine.influence_scores(inputs[key], [label], estimate=estimate)[0]
+            used = engine.default_estimate if estimate is None else estimate
+            scores = engine.influence_scores(inputs[key], [label], estimate=used)[0]
             _check_finite_scores(scores, fitted.label)
             probabilities = model.predict_proba(inputs[key])[0]
             query_features = model.transform(inputs[key])
@@ -949,7 +957,7 @@ class Explainer:
                 explained_label=label,
                 explained_label_name=self.class_names[label],
                 loss=float(model.per_example_losses(model.transform(inputs[key]), [label])[0]),
-                estimate=estimate,
+                estimate=used,
                 scores=scores,
                 pixel_distances=pixel_distances,
                 feature_distances=feature_distances,
@@ -1026,7 +1034,7 @@ class Explainer:
         image: np.ndarray | None = None,
         k: int = 50,
         target: Target = "auto",
-        select_by: Estimate = "corrected",
+        select_by: Estimate | None = None,
         progress: StageProgress | None = None,
     ) -> dict[str, Verification]:
         """Leave-one-out retraining for the top k training images (by |score|) of every model."""
@@ -1051,7 +1059,7 @@ class Explainer:
         test_indices: Sequence[int],
         *,
         k: int = 50,
-        select_by: Estimate = "corrected",
+        select_by: Estimate | None = None,
         progress: StageProgress | None = None,
     ) -> dict[str, list[Verification]]:
         """Leave-one-out checks for several test images at once (true labels), every model."""

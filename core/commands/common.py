@@ -199,6 +199,28 @@ def _gamma(text: str) -> float | str:
     return value
 
 
+def add_estimate_option(
+    parser: argparse.ArgumentParser, what: str, default: str | None = None
+) -> None:
+    """--estimate, offering every estimate of :data:`core.influence.ESTIMATES`.
+
+    Args:
+        what: what the estimate is used for, e.g. "influence estimate".
+        default: the option's default (default: the engine's default estimate).
+    """
+    from core.influence import ESTIMATES
+    from core.labels import ESTIMATE_DESCRIPTIONS
+
+    default = ESTIMATES[0] if default is None else default
+    described = "; ".join(f"{e}: {ESTIMATE_DESCRIPTIONS[e]}" for e in ESTIMATES)
+    parser.add_argument(
+        "--estimate",
+        choices=ESTIMATES,
+        default=default,
+        help=f"{what} — {described} (default: {default})",
+    )
+
+
 def parse_classes(text: str | None) -> tuple[int | str, ...] | None:
     """'T-shirt/top,Shirt' or '0,6' -> a tuple of names or indices; 'all' -> ('all',)."""
     if text is None:

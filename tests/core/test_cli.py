@@ -55,9 +55,15 @@ def test_precompute_reports_both_models(capsys, common):
     assert set(payload["models"]) == {"svm", "logreg"}
     for model in payload["models"].values():
         assert 0 <= model["test_accuracy"] <= 1
+    assert payload["models"]["svm"]["lambda_curve"] is None
+    curve = payload["models"]["logreg"]["lambda_curve"]
+    assert curve["chosen"] == payload["models"]["logreg"]["hyperparameters"]["l2"]
+    assert len(curve["mean"]) == len(curve["stderr"]) == len(curve["grid"]) == 4
+    assert curve["criterion"] == "log_loss" and "one standard error" in curve["rule"]
     assert main(["precompute", *common]) == 0
     report = capsys.readouterr().out
-    assert "RBF SVM on pixels" in report and "accuracy:" in report and "λ by 3-fold CV" in report
+    assert "RBF SVM on pixels" in report and "accuracy:" in report
+    assert "λ chosen by:" in report and "<- chosen" in report
 
 
 def test_precompute_every_class(capsys, common):
@@ -101,14 +107,30 @@ def test_explain_a_test_index_and_an_image_file(capsys, common, tmp_path):
     unusual = [m["label"] for m in payload["models"].values() if m["familiarity"]["unusual"]]
     assert len(payload["warnings"]) == len(unusual)
     assert main(["explain", *common, "--test-index", "0"]) == 0
-    assert "most helped" in capsys.readouterr().out
+    report = capsys.readouterr().out
+    assert "most helped" in report and "exact in the margin" in report
 
 
-def test_verify_reports_both_estimates(capsys, common):
+@pytest.mark.parametrize("estimate", ["margin", "corrected", "first_order"])
+def test_explain_offers_every_estimate_labelled(capsys, common, estimate):
+    payload = run_json(
+        capsys,
+        ["explain", *common, "--test-index", "1", "--estimate", estimate, "--json", "--all-scores"],
+    )
+    for model in payload["models"].values():
+        assert model["estimate"] == estimate and model["estimate_label"]
+        assert len(model["scores"]) == 16
+
+
+def test_verify_reports_every_estimate(capsys, common):
     payload = run_json(capsys, ["verify", *common, "--test-index", "2", "--k", "5", "--json"])
     (result,) = payload["results"]
     for model in result["models"].values():
-        assert set(model["agreement"]) == {"corrected", "first_order"}
+        assert set(model["agreement"]) == {"margin", "corrected", "first_order"}
+        assert set(model["estimate_labels"]) == set(model["agreement"])
+        assert model["selected_by"] == "margin"
+        for a in model["agreement"].values():
+            assert {"slope", "affine_slope", "intercept", "pearson", "spearman"} <= set(a)
         assert len(model["actual"]) == 5 and model["converged"]
     payload = run_json(capsys, ["verify", *common, "--test-indices", "0,3", "--k", "4", "--json"])
     assert [r["test_index"] for r in payload["results"]] == [0, 3]

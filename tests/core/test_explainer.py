@@ -71,11 +71,17 @@ def test_default_pair_and_summaries(tiny, explainer):
     for summary in summaries.values():
         assert 0.0 <= summary.test_accuracy <= 1.0 and summary.gradient_norm <= 1e-8
     chosen = summaries["logreg"].hyperparameters["l2"]
-    assert chosen in LOGREG_L2_GRID
-    assert set(summaries["logreg"].selection) == {f"{v:g}" for v in LOGREG_L2_GRID}
-    assert summaries["logreg"].selection[f"{chosen:g}"] == max(
-        summaries["logreg"].selection.values()
-    )
+    curve = summaries["logreg"].lambda_curve
+    assert summaries["svm"].lambda_curve is None
+    assert curve.grid == LOGREG_L2_GRID and curve.chosen == chosen and curve.n == 32
+    # The one-standard-error rule: the largest λ within one s.e. of the lowest held-out log-loss.
+    best = int(np.argmin(curve.mean))
+    within = [
+        g
+        for g, m in zip(curve.grid, curve.mean, strict=True)
+        if m <= curve.mean[best] + curve.stderr[best]
+    ]
+    assert curve.best == curve.grid[best] and chosen == max(within)
     assert any("features" in stage for stage in explainer.stages)
     assert any("λ" in stage for stage in explainer.stages)
 
@@ -120,11 +126,15 @@ def test_uploaded_image_explains_each_models_prediction(explainer):
         explainer.explain(image=image, target="true")
 
 
-def test_first_order_estimate_is_one_click_away(explainer):
-    corrected = explainer.explain(test_index=0).models["logreg"].scores
+def test_every_estimate_is_one_click_away_and_labelled(explainer):
+    default = explainer.explain(test_index=0).models["logreg"]
+    assert default.estimate == "margin"
+    corrected = explainer.explain(test_index=0, estimate="corrected").models["logreg"].scores
     first = explainer.explain(test_index=0, estimate="first_order").models["logreg"].scores
     leverage = explainer.models["logreg"].engine.leverage()
     np.testing.assert_allclose(corrected, first / (1 - leverage), rtol=1e-9)
+    # Convex loss: the loss at the predicted margin lies on or above its tangent.
+    assert np.all(default.scores >= corrected - 1e-15)
 
 
 def test_heatmaps_through_kernel_and_backbone(explainer):
@@ -170,7 +180,8 @@ def test_verify_retrains_both_models(explainer):
         label = [int(explainer.test_labels[1])]
         expected = float(refitted.loss(inputs, label)[0] - model.loss(inputs, label)[0])
         assert result.actual[0] == pytest.approx(expected, rel=1e-6, abs=1e-12)
-        assert set(result.agreement) == {"corrected", "first_order"}
+        assert set(result.agreement) == {"margin", "corrected", "first_order"}
+        assert result.selected_by == "margin"
 
 
 def test_second_build_reads_the_cache(tiny, store, explainer, monkeypatch):
@@ -180,7 +191,11 @@ def test_second_build_reads_the_cache(tiny, store, explainer, monkeypatch):
         raise AssertionError("features were recomputed instead of read from the cache")
 
     monkeypatch.setattr(EfficientNetLite0Featurizer, "transform", no_recompute)
+    monkeypatch.setattr(
+        "core.explainer.held_out_values", no_recompute
+    )  # λ's cross-validation is cached too
     again = Explainer(tiny, store=store).prepare()
+    assert again.models["logreg"].lambda_curve == explainer.models["logreg"].lambda_curve
     assert again.models["logreg"].model.fit_info_.iterations <= 1
     np.testing.assert_allclose(
         again.models["logreg"].model.theta_, explainer.models["logreg"].model.theta_, atol=1e-10

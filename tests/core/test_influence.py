@@ -134,7 +134,9 @@ def test_scores_match_explicit_formulas(name, binary_model, softmax_model, svm_m
     expected = (test_grads @ torch.linalg.solve(hessian, train_grads.T) / n).numpy()
     np.testing.assert_allclose(first, expected, rtol=1e-8, atol=1e-14)
 
-    corrected = engine.influence_scores(problem.X_test[:3], problem.y_test[:3])
+    corrected = engine.influence_scores(
+        problem.X_test[:3], problem.y_test[:3], estimate="corrected"
+    )
     factors = model.example_hessian_factors(model.features_, model.labels_)
     d, c = model.features_.shape[1], model.n_outputs_
     for j in (0, 5, 42):
@@ -210,7 +212,7 @@ def test_params_change_matches_explicit_solves(svm_model):
     )
     # The corrected change is one exact Newton step on the objective without the point.
     factors = model.example_hessian_factors(model.features_[idx], model.labels_[idx])
-    corrected = engine.params_change(idx)
+    corrected = engine.params_change(idx, estimate="corrected")
     for row, j in enumerate(idx):
         u = model.features_[j][:, None] * factors[row, 0, 0]
         without_j = model.hessian() - (u @ u.T) / model.n_train_

@@ -93,9 +93,17 @@ def svm(make_svm_problem):
     return KernelSVM(gamma=0.05, l2=1e-2, temperature=0.05).fit(problem.X, problem.y), problem
 
 
-@pytest.mark.parametrize("name", ["binary", "softmax", "svm"])
-def test_margin_scores_are_the_loss_at_the_newton_predicted_outputs(name, binary, softmax, svm):
-    model, problem = {"binary": binary, "softmax": softmax, "svm": svm}[name]
+@pytest.fixture
+def svm3(make_svm_problem):
+    problem = make_svm_problem(120, 30, seed=14, n_classes=3)
+    return KernelSVM(gamma=0.05, l2=1e-2, temperature=0.05).fit(problem.X, problem.y), problem
+
+
+@pytest.mark.parametrize("name", ["binary", "softmax", "svm", "svm3"])
+def test_margin_scores_are_the_loss_at_the_newton_predicted_outputs(
+    name, binary, softmax, svm, svm3
+):
+    model, problem = {"binary": binary, "softmax": softmax, "svm": svm, "svm3": svm3}[name]
     engine = InfluenceEngine(model)
     X_test, y_test = problem.X_test[:3], problem.y_test[:3]
     margin = engine.influence_scores(X_test, y_test)  # the default
@@ -186,21 +194,29 @@ def _problem(kind, make_logreg_problem, make_svm_problem):
         model = LogisticRegression(l2=0.1).fit(p.X, p.y)
         x, y = _far_test_point(p, model, 5.0)
         return model, p.X, p.y, x, y, lambda l2: LogisticRegression(l2=l2)
-    p = make_logreg_problem(150, 5, seed=2, noise=0.5)
+    p = make_logreg_problem(150, 5, seed=2, noise=0.5, n_classes=3 if kind.startswith("3") else 2)
     X, X_test = np.tanh(p.X), np.tanh(p.X_test)
     model = KernelSVM(gamma=0.2, l2=1e-2, temperature=0.1).fit(X, p.y)
+    # The most confidently classified test point (for two classes, test point 10 is one).
+    row = int(np.argmin(model.loss(X_test, p.y_test))) if kind.startswith("3") else 10
     return (
         model,
         X,
         p.y,
-        X_test[10:11],
-        p.y_test[10:11],
+        X_test[row : row + 1],
+        p.y_test[row : row + 1],
         lambda l2: KernelSVM(gamma=0.2, l2=l2, temperature=0.1),
     )
 
 
 @pytest.mark.parametrize(
-    "kind", ["binary logistic regression", "3-class logistic regression", "smooth-hinge SVM"]
+    "kind",
+    [
+        "binary logistic regression",
+        "3-class logistic regression",
+        "smooth-hinge SVM",
+        "3-class smooth-hinge SVM",
+    ],
 )
 def test_near_zero_loss_against_explicit_leave_one_out(
     kind, make_logreg_problem, make_svm_problem, report

@@ -24,6 +24,17 @@ ESTIMATE_COLOURS = {"corrected": "#2563eb", "first_order": "#E69F00"}
 _WEBGL_FROM = 5000
 
 
+def plotly_config(filename: str, *, scale: int = 2) -> dict:
+    """Plotly's chart configuration for ``st.plotly_chart(config=...)``: no logo, and the
+    toolbar's camera button saves the figure as ``<filename>.png`` at ``scale`` times its size,
+    drawn by the browser (no server-side renderer is needed)."""
+    safe = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in filename)[:80]
+    return {
+        "displaylogo": False,
+        "toImageButtonOptions": {"format": "png", "filename": safe or "figure", "scale": scale},
+    }
+
+
 def influence_vs_distance(
     panels: Sequence[tuple[str, np.ndarray, np.ndarray]],
     *,

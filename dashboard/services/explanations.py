@@ -57,6 +57,7 @@ __all__ = [
     "score_scale",
     "verification",
     "verification_documents",
+    "verified_earlier",
     "verified_queries",
 ]
 
@@ -274,6 +275,8 @@ _VERIFICATIONS: SessionRuns[VerifyRun, dict[str, Verification]] = SessionRuns(
 
 #: Bump when what a kept verification holds changes; kept ones of another version are not read.
 _KEPT_VERSION = 1
+# Session-state key: the runs this session read back from the server.
+_FROM_SERVER = "state_verifications_from_server"
 
 
 def _kept_key(explainer: Explainer, run: VerifyRun) -> CacheKey:
@@ -337,7 +340,15 @@ def verification(
         result = _kept(explainer, run)
         if result is not None:
             _VERIFICATIONS.remember(run, result)
+            st.session_state[_FROM_SERVER] = {*st.session_state.get(_FROM_SERVER, ()), run}
     return result
+
+
+def verified_earlier(settings: Settings, query: Query, k: int) -> bool:
+    """Whether this query's verification at this k was read back from the server (computed
+    earlier, by this or another session) rather than run in this session."""
+    run = VerifyRun(settings.engine, query.key, int(k))
+    return run in st.session_state.get(_FROM_SERVER, ())
 
 
 def verified_queries(settings: Settings) -> list[tuple[str, int]]:
@@ -370,4 +381,5 @@ def run_verification(
     run = VerifyRun(settings.engine, query.key, int(k))
     result = _VERIFICATIONS.run(run, explainer, query, progress)
     _keep(explainer, run, result)
+    st.session_state[_FROM_SERVER] = set(st.session_state.get(_FROM_SERVER, ())) - {run}
     return result

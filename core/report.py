@@ -138,8 +138,8 @@ def probability_kind(estimator: Any) -> str | None:
 
 
 def probability_text(probability: float, kind: str | None) -> str:
-    """E.g. "p = 0.84 (Platt-scaled)" or "p = 0.84"."""
-    return f"p = {probability:.2f}" + (f" ({kind})" if kind else "")
+    """E.g. "Platt-scaled p = 0.84" or "p = 0.84"."""
+    return (f"{kind} " if kind else "") + f"p = {probability:.2f}"
 
 
 # ------------------------------------------------------------------------------ the report

@@ -182,8 +182,10 @@ with picked_col:
                 key="explain_back_to_upload",
                 on_click=query.select_upload,
             )
-    with st.container(key="explain_exports"):
-        st.markdown("**Keep or share this view**")
+    with (
+        st.container(key="explain_exports"),
+        st.popover("Keep or share", icon=":material/share:", width="stretch"),
+    ):
         st.caption(
             "The address in the browser's bar opens this very view (image, settings, estimate, "
             "k) for anyone with access to this server."

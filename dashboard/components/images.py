@@ -143,14 +143,16 @@ def tile_grid(
                 padded = (*tile.caption, *([""] * (lines - len(tile.caption))))
                 with st.container(key=f"tilecap_{tile.button_key}"):
                     st.html(caption_html(padded))
-                st.button(
-                    button_label,
-                    key=tile.button_key,
-                    on_click=on_click,
-                    args=tile.button_args,
-                    help=tile.help,
-                    type="primary" if tile.button_key == selected_key else "secondary",
-                )
+                with st.container(key=f"tilebtn_{tile.button_key}"):
+                    st.button(
+                        button_label,
+                        key=tile.button_key,
+                        on_click=on_click,
+                        args=tile.button_args,
+                        help=tile.help,
+                        type="primary" if tile.button_key == selected_key else "secondary",
+                        width="stretch",
+                    )
 
 
 def png_data_url(image: np.ndarray, size: int = THUMBNAIL_PX) -> str:

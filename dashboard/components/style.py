@@ -39,8 +39,15 @@ div[class*="st-key-tilecap_"] .tilecap {
 div[class*="st-key-tilecap_"] .tilecap div {
   white-space: nowrap; overflow: hidden; text-overflow: ellipsis;
 }
-/* The explained image's title: never broken inside a word. */
-div.st-key-explain_title h3 { overflow-wrap: normal; word-break: normal; }
+/* A tile's button: compact, so its label fits a thumbnail's width at 1280 px. */
+div[class*="st-key-tilebtn_"] button {
+  padding: 0.2rem 0.3rem; min-height: 2rem; font-size: 0.8rem;
+}
+/* The explained image's title and the models' names: smaller, never broken inside a word. */
+div.st-key-explain_title h3 {
+  font-size: 1.3rem; overflow-wrap: normal; word-break: normal;
+}
+div[class*="st-key-explain_model_"] h3 { font-size: 1.3rem; }
 </style>
 """
 

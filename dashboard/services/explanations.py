@@ -137,7 +137,7 @@ def heatmap_scale(values: np.ndarray) -> float:
 
 
 def probability_text(explainer: Explainer, model_key: str, probability: float) -> str:
-    """E.g. "p = 0.84 (Platt-scaled)" for a Platt-scaled model, "p = 0.61" otherwise."""
+    """E.g. "Platt-scaled p = 0.84" for a Platt-scaled model, "p = 0.61" otherwise."""
     kind = core_report.probability_kind(explainer.models[model_key].model)
     return core_report.probability_text(probability, kind)
 

@@ -56,7 +56,7 @@ def test_only_a_platt_scaled_model_is_labelled_so() -> None:
     svm.platt_ = 3.0  # what a fitted kernel SVM has
     assert report.probability_kind(svm) == "Platt-scaled"
     assert report.probability_kind(LogisticRegression()) is None
-    assert report.probability_text(0.84, "Platt-scaled") == "p = 0.84 (Platt-scaled)"
+    assert report.probability_text(0.84, "Platt-scaled") == "Platt-scaled p = 0.84"
 
 
 def test_the_three_documents_of_one_explanation_agree(explainer: Explainer) -> None:

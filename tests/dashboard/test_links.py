@@ -152,6 +152,6 @@ def test_negligible_scores_are_said_and_the_svm_probability_is_labelled(
     _no_errors(at)
     text = _texts(at)
     assert "is all but certain here" in text and "less than 1e-06" in text
-    assert "(Platt-scaled)" in text
+    assert "(Platt-scaled p = " in text
     assert "no row for logistic regression on ImageNet features" in text
     assert "Reference row *RBF SVM (pixels)*" in text

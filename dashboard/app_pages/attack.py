@@ -103,7 +103,7 @@ with image_col:
             "the models get right."
         )
     if start.suggestions:
-        st.caption(f"The {labels[model_key]}'s least confident correct test images:")
+        st.caption("This model's least confident correct test images (most likely to flip):")
         with st.container(horizontal=True, gap="small", key="attack_suggestions"):
             for index in start.suggestions:
                 st.button(

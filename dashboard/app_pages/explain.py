@@ -63,6 +63,8 @@ model_labels = facts.model_labels(explainer)
 short_labels = facts.model_short_labels(explainer)
 
 # ---------------------------------------------------------------- choose the image
+# The title spans the page (filled once the query is known), so a file name has room.
+title_area = st.container(key="explain_title")
 picked_col, choose_col = st.columns([1, 3], gap="large")
 with choose_col:
     uploaded = st.file_uploader(
@@ -154,9 +156,9 @@ chosen = query.current_query(explainer)
 explanation = explanations.explain(explainer, chosen, settings)
 quick_check = explanations.verification(settings, chosen, QUICK_CHECK_K, explainer)
 
+with title_area:
+    st.subheader(chosen.title)
 with picked_col:
-    with st.container(key="explain_title"):
-        st.subheader(chosen.title)
     st.image(upscale(chosen.image, 224), width=224)
     st.caption(f"Exactly what the models see: {facts.image_description(explainer)}.")
     if chosen.upload is not None:

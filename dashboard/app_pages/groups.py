@@ -85,23 +85,6 @@ with image_col:
     )
 
 with settings_col:
-    kinds = st.pills(
-        "Kinds of group",
-        options=list(ex.GROUP_KIND_CHOICES),
-        selection_mode="multi",
-        format_func=ex.GROUP_KIND_LABELS.get,
-        key="groups_kinds",
-        help="Random; random within one class (the classes in turn); k-means clusters of the "
-        "model's inputs (backbone features for the logistic regression, pixels for the SVM); "
-        "the test image's most helpful and most harmful training images (one group per size).",
-    )
-    sizes = st.pills(
-        "Group sizes: images (share of the training set)",
-        options=list(ex.GROUP_SIZE_CHOICES),
-        selection_mode="multi",
-        format_func=lambda f: ex.size_label(f, n_train),
-        key="groups_sizes",
-    )
     per_size = st.number_input(
         "Groups of each random kind per size",
         min_value=1,
@@ -120,6 +103,25 @@ with settings_col:
             "The group is added to the others.",
         )
         seed = st.number_input("Seed", min_value=0, max_value=2**31 - 1, step=1, key="groups_seed")
+
+# Full width: at 1280 px a column cuts a row of pills short.
+kinds = st.pills(
+    "Kinds of group",
+    options=list(ex.GROUP_KIND_CHOICES),
+    selection_mode="multi",
+    format_func=ex.GROUP_KIND_LABELS.get,
+    key="groups_kinds",
+    help="Random; random within one class (the classes in turn); k-means clusters of the "
+    "model's inputs (backbone features for the logistic regression, pixels for the SVM); "
+    "the test image's most helpful and most harmful training images (one group per size).",
+)
+sizes = st.pills(
+    "Group sizes: images (share of the training set)",
+    options=list(ex.GROUP_SIZE_CHOICES),
+    selection_mode="multi",
+    format_func=lambda f: ex.size_label(f, n_train),
+    key="groups_sizes",
+)
 
 config = None
 try:

@@ -110,27 +110,54 @@ else:
                     "converged": check.converged,
                 }
             )
-    # Widths fixed to fit each header and value: an auto-sized grid cut headers at 1440 px.
+    # A static table: every header and value in full at any width (a data grid cut the headers
+    # to its columns' widths at 1440 px).
+    with st.container(key="verify_table"):
+        st.table(
+            pd.DataFrame(rows)
+            .style.format(
+                {
+                    "Pearson": "{:.3f}",
+                    "Spearman": "{:.3f}",
+                    "slope": "{:.3f}",
+                    "intercept": "{:.2e}",
+                    "time (s)": "{:.1f}",
+                    "converged": lambda v: "yes" if v else "no",
+                }
+            )
+            .hide(axis="index")
+        )
     st.dataframe(
-        pd.DataFrame(rows),
+        pd.DataFrame(
+            [
+                {
+                    "model": labels[key],
+                    "train #": int(j),
+                    "label": facts.train_label_name(explainer, int(j)),
+                    "actual": float(check.actual[i]),
+                    **{
+                        ESTIMATE_LABELS[e]: float(check.predicted[e][i])
+                        for e in ESTIMATES
+                        if e in check.predicted
+                    },
+                }
+                for key, check in result.items()
+                for i, j in enumerate(check.train_indices)
+            ]
+        ),
         hide_index=True,
-        key="verify_table",
+        key="verify_points",
+        height=250,
         column_config={
             "model": st.column_config.TextColumn(width="large"),
-            "estimate": st.column_config.TextColumn(width="medium"),
-            "Pearson": st.column_config.NumberColumn(format="%.3f", width=90),
-            "Spearman": st.column_config.NumberColumn(format="%.3f", width=90),
-            "slope": st.column_config.NumberColumn(format="%.3f", width=80),
-            "intercept": st.column_config.NumberColumn(format="%.2e", width=100),
-            "n": st.column_config.NumberColumn(width=60),
-            "time (s)": st.column_config.NumberColumn(
-                format="%.1f", width=90, help="Retraining time for this model, all k images."
-            ),
-            "converged": st.column_config.CheckboxColumn(
-                width=100, help="Every retrain reached ‖∇R‖ ≤ 1e-11."
-            ),
+            "actual": st.column_config.NumberColumn(format="%.3e", width="medium"),
+            **{
+                ESTIMATE_LABELS[e]: st.column_config.NumberColumn(format="%.3e", width="medium")
+                for e in ESTIMATES
+            },
         },
     )
+    st.caption("Every retrained image: the actual change in test loss and each estimate's.")
     document, scatter, statistics = explanations.verification_documents(
         explainer, chosen, result, link=links.view_link(settings, explainer)
     )

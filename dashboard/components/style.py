@@ -47,6 +47,7 @@ div[class*="st-key-tilebtn_"] button {
 div.st-key-explain_title h3 {
   font-size: 1.3rem; overflow-wrap: normal; word-break: normal;
 }
+div.st-key-explain_title h3 code { white-space: nowrap; font-size: 0.9em; }
 div[class*="st-key-explain_model_"] h3 { font-size: 1.3rem; }
 </style>
 """

@@ -308,10 +308,10 @@ def query_link(explainer: Explainer | None = None) -> dict[str, str]:
     return {"test": str(index)}
 
 
-def short_name(name: str, limit: int = 16) -> str:
+def short_name(name: str, limit: int = 28) -> str:
     """A file name shortened in the middle to at most ``limit`` characters, keeping its end (the
-    suffix), so a title never has to break inside it: "my_holiday_photo_2024.jpg" ->
-    "my_holi…2024.jpg"."""
+    suffix), so a title never has to break inside it:
+    "my_summer_holiday_photo_of_a_cat_2024.jpg" -> "my_summer_holi…_cat_2024.jpg"."""
     if len(name) <= limit:
         return name
     tail = max(4, (limit - 1) // 2)

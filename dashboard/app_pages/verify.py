@@ -148,11 +148,14 @@ else:
         hide_index=True,
         key="verify_points",
         height=250,
+        # Widths that fit every header at 1280 px (an auto-sized grid cuts them).
         column_config={
-            "model": st.column_config.TextColumn(width="large"),
-            "actual": st.column_config.NumberColumn(format="%.3e", width="medium"),
+            "model": st.column_config.TextColumn(width=210),
+            "train #": st.column_config.NumberColumn(width=70),
+            "label": st.column_config.TextColumn(width=100),
+            "actual": st.column_config.NumberColumn(format="%.3e", width=100),
             **{
-                ESTIMATE_LABELS[e]: st.column_config.NumberColumn(format="%.3e", width="medium")
+                ESTIMATE_LABELS[e]: st.column_config.NumberColumn(format="%.3e", width=140)
                 for e in ESTIMATES
             },
         },

@@ -132,6 +132,7 @@ def test_an_animal_photo_is_flagged_and_a_test_image_is_not(page: Any, app_serve
     for i in range(warnings.count()):
         expect(warnings.nth(i)).to_contain_text("unlike the training data")
     no_exception(page)
+    warnings.first.scroll_into_view_if_needed()
     screenshot(page, "upload-cat")
 
 

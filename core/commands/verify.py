@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from core.commands.common import StageBars, add_common_options, build_explainer, emit
@@ -29,13 +30,27 @@ def register(subparsers: Any) -> None:
         help="several test rows at once, comma-separated (true labels); overrides --test-index",
     )
     parser.add_argument("--k", type=int, default=50, help="points to retrain per test image")
+    parser.add_argument(
+        "--output",
+        action="append",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="also write the results to PATH: .json (statistics and every retrained point) or "
+        ".csv (the scatter data: actual and predicted change per retrained point); repeatable",
+    )
     add_common_options(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from core.report import VerifiedQuery, explainer_settings, write_verification
+
     if args.k < 3:
         raise InfluenceExplorerError("--k must be at least 3 to compute correlations.")
+    for path in args.output or ():
+        if path.suffix.lower() not in (".json", ".csv"):
+            raise InfluenceExplorerError(f"--output {path}: the suffix must be .json or .csv.")
     explainer = build_explainer(args)
     bars = StageBars(enabled=not args.quiet)
     if args.test_indices:
@@ -52,6 +67,27 @@ def run(args: argparse.Namespace) -> int:
         query = query_from_args(args, explainer)
         result = explainer.verify(**query, k=args.k, target=args.target, progress=bars)
         per_test = [{"test_index": query.get("test_index"), "models": result}]
+    if args.output:
+        names = list(explainer.class_names)
+        queries = [
+            VerifiedQuery(
+                title=f"Test image #{item['test_index']}"
+                if item["test_index"] is not None
+                else f"Uploaded {args.image.name}",
+                test_index=item["test_index"],
+                checks=item["models"],
+            )
+            for item in per_test
+        ]
+        for path in args.output:
+            write_verification(
+                queries,
+                path,
+                model_labels={key: fitted.label for key, fitted in explainer.models.items()},
+                train_ids=[str(i) for i in explainer.dataset.train_ids],
+                train_labels=[names[int(c)] for c in explainer.train_labels],
+                settings=explainer_settings(explainer),
+            )
     payload = {
         "dataset": explainer.dataset.name,
         "k": args.k,

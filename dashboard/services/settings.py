@@ -121,7 +121,7 @@ class Settings:
     classes: tuple[int, int] = (0, 6)
     backbone: str = DEFAULT_BACKBONE
     k: int = 10
-    estimate: str = "corrected"
+    estimate: str = ESTIMATES[0]
     solver: str = "exact"
     damping: float = 0.0
     max_train_per_class: int = DEFAULT_MAX_TRAIN_PER_CLASS

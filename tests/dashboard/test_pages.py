@@ -45,7 +45,7 @@ def test_explain_shows_both_models_lists_and_the_sign_convention(make_app: Facto
     _no_errors(at)
     text = _texts(at)
     assert "Positive: it helped" in text and "negative: it hurt" in text
-    assert "Newton-corrected" in text
+    assert "Exact in the margin" in text
     for model in ("svm", "logreg"):
         for kind in ("helpful", "harmful"):
             assert len(_keys(at, f"explain_inspect_{model}_{kind}_")) == 10

@@ -3,6 +3,7 @@ setting live and remembers it, and each explanation on Explain links to its refe
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,7 +12,13 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from core.errors import InfluenceExplorerError
-from core.fragility import FragilityConfig, GroundTruthConfig, SolverSettings, TrainingConfig
+from core.fragility import (
+    STUDY_SOLVER,
+    FragilityConfig,
+    GroundTruthConfig,
+    SolverSettings,
+    TrainingConfig,
+)
 from dashboard import state
 
 Factory = Callable[[], AppTest]
@@ -22,7 +29,9 @@ TINY = FragilityConfig.quick(
     n_train=40,
     training=TrainingConfig(epochs=4, batch_size=20),
     ground_truth=GroundTruthConfig(top_k=4, retrain_fraction=0.25, seeds=1),
-    influence=SolverSettings(lissa_depth=20, lissa_batch_size=20),
+    influence=SolverSettings(
+        solver=dataclasses.replace(STUDY_SOLVER, lissa_depth=20, lissa_batch_size=20)
+    ),
 )
 
 

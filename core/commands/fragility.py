@@ -36,6 +36,7 @@ from core.fragility import (
     solver_comparison,
     study_comparison,
 )
+from core.fragility.codec import load_progress
 from core.networks import Architecture
 
 DEFAULT_OUTPUT = Path("fragility-results.json")
@@ -239,8 +240,8 @@ def register(subparsers: Any) -> None:
     run.add_argument(
         "--partial",
         action="store_true",
-        help="do not run: write OUTPUT from the cells OUTPUT.progress holds, the rest of the "
-        "grid it was running marked 'not run'",
+        help="do not run: write OUTPUT for the grid the other options describe from the cells "
+        "OUTPUT.progress holds, the rest marked 'not run'",
     )
     run.add_argument(
         "--report",
@@ -333,7 +334,7 @@ def run_command(args: argparse.Namespace) -> int:
         return 0
     progress_file = progress_path(args.output)
     if args.partial:
-        results = results_from_progress(progress_file)
+        results = results_from_progress(progress_file, build_config(args))
         path = save_results(results, args.output)
         _emit(results, path, args)
         return 0
@@ -372,7 +373,17 @@ def run_command(args: argparse.Namespace) -> int:
     )
     bar(1, 1)
     path = save_results(results, args.output)
-    progress_file.unlink(missing_ok=True)  # the results file now holds every cell
+    # The results file now holds every cell of this grid; the progress file goes unless it also
+    # keeps cells of other grids (a narrowed or extended run) that the results do not have.
+    kept = load_progress(progress_file)
+    grid = {cell.key for cell in results.config.cells()}
+    if kept is not None and {key for key, _ in kept.cells} <= grid:
+        progress_file.unlink(missing_ok=True)
+    elif kept is not None and not args.quiet:
+        print(
+            f"Kept {progress_file}: it also holds cells of other grids with this protocol.",
+            file=sys.stderr,
+        )
     _emit(results, path, args)
     return 0
 

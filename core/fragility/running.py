@@ -160,8 +160,8 @@ def _cells_for(config: FragilityConfig, data: StudyData) -> tuple[Cell, ...]:
 def _resume(
     path: str | os.PathLike[str] | None, config: FragilityConfig, data: StudyData
 ) -> Progress | None:
-    """The progress file's finished cells, if they were run with this protocol and data; cells
-    the grid no longer has are left out (and kept in the file only until it is rewritten)."""
+    """The progress file's finished cells, if they were run with this protocol and data (all of
+    them: cells another grid of the same protocol ran stay in the file for later runs)."""
     if path is None:
         return None
     previous = load_progress(path)
@@ -175,9 +175,7 @@ def _resume(
             "networks, weight decays and repeats may change), pass --restart to discard it, or "
             "choose another --output."
         )
-    wanted = {c.key for c in config.cells()}
-    cells = tuple((key, result) for key, result in previous.cells if key in wanted)
-    return dataclasses.replace(previous, config=config, cells=cells)
+    return dataclasses.replace(previous, config=config)
 
 
 def _progress(
@@ -188,13 +186,16 @@ def _progress(
     seconds: float,
     command: str,
 ) -> Progress:
+    # The grid's cells in order, then finished cells of other grids with the same protocol.
+    order = [c.key for c in cells if c.key in finished]
+    order += [key for key in finished if key not in set(order)]
     return Progress(
         config=config,
         dataset=data.name,
         class_names=data.class_names,
         n_train=int(data.X_train.shape[0]),
         n_test=int(data.X_test.shape[0]),
-        cells=tuple((c.key, finished[c.key]) for c in cells if c.key in finished),
+        cells=tuple((key, finished[key]) for key in order),
         seconds=seconds,
         command=command,
     )
@@ -237,20 +238,29 @@ def _assemble(progress: Progress, cells: tuple[Cell, ...]) -> FragilityResults:
     )
 
 
-def results_from_progress(path: str | os.PathLike[str]) -> FragilityResults:
-    """The results of a stopped run: its finished cells, the rest of the grid it was last
-    running marked "not run".
+def results_from_progress(
+    path: str | os.PathLike[str], config: FragilityConfig | None = None
+) -> FragilityResults:
+    """The results of a stopped run: the cells of ``config``'s grid (default: the grid the run
+    was last running) that the progress file holds, the rest marked "not run".
 
     Raises:
-        InfluenceExplorerError: there is no progress file at ``path``.
+        InfluenceExplorerError: there is no progress file at ``path``, or it has another protocol
+            than ``config``.
     """
     previous = load_progress(path)
     if previous is None:
         raise InfluenceExplorerError(f"No fragility progress file at {path}.")
-    cells = previous.config.cells()
+    if config is not None and config.protocol() != previous.config.protocol():
+        raise InfluenceExplorerError(
+            f"The progress file {path} was run with another protocol than the grid asked for; "
+            "give the options it was started with."
+        )
+    config = config if config is not None else previous.config
+    cells = config.cells()
     if len(previous.class_names) > 2:
         cells = tuple(c for c in cells if c.setting.model != "svm")  # the SVM is binary
-    return _assemble(previous, cells)
+    return _assemble(dataclasses.replace(previous, config=config), cells)
 
 
 def _load_average() -> tuple[float, ...]:

@@ -440,6 +440,11 @@ def test_a_grid_can_be_narrowed_and_extended_keeping_its_finished_cells(tmp_path
     assert ran == ["CNN d1 w2 | wd 0.01 | repeat 0"]
     assert results_to_dict(both)["settings"][1] == results_to_dict(first)["settings"][0]
     assert both.config == TWO_CELLS
+    # Narrowed again: nothing runs, and the file keeps the cell the narrow grid does not have.
+    again = run_fragility(one, progress_file=progress_file)
+    assert len(ran) == 1 and [s.weight_decay for s in again.settings] == [0.0]
+    assert len(json.loads(progress_file.read_text())["cells"]) == 2
+    assert results_from_progress(progress_file, TWO_CELLS).complete
 
 
 def test_bundled_results_load_when_present():

@@ -92,7 +92,7 @@ def test_cli_continues_a_stopped_run_and_writes_a_partial_one(tmp_path, capsys, 
     assert main(["fragility", "--quick", *options]) == 130
     assert progress_path(output).exists() and not output.exists()
     # --partial writes what finished; the rest is marked.
-    assert main(["fragility", "--partial", "--json", "--output", str(output)]) == 0
+    assert main(["fragility", "--quick", *options, "--partial", "--json"]) == 0
     partial = json.loads(capsys.readouterr().out)
     assert not partial["complete"] and partial["missing"] == [
         "CNN d1 w2 | no weight decay | repeat 0"

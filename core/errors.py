@@ -51,3 +51,12 @@ class SolverDivergedError(InfluenceExplorerError):
 
 class NonFiniteFeaturesError(InfluenceExplorerError):
     """A featurizer produced NaN or infinite values, so no model can use them."""
+
+
+class UnreadableFileError(InfluenceExplorerError):
+    """A file on disk was refused before decoding: missing, not a regular file (a FIFO, device or
+    socket), outside the allowed directories, or larger than the limit."""
+
+
+class OutsideRootsError(DatasetError):
+    """A dataset path, or a symbolic link inside a dataset, leads outside the allowed directories."""

@@ -38,6 +38,7 @@ from core.features import (
 )
 from core.influence import Estimate, InfluenceEngine, SolverConfig, top_k
 from core.models import KernelSVM, LinearModel, LogisticRegression
+from core.ood import Familiarity, NeighbourDistance
 from core.store import ArtifactStore, CacheKey
 from core.validation import Verification, verify
 
@@ -178,6 +179,8 @@ class ModelExplanation:
         scores: (n_train,) influence of every training image.
         pixel_distances, feature_distances: (n_train,) distances to the test image.
         helpful, harmful: the top-k of each, strongest first.
+        familiarity: where the image lies among the training data in this model's feature
+            space (``familiarity.unusual``: farther than every held-out test image).
     """
 
     key: str
@@ -194,6 +197,7 @@ class ModelExplanation:
     feature_distances: np.ndarray
     helpful: tuple[InfluentialImage, ...]
     harmful: tuple[InfluentialImage, ...]
+    familiarity: Familiarity
 
 
 @dataclass(frozen=True)
@@ -215,6 +219,14 @@ class Explanation:
     models: dict[str, ModelExplanation]
     seconds: float
 
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """Why this explanation should not be trusted as it stands (e.g. the image is unlike the
+        training data for some model), one sentence each; empty if none."""
+        return tuple(
+            m.familiarity.message(m.label) for m in self.models.values() if m.familiarity.unusual
+        )
+
 
 @dataclass(frozen=True)
 class FittedModel:
@@ -223,6 +235,7 @@ class FittedModel:
     Attributes:
         key: short stable id used in URLs, JSON and caches (e.g. "svm", "logreg").
         label: for people, e.g. "RBF SVM on pixels".
+        short_label: where the label does not fit (a thumbnail's caption), e.g. "SVM".
         features_label: what the model sees, e.g. "EfficientNet-Lite0 (ImageNet) features, 1280-d".
         featurizer: images -> the model's inputs.
         model: the fitted estimator.
@@ -231,10 +244,13 @@ class FittedModel:
         test_inputs: (n_test, D) float64 model inputs of the test split.
         selection: cross-validated accuracy per λ tried, when λ was chosen (else empty).
         solver: how the engine applies H⁻¹; refits (attacks, relabelling) build theirs from it.
+        familiarity: how far an image lies from the training data in this model's feature
+            space, against held-out test images (:mod:`core.ood`).
     """
 
     key: str
     label: str
+    short_label: str
     features_label: str
     featurizer: Featurizer
     model: LinearModel
@@ -242,6 +258,7 @@ class FittedModel:
     test_inputs: torch.Tensor
     selection: dict[str, float]
     solver: SolverConfig
+    familiarity: NeighbourDistance
 
     def inputs(self, images: np.ndarray, what: str = "the image") -> torch.Tensor:
         """The model's inputs for (m, H, W, C) uint8 images. Returns: (m, D) float64."""
@@ -250,14 +267,17 @@ class FittedModel:
         return torch.as_tensor(features, dtype=torch.float64)
 
 
-def _subsample(labels: np.ndarray, per_class: int | None, seed: int) -> np.ndarray:
-    """Rows to keep: at most ``per_class`` of each class, seeded per class so that a class keeps
-    the same images whichever other classes are chosen (its features are then reused)."""
+def _subsample(
+    labels: np.ndarray, per_class: int | None, seed: int, originals: tuple[int, ...]
+) -> np.ndarray:
+    """Rows to keep: at most ``per_class`` of each class, seeded by the class's index in the
+    full dataset (``originals[label]``), so that a class keeps the same images whichever other
+    classes are chosen (and its cached features are reused)."""
     if per_class is None:
         return np.arange(len(labels))
     keep = []
     for c in np.unique(labels):
-        rng = np.random.default_rng([seed, int(c)])
+        rng = np.random.default_rng([seed, int(originals[int(c)])])
         keep.append(np.sort(rng.permutation(np.flatnonzero(labels == c))[:per_class]))
     return np.sort(np.concatenate(keep))
 
@@ -302,17 +322,22 @@ class Explainer:
         if len(set(self.class_indices)) != len(self.class_indices):
             raise InfluenceExplorerError(f"classes lists a class twice: {classes!r}.")
         subset = dataset.select_classes(list(self.class_indices))
-        keep = _subsample(subset.train_labels, self.config.max_train_per_class, self.config.seed)
+        keep = _subsample(
+            subset.train_labels,
+            self.config.max_train_per_class,
+            self.config.seed,
+            self.class_indices,
+        )
         self.dataset = subset if len(keep) == subset.n_train else _take_train(subset, keep)
         self.class_names = self.dataset.class_names
         self.train_labels = self.dataset.train_labels
         self.test_labels = self.dataset.test_labels
         self.pixels = PixelFeaturizer()
         self.backbone = get_featurizer(self.config.backbone, **self._backbone_options())
-        #: (key, label) of every model :meth:`prepare` fits, in display order.
-        self.model_specs: tuple[tuple[str, str], ...] = (
-            ("svm", "RBF SVM on pixels"),
-            ("logreg", f"Logistic regression on {self.backbone.label} features"),
+        #: (key, label, short label) of every model :meth:`prepare` fits, in display order.
+        self.model_specs: tuple[tuple[str, str, str], ...] = (
+            ("svm", "RBF SVM on pixels", "SVM"),
+            ("logreg", f"Logistic regression on {self.backbone.label} features", "LR"),
         )
         self.models: dict[str, FittedModel] = {}
         self.warnings: tuple[str, ...] = ()
@@ -321,7 +346,7 @@ class Explainer:
     @property
     def model_keys(self) -> tuple[str, ...]:
         """Keys of the models in display order, known before :meth:`prepare`."""
-        return tuple(key for key, _ in self.model_specs)
+        return tuple(spec[0] for spec in self.model_specs)
 
     @property
     def prepared(self) -> bool:
@@ -356,28 +381,36 @@ class Explainer:
 
         svm = self._fit_svm(pixels_train)
         logreg, selection = self._fit_logreg(features_train)
-        labels = dict(self.model_specs)
+        names = {key: (label, short) for key, label, short in self.model_specs}
         specs = (
-            ("svm", labels["svm"], self.pixels, svm, pixels_test, {}),
-            ("logreg", labels["logreg"], self.backbone, logreg, features_test, selection),
+            ("svm", *names["svm"], self.pixels, svm, pixels_test, {}),
+            ("logreg", *names["logreg"], self.backbone, logreg, features_test, selection),
         )
         self._progress("Preparing influence engines", 0, len(specs))
         models: dict[str, FittedModel] = {}
-        for position, (key, label, featurizer, model, test_inputs, chosen) in enumerate(specs):
+        for position, (key, label, short, featurizer, model, test_inputs, chosen) in enumerate(
+            specs
+        ):
             engine = InfluenceEngine(model, self.config.solver)
             # Compute everything lazy now, so the shared explainer is never mutated later.
             for estimate in engine.estimates:
                 engine.self_influence(estimate)
+            test_inputs = torch.as_tensor(test_inputs, dtype=torch.float64)
+            familiarity = NeighbourDistance(
+                model.features_, model.transform(test_inputs), seed=self.config.seed
+            )
             models[key] = FittedModel(
                 key=key,
                 label=label,
+                short_label=short,
                 features_label=self._features_label(featurizer, model),
                 featurizer=featurizer,
                 model=model,
                 engine=engine,
-                test_inputs=torch.as_tensor(test_inputs, dtype=torch.float64),
+                test_inputs=test_inputs,
                 selection=chosen,
                 solver=self.config.solver,
+                familiarity=familiarity,
             )
             self._progress("Preparing influence engines", position + 1, len(specs))
         self._test_predictions = {
@@ -403,7 +436,11 @@ class Explainer:
         return {}
 
     def _backbone_features(self, split: str) -> np.ndarray:
-        """Backbone features of a split, cached per original class of the full dataset."""
+        """Backbone features of a split's images, cached per original class of the full dataset.
+
+        Only the images in use are featurised: with ``max_train_per_class`` a class's kept
+        images (the same whichever classes it is paired with), never the whole class.
+        """
         images = getattr(self.dataset, f"{split}_images")
         labels = getattr(self.dataset, f"{split}_labels")
         ids = getattr(self.dataset, f"{split}_ids")
@@ -413,20 +450,22 @@ class Explainer:
         out = np.empty((len(images), self.backbone.output_dim(images.shape[1:])), dtype=np.float64)
         position_of = {image_id: i for i, image_id in enumerate(source_ids)}
         for new_label, original in enumerate(self.class_indices):
-            chunk_rows = np.flatnonzero(source_labels == original)
+            mine = np.flatnonzero(labels == new_label)
+            rows = np.array([position_of[image_id] for image_id in ids[mine]], dtype=np.int64)
+            # Featurised in the full dataset's order: the whole class is then exactly the chunk
+            # earlier runs cached under this part name; a subsample gets its own part.
+            order = np.argsort(rows, kind="stable")
+            whole_class = len(rows) == int(np.sum(source_labels == original))
+            part = f"{split}/class{original}" + ("" if whole_class else f"/{len(rows)}")
             stage = f"{self.backbone.label} features: {split} '{self.class_names[new_label]}'"
-            features = cached_features(
+            out[mine[order]] = cached_features(
                 self.store,
                 self.backbone,
-                source_images[chunk_rows],
+                source_images[rows[order]],
                 dataset_hash=self.source.content_hash,
-                part=f"{split}/class{original}",
+                part=part,
                 progress=lambda done, total, stage=stage: self._progress(stage, done, total),
             )
-            row_of_chunk = {int(row): i for i, row in enumerate(chunk_rows)}
-            mine = np.flatnonzero(labels == new_label)
-            take = [row_of_chunk[position_of[image_id]] for image_id in ids[mine]]
-            out[mine] = features[take]
         # cached_features never returns non-finite values; this guards the assembly above.
         check_finite_features(out, self.backbone, f"{split} split")
         return out
@@ -664,9 +703,8 @@ class Explainer:
             scores = engine.influence_scores(inputs[key], [label], estimate=estimate)[0]
             _check_finite_scores(scores, fitted.label)
             probabilities = model.predict_proba(inputs[key])[0]
-            feature_distances = torch.linalg.norm(
-                model.features_ - model.transform(inputs[key]), dim=1
-            ).numpy()
+            query_features = model.transform(inputs[key])
+            feature_distances = torch.linalg.norm(model.features_ - query_features, dim=1).numpy()
             best = top_k(scores, k)
 
             predicted = int(np.argmax(probabilities))
@@ -685,6 +723,7 @@ class Explainer:
                 feature_distances=feature_distances,
                 helpful=self._influential(best.helpful, scores, pixel_distances, feature_distances),
                 harmful=self._influential(best.harmful, scores, pixel_distances, feature_distances),
+                familiarity=fitted.familiarity.check(query_features)[0],
             )
         return Explanation(
             image=query_image,

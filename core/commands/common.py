@@ -47,6 +47,16 @@ def add_dataset_options(parser: argparse.ArgumentParser) -> None:
         default=64,
         help="side length ImageFolder images are resized to (default 64; idx data keeps 28)",
     )
+    parser.add_argument(
+        "--data-root",
+        action="append",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="read dataset files only from inside DIR (repeatable), as the dashboard does with "
+        "$INFLUENCE_DATA_ROOTS: the dataset must lie in one, and symbolic links in it may lead "
+        "anywhere inside them (default: links must stay inside the dataset directory itself)",
+    )
 
 
 def add_cache_option(parser: argparse.ArgumentParser) -> None:
@@ -187,12 +197,11 @@ class StageBars:
 def build_explainer(args: argparse.Namespace) -> Any:
     """Dataset + config from the parsed options -> a ready :class:`core.explainer.Explainer`."""
     from core.commands.lists import model_keys
-    from core.data import open_dataset
     from core.explainer import Explainer, ExplainerConfig
     from core.influence import LiSSAWarning, SolverConfig
     from core.store import ArtifactStore
 
-    dataset = open_dataset(args.dataset, image_size=(args.image_size, args.image_size))
+    dataset = open_dataset_from_args(args)
     config = ExplainerConfig(
         classes=parse_classes(args.classes),
         backbone=args.backbone,
@@ -215,6 +224,30 @@ def build_explainer(args: argparse.Namespace) -> Any:
     for message in explainer.warnings:
         print(f"influence {args.command}: warning: {message}", file=sys.stderr)
     return explainer
+
+
+def open_dataset_from_args(args: argparse.Namespace) -> Any:
+    """The dataset of --dataset, --image-size and --data-root.
+
+    Raises:
+        DatasetError: as :func:`core.data.open_dataset`; for links leading out of the dataset,
+            the message also names the flag that allows them.
+    """
+    from core.data import open_dataset
+    from core.errors import OutsideRootsError
+
+    roots = getattr(args, "data_root", None)
+    try:
+        return open_dataset(
+            args.dataset, image_size=(args.image_size, args.image_size), roots=roots or None
+        )
+    except OutsideRootsError as error:
+        if roots:
+            raise
+        raise OutsideRootsError(
+            f"{error} If the links are yours, pass --data-root DIR with a directory that holds "
+            "both the dataset and what they point to."
+        ) from None
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:

@@ -73,7 +73,6 @@ from core.fragility.config import (
     MODELS,
     NETWORK_MODELS,
     STUDY_SOLVER,
-    TEST_POINT_LABELS,
     TEST_POINTS,
     Cell,
     FragilityConfig,
@@ -116,6 +115,7 @@ from core.fragility.running import (
 )
 from core.fragility.study import STUDY_NUMBERS, StudyComparison, StudyNumber, study_comparison
 from core.fragility.tracking import Progress
+from core.labels import TEST_POINT_LABELS
 from core.networks import Architecture
 
 __all__ = [

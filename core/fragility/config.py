@@ -13,10 +13,10 @@ import numpy as np
 
 from core.errors import InfluenceExplorerError
 from core.influence import SolverConfig, with_damping
+from core.labels import SOLVER_SHORT_LABELS
 from core.networks import FAMILIES, Architecture, SGDSchedule
 
 TEST_POINTS: tuple[str, ...] = ("high_loss", "median_loss")
-TEST_POINT_LABELS = {"high_loss": "high-loss test point", "median_loss": "median-loss test point"}
 FRAGILITY_SOLVERS: tuple[str, ...] = ("exact", "cg", "lissa")
 CONVEX_MODELS = {"logistic": "Logistic regression (pixels)", "svm": "RBF SVM (pixels)"}
 #: Setting.model values: a network family ("cnn", "lenet", "resnet") or a convex model.
@@ -26,7 +26,7 @@ MODELS: tuple[str, ...] = (*NETWORK_MODELS, *CONVEX_MODELS)
 
 def solver_label(solver: str, scope: str) -> str:
     """Display name of a solver on a parameter scope: "exact", "exact (last layer)", "CG", "LiSSA"."""
-    name = {"exact": "exact", "cg": "CG", "lissa": "LiSSA"}[solver]
+    name = SOLVER_SHORT_LABELS[solver]
     return f"{name} (last layer)" if scope == "last" else name
 
 

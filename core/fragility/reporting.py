@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 
 from core.errors import InfluenceExplorerError
-from core.fragility.config import FRAGILITY_SOLVERS, TEST_POINT_LABELS, TEST_POINTS, wd_text
+from core.fragility.config import FRAGILITY_SOLVERS, TEST_POINTS, wd_text
 from core.fragility.results import FragilityResults, PointResult, SettingResult
+from core.labels import TEST_POINT_DESCRIPTIONS, TEST_POINT_LABELS
 
 MODEL_ORDER = {"logistic": 0, "svm": 1, "cnn": 2, "lenet": 3, "resnet": 4}
 
@@ -107,10 +108,7 @@ class FragilityTable:
         return len(self.rows), len(self.columns)
 
     def column_labels(self) -> tuple[str, ...]:
-        return tuple(
-            f"{TEST_POINT_LABELS[kind].replace(' test point', '')}, {wd_text(wd)}"
-            for kind, wd in self.columns
-        )
+        return tuple(f"{TEST_POINT_LABELS[kind]}, {wd_text(wd)}" for kind, wd in self.columns)
 
     def to_records(self) -> list[dict[str, Any]]:
         """One dict per row with a "Pearson / Spearman" string per column (for a data frame)."""
@@ -143,13 +141,13 @@ class FragilityTable:
         cell_width = max(
             13,
             *(len(wd_text(wd)) + 2 for _, wd in self.columns),
-            *(-(-(len(TEST_POINT_LABELS[k]) + 2) // per_kind) for k in kinds),
+            *(-(-(len(TEST_POINT_DESCRIPTIONS[k]) + 2) // per_kind) for k in kinds),
         )
         header1 = " " * label_width
         header2 = "model".ljust(label_width)
         for kind in kinds:
             span = sum(1 for k, _ in self.columns if k == kind) * cell_width
-            header1 += TEST_POINT_LABELS[kind].center(span)
+            header1 += TEST_POINT_DESCRIPTIONS[kind].center(span)
         for _, wd in self.columns:
             header2 += wd_text(wd).center(cell_width)
         lines = [header1.rstrip(), header2.rstrip(), "-" * len(header2)]
@@ -349,7 +347,8 @@ class CorrelationSeries:
     def name(self) -> str:
         other = "width" if self.vary == "depth" else "depth"
         return (
-            f"{self.solver}, {TEST_POINT_LABELS[self.test_point]}, {wd_text(self.weight_decay)} "
+            f"{self.solver}, {TEST_POINT_DESCRIPTIONS[self.test_point]}, "
+            f"{wd_text(self.weight_decay)} "
             f"({other} {self.fixed})"
         )
 

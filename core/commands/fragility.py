@@ -335,6 +335,11 @@ def run_command(args: argparse.Namespace) -> int:
     progress_file = progress_path(args.output)
     if args.partial:
         results = results_from_progress(progress_file, build_config(args))
+        # The results hold the grid this command describes, gathered from runs that may each
+        # have covered part of it: it is this command that says what they are.
+        results = dataclasses.replace(
+            results, command=_command_line(args) + " --partial", torch_threads=args.threads
+        )
         path = save_results(results, args.output)
         _emit(results, path, args)
         return 0

@@ -113,7 +113,13 @@ from core.fragility.running import (
     run_fragility,
     run_setting,
 )
-from core.fragility.study import STUDY_NUMBERS, StudyComparison, StudyNumber, study_comparison
+from core.fragility.study import (
+    MATCH_TOLERANCE,
+    STUDY_NUMBERS,
+    StudyComparison,
+    StudyNumber,
+    study_comparison,
+)
 from core.fragility.tracking import Progress
 from core.labels import TEST_POINT_LABELS
 from core.networks import Architecture
@@ -123,6 +129,7 @@ __all__ = [
     "DEFAULT_ARCHITECTURES",
     "FORMAT_VERSION",
     "FRAGILITY_SOLVERS",
+    "MATCH_TOLERANCE",
     "MODELS",
     "NETWORK_MODELS",
     "STUDY_NUMBERS",

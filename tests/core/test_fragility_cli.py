@@ -97,6 +97,9 @@ def test_cli_continues_a_stopped_run_and_writes_a_partial_one(tmp_path, capsys, 
     assert not partial["complete"] and partial["missing"] == [
         "CNN d1 w2 | no weight decay | repeat 0"
     ]
+    # It names itself, not the run that wrote the progress file, as the command behind it.
+    command_line = partial["results"]["command"]
+    assert command_line.startswith("influence fragility --quick") and "--partial" in command_line
     # Another grid with the same output is refused with a message, and nothing is lost.
     monkeypatch.setattr(command, "run_fragility", real)
     bigger = [*options]

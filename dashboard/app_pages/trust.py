@@ -48,7 +48,7 @@ if results.missing:
 st.caption(
     "Full protocol, curvature and timings: docs/fragility.md in the repository. "
     f"The results below are the committed run (`{results.command or 'influence fragility'}`, "
-    f"{results.seconds / 3600:.1f} CPU-hours with one torch thread on a busy machine; "
+    f"{results.seconds / 3600:.1f} hours of wall time with one torch thread on a busy machine; "
     f"{results.n_train} training and "
     f"{results.n_test} test images of {' vs '.join(results.class_names)})."
 )
@@ -194,7 +194,7 @@ else:
     )
 
 # ---------------------------------------------------------------- exact vs LiSSA
-st.header("Exact vs LiSSA")
+st.header("LiSSA against the exact solution")
 comparisons = trust.fragility_solver_comparison(results)
 if not comparisons:
     st.info("These results have no network where both LiSSA and an exact solution ran.")
@@ -203,9 +203,12 @@ else:
     st.markdown(
         "LiSSA estimates the inverse Hessian stochastically, the way influence is computed for "
         "networks too large for an exact Hessian. Against retraining, its Pearson is "
-        f"**lower than the exact solution's in {counts['lower']} of {len(comparisons)}** "
+        f"**lower than the exact solution's (CG's for networks too large for the dense Hessian) "
+        f"in {counts['lower']} of {len(comparisons)}** "
         f"network × test image cases, equal in {counts['equal']} and higher in "
-        f"{counts['higher']} (to three decimals). Points below the diagonal: LiSSA is worse."
+        f"{counts['higher']} (to three decimals). Points below the diagonal: LiSSA is worse. "
+        "Where LiSSA does better, its truncated series has not converged in the flattest "
+        "directions (its note says how much error it keeps), which acts like extra damping."
     )
     st.plotly_chart(solver_comparison_figure(comparisons), key="trust_lissa", config=PLOTLY_CONFIG)
     st.caption("Filled markers: weight decay 0.001; open: no weight decay.")

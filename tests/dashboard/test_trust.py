@@ -104,7 +104,7 @@ def test_the_study_s_numbers_the_noise_floor_and_the_table_are_shown(make_app: F
         for vary in ("depth", "width")
     ]
     assert len(at.get("plotly_chart")) == 1 + any(series)
-    assert "lower than the exact solution's in" in text
+    assert "lower than the exact solution's (CG's for networks too large" in text
     # Another view of the chart keeps working.
     at.segmented_control(key="trust_chart_point").set_value("median_loss")
     at.segmented_control(key="trust_chart_metric").set_value("pearson").run()

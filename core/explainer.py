@@ -26,6 +26,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from core.budget import ModelShape, WorkEstimate, preparation_estimate
 from core.data import Dataset
 from core.errors import InfluenceExplorerError, NotFittedError, SolverDivergedError
 from core.features import (
@@ -351,6 +352,40 @@ class Explainer:
     @property
     def prepared(self) -> bool:
         return bool(self.models)
+
+    def model_shapes(self) -> tuple[ModelShape, ...]:
+        """Every model's sizes (n, d, outputs), as fitted or, before :meth:`prepare`, as they
+        will be: what :mod:`core.budget` estimates memory from."""
+        if self.prepared:
+            return tuple(
+                ModelShape(
+                    fitted.label,
+                    int(fitted.model.features_.shape[0]),
+                    int(fitted.model.features_.shape[1]),
+                    int(fitted.model.n_outputs_),
+                    ""
+                    if isinstance(fitted.featurizer, PixelFeaturizer)
+                    else fitted.featurizer.name,
+                )
+                for fitted in self.models.values()
+            )
+        labels = {key: label for key, label, _ in self.model_specs}
+        outputs = 1 if len(self.class_names) == 2 else len(self.class_names)
+        feature_dim = self.backbone.output_dim(self.dataset.image_shape)
+        return (
+            ModelShape(labels["svm"], self.n_train, self.n_train, 1),
+            ModelShape(labels["logreg"], self.n_train, feature_dim, outputs, self.backbone.name),
+        )
+
+    def preparation_estimate(self) -> WorkEstimate:
+        """Memory :meth:`prepare` needs at its peak, an upper bound (see :mod:`core.budget`)."""
+        return preparation_estimate(
+            n_train=self.n_train,
+            n_test=self.n_test,
+            pixel_dim=int(np.prod(self.dataset.image_shape)),
+            models=self.model_shapes(),
+            backbone=self.backbone.name,
+        )
 
     def prepare(self, progress: StageProgress | None = None) -> Explainer:
         """Compute features, fit every model and build its influence engine (once).

@@ -18,6 +18,7 @@ if _REPO not in sys.path:
 import streamlit as st  # noqa: E402
 
 from dashboard import navigation, sidebar  # noqa: E402
+from dashboard.services.housekeeping import keep_house  # noqa: E402
 from dashboard.services.widgets import keep_widget_values  # noqa: E402
 
 st.set_page_config(
@@ -26,6 +27,8 @@ st.set_page_config(
     layout="wide",
     initial_sidebar_state="expanded",
 )
+# Bounds uploaded files and shuts down ended sessions (a thread started on the first run).
+keep_house()
 keep_widget_values()
 page = navigation.build_navigation()
 sidebar.render()

@@ -57,6 +57,9 @@ PREFERRED_PAIRS: tuple[tuple[str, str], ...] = (("T-shirt/top", "Shirt"),)
 #: Bump when anything that changes a fitted model's parameters changes.
 FIT_VERSION = "1"
 
+#: Below this many training images in a class, prepare() warns that scores mean little there.
+MIN_TRAIN_PER_CLASS = 5
+
 
 def default_classes(dataset: Dataset) -> tuple[int, int]:
     """The default class pair of a dataset (indices into ``dataset.class_names``)."""
@@ -453,12 +456,26 @@ class Explainer:
         }
         # Why scores may be inaccurate although nothing failed (e.g. LiSSA too short to have
         # converged), each naming its model and what to change; empty when all is well.
-        self.warnings = tuple(
+        self.warnings = self._small_class_warnings() + tuple(
             f"{fitted.label}: {message}"
             for fitted in models.values()
             for message in fitted.engine.solver.convergence_warnings
         )
         self.models = models
+
+    def _small_class_warnings(self) -> tuple[str, ...]:
+        """A class with fewer than :data:`MIN_TRAIN_PER_CLASS` training images: removing one of
+        them changes the model far more than the quadratic approximation behind the scores
+        assumes, so the scores and their verification (whose slopes then run into the hundreds
+        while correlations of a handful of points look perfect) mean little."""
+        counts = np.bincount(np.asarray(self.train_labels), minlength=len(self.class_names))
+        return tuple(
+            f"Class {name!r} has only {int(count)} training image{'s' if count != 1 else ''}: "
+            f"influence scores and their verification mean little below {MIN_TRAIN_PER_CLASS} "
+            "per class. Add images to the class, or choose classes with more."
+            for name, count in zip(self.class_names, counts, strict=True)
+            if count < MIN_TRAIN_PER_CLASS
+        )
 
     def _require_prepared(self) -> None:
         if not self.prepared:
@@ -822,6 +839,15 @@ class Explainer:
         image = self.dataset.train_images[int(train_index)][None]
         return fitted.featurizer.pixel_gradient(image, input_gradient)[0]
 
+    def _check_verify_k(self, k: int) -> None:
+        # Said rather than clamped: a k of a billion would otherwise silently become n retrains.
+        if not 3 <= int(k) <= self.n_train:
+            raise InfluenceExplorerError(
+                f"k = {int(k):,} training images to retrain without is out of range: choose k "
+                f"from 3 (to compute correlations) to {self.n_train:,} (the training images "
+                "in use); each one is a retraining of every model."
+            )
+
     def verify(
         self,
         *,
@@ -832,7 +858,12 @@ class Explainer:
         select_by: Estimate = "corrected",
         progress: StageProgress | None = None,
     ) -> dict[str, Verification]:
-        """Leave-one-out retraining for the top k training images (by |score|) of every model."""
+        """Leave-one-out retraining for the top k training images (by |score|) of every model.
+
+        Raises:
+            InfluenceExplorerError: k is below 3 or above the number of training images.
+        """
+        self._check_verify_k(k)
         _, true_label, inputs = self._query(test_index, image)
         out = {}
         report = progress or (lambda stage, done, total: None)
@@ -858,6 +889,7 @@ class Explainer:
         progress: StageProgress | None = None,
     ) -> dict[str, list[Verification]]:
         """Leave-one-out checks for several test images at once (true labels), every model."""
+        self._check_verify_k(k)
         indices = [int(i) for i in test_indices]
         for index in indices:
             self._query(index, None)

@@ -63,6 +63,10 @@ class LiSSAWarning(UserWarning):
     """LiSSA's recursion is too short to have converged for the given scale."""
 
 
+class DampingWarning(UserWarning):
+    """The damping is so large that it, not the model's curvature, sets the scores."""
+
+
 @dataclass(frozen=True)
 class SolverConfig:
     """How to apply (H + δI)⁻¹, for the convex models and networks alike. Frozen, so it can key
@@ -210,6 +214,26 @@ class InverseHVPSolver(ABC):
     def inverse_hvp(self, vectors: torch.Tensor) -> torch.Tensor:
         """(H + damping·I)⁻¹ v for each column. Args: (p,) or (p, k). Returns: same shape."""
 
+    def _check_damping(self, trace: float, n_params: int) -> None:
+        """Warn when the damping swamps the curvature it is added to.
+
+        For a positive semi-definite H the trace bounds the largest eigenvalue, so a damping
+        above it is larger than every eigenvalue: (H + δI)⁻¹ is then about I/δ, and the scores
+        shrink with δ (1e300 gives scores near 1e-304) and describe the damping, not the model.
+        """
+        if self.damping <= 0 or not math.isfinite(trace) or trace <= 0:
+            return
+        if self.damping > trace:
+            message = (
+                f"damping {self.damping:.3g} is larger than the Hessian's trace ({trace:.3g}), "
+                "which bounds its largest eigenvalue: every score is then shrunk by about the "
+                "damping and says more about it than about the model. Damping that makes sense "
+                f"is 0 to about the mean eigenvalue ({trace / max(n_params, 1):.3g}), and more "
+                "only to make an indefinite Hessian positive definite."
+            )
+            self._convergence_warnings.append(message)
+            warnings.warn(message, DampingWarning, stacklevel=3)
+
     def _damped_hvp(
         self, vectors: torch.Tensor, indices: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -232,6 +256,7 @@ class ExactSolver(InverseHVPSolver):
     ) -> None:
         super().__init__(model, damping)
         hessian = model.hessian() if hessian is None else hessian
+        self._check_damping(float(hessian.diagonal().sum()), int(hessian.shape[0]))
         hessian.diagonal().add_(self.damping)
         chol, info = torch.linalg.cholesky_ex(hessian)
         if int(info) != 0 or not torch.isfinite(chol).all():

@@ -377,6 +377,9 @@ async def run_session(
         deadline = time.monotonic() + ACTION_TIMEOUT_MS / 1000
         while await chart.count() != 1:
             if await queued.count():
+                # Waiting in the queue is the server working as meant: the time allowed for
+                # the verification itself starts when the session is no longer queued.
+                deadline = time.monotonic() + ACTION_TIMEOUT_MS / 1000
                 with contextlib.suppress(Exception):  # the notice may go while it is read
                     seen = re.search(r"(\d+) requests? ahead", await queued.first.inner_text())
                     if seen is not None:

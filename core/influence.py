@@ -67,6 +67,10 @@ class DampingWarning(UserWarning):
     """The damping is so large that it, not the model's curvature, sets the scores."""
 
 
+#: Damping above this multiple of the Hessian's trace is reported (``DampingWarning``).
+DAMPING_SWAMPS = 1e6
+
+
 @dataclass(frozen=True)
 class SolverConfig:
     """How to apply (H + δI)⁻¹, for the convex models and networks alike. Frozen, so it can key
@@ -217,19 +221,21 @@ class InverseHVPSolver(ABC):
     def _check_damping(self, trace: float, n_params: int) -> None:
         """Warn when the damping swamps the curvature it is added to.
 
-        For a positive semi-definite H the trace bounds the largest eigenvalue, so a damping
-        above it is larger than every eigenvalue: (H + δI)⁻¹ is then about I/δ, and the scores
-        shrink with δ (1e300 gives scores near 1e-304) and describe the damping, not the model.
+        For a positive semi-definite H the trace bounds the largest eigenvalue. A damping of a
+        million times the trace makes (H + δI)⁻¹ equal to I/δ to six digits: the scores shrink
+        with δ (1e300 gives scores near 1e-304) and describe the damping, not the model. Damping
+        a few hundred times a nearly zero Hessian is how a singular one is fixed, so that is not
+        warned about.
         """
         if self.damping <= 0 or not math.isfinite(trace) or trace <= 0:
             return
-        if self.damping > trace:
+        if self.damping > DAMPING_SWAMPS * trace:
             message = (
-                f"damping {self.damping:.3g} is larger than the Hessian's trace ({trace:.3g}), "
-                "which bounds its largest eigenvalue: every score is then shrunk by about the "
-                "damping and says more about it than about the model. Damping that makes sense "
-                f"is 0 to about the mean eigenvalue ({trace / max(n_params, 1):.3g}), and more "
-                "only to make an indefinite Hessian positive definite."
+                f"damping {self.damping:.3g} is more than {DAMPING_SWAMPS:.0e} times the "
+                f"Hessian's trace ({trace:.3g}), which bounds its largest eigenvalue: every "
+                "score is then shrunk by about the damping and says more about it than about "
+                f"the model. Damping that makes sense is 0 to about the trace ({trace:.3g}); "
+                "more only makes the scores smaller."
             )
             self._convergence_warnings.append(message)
             warnings.warn(message, DampingWarning, stacklevel=3)

@@ -53,6 +53,10 @@ class NonFiniteFeaturesError(InfluenceExplorerError):
     """A featurizer produced NaN or infinite values, so no model can use them."""
 
 
+class PreparationCancelled(InfluenceExplorerError):
+    """Preparing an explainer was stopped on request (its ``cancel`` callback returned True)."""
+
+
 class UnreadableFileError(InfluenceExplorerError):
     """A file on disk was refused before decoding: missing, not a regular file (a FIFO, device or
     socket), outside the allowed directories, or larger than the limit."""

@@ -305,8 +305,6 @@ def test_work_beyond_the_memory_budget_is_refused_with_a_message_within_seconds(
             assert part in text, (part, text)
         assert "INFLUENCE_MEMORY_BUDGET" in text
         no_exception(page)
-        # Nothing was started: no progress bar of a preparation.
-        assert page.get_by_test_id("stProgress").count() == 0
         screenshot(page, "budget-refusal")
         page.close()
     report(f"memory budget refusal shown {seconds:.1f} s after opening the app")

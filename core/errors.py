@@ -64,3 +64,23 @@ class UnreadableFileError(InfluenceExplorerError):
 
 class OutsideRootsError(DatasetError):
     """A dataset path, or a symbolic link inside a dataset, leads outside the allowed directories."""
+
+
+class MemoryBudgetError(InfluenceExplorerError):
+    """Work was refused before it started because it would not fit in the process's memory
+    budget (``core.budget``).
+
+    Attributes:
+        needed: the work's estimated need in bytes, when known.
+        free: the bytes the budget had free then, when known.
+    """
+
+    def __init__(self, message: str, *, needed: int | None = None, free: int | None = None) -> None:
+        super().__init__(message)
+        self.needed = needed
+        self.free = free
+
+
+class ServerBusyError(InfluenceExplorerError):
+    """The server already runs as much background work of this kind as it allows; the message
+    says what is running and when to try again."""

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from core.budget import ModelShape, WorkEstimate, preparation_estimate
 from core.data import Dataset
 from core.errors import (
     InfluenceExplorerError,
@@ -84,6 +85,9 @@ DEFAULT_SVM_TEMPERATURE = 0.1
 
 #: ``ExplainerConfig.classes`` value for every class of the dataset.
 ALL_CLASSES: tuple[str] = ("all",)
+
+#: Below this many training images in a class, prepare() warns that scores mean little there.
+MIN_TRAIN_PER_CLASS = 5
 
 
 def default_classes(dataset: Dataset) -> tuple[int, int]:
@@ -561,6 +565,40 @@ class Explainer:
     def prepared(self) -> bool:
         return bool(self.models)
 
+    def model_shapes(self) -> tuple[ModelShape, ...]:
+        """Every model's sizes (n, d, outputs), as fitted or, before :meth:`prepare`, as they
+        will be: what :mod:`core.budget` estimates memory from."""
+        if self.prepared:
+            return tuple(
+                ModelShape(
+                    fitted.label,
+                    int(fitted.model.features_.shape[0]),
+                    int(fitted.model.features_.shape[1]),
+                    int(fitted.model.n_outputs_),
+                    ""
+                    if isinstance(fitted.featurizer, PixelFeaturizer)
+                    else fitted.featurizer.name,
+                )
+                for fitted in self.models.values()
+            )
+        labels = {key: label for key, label, _ in self.model_specs}
+        outputs = 1 if len(self.class_names) == 2 else len(self.class_names)
+        feature_dim = self.backbone.output_dim(self.dataset.image_shape)
+        return (
+            ModelShape(labels["svm"], self.n_train, self.n_train, outputs),
+            ModelShape(labels["logreg"], self.n_train, feature_dim, outputs, self.backbone.name),
+        )
+
+    def preparation_estimate(self) -> WorkEstimate:
+        """Memory :meth:`prepare` needs at its peak, an upper bound (see :mod:`core.budget`)."""
+        return preparation_estimate(
+            n_train=self.n_train,
+            n_test=self.n_test,
+            pixel_dim=int(np.prod(self.dataset.image_shape)),
+            models=self.model_shapes(),
+            backbone=self.backbone.name,
+        )
+
     def prepare(
         self,
         progress: StageProgress | None = None,
@@ -649,12 +687,26 @@ class Explainer:
         }
         # Why scores may be inaccurate although nothing failed (e.g. LiSSA too short to have
         # converged), each naming its model and what to change; empty when all is well.
-        self.warnings = tuple(
+        self.warnings = self._small_class_warnings() + tuple(
             f"{fitted.label}: {message}"
             for fitted in models.values()
             for message in fitted.engine.solver.convergence_warnings
         )
         self.models = models
+
+    def _small_class_warnings(self) -> tuple[str, ...]:
+        """A class with fewer than :data:`MIN_TRAIN_PER_CLASS` training images: removing one of
+        them changes the model far more than the quadratic approximation behind the scores
+        assumes, so the scores and their verification (whose slopes then run into the hundreds
+        while correlations of a handful of points look perfect) mean little."""
+        counts = np.bincount(np.asarray(self.train_labels), minlength=len(self.class_names))
+        return tuple(
+            f"Class {name!r} has only {int(count)} training image{'s' if count != 1 else ''}: "
+            f"influence scores and their verification mean little below {MIN_TRAIN_PER_CLASS} "
+            "per class. Add images to the class, or choose classes with more."
+            for name, count in zip(self.class_names, counts, strict=True)
+            if count < MIN_TRAIN_PER_CLASS
+        )
 
     def _require_prepared(self) -> None:
         if not self.prepared:
@@ -1027,6 +1079,15 @@ class Explainer:
         image = self.dataset.train_images[int(train_index)][None]
         return fitted.featurizer.pixel_gradient(image, input_gradient)[0]
 
+    def _check_verify_k(self, k: int) -> None:
+        # Said rather than clamped: a k of a billion would otherwise silently become n retrains.
+        if not 3 <= int(k) <= self.n_train:
+            raise InfluenceExplorerError(
+                f"k = {int(k):,} training images to retrain without is out of range: choose k "
+                f"from 3 (to compute correlations) to {self.n_train:,} (the training images "
+                "in use); each one is a retraining of every model."
+            )
+
     def verify(
         self,
         *,
@@ -1037,7 +1098,12 @@ class Explainer:
         select_by: Estimate | None = None,
         progress: StageProgress | None = None,
     ) -> dict[str, Verification]:
-        """Leave-one-out retraining for the top k training images (by |score|) of every model."""
+        """Leave-one-out retraining for the top k training images (by |score|) of every model.
+
+        Raises:
+            InfluenceExplorerError: k is below 3 or above the number of training images.
+        """
+        self._check_verify_k(k)
         _, true_label, inputs = self._query(test_index, image)
         out = {}
         report = progress or (lambda stage, done, total: None)
@@ -1063,6 +1129,7 @@ class Explainer:
         progress: StageProgress | None = None,
     ) -> dict[str, list[Verification]]:
         """Leave-one-out checks for several test images at once (true labels), every model."""
+        self._check_verify_k(k)
         indices = [int(i) for i in test_indices]
         for index in indices:
             self._query(index, None)

@@ -39,6 +39,7 @@ from core.fragility import (
 )
 from core.labels import TEST_POINT_DESCRIPTIONS, TEST_POINT_LABELS
 from core.trust import ReferenceCell, TrustReference, trust_reference
+from dashboard.services.capacity import network_run
 from dashboard.services.runs import SessionRuns, StageProgress
 from dashboard.services.settings import DEMO_SPEC, Settings
 
@@ -268,7 +269,9 @@ def _live_setting(run: TrustRun) -> SettingResult:
         progress.clear()
 
 
-_TRUST_RUNS: SessionRuns[TrustRun, SettingResult] = SessionRuns("state_trust_runs", _live_setting)
+_TRUST_RUNS: SessionRuns[TrustRun, SettingResult] = SessionRuns(
+    "state_trust_runs", _live_setting, estimate=network_run
+)
 
 
 def trust_run(setting: Setting, config: FragilityConfig) -> SettingResult | None:

@@ -646,27 +646,35 @@ class KernelSVM(LinearModel):
         self._fit_platt()
 
     def _fit_platt(self) -> None:
-        s = self.scores(self.features_)[:, 0]
-        y = self.labels_.to(DTYPE)
-        n_pos, n_neg = float(y.sum()), float((1 - y).sum())
-        # Platt's regularised targets keep the fit finite when the training set is separable.
-        target = torch.where(y > 0, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
-        # One slope, no offset: probability 0.5 stays exactly on the decision boundary, so the
-        # most probable class is always the predicted one.
-        a = 1.0
-        for _ in range(100):
-            p = torch.sigmoid(a * s)
-            gradient = float(((p - target) * s).sum())
-            curvature = float((p * (1 - p) * s * s).sum()) + 1e-9
-            step = gradient / curvature
-            a = max(a - step, 1e-3)
-            if abs(step) < 1e-10:
-                break
-        self.platt_ = a
+        self.platt_ = platt_slope(self.scores(self.features_)[:, 0], self.labels_)
 
     def _probabilities(self, scores: torch.Tensor) -> torch.Tensor:
         p1 = torch.sigmoid(self.platt_ * scores[:, 0])
         return torch.stack([1 - p1, p1], dim=1)
+
+
+def platt_slope(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Platt scaling's slope a of σ(a·s) on training scores s (n,) and 0/1 labels (n,).
+
+    One slope, no offset: probability 0.5 stays exactly on the decision boundary, so the most
+    probable class is always the predicted one. (A function so the sharded SVM of
+    :mod:`core.backend` fits the same slope from its gathered training scores.)
+    """
+    s = scores
+    y = labels.to(DTYPE)
+    n_pos, n_neg = float(y.sum()), float((1 - y).sum())
+    # Platt's regularised targets keep the fit finite when the training set is separable.
+    target = torch.where(y > 0, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
+    a = 1.0
+    for _ in range(100):
+        p = torch.sigmoid(a * s)
+        gradient = float(((p - target) * s).sum())
+        curvature = float((p * (1 - p) * s * s).sum()) + 1e-9
+        step = gradient / curvature
+        a = max(a - step, 1e-3)
+        if abs(step) < 1e-10:
+            break
+    return a
 
 
 def _jittered_cholesky(kernel: torch.Tensor) -> tuple[torch.Tensor, float]:

@@ -1,0 +1,355 @@
+"""Per-shard numerical kernels: what a worker computes on the training rows it holds.
+
+Each function here takes one :class:`~core.backend.shards.Shard` (and the shard's per-example
+quantities computed earlier) and returns a partial result that the driver sums over shards, or a
+per-row result that stays on the worker. They apply the same formulas as the in-process models
+(:mod:`core.models`) and engine (:mod:`core.influence`), row block by row block, in float64 on
+float64 copies of the (float32) features, so a sum over shards equals the in-process value up to
+the order of floating-point additions. The per-example loss derivatives come from
+:mod:`core.losses`, as in-process.
+
+Parameters are laid out θ[k·C + c] = W[k, c] as everywhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from core.backend.shards import Shard, make_shard
+from core.linalg import DTYPE
+from core.losses import Loss, LossDerivatives
+
+#: Rows converted to float64 and processed at once (bounds a kernel's temporary memory).
+CHUNK_ROWS = 4096
+#: Bound on the float64 entries of a curvature kernel's right-hand-side block.
+CURVATURE_BLOCK = 1 << 24
+
+
+def _blocks(n: int, size: int = CHUNK_ROWS) -> Iterator[tuple[int, int]]:
+    for start in range(0, n, size):
+        yield start, min(start + size, n)
+
+
+def _rows(shard: Shard, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of the shard's features as a float64 tensor (a copy)."""
+    return torch.from_numpy(shard.features[start:stop]).to(DTYPE)
+
+
+def _weights(weights: np.ndarray | None, start: int, stop: int) -> torch.Tensor | None:
+    return None if weights is None else torch.from_numpy(weights[start:stop])
+
+
+@dataclass
+class ShardTerms:
+    """A shard's loss derivatives at some θ, kept on the worker that computed them, with the
+    partial sums of the objective and its gradient.
+
+    Attributes:
+        derivs: per-example loss, d1 (n_s, C), d2 and factor (n_s, C, r) (unweighted).
+        value: Σ_i w_i ℓ_i over the shard.
+        gradient: (p,) Σ_i w_i φ_i ⊗ d1_i over the shard.
+    """
+
+    derivs: LossDerivatives
+    value: float
+    gradient: torch.Tensor
+
+
+def objective_terms(
+    shard: Shard, weights: np.ndarray | None, theta: np.ndarray, loss: Loss, n_outputs: int
+) -> ShardTerms:
+    """Loss derivatives of the shard's rows at θ and their contribution to R(θ) and ∇R(θ)
+    (before the 1/n and the λ terms, which the driver adds)."""
+    d = shard.features.shape[1]
+    W = torch.from_numpy(np.asarray(theta, dtype=np.float64)).reshape(d, n_outputs)
+    labels = torch.from_numpy(shard.labels)
+    parts = []
+    gradient = torch.zeros(d, n_outputs, dtype=DTYPE)
+    value = 0.0
+    for start, stop in _blocks(shard.size):
+        X = _rows(shard, start, stop)
+        derivs = loss.derivatives(X @ W, labels[start:stop])
+        parts.append(derivs)
+        w = _weights(weights, start, stop)
+        if w is None:
+            value += float(derivs.loss.sum())
+            gradient += X.T @ derivs.d1
+        else:
+            value += float(w @ derivs.loss)
+            gradient += X.T @ (w[:, None] * derivs.d1)
+    derivs = LossDerivatives(*(torch.cat(field) for field in zip(*parts, strict=True)))
+    return ShardTerms(derivs, value, gradient.reshape(-1))
+
+
+def terms_partial(terms: ShardTerms) -> tuple[float, torch.Tensor]:
+    """What a Newton step sums over shards: (Σ w ℓ, Σ w ∇ℓ)."""
+    return terms.value, terms.gradient
+
+
+def hessian_part(
+    shard: Shard,
+    terms: ShardTerms,
+    weights: np.ndarray | None,
+    n_total: int,
+    n_outputs: int,
+) -> torch.Tensor:
+    """Σ_i (w_i/n) ∇²ℓ_i over the shard, (p, p), as :meth:`core.models.LinearModel.hessian`
+    forms it (blocks per pair of outputs); the driver adds λI."""
+    d, c = shard.features.shape[1], n_outputs
+    d2 = terms.derivs.d2
+    out = torch.zeros(d, c, d, c, dtype=DTYPE)
+    for start, stop in _blocks(shard.size):
+        X = _rows(shard, start, stop)
+        w = _weights(weights, start, stop)
+        scaled = (torch.ones(stop - start, dtype=DTYPE) if w is None else w) / n_total
+        for a in range(c):
+            for b in range(a, c):
+                block = X.T @ (X * (scaled * d2[start:stop, a, b])[:, None])
+                out[:, a, :, b] += block
+                if b != a:
+                    out[:, b, :, a] += block
+    return out.reshape(d * c, d * c)
+
+
+def hvp_part(
+    shard: Shard,
+    terms: ShardTerms,
+    weights: np.ndarray | None,
+    denominator: int,
+    n_outputs: int,
+    vectors: np.ndarray,
+    local: np.ndarray | None = None,
+) -> torch.Tensor:
+    """Σ_i (w_i/denominator) ∇²ℓ_i V over the shard's rows (or only the ``local`` ones, for a
+    minibatch), (p, k); the driver adds λV."""
+    d, c = shard.features.shape[1], n_outputs
+    V = torch.from_numpy(np.asarray(vectors, dtype=np.float64))
+    k = V.shape[1]
+    V3 = V.reshape(d, c, k)
+    out = torch.zeros(d, c, k, dtype=DTYPE)
+    if local is not None:
+        X = torch.from_numpy(shard.features[local]).to(DTYPE)
+        idx = torch.from_numpy(np.asarray(local, dtype=np.int64))
+        d2 = terms.derivs.d2[idx]
+        w = None if weights is None else torch.from_numpy(weights[local])
+        segments = [(X, d2, w)]
+    else:
+        segments = (
+            (_rows(shard, a, b), terms.derivs.d2[a:b], _weights(weights, a, b))
+            for a, b in _blocks(shard.size)
+        )
+    for X, d2, w in segments:
+        scale = (torch.ones(X.shape[0], dtype=DTYPE) if w is None else w) / denominator
+        s = torch.einsum("nd,dck->nck", X, V3)
+        t = torch.einsum("nce,nek->nck", d2, s) * scale[:, None, None]
+        out += torch.einsum("nd,nck->dck", X, t)
+    return out.reshape(d * c, k)
+
+
+def gradient_products(shard: Shard, terms: ShardTerms, vectors: np.ndarray) -> np.ndarray:
+    """∇ℓ_jᵀ v for the shard's rows j and (p, k) vectors. Returns: (k, n_s)."""
+    d, c = shard.features.shape[1], terms.derivs.d1.shape[1]
+    V3 = torch.from_numpy(np.asarray(vectors, dtype=np.float64)).reshape(d, c, -1)
+    out = np.empty((V3.shape[2], shard.size))
+    for start, stop in _blocks(shard.size):
+        projected = torch.einsum("jd,dck->kjc", _rows(shard, start, stop), V3)
+        out[:, start:stop] = (projected * terms.derivs.d1[None, start:stop]).sum(-1).numpy()
+    return out
+
+
+@dataclass
+class ShardCurvature:
+    """What the Newton-corrected estimate needs per training point, kept on the worker.
+
+    Attributes:
+        quadratic: (n_s, C, C) Q_j = (φ_j ⊗ I_C)ᵀ (H + δI)⁻¹ (φ_j ⊗ I_C).
+        corrected: (n_s, C) e_j, with the corrected score (1/n) s_testᵀ (φ_j ⊗ e_j).
+    """
+
+    quadratic: torch.Tensor
+    corrected: torch.Tensor
+
+
+def curvature(
+    shard: Shard, terms: ShardTerms, cholesky: torch.Tensor, n_total: int
+) -> ShardCurvature:
+    """Q_j and the Woodbury-corrected residuals e_j of the shard's rows, from the lower
+    Cholesky factor L of H + δI: Q_j = (L⁻¹(φ_j ⊗ I))ᵀ(L⁻¹(φ_j ⊗ I)), and (as
+    :meth:`core.influence.InfluenceEngine._residuals`)
+    e_j = d1_j + B_j (nI - B_jᵀQ_jB_j)⁻¹ B_jᵀ Q_j d1_j."""
+    d = shard.features.shape[1]
+    d1, factor = terms.derivs.d1, terms.derivs.factor
+    c = d1.shape[1]
+    p = d * c
+    rows = max(1, min(CHUNK_ROWS, CURVATURE_BLOCK // max(1, p * c)))
+    q = torch.empty(shard.size, c, c, dtype=DTYPE)
+    eye = torch.eye(c, dtype=DTYPE)
+    for start, stop in _blocks(shard.size, rows):
+        phi = _rows(shard, start, stop)
+        m = stop - start
+        if c == 1:
+            solved = torch.linalg.solve_triangular(cholesky, phi.T, upper=False)
+            q[start:stop, 0, 0] = (solved * solved).sum(0)
+            continue
+        # Columns φ_j ⊗ e_a, laid out (p, j, a).
+        rhs = (phi[:, :, None, None] * eye[None, None, :, :]).reshape(m, p, c)
+        rhs = rhs.permute(1, 0, 2).reshape(p, m * c)
+        solved = torch.linalg.solve_triangular(cholesky, rhs, upper=False).reshape(p, m, c)
+        q[start:stop] = torch.einsum("pja,pjb->jab", solved, solved)
+    inner = factor.transpose(1, 2) @ q @ factor
+    rhs = factor.transpose(1, 2) @ q @ d1[:, :, None]
+    eye_r = torch.eye(inner.shape[-1], dtype=DTYPE)
+    z = torch.linalg.solve(n_total * eye_r - inner, rhs)
+    return ShardCurvature(q, d1 + (factor @ z)[:, :, 0])
+
+
+def _residuals(terms: ShardTerms, curv: ShardCurvature | None, estimate: str) -> torch.Tensor:
+    if estimate == "first_order":
+        return terms.derivs.d1
+    if curv is None:
+        raise ValueError("the corrected estimate needs the shard's curvature")
+    return curv.corrected
+
+
+def score_block(
+    shard: Shard,
+    terms: ShardTerms,
+    curv: ShardCurvature | None,
+    s_test: np.ndarray,
+    estimate: str,
+    n_total: int,
+) -> np.ndarray:
+    """Scores of the shard's rows for each test point: (1/n) s_tᵀ (φ_j ⊗ e_j), as
+    :meth:`core.influence.InfluenceEngine.scores_from_stest`. Returns: (m, n_s)."""
+    residuals = _residuals(terms, curv, estimate)
+    d, c = shard.features.shape[1], residuals.shape[1]
+    S = torch.from_numpy(np.asarray(s_test, dtype=np.float64)).reshape(-1, d, c)
+    out = np.empty((S.shape[0], shard.size))
+    for start, stop in _blocks(shard.size):
+        projected = torch.einsum("jd,tdc->tjc", _rows(shard, start, stop), S)
+        out[:, start:stop] = ((projected * residuals[None, start:stop]).sum(-1) / n_total).numpy()
+    return out
+
+
+def score_rows(
+    shard: Shard,
+    terms: ShardTerms,
+    curv: ShardCurvature | None,
+    s_test: np.ndarray,
+    estimate: str,
+    n_total: int,
+    local: np.ndarray,
+) -> np.ndarray:
+    """Scores of the listed rows only. Returns: (m, len(local))."""
+    residuals = _residuals(terms, curv, estimate)[torch.from_numpy(local)]
+    d, c = shard.features.shape[1], residuals.shape[1]
+    S = torch.from_numpy(np.asarray(s_test, dtype=np.float64)).reshape(-1, d, c)
+    X = torch.from_numpy(shard.features[local]).to(DTYPE)
+    projected = torch.einsum("jd,tdc->tjc", X, S)
+    return ((projected * residuals[None]).sum(-1) / n_total).numpy()
+
+
+def self_influence_part(
+    terms: ShardTerms, curv: ShardCurvature, estimate: str, n_total: int
+) -> np.ndarray:
+    """(1/n) d1_jᵀ Q_j e_j for the shard's rows (e_j = d1_j for the first order). (n_s,)."""
+    d1 = terms.derivs.d1
+    residuals = d1 if estimate == "first_order" else curv.corrected
+    return (torch.einsum("ja,jab,jb->j", d1, curv.quadratic, residuals) / n_total).numpy()
+
+
+def leverage_part(terms: ShardTerms, curv: ShardCurvature, n_total: int) -> np.ndarray:
+    """h_j = (1/n) tr(B_jᵀ Q_j B_j) for the shard's rows. (n_s,)."""
+    factor = terms.derivs.factor
+    inner = factor.transpose(1, 2) @ curv.quadratic @ factor
+    return (torch.diagonal(inner, dim1=1, dim2=2).sum(-1) / n_total).numpy()
+
+
+def example_rows(
+    shard: Shard,
+    terms: ShardTerms,
+    curv: ShardCurvature | None,
+    estimate: str,
+    local: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Features (float64) and residuals e_j of the listed rows: their gradients φ_j ⊗ e_j."""
+    residuals = _residuals(terms, curv, estimate)[torch.from_numpy(local)]
+    return np.array(shard.features[local], dtype=np.float64), residuals.numpy()
+
+
+def training_scores(shard: Shard, theta: np.ndarray, n_outputs: int) -> np.ndarray:
+    """Raw scores Wᵀφ_j of the shard's rows. Returns: (n_s, C)."""
+    d = shard.features.shape[1]
+    W = torch.from_numpy(np.asarray(theta, dtype=np.float64)).reshape(d, n_outputs)
+    out = np.empty((shard.size, n_outputs))
+    for start, stop in _blocks(shard.size):
+        out[start:stop] = (_rows(shard, start, stop) @ W).numpy()
+    return out
+
+
+def correct_count(shard: Shard, theta: np.ndarray, n_outputs: int) -> int:
+    """How many of the shard's rows the model classifies as labelled (as ``predict``)."""
+    scores = torch.from_numpy(training_scores(shard, theta, n_outputs))
+    predicted = (scores[:, 0] > 0).to(torch.int64) if n_outputs == 1 else scores.argmax(1)
+    return int((predicted.numpy() == shard.labels).sum())
+
+
+def distances(shard: Shard, point: np.ndarray) -> np.ndarray:
+    """Euclidean distance of each of the shard's rows to ``point`` (d,), in float64. (n_s,)."""
+    x = torch.from_numpy(np.asarray(point, dtype=np.float64))
+    out = np.empty(shard.size)
+    for start, stop in _blocks(shard.size):
+        out[start:stop] = torch.linalg.norm(_rows(shard, start, stop) - x, dim=1).numpy()
+    return out
+
+
+def with_intercept(shard: Shard) -> Shard:
+    """The shard with a constant feature appended (``fit_intercept``)."""
+    ones = np.ones((shard.size, 1), dtype=shard.features.dtype)
+    return make_shard(shard.offset, np.concatenate([shard.features, ones], axis=1), shard.labels)
+
+
+def nystroem_features(
+    shard: Shard,
+    landmarks: torch.Tensor,
+    cholesky: torch.Tensor,
+    gamma: float,
+    chunk_size: int,
+) -> Shard:
+    """The shard's Nyström features φ(x) = L_m⁻¹ k(Z, x) (float64), exactly as
+    :meth:`core.models.NystroemSVM.torch_transform` forms them."""
+    from core.models import rbf_kernel
+
+    out = np.empty((shard.size, landmarks.shape[0]))
+    for start, stop in _blocks(shard.size, int(chunk_size)):
+        X = _rows(shard, start, stop)
+        k = rbf_kernel(landmarks, X, gamma)
+        out[start:stop] = torch.linalg.solve_triangular(cholesky, k, upper=False).T.numpy()
+    return make_shard(shard.offset, out, shard.labels)
+
+
+__all__ = [
+    "CHUNK_ROWS",
+    "ShardCurvature",
+    "ShardTerms",
+    "correct_count",
+    "curvature",
+    "distances",
+    "example_rows",
+    "gradient_products",
+    "hessian_part",
+    "hvp_part",
+    "leverage_part",
+    "nystroem_features",
+    "objective_terms",
+    "score_block",
+    "score_rows",
+    "self_influence_part",
+    "terms_partial",
+    "training_scores",
+    "with_intercept",
+]

@@ -26,6 +26,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from core.backend import explainer as backend
+from core.backend.models import check_exact_svm_size
 from core.data import Dataset
 from core.errors import InfluenceExplorerError, NotFittedError, SolverDivergedError
 from core.features import (
@@ -39,7 +41,7 @@ from core.features import (
 from core.influence import Estimate, InfluenceEngine, SolverConfig, top_k
 from core.models import KernelSVM, LinearModel, LogisticRegression
 from core.store import ArtifactStore, CacheKey
-from core.validation import Verification, verify
+from core.validation import Verification
 
 #: Stage-aware progress: progress(stage, done, total).
 StageProgress = Callable[[str, int, int], None]
@@ -290,9 +292,13 @@ class Explainer:
         config: ExplainerConfig | None = None,
         *,
         store: ArtifactStore | None = None,
+        cluster: Any | None = None,
     ) -> None:
         self.config = config if config is not None else ExplainerConfig()
         self.store = store if store is not None else ArtifactStore()
+        #: A connected core.backend.cluster.Cluster: the logistic regression's features, fit
+        #: and engine then run on it (see core.backend.explainer); None runs in-process.
+        self.cluster = cluster
         self._progress: StageProgress = lambda stage, done, total: None
         self.source = dataset
         classes = (
@@ -349,7 +355,11 @@ class Explainer:
     def _prepare(self) -> None:
         pixels_train = self.pixels.transform(self.dataset.train_images)
         pixels_test = self.pixels.transform(self.dataset.test_images)
-        features_train = self._backbone_features("train")
+        features_train = (
+            self._backbone_features("train")
+            if self.cluster is None
+            else backend.train_features(self, self.cluster)
+        )
         features_test = self._backbone_features("test")
         self._pixels_train = torch.as_tensor(pixels_train, dtype=torch.float64)
         self._pixels_test = torch.as_tensor(pixels_test, dtype=torch.float64)
@@ -364,7 +374,7 @@ class Explainer:
         self._progress("Preparing influence engines", 0, len(specs))
         models: dict[str, FittedModel] = {}
         for position, (key, label, featurizer, model, test_inputs, chosen) in enumerate(specs):
-            engine = InfluenceEngine(model, self.config.solver)
+            engine = backend.make_engine(model, self.config.solver)
             # Compute everything lazy now, so the shared explainer is never mutated later.
             for estimate in engine.estimates:
                 engine.self_influence(estimate)
@@ -452,6 +462,8 @@ class Explainer:
             "fit-svm", gamma=cfg.svm_gamma, l2=cfg.svm_l2, temperature=cfg.svm_temperature
         )
         theta0 = self._cached_theta(key)
+        if self.cluster is not None:  # the exact kernel SVM stays on this machine
+            check_exact_svm_size(len(pixels_train))
         model = KernelSVM(gamma=cfg.svm_gamma, l2=cfg.svm_l2, temperature=cfg.svm_temperature)
         # A cached θ̂ only warm-starts Newton; the fit still runs to tolerance, so a stale or
         # damaged cache can cost time but never change the model.
@@ -472,7 +484,7 @@ class Explainer:
             "fit-logreg", backbone=self.backbone.name, weights=self.backbone.weights_id, l2=l2
         )
         theta0 = self._cached_theta(key)
-        model = LogisticRegression(l2=l2)
+        model = backend.logistic_regression(l2, features)  # sharded when features are shards
         model.fit(features, self.train_labels, theta0=_usable(theta0, features.shape[1]))
         if theta0 is None:
             self.store.save(key, {"theta": model.theta_.numpy()})
@@ -517,7 +529,7 @@ class Explainer:
         if isinstance(featurizer, PixelFeaturizer) and isinstance(model, KernelSVM):
             h, w, c = self.dataset.image_shape
             return f"raw pixels ({h}x{w}x{c}) through an RBF kernel (γ = {model.gamma_:.3g})"
-        return f"{featurizer.label} features, {model.features_.shape[1]}-d"
+        return f"{featurizer.label} features, {model.n_params_ // model.n_outputs_}-d"
 
     # ------------------------------------------------------------------ queries
     @property
@@ -541,9 +553,7 @@ class Explainer:
                 key=key,
                 label=fitted.label,
                 features=fitted.features_label,
-                train_accuracy=float(
-                    np.mean(model.predict(model.training_inputs_) == self.train_labels)
-                ),
+                train_accuracy=backend.training_accuracy(model, self.train_labels),
                 test_accuracy=float(
                     np.mean(self._test_predictions[key].argmax(1) == self.test_labels)
                 ),
@@ -664,9 +674,7 @@ class Explainer:
             scores = engine.influence_scores(inputs[key], [label], estimate=estimate)[0]
             _check_finite_scores(scores, fitted.label)
             probabilities = model.predict_proba(inputs[key])[0]
-            feature_distances = torch.linalg.norm(
-                model.features_ - model.transform(inputs[key]), dim=1
-            ).numpy()
+            feature_distances = backend.feature_distances(model, inputs[key])
             best = top_k(scores, k)
 
             predicted = int(np.argmax(probabilities))
@@ -765,7 +773,7 @@ class Explainer:
         for key, fitted in self.models.items():
             label = self._target(key, true_label, inputs[key], target)
             stage = f"Retraining {fitted.label} without each of the top {k}"
-            out[key] = verify(
+            out[key] = backend.verifier(fitted.engine)(
                 fitted.engine,
                 inputs[key],
                 [label],
@@ -791,7 +799,7 @@ class Explainer:
         report = progress or (lambda stage, done, total: None)
         for key, fitted in self.models.items():
             stage = f"Retraining {fitted.label}"
-            out[key] = verify(
+            out[key] = backend.verifier(fitted.engine)(
                 fitted.engine,
                 fitted.test_inputs[indices],
                 self.test_labels[indices],

@@ -167,6 +167,7 @@ class ShardedData:
     label_range: tuple[int, int]
     nonfinite: int = 0
     _labels: np.ndarray | None = field(default=None, repr=False)
+    _dense: np.ndarray | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -352,6 +353,17 @@ class ShardedData:
         problems, the explainer's λ selection); the sharded models never call this."""
         parts = self.runner.gather(self.runner.map(_features_of, [self.shards]))
         return np.concatenate(parts, axis=0).astype(np.float64)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, rows: Any) -> np.ndarray:
+        """Rows on the driver as float64, numpy-style (a boolean mask or integer indices), so
+        in-process code written for arrays (the explainer's λ cross-validation) can read a
+        sharded set. The first use gathers every row once (n·d numbers on the driver)."""
+        if self._dense is None:
+            self._dense = self.gather()
+        return self._dense[rows]
 
     def take(self, indices: Any, *, n_shards: int | None = None) -> ShardedData:
         """A new sharded set of the listed rows (in the order given), made on the workers from

@@ -1,0 +1,135 @@
+"""What :class:`core.explainer.Explainer` does differently on a cluster, in one place.
+
+With ``Explainer(..., cluster=...)`` the logistic regression on backbone features runs on the
+cluster: the workers compute the training features per class (GPU if they have one) through
+the same artifact-store entries as in-process (:func:`core.features.cached_features`, so a
+cache filled by either is used by both and the features are the same bits), the rows are
+reassembled into shards in the explainer's order, and the model and its engine are
+:class:`~core.backend.models.ShardedLogisticRegression` and
+:class:`~core.backend.engine.ShardedInfluenceEngine`. The RBF SVM on pixels is the exact kernel
+SVM, one machine's work: it stays in-process, and is refused with a message past
+:data:`~core.backend.models.EXACT_SVM_MAX_TRAIN` training images.
+
+The helpers below take either kind of model, so the explainer calls them without asking which.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.backend.engine import ShardedInfluenceEngine
+from core.backend.models import ShardedLinearModel, ShardedLogisticRegression
+from core.backend.shards import ShardedData, default_n_shards, make_shard
+from core.influence import InfluenceEngine, SolverConfig
+from core.models import LinearModel, LogisticRegression
+from core.store import ArtifactStore
+from core.validation import verify
+
+
+def _class_features(
+    store: ArtifactStore,
+    featurizer_name: str,
+    options: tuple[tuple[str, Any], ...],
+    images: np.ndarray,
+    dataset_hash: str,
+    part: str,
+    label: int,
+) -> Any:
+    """One class's features, on a worker, through the same cache entry as in-process."""
+    from core.backend.shards import _worker_featurizer, worker_device
+    from core.features import cached_features
+
+    featurizer = _worker_featurizer(featurizer_name, options)
+    features = cached_features(
+        store, featurizer, images, dataset_hash=dataset_hash, part=part, device=worker_device()
+    )
+    return make_shard(0, features, np.full(len(features), label, dtype=np.int64))
+
+
+def train_features(explainer: Any, cluster: Any) -> ShardedData:
+    """The explainer's training features as shards on the cluster, in the explainer's row order
+    (as :meth:`core.explainer.Explainer._backbone_features` assembles them in-process)."""
+    runner = cluster.runner
+    dataset, source = explainer.dataset, explainer.source
+    backbone = explainer.backbone
+    options = tuple(sorted(explainer._backbone_options().items()))
+    position_of = {image_id: i for i, image_id in enumerate(source.train_ids)}
+    handles, order = [], np.empty(dataset.n_train, dtype=np.int64)
+    offset = 0
+    stage = f"{backbone.label} features on the cluster"
+    explainer._progress(stage, 0, 1)
+    with runner.stage(stage):
+        for new_label, original in enumerate(explainer.class_indices):
+            chunk_rows = np.flatnonzero(source.train_labels == original)
+            handles.append(
+                runner.submit(
+                    _class_features,
+                    explainer.store,
+                    backbone.name,
+                    options,
+                    np.ascontiguousarray(source.train_images[chunk_rows]),
+                    source.content_hash,
+                    f"train/class{original}",
+                    new_label,
+                )
+            )
+            row_of_chunk = {int(row): i for i, row in enumerate(chunk_rows)}
+            mine = np.flatnonzero(dataset.train_labels == new_label)
+            order[mine] = [
+                offset + row_of_chunk[position_of[image_id]] for image_id in dataset.train_ids[mine]
+            ]
+            offset += len(chunk_rows)
+        chunks = ShardedData.from_handles(runner, handles)
+        shards = chunks.take(order, n_shards=default_n_shards(len(order), runner.n_workers))
+    explainer._progress(stage, 1, 1)
+    return shards
+
+
+def logistic_regression(l2: float, features: Any) -> LinearModel:
+    """The explainer's logistic regression for these features: sharded for shards."""
+    if isinstance(features, ShardedData):
+        return ShardedLogisticRegression(l2=l2)
+    return LogisticRegression(l2=l2)
+
+
+def make_engine(model: LinearModel, solver: SolverConfig) -> InfluenceEngine:
+    """The influence engine for a model: the sharded one for a sharded model."""
+    if isinstance(model, ShardedLinearModel):
+        return ShardedInfluenceEngine(model, solver)
+    return InfluenceEngine(model, solver)
+
+
+def training_accuracy(model: LinearModel, labels: np.ndarray) -> float:
+    """Training accuracy (a pass over the shards for a sharded model)."""
+    if isinstance(model, ShardedLinearModel):
+        return model.training_accuracy()
+    return float(np.mean(model.predict(model.training_inputs_) == labels))
+
+
+def feature_distances(model: LinearModel, inputs: torch.Tensor) -> np.ndarray:
+    """Distance from one input to every training point in the model's feature space. (n,)."""
+    if isinstance(model, ShardedLinearModel):
+        return model.training_feature_distances(inputs)
+    return torch.linalg.norm(model.features_ - model.transform(inputs), dim=1).numpy()
+
+
+def verifier(engine: InfluenceEngine) -> Callable[..., Any]:
+    """``verify(engine, X, y, k=..., select_by=..., progress=...)`` for either kind of engine
+    (the sharded one retrains in independent tasks)."""
+    if isinstance(engine, ShardedInfluenceEngine):
+        return lambda _engine, X, y, **kwargs: engine.verify(X, y, **kwargs)
+    return verify
+
+
+__all__ = [
+    "feature_distances",
+    "logistic_regression",
+    "make_engine",
+    "train_features",
+    "training_accuracy",
+    "verifier",
+]

@@ -58,9 +58,11 @@ class ClusterSpec:
     """Which cluster to use. Build with :meth:`parse` (or :func:`cluster_spec`).
 
     Attributes:
-        kind: "local" (start a LocalCluster) or "remote" (connect to a running scheduler).
+        kind: "local" (start a LocalCluster), "remote" (connect to a running scheduler) or
+            "attached" (a client the caller made, see :func:`core.backend.cluster.attach`).
         n_workers: for "local", the number of single-threaded worker processes.
-        address: for "remote", the scheduler's ``tcp://`` or ``tls://`` address.
+        address: for "remote", the scheduler's ``tcp://`` or ``tls://`` address (any address
+            for "attached").
     """
 
     kind: str
@@ -80,8 +82,11 @@ class ClusterSpec:
                     f"address must look like tcp://HOST:PORT or tls://HOST:PORT; got "
                     f"{self.address!r}."
                 )
+        elif self.kind == "attached":
+            if not (isinstance(self.address, str) and self.address):
+                raise ClusterError("An attached cluster needs its scheduler's address.")
         else:
-            raise ClusterError(f"kind must be 'local' or 'remote'; got {self.kind!r}.")
+            raise ClusterError(f"kind must be 'local', 'remote' or 'attached'; got {self.kind!r}.")
 
     @classmethod
     def parse(cls, text: str, *, source: str = ENV_CLUSTER) -> ClusterSpec:
@@ -99,7 +104,8 @@ class ClusterSpec:
             n = int(local.group(1))
             if not 1 <= n <= MAX_LOCAL_WORKERS:
                 raise ClusterError(
-                    f"{source}={text!r}: a local cluster needs 1 to {MAX_LOCAL_WORKERS} workers."
+                    f"{source}={text!r}: a local cluster needs 1 to {MAX_LOCAL_WORKERS} workers. "
+                    f"Use {_FORMS}, or leave it unset to run in-process."
                 )
             return cls("local", n_workers=n)
         remote = _REMOTE.match(value)
@@ -137,6 +143,7 @@ def cluster_spec(
 _PUBLIC: dict[str, str] = {
     "Cluster": "core.backend.cluster",
     "ClusterInfo": "core.backend.cluster",
+    "attach": "core.backend.cluster",
     "cluster_info": "core.backend.cluster",
     "connect": "core.backend.cluster",
     "ShardedData": "core.backend.shards",

@@ -53,7 +53,8 @@ class ClusterInfo:
     """What a front end shows about where the engine runs.
 
     Attributes:
-        mode: "in-process", "local" (a LocalCluster this process started) or "remote".
+        mode: "in-process", "local" (a LocalCluster this process started), "remote" (reached
+            by address) or "attached" (a client the caller made).
         address: the scheduler's address ("" in-process).
         workers: one :class:`WorkerInfo` each (empty in-process).
         devices: how many workers have a CUDA GPU.
@@ -222,6 +223,16 @@ def connect(
     return cluster
 
 
+def attach(client: Any, *, timeout: float = CONNECT_TIMEOUT, check: bool = True) -> Cluster:
+    """Use a ``distributed.Client`` you already have (from dask-jobqueue's ``SLURMCluster``,
+    the Kubernetes operator's ``KubeCluster``, a cloud provider, ...), after the same checks as
+    :func:`connect`. Closing the returned cluster closes the client, not the deployment."""
+    cluster = Cluster(ClusterSpec("attached", address=str(client.scheduler.address)), client, None)
+    if check:
+        check_cluster(cluster, timeout=timeout)
+    return cluster
+
+
 def check_cluster(cluster: Cluster, *, timeout: float = CONNECT_TIMEOUT) -> None:
     """Refuse a cluster without workers, with mismatched package versions, or whose workers
     cannot import this package or run other code than the driver.
@@ -312,6 +323,7 @@ __all__ = [
     "Cluster",
     "ClusterInfo",
     "WorkerInfo",
+    "attach",
     "check_cluster",
     "cluster_info",
     "connect",

@@ -119,9 +119,9 @@ def _load_shard(store: ArtifactStore, key: CacheKey, offset: int) -> Shard:
 
 
 def _generate_shard(
-    generator: Callable[..., tuple[Any, Any]], index: int, offset: int, *args: Any
+    generator: Callable[..., tuple[Any, Any]], index: int, offset: int, rows: int, *args: Any
 ) -> Shard:
-    features, labels = generator(index, *args)
+    features, labels = generator(index, rows, *args)
     return make_shard(offset, features, labels)
 
 
@@ -258,14 +258,15 @@ class ShardedData:
         sizes: Sequence[int],
         *args: Any,
     ) -> ShardedData:
-        """Shards made on the workers by ``generator(index, *args) -> (features, labels)``.
+        """Shards made on the workers by ``generator(index, rows, *args) -> (features, labels)``
+        (shard ``index`` of ``sizes[index]`` rows).
 
         The generator must be deterministic (a lost shard is made again) and importable on
         the workers (a module-level function of an installed package).
         """
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int)
         handles = [
-            runner.submit(_generate_shard, generator, i, int(offsets[i]), *args)
+            runner.submit(_generate_shard, generator, i, int(offsets[i]), int(sizes[i]), *args)
             for i in range(len(sizes))
         ]
         data = cls.from_handles(runner, handles)

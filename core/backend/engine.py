@@ -267,6 +267,11 @@ class ShardedInfluenceEngine(InfluenceEngine):
 
         m, n = int(s_test.shape[0]), self.n_train
         kk = min(k, n)
+        if kk == n:
+            # Every point is in the top k (and dask's argtopk refuses k equal to the length).
+            everything = np.arange(n)
+            rows = self.scores_from_stest(s_test, estimate=estimate)
+            return [_merge_row(everything, row, everything, row, kk) for row in rows]
         with self.runner.stage("Scoring training points (top k per shard)"):
             s_handle = self.runner.broadcast(as_float64(s_test).numpy())
             columns = self._columns(estimate)

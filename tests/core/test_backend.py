@@ -257,6 +257,20 @@ def test_sharded_logistic_regression_equals_in_process_shard_by_shard(n_classes)
     _compare(reference, sharded, X_test, y_test)
 
 
+@pytest.mark.parametrize("k", [1, 7, 20, 35])
+def test_top_k_merged_from_shards_for_every_k_up_to_past_the_training_set(k):
+    # k equal to n is where dask's argtopk gives up; every k must match the in-process lists.
+    X, y, X_test, y_test = _problem(2, n=20, d=3, seed=9)
+    reference = InfluenceEngine(LogisticRegression(l2=0.1).fit(X.astype(np.float64), y))
+    data = ShardedData.from_arrays(LocalRunner(), X, y, n_shards=8)
+    sharded = ShardedInfluenceEngine(ShardedLogisticRegression(l2=0.1).fit(data))
+    expected = reference.influence_scores(X_test, y_test)
+    for row, found in zip(expected, sharded.top_k_scores(X_test, y_test, k), strict=True):
+        np.testing.assert_array_equal(found.top.helpful, top_k(row, k).helpful)
+        np.testing.assert_array_equal(found.top.harmful, top_k(row, k).harmful)
+        np.testing.assert_array_equal(found.by_magnitude, top_k_by_magnitude(row, k))
+
+
 def test_newton_cg_fit_and_cg_solver_equal_in_process(monkeypatch):
     # Past DENSE_NEWTON_MAX_PARAMS the Newton step is CG on (here: summed per shard) HVPs.
     import core.models

@@ -49,6 +49,12 @@ def test_cluster_info_names_address_workers_and_memory(cluster):
     assert info.n_workers == 2 and info.threads == 2
     assert all(w.memory_limit > 0 for w in info.workers)
     assert f"{info.address}: 2 workers, 2 threads" in info.summary()
+    # A client made elsewhere (dask-jobqueue, Kubernetes) is used after the same checks.
+    from core.backend.cluster import attach
+
+    attached = attach(cluster.client)
+    assert attached.info().mode == "attached"
+    assert attached.info().address == info.address
 
 
 @pytest.mark.parametrize("n_classes, stored", [(2, True), (4, False)])

@@ -190,10 +190,14 @@ class ShardedInfluenceEngine(InfluenceEngine):
             return [data.shards, terms, [None] * data.n_shards]
         return [data.shards, terms, self._curvature_handles()]
 
-    def _curvature_handles(self) -> list[Any]:
+    def _curvature_handles(self, what: str = "The Newton-corrected estimate") -> list[Any]:
         if self._curvature is None:
             if not isinstance(self.solver, ExactSolver):
-                self._check_estimate("corrected")
+                raise InfluenceExplorerError(
+                    f"{what} on a cluster needs the exact solver: each worker uses the "
+                    "Hessian's Cholesky factor for its training points' quadratic forms. Use "
+                    "SolverConfig(method='exact') (--solver exact), or first-order scores only."
+                )
             with self.runner.stage("Per-point curvature (Newton-corrected estimate)"):
                 factor = self.runner.broadcast(self.solver.cholesky)
                 self._curvature = self.runner.map(
@@ -341,7 +345,10 @@ class ShardedInfluenceEngine(InfluenceEngine):
                 parts = self.runner.gather(
                     self.runner.map(
                         kernels.self_influence_part,
-                        [self.model._train_terms.handles, self._curvature_handles()],
+                        [
+                            self.model._train_terms.handles,
+                            self._curvature_handles("Self-influence"),
+                        ],
                         estimate,
                         self.n_train,
                     )
@@ -351,12 +358,11 @@ class ShardedInfluenceEngine(InfluenceEngine):
 
     def leverage(self) -> np.ndarray:
         """h_j = (1/n) tr(B_jᵀ Q_j B_j), computed per shard. (n_train,)."""
-        self._check_estimate("corrected")
         with self.runner.stage("Leverages"):
             parts = self.runner.gather(
                 self.runner.map(
                     kernels.leverage_part,
-                    [self.model._train_terms.handles, self._curvature_handles()],
+                    [self.model._train_terms.handles, self._curvature_handles("Leverage")],
                     self.n_train,
                 )
             )

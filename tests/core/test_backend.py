@@ -288,6 +288,8 @@ def test_newton_cg_fit_and_cg_solver_equal_in_process(monkeypatch):
     assert_close(engine.influence_scores(X_test, y_test, estimate="first_order"), a, "CG scores")
     with pytest.raises(InfluenceExplorerError, match="needs the exact solver"):
         engine.influence_scores(X_test, y_test, estimate="corrected")
+    with pytest.raises(InfluenceExplorerError, match="Self-influence on a cluster needs the exact"):
+        engine.self_influence("first_order")
 
 
 def test_lissa_minibatches_map_to_the_shards_holding_them():

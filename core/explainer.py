@@ -40,6 +40,7 @@ from core.features import (
 )
 from core.influence import Estimate, InfluenceEngine, SolverConfig, top_k
 from core.models import KernelSVM, LinearModel, LogisticRegression
+from core.ood import Familiarity, NeighbourDistance
 from core.store import ArtifactStore, CacheKey
 from core.validation import Verification
 
@@ -180,6 +181,8 @@ class ModelExplanation:
         scores: (n_train,) influence of every training image.
         pixel_distances, feature_distances: (n_train,) distances to the test image.
         helpful, harmful: the top-k of each, strongest first.
+        familiarity: where the image lies among the training data in this model's feature
+            space (``familiarity.unusual``: farther than every held-out test image).
     """
 
     key: str
@@ -196,6 +199,7 @@ class ModelExplanation:
     feature_distances: np.ndarray
     helpful: tuple[InfluentialImage, ...]
     harmful: tuple[InfluentialImage, ...]
+    familiarity: Familiarity
 
 
 @dataclass(frozen=True)
@@ -217,6 +221,14 @@ class Explanation:
     models: dict[str, ModelExplanation]
     seconds: float
 
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """Why this explanation should not be trusted as it stands (e.g. the image is unlike the
+        training data for some model), one sentence each; empty if none."""
+        return tuple(
+            m.familiarity.message(m.label) for m in self.models.values() if m.familiarity.unusual
+        )
+
 
 @dataclass(frozen=True)
 class FittedModel:
@@ -225,6 +237,7 @@ class FittedModel:
     Attributes:
         key: short stable id used in URLs, JSON and caches (e.g. "svm", "logreg").
         label: for people, e.g. "RBF SVM on pixels".
+        short_label: where the label does not fit (a thumbnail's caption), e.g. "SVM".
         features_label: what the model sees, e.g. "EfficientNet-Lite0 (ImageNet) features, 1280-d".
         featurizer: images -> the model's inputs.
         model: the fitted estimator.
@@ -233,10 +246,13 @@ class FittedModel:
         test_inputs: (n_test, D) float64 model inputs of the test split.
         selection: cross-validated accuracy per λ tried, when λ was chosen (else empty).
         solver: how the engine applies H⁻¹; refits (attacks, relabelling) build theirs from it.
+        familiarity: how far an image lies from the training data in this model's feature
+            space, against held-out test images (:mod:`core.ood`).
     """
 
     key: str
     label: str
+    short_label: str
     features_label: str
     featurizer: Featurizer
     model: LinearModel
@@ -244,6 +260,7 @@ class FittedModel:
     test_inputs: torch.Tensor
     selection: dict[str, float]
     solver: SolverConfig
+    familiarity: NeighbourDistance
 
     def inputs(self, images: np.ndarray, what: str = "the image") -> torch.Tensor:
         """The model's inputs for (m, H, W, C) uint8 images. Returns: (m, D) float64."""
@@ -315,10 +332,10 @@ class Explainer:
         self.test_labels = self.dataset.test_labels
         self.pixels = PixelFeaturizer()
         self.backbone = get_featurizer(self.config.backbone, **self._backbone_options())
-        #: (key, label) of every model :meth:`prepare` fits, in display order.
-        self.model_specs: tuple[tuple[str, str], ...] = (
-            ("svm", "RBF SVM on pixels"),
-            ("logreg", f"Logistic regression on {self.backbone.label} features"),
+        #: (key, label, short label) of every model :meth:`prepare` fits, in display order.
+        self.model_specs: tuple[tuple[str, str, str], ...] = (
+            ("svm", "RBF SVM on pixels", "SVM"),
+            ("logreg", f"Logistic regression on {self.backbone.label} features", "LR"),
         )
         self.models: dict[str, FittedModel] = {}
         self.warnings: tuple[str, ...] = ()
@@ -327,7 +344,7 @@ class Explainer:
     @property
     def model_keys(self) -> tuple[str, ...]:
         """Keys of the models in display order, known before :meth:`prepare`."""
-        return tuple(key for key, _ in self.model_specs)
+        return tuple(spec[0] for spec in self.model_specs)
 
     @property
     def prepared(self) -> bool:
@@ -366,28 +383,36 @@ class Explainer:
 
         svm = self._fit_svm(pixels_train)
         logreg, selection = self._fit_logreg(features_train)
-        labels = dict(self.model_specs)
+        names = {key: (label, short) for key, label, short in self.model_specs}
         specs = (
-            ("svm", labels["svm"], self.pixels, svm, pixels_test, {}),
-            ("logreg", labels["logreg"], self.backbone, logreg, features_test, selection),
+            ("svm", *names["svm"], self.pixels, svm, pixels_test, {}),
+            ("logreg", *names["logreg"], self.backbone, logreg, features_test, selection),
         )
         self._progress("Preparing influence engines", 0, len(specs))
         models: dict[str, FittedModel] = {}
-        for position, (key, label, featurizer, model, test_inputs, chosen) in enumerate(specs):
+        for position, (key, label, short, featurizer, model, test_inputs, chosen) in enumerate(
+            specs
+        ):
             engine = backend.make_engine(model, self.config.solver)
             # Compute everything lazy now, so the shared explainer is never mutated later.
             for estimate in engine.estimates:
                 engine.self_influence(estimate)
+            test_inputs = torch.as_tensor(test_inputs, dtype=torch.float64)
+            familiarity = backend.neighbour_distance(
+                model, model.transform(test_inputs), seed=self.config.seed
+            )
             models[key] = FittedModel(
                 key=key,
                 label=label,
+                short_label=short,
                 features_label=self._features_label(featurizer, model),
                 featurizer=featurizer,
                 model=model,
                 engine=engine,
-                test_inputs=torch.as_tensor(test_inputs, dtype=torch.float64),
+                test_inputs=test_inputs,
                 selection=chosen,
                 solver=self.config.solver,
+                familiarity=familiarity,
             )
             self._progress("Preparing influence engines", position + 1, len(specs))
         self._test_predictions = {
@@ -674,7 +699,8 @@ class Explainer:
             scores = engine.influence_scores(inputs[key], [label], estimate=estimate)[0]
             _check_finite_scores(scores, fitted.label)
             probabilities = model.predict_proba(inputs[key])[0]
-            feature_distances = backend.feature_distances(model, inputs[key])
+            query_features = model.transform(inputs[key])
+            feature_distances = backend.feature_distances(model, query_features)
             best = top_k(scores, k)
 
             predicted = int(np.argmax(probabilities))
@@ -693,6 +719,7 @@ class Explainer:
                 feature_distances=feature_distances,
                 helpful=self._influential(best.helpful, scores, pixel_distances, feature_distances),
                 harmful=self._influential(best.harmful, scores, pixel_distances, feature_distances),
+                familiarity=fitted.familiarity.check(query_features)[0],
             )
         return Explanation(
             image=query_image,

@@ -21,11 +21,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.backend import kernels
 from core.backend.engine import ShardedInfluenceEngine
 from core.backend.models import ShardedLinearModel, ShardedLogisticRegression
 from core.backend.shards import ShardedData, default_n_shards, make_shard
+from core.errors import InfluenceExplorerError
 from core.influence import InfluenceEngine, SolverConfig
-from core.models import LinearModel, LogisticRegression
+from core.models import LinearModel, LogisticRegression, as_float64
+from core.ood import DEFAULT_NEIGHBOUR, MAX_REFERENCE, NeighbourDistance
 from core.store import ArtifactStore
 from core.validation import verify
 
@@ -110,11 +113,59 @@ def training_accuracy(model: LinearModel, labels: np.ndarray) -> float:
     return float(np.mean(model.predict(model.training_inputs_) == labels))
 
 
-def feature_distances(model: LinearModel, inputs: torch.Tensor) -> np.ndarray:
-    """Distance from one input to every training point in the model's feature space. (n,)."""
+def feature_distances(model: LinearModel, features: torch.Tensor) -> np.ndarray:
+    """Distance from one point's features (1, d) to every training point's. (n,)."""
     if isinstance(model, ShardedLinearModel):
-        return model.training_feature_distances(inputs)
-    return torch.linalg.norm(model.features_ - model.transform(inputs), dim=1).numpy()
+        return model.training_feature_distances(features)
+    return torch.linalg.norm(model.features_ - features, dim=1).numpy()
+
+
+class ShardedNeighbourDistance(NeighbourDistance):
+    """:class:`core.ood.NeighbourDistance` over a sharded model's training features: each
+    shard's k smallest squared distances, merged, so the k-th nearest is the same number as
+    in-process. Same arguments, with the feature shards in place of the (n, d) features."""
+
+    def __init__(
+        self,
+        data: ShardedData,
+        reference_features: Any,
+        *,
+        k: int = DEFAULT_NEIGHBOUR,
+        max_reference: int = MAX_REFERENCE,
+        seed: int = 0,
+        chunk: int = 512,
+    ) -> None:
+        self.data = data
+        self.k = max(1, min(int(k), data.n))
+        self.chunk = int(chunk)
+        reference = as_float64(reference_features)
+        if reference.ndim != 2 or reference.shape[1] != data.dim or reference.shape[0] == 0:
+            raise InfluenceExplorerError(
+                f"reference_features must be (m, {data.dim}) with m >= 1; got "
+                f"{tuple(reference.shape)}."
+            )
+        # The same seeded sample of the held-out images as in-process.
+        if reference.shape[0] > max_reference:
+            rows = np.random.default_rng(seed).choice(reference.shape[0], max_reference, False)
+            reference = reference[torch.as_tensor(np.sort(rows))]
+        self.reference = np.sort(self.statistics(reference))
+
+    def statistics(self, features: Any) -> np.ndarray:
+        queries = as_float64(features).numpy()
+        runner = self.data.runner
+        with runner.stage("Distances to the training data"):
+            parts = runner.gather(
+                runner.map(kernels.nearest_squared, [self.data.shards], queries, self.k, self.chunk)
+            )
+        merged = np.concatenate(parts, axis=1)
+        return np.sqrt(np.partition(merged, self.k - 1, axis=1)[:, self.k - 1])
+
+
+def neighbour_distance(model: LinearModel, reference_features: Any, *, seed: int) -> Any:
+    """The out-of-distribution check's k-th-neighbour distance for a model (sharded or not)."""
+    if isinstance(model, ShardedLinearModel):
+        return ShardedNeighbourDistance(model.data_, reference_features, seed=seed)
+    return NeighbourDistance(model.features_, reference_features, seed=seed)
 
 
 def verifier(engine: InfluenceEngine) -> Callable[..., Any]:
@@ -126,9 +177,11 @@ def verifier(engine: InfluenceEngine) -> Callable[..., Any]:
 
 
 __all__ = [
+    "ShardedNeighbourDistance",
     "feature_distances",
     "logistic_regression",
     "make_engine",
+    "neighbour_distance",
     "train_features",
     "training_accuracy",
     "verifier",

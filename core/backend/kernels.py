@@ -307,6 +307,23 @@ def distances(shard: Shard, point: np.ndarray) -> np.ndarray:
     return out
 
 
+def nearest_squared(shard: Shard, queries: np.ndarray, k: int, chunk: int) -> np.ndarray:
+    """The k smallest squared distances from each query to the shard's rows, formed as
+    :meth:`core.ood.NeighbourDistance.statistics` forms them (|q|² + |t|² - 2 q·t, clamped at 0).
+    Returns: (q, min(k, n_s)), ascending."""
+    train = _rows(shard, 0, shard.size)
+    train_sq = (train * train).sum(1)
+    Q = torch.from_numpy(np.asarray(queries, dtype=np.float64))
+    kk = min(int(k), shard.size)
+    out = np.empty((Q.shape[0], kk))
+    for start in range(0, Q.shape[0], int(chunk)):
+        block = Q[start : start + int(chunk)]
+        squared = (block * block).sum(1)[:, None] + train_sq[None, :] - 2.0 * block @ train.T
+        smallest = torch.topk(squared.clamp_min(0.0), kk, dim=1, largest=False).values
+        out[start : start + len(block)] = smallest.numpy()
+    return out
+
+
 def with_intercept(shard: Shard) -> Shard:
     """The shard with a constant feature appended (``fit_intercept``)."""
     ones = np.ones((shard.size, 1), dtype=shard.features.dtype)
@@ -344,6 +361,7 @@ __all__ = [
     "hessian_part",
     "hvp_part",
     "leverage_part",
+    "nearest_squared",
     "nystroem_features",
     "objective_terms",
     "score_block",

@@ -321,11 +321,12 @@ class ShardedLinearModel(LinearModel):
             )
         return float(correct) / self.data_.n
 
-    def training_feature_distances(self, X: Any) -> np.ndarray:
-        """Distance from one input's features to every training point's, in the model's feature
-        space (as ‖features_ - transform(X)‖ in-process). Returns: (n,)."""
+    def training_feature_distances(self, features: Any) -> np.ndarray:
+        """Distance from one point's features (``transform`` of an input, (1, d)) to every
+        training point's, in the model's feature space (as ‖features_ - features‖ in-process).
+        Returns: (n,)."""
         self._require_fitted()
-        point = self.transform(X).reshape(-1).numpy()
+        point = as_float64(features).reshape(-1).numpy()
         with self.runner.stage("Feature distances"):
             parts = self.runner.gather(
                 self.runner.map(kernels.distances, [self.data_.shards], point)

@@ -371,3 +371,19 @@ def test_exact_kernel_svm_says_it_is_single_machine():
     check_exact_svm_size(EXACT_SVM_MAX_TRAIN)
     with pytest.raises(InfluenceExplorerError, match=r"runs on one machine.*Nyström SVM"):
         check_exact_svm_size(60_000)
+
+
+def test_neighbour_distance_merged_from_shards_equals_in_process():
+    from core.backend.explainer import ShardedNeighbourDistance
+    from core.ood import NeighbourDistance
+
+    rng = np.random.default_rng(10)
+    X = rng.normal(size=(300, 6)).astype(np.float32)
+    reference, queries = rng.normal(size=(40, 6)), rng.normal(size=(5, 6)) * 3
+    expected = NeighbourDistance(X, reference, k=10, max_reference=30, seed=1)
+    data = ShardedData.from_arrays(LocalRunner(), X, np.zeros(300, dtype=int), n_shards=7)
+    found = ShardedNeighbourDistance(data, reference, k=10, max_reference=30, seed=1)
+    np.testing.assert_allclose(found.reference, expected.reference, rtol=1e-12)
+    for a, b in zip(found.check(queries), expected.check(queries), strict=True):
+        assert a.statistic == pytest.approx(b.statistic, rel=1e-12)
+        assert (a.percentile, a.unusual) == (b.percentile, b.unusual)

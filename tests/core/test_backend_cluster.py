@@ -152,6 +152,10 @@ def test_demo_explainer_on_the_cluster_equals_in_process(cluster, demo_cache):
                 np.testing.assert_allclose(
                     b.models[key].feature_distances, a.models[key].feature_distances, rtol=1e-12
                 )
+                # The out-of-distribution check: k-th neighbour merged from the shards.
+                near, far = b.models[key].familiarity, a.models[key].familiarity
+                assert near.statistic == pytest.approx(far.statistic, rel=1e-10)
+                assert (near.percentile, near.unusual) == (far.percentile, far.unusual)
     a = local.verify(test_index=picks[-1], k=5)["logreg"]
     b = remote.verify(test_index=picks[-1], k=5)["logreg"]
     np.testing.assert_array_equal(b.train_indices, a.train_indices)

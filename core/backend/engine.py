@@ -32,7 +32,7 @@ import torch
 
 from core.backend import kernels
 from core.backend.models import ShardedLinearModel
-from core.backend.shards import ShardedData
+from core.backend.shards import ShardedData, make_shard
 from core.errors import InfluenceExplorerError
 from core.influence import (
     ExactSolver,
@@ -420,10 +420,11 @@ class ShardedInfluenceEngine(InfluenceEngine):
 
         Args:
             mode: "tasks" — each retraining is one independent task on one worker, which then
-                holds a copy of every feature shard (fast; needs the features to fit a
-                worker); "sequential" — one retraining after another, each Newton pass
-                mapped over the shards (for features larger than a worker); "auto" — tasks
-                when twice the features fit in a quarter of the smallest worker's memory limit.
+                holds a copy of every feature shard and a float64 copy of them (fast; needs
+                the features to fit a worker); "sequential" — one retraining after another,
+                each Newton pass mapped over the shards (for features larger than a worker);
+                "auto" — tasks when those copies fit in half the smallest worker's memory
+                limit, else sequential.
         """
         if mode not in ("auto", "tasks", "sequential"):
             raise InfluenceExplorerError(
@@ -437,8 +438,11 @@ class ShardedInfluenceEngine(InfluenceEngine):
         labels = as_labels(y_test).reshape(-1)
         base = model.per_example_losses(features, labels)
         if mode == "auto":
+            # A task holds every shard and a float64 copy of them: keep that within half of the
+            # smallest worker's memory limit.
             memory = self.runner.worker_memory()
-            fits = memory is not None and 2 * self._data.nbytes <= memory // 4
+            task_bytes = self._data.nbytes + 8 * self._data.n * self._data.dim
+            fits = memory is not None and task_bytes <= memory // 2
             mode = "tasks" if self.runner.distributed and fits else "sequential"
         factor = self.solver.cholesky if isinstance(self.solver, ExactSolver) else None
         with self.runner.stage(f"Leave-one-out retraining ({mode})"):
@@ -556,7 +560,10 @@ def _retrain_task(
     """One leave-one-out retraining as a task: the model's blueprint on local copies of the
     feature shards, every pass in this worker."""
     blueprint, factor, features, labels, tol = shared
-    model = blueprint.attach(ShardedData.local(shards))
+    # One float64 copy for the whole retraining: its dozen passes then read it directly instead
+    # of converting every row block on every pass.
+    wide = [make_shard(s.offset, s.features.astype(np.float64), s.labels) for s in shards]
+    model = blueprint.attach(ShardedData.local(wide))
     return _retrain_one(model, [removed], factor, features, labels, tol)
 
 

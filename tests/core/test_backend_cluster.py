@@ -281,3 +281,34 @@ def test_job_that_keeps_killing_workers_ends_in_a_message_naming_the_stage(clust
             lambda dask_scheduler: setattr(dask_scheduler, "allowed_failures", 3)
         )
     client.wait_for_workers(2, timeout=180)
+
+
+def test_readme_cluster_example_runs(cluster, tmp_path):
+    import contextlib
+    import re
+
+    import core.backend
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Past one machine") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    X, y, X_test, y_test = _problem(2, n=600, d=5, seed=30)
+    namespace = {
+        "X": X,
+        "y": y,
+        "X_test": X_test,
+        "y_test": y_test,
+        "store": ArtifactStore(tmp_path),
+    }
+    # The example starts its own local cluster; here it gets the module's.
+    real_connect = core.backend.connect
+    core.backend.connect = lambda spec: contextlib.nullcontext(cluster)
+    try:
+        exec(compile(code, "README.md", "exec"), namespace)
+    finally:
+        core.backend.connect = real_connect
+    reference = InfluenceEngine(LogisticRegression(l2=1e-3).fit(X.astype(np.float64), y))
+    expected = reference.influence_scores(X_test[:1], y_test[:1])[0]
+    from core.influence import top_k
+
+    np.testing.assert_array_equal(namespace["best"][0].top.helpful, top_k(expected, 10).helpful)

@@ -372,6 +372,28 @@ def correctly_classified(
     return sorted(int(i) for i in order[:count])
 
 
+def lowest_margin_correct(fitted: FittedModel, test_labels: Any, *, count: int = 10) -> list[int]:
+    """Up to ``count`` test images this model classifies correctly, least confident first: the
+    smallest gap between the true class's probability and the next class's. These are the images
+    a training-set attack has the best chance to flip (a misclassified image would only be made
+    right; a confident one needs a far larger change), so the dashboard's Attack page starts there.
+    """
+    if count < 1:
+        raise InfluenceExplorerError(f"count must be >= 1; got {count}.")
+    truth = np.asarray(test_labels)
+    # Correct by the decision function's class, as the attack judges a flip.
+    correct = fitted.model.predict(fitted.test_inputs) == truth
+    probabilities = np.asarray(fitted.model.predict_proba(fitted.test_inputs), dtype=np.float64)
+    rows = np.arange(len(truth))
+    own = probabilities[rows, truth]
+    others = probabilities.copy()
+    others[rows, truth] = -np.inf
+    margin = own - others.max(axis=1)
+    candidates = np.flatnonzero(correct)
+    order = candidates[np.argsort(margin[candidates], kind="stable")]
+    return [int(i) for i in order[:count]]
+
+
 @dataclass(frozen=True)
 class AttackSummary:
     """Attacks on several test images with one model.
@@ -428,6 +450,7 @@ __all__ = [
     "attack_many",
     "attack_training_images",
     "correctly_classified",
+    "lowest_margin_correct",
     "model_attack",
     "retrained_loss_gradient",
 ]

@@ -57,3 +57,16 @@ class ClusterError(InfluenceExplorerError):
     """A Dask cluster could not be reached or used: a bad ``INFLUENCE_CLUSTER``/``--cluster``
     setting, an unreachable scheduler, mismatched package versions on the workers, or a worker
     lost mid-job that Dask could not recover from (the message names the stage)."""
+
+
+class PreparationCancelled(InfluenceExplorerError):
+    """Preparing an explainer was stopped on request (its ``cancel`` callback returned True)."""
+
+
+class UnreadableFileError(InfluenceExplorerError):
+    """A file on disk was refused before decoding: missing, not a regular file (a FIFO, device or
+    socket), outside the allowed directories, or larger than the limit."""
+
+
+class OutsideRootsError(DatasetError):
+    """A dataset path, or a symbolic link inside a dataset, leads outside the allowed directories."""

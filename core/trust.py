@@ -1,9 +1,11 @@
 """How far each of the explainer's models can be trusted, read off the committed fragility study.
 
 The study (:mod:`core.fragility`) checks influence against retraining for CNNs and, as reference
-rows, for a logistic regression and an RBF SVM on raw pixels. An explainer model of the same
-kind is matched to its reference row by the kind of model it is, not by its key, so a model added
-to the explainer later either finds its row or, honestly, none.
+rows, for a logistic regression and an RBF SVM, both on raw pixels (the study fits every model of
+its grid to the images' pixels). An explainer model is matched to a row by the kind of model it is
+**and** what it reads, not by its key: the SVM on pixels has its own row; the logistic regression
+on a backbone's ImageNet features has none, and is told so, with what the nearest row (the same
+kind of model on pixels) measures, rather than being given that row as if it were its own.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ _REFERENCE_ROWS: tuple[tuple[type, str], ...] = (
 )
 #: How a sentence names each reference row's model.
 _ROW_PHRASES = {"svm": "an RBF SVM", "logistic": "logistic regression"}
+#: What every reference row of the study reads (core.fragility fits all models on pixels).
+STUDY_INPUTS = "raw pixels"
 
 
 @dataclass(frozen=True)
@@ -49,12 +53,18 @@ class TrustReference:
             recorded, else "first-order").
         cells: one per test point, in the study's order.
         measures: what the row measured, and how that differs from the explainer's model.
+        matches: the row is for this kind of model on these inputs. When False, the row is only
+            the nearest one (same kind of model, other inputs) and ``missing`` says so.
+        missing: when the study has no row for this model on its inputs, a sentence saying
+            exactly that; else "".
     """
 
     row: str
     estimate: str
     cells: tuple[ReferenceCell, ...]
     measures: str
+    matches: bool = True
+    missing: str = ""
 
 
 def reference_row(results: FragilityResults, model: Any) -> SettingResult | None:
@@ -76,6 +86,9 @@ def trust_reference(
     same_classes: bool,
 ) -> TrustReference | None:
     """The reference numbers for one fitted model, or None if the study has no row for its kind.
+
+    A model that does not read raw pixels gets the row of its kind with ``matches=False`` and a
+    ``missing`` sentence: the study has no row for it, and that row is only the nearest.
 
     Args:
         results: the committed study.
@@ -106,14 +119,22 @@ def trust_reference(
     what = _ROW_PHRASES[row.model]
     if on_pixels:
         measures = f"{what} like this one, on {size} pixels, {images}"
+        missing = ""
     else:
-        measures = f"{what} on raw {size} pixels (not on ImageNet features as here), {images}"
+        measures = f"{what} on {STUDY_INPUTS} ({size}), {images}"
+        missing = (
+            f"The committed study has no row for {what} on ImageNet features: it checked "
+            "networks trained end to end and, as references, convex models on "
+            f"{STUDY_INPUTS} only."
+        )
     return TrustReference(
         row=row.label,
         estimate="Newton-corrected" if corrected else "first-order",
         cells=cells,
         measures=measures,
+        matches=on_pixels,
+        missing=missing,
     )
 
 
-__all__ = ["ReferenceCell", "TrustReference", "reference_row", "trust_reference"]
+__all__ = ["STUDY_INPUTS", "ReferenceCell", "TrustReference", "reference_row", "trust_reference"]

@@ -33,10 +33,19 @@ from dashboard.services.settings import (
     load_dataset,
     store_settings,
 )
+from dashboard.services.widgets import initial_value
 
 
 def render() -> Settings:
     defaults = Settings()
+    # First values through Session State rather than the widgets' defaults: a link (see
+    # services/links.py) sets them there before the widgets are drawn, and a widget with a
+    # default as well would make Streamlit warn.
+    initial_value("side_k", defaults.k)
+    initial_value("side_estimate", defaults.estimate)
+    initial_value("side_damping", defaults.damping)
+    initial_value("side_max_train", defaults.max_train_per_class)
+    initial_value("side_image_size", defaults.image_size)
     with st.sidebar:
         st.header("Data and models")
         dataset_spec, dataset = _dataset_picker()
@@ -46,14 +55,12 @@ def render() -> Settings:
             "Images per list (k)",
             min_value=1,
             max_value=30,
-            value=defaults.k,
             key="side_k",
             help="How many of the most helpful and of the most harmful training images to show.",
         )
         estimate = st.segmented_control(
             "Influence estimate",
             options=list(ESTIMATES),
-            default="corrected",
             required=True,
             format_func=ESTIMATE_LABELS.get,
             key="side_estimate",
@@ -74,7 +81,6 @@ def render() -> Settings:
             damping = st.select_slider(
                 "Damping (added to the Hessian's diagonal)",
                 options=list(DAMPING_CHOICES),
-                value=defaults.damping,
                 format_func=lambda v: "0" if v == 0 else f"{v:g}",
                 key="side_damping",
             )
@@ -86,7 +92,6 @@ def render() -> Settings:
                         "Max training images per class",
                         min_value=10,
                         max_value=5000,
-                        value=defaults.max_train_per_class,
                         step=100,
                         key="side_max_train",
                         help="Larger sets are subsampled (seeded): the SVM's kernel is n × n.",
@@ -96,7 +101,6 @@ def render() -> Settings:
                 image_size = st.selectbox(
                     "Image size for directory datasets (pixels)",
                     options=list(IMAGE_SIZE_CHOICES),
-                    index=list(IMAGE_SIZE_CHOICES).index(defaults.image_size),
                     key="side_image_size",
                 )
     settings = Settings(
@@ -105,7 +109,7 @@ def render() -> Settings:
         classes=classes,
         backbone=backbone,
         k=int(k),
-        estimate=estimate or "corrected",
+        estimate=estimate or defaults.estimate,
         solver=solver or "exact",
         damping=float(damping),
         max_train_per_class=max_train,

@@ -18,15 +18,24 @@ if _REPO not in sys.path:
 import streamlit as st  # noqa: E402
 
 from dashboard import navigation, sidebar  # noqa: E402
+from dashboard.components.style import FAVICON, apply_style  # noqa: E402
+from dashboard.services import links, notices  # noqa: E402
 from dashboard.services.widgets import keep_widget_values  # noqa: E402
 
 st.set_page_config(
     page_title="Influence Explorer",
-    page_icon=":material/image_search:",
+    # A local image: a ":material/...:" icon would be fetched from a font CDN, which fails offline.
+    page_icon=FAVICON,
     layout="wide",
     initial_sidebar_state="expanded",
 )
+apply_style()
 keep_widget_values()
 page = navigation.build_navigation()
-sidebar.render()
+notices.notice_area()
+# A link's parameters go into Session State before any widget is drawn (first run only).
+links.apply_link(page.url_path)
+settings = sidebar.render()
+# The address describes the view; pages write it again once their own controls are drawn.
+links.publish(settings)
 page.run()

@@ -4,11 +4,11 @@ With ``Explainer(..., cluster=...)`` the logistic regression on backbone feature
 cluster: the workers compute the training features per class (GPU if they have one) through
 the same artifact-store entries as in-process (:func:`core.features.cached_features`, so a
 cache filled by either is used by both and the features are the same bits), the rows are
-reassembled into shards in the explainer's order, and the model and its engine are
-:class:`~core.backend.models.ShardedLogisticRegression` and
-:class:`~core.backend.engine.ShardedInfluenceEngine`. The RBF SVM on pixels is the exact kernel
-SVM, one machine's work: it stays in-process, and is refused with a message past
-:data:`~core.backend.models.EXACT_SVM_MAX_TRAIN` training images.
+reassembled into shards in the explainer's order, and the model and its engine are :class:`~core.backend.models.ShardedLogisticRegression` (softmax
+for C classes) and :class:`~core.backend.engine.ShardedInfluenceEngine`. The RBF SVM on pixels stays in-process,
+built as everywhere by :func:`core.models.make_rbf_svm`: the exact kernel SVM while its n x n
+kernel and the engine's matrices fit the memory budget, beyond it the Nyström SVM (whose memory
+grows with n·m, not n²), so a cluster run refuses nothing for the SVM's size.
 
 The helpers below take either kind of model, so the explainer calls them without asking which.
 """

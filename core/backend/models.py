@@ -17,7 +17,8 @@ They implement the engine's :class:`~core.influence.TwiceDifferentiable` protoco
 quantities are in :class:`~core.backend.engine.ShardedInfluenceEngine`.
 
 The exact kernel SVM (:class:`~core.models.KernelSVM`) is not here: its n x n kernel and
-Cholesky factor are one machine's work (see :func:`check_exact_svm_size`).
+Cholesky factor are one machine's work, and :func:`core.models.make_rbf_svm` uses it only while
+it fits in memory (beyond that the Nyström SVM).
 """
 
 from __future__ import annotations
@@ -37,35 +38,17 @@ from core.errors import InfluenceExplorerError, NonFiniteFeaturesError
 from core.losses import LossDerivatives
 from core.models import (
     DTYPE,
+    MEDIAN_SAMPLE,
     FitInfo,
     LinearModel,
     LogisticRegression,
     NystroemSVM,
     _jittered_cholesky,
     as_float64,
-    platt_slope,
+    output_scale,
+    rbf_gamma,
     rbf_kernel,
 )
-
-#: Largest training set for which the exact kernel SVM is attempted: its n x n kernel and
-#: factor take 16·n² bytes (20,000 points: 6 GiB), on one machine.
-EXACT_SVM_MAX_TRAIN = 20_000
-
-
-def check_exact_svm_size(n: int) -> None:
-    """Refuse an exact kernel SVM too large for one machine, saying what to use instead.
-
-    Raises:
-        InfluenceExplorerError: n > :data:`EXACT_SVM_MAX_TRAIN`.
-    """
-    if n > EXACT_SVM_MAX_TRAIN:
-        gib = 16 * n * n / 2**30
-        raise InfluenceExplorerError(
-            f"The exact RBF kernel SVM runs on one machine, also with a cluster: its {n} x {n} "
-            f"kernel and Cholesky factor need about {gib:.0f} GiB. Subsample the training set "
-            f"(--max-train-per-class, at most {EXACT_SVM_MAX_TRAIN} images in all), or use the "
-            "Nyström SVM, which shards (core.backend.ShardedNystroemSVM)."
-        )
 
 
 class ShardedTerms:
@@ -205,6 +188,11 @@ class ShardedLinearModel(LinearModel):
         value = float(value_sum) / n + 0.5 * self.l2 * float(theta @ theta)
         grad = gradient_sum / n + self.l2 * theta
         return value, grad, terms
+
+    def _dual_newton_applies(self, derivs: Any, p: int) -> bool:
+        # The dual (Woodbury) Newton step needs the n x n Gram matrix of the features on the
+        # driver; a sharded fit has far more rows than parameters and takes the primal step.
+        return False
 
     def _hessian_from(self, derivs: Any) -> torch.Tensor:
         hessian = self.runner.map_sum(
@@ -461,7 +449,13 @@ class ShardedNystroemSVM(NystroemSVM, ShardedLinearModel):
 
     def _sharded_feature_map(self, data: ShardedData) -> ShardedData:
         n = data.n
-        self.gamma_ = float(self.gamma) if self.gamma is not None else 0.05 / n
+        if self.gamma == "median":
+            # The median heuristic reads only a seeded sample of rows, the same ones as in-process
+            # (the median over the sample's pairs does not depend on their order).
+            sample = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:MEDIAN_SAMPLE]
+            self.gamma_ = rbf_gamma("median", torch.from_numpy(data.rows(sample.numpy())[0]))
+        else:
+            self.gamma_ = rbf_gamma(self.gamma, torch.empty(n, 0))
         self.n_inputs_ = data.dim
         m = min(int(self.n_components), n)
         if m == n:
@@ -497,9 +491,7 @@ class ShardedNystroemSVM(NystroemSVM, ShardedLinearModel):
         return self.torch_transform(X)
 
     def _fit_platt(self) -> None:
-        self.platt_ = platt_slope(
-            self.training_scores()[:, 0], torch.from_numpy(self.data_.labels())
-        )
+        self.platt_ = output_scale(self.training_scores(), torch.from_numpy(self.data_.labels()))
 
     @property
     def training_inputs_(self) -> torch.Tensor:
@@ -507,9 +499,7 @@ class ShardedNystroemSVM(NystroemSVM, ShardedLinearModel):
 
 
 __all__ = [
-    "EXACT_SVM_MAX_TRAIN",
     "ShardedLinearModel",
     "ShardedLogisticRegression",
     "ShardedNystroemSVM",
-    "check_exact_svm_size",
 ]

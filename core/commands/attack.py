@@ -67,6 +67,14 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="which test images --n-test picks")
     parser.add_argument(
+        "--pick",
+        choices=("random", "lowest-margin"),
+        default="random",
+        help="how --n-test picks test images: 'random' (seeded) among those every model gets "
+        "right, or 'lowest-margin': for each model, the ones it gets right with the smallest "
+        "margin (where the dashboard's Attack page starts)",
+    )
+    parser.add_argument(
         "--include-images",
         action="store_true",
         help="include original and perturbed images (uint8 arrays) in --json",
@@ -76,7 +84,12 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from core.attack import AttackConfig, attack_many, correctly_classified
+    from core.attack import (
+        AttackConfig,
+        attack_many,
+        correctly_classified,
+        lowest_margin_correct,
+    )
 
     config = AttackConfig(
         budget=args.budget,
@@ -92,22 +105,33 @@ def run(args: argparse.Namespace) -> int:
         raise InfluenceExplorerError(f"--n-test must be >= 1; got {args.n_test}.")
     start = time.perf_counter()
     explainer = build_explainer(args)
-    if requested is None:
+    keys = model_keys(args.model, tuple(explainer.models))
+    if requested is not None:
+        indices = [check_test_index(explainer, i) for i in requested]
+        per_model = {key: indices for key in keys}
+    elif args.pick == "lowest-margin":
+        per_model = {
+            key: lowest_margin_correct(
+                explainer.models[key], explainer.test_labels, count=args.n_test
+            )
+            for key in keys
+        }
+        indices = sorted({i for chosen in per_model.values() for i in chosen})
+    else:
         indices = correctly_classified(
             explainer.models.values(), explainer.test_labels, count=args.n_test, seed=args.seed
         )
-        if not indices:
-            raise InfluenceExplorerError(
-                "No test image is classified correctly by every model; give --test-indices."
-            )
-    else:
-        indices = [check_test_index(explainer, i) for i in requested]
+        per_model = {key: indices for key in keys}
+    if not all(per_model.values()):
+        raise InfluenceExplorerError(
+            "No test image is classified correctly by every model; give --test-indices."
+        )
     bars = StageBars(enabled=not args.quiet)
     names = explainer.class_names
     models = {}
-    for key in model_keys(args.model, tuple(explainer.models)):
+    for key in keys:
         summary = attack_many(
-            explainer.models[key], explainer.dataset, indices, config, progress=bars
+            explainer.models[key], explainer.dataset, per_model[key], config, progress=bars
         )
         attacks = []
         for result in summary.results:
@@ -135,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
             "retraining": summary.results[0].retraining,
             "success_rate": summary.success_rate,
             "n_attacked": len(summary.results),
+            "test_indices": per_model[key],
             "seconds": summary.seconds,
             "attacks": attacks,
         }
@@ -142,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
         "dataset": explainer.dataset.name,
         "classes": list(names),
         "test_indices": indices,
+        "pick": "given" if requested is not None else args.pick,
         "budget": config.budget,
         "step_size": config.step_size,
         "steps": config.steps,

@@ -41,14 +41,24 @@ def add_dataset_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--classes",
         default=None,
-        help="two class names or indices separated by a comma, e.g. 'T-shirt/top,Shirt' "
-        "(default: the dataset's default pair)",
+        help="two or more class names or indices separated by commas, e.g. 'T-shirt/top,Shirt' "
+        "or '0,2,6', or 'all' for every class (default: the dataset's default pair)",
     )
     parser.add_argument(
         "--image-size",
         type=int,
         default=64,
         help="side length ImageFolder images are resized to (default 64; idx data keeps 28)",
+    )
+    parser.add_argument(
+        "--data-root",
+        action="append",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="read dataset files only from inside DIR (repeatable), as the dashboard does with "
+        "$INFLUENCE_DATA_ROOTS: the dataset must lie in one, and symbolic links in it may lead "
+        "anywhere inside them (default: links must stay inside the dataset directory itself)",
     )
 
 
@@ -127,7 +137,9 @@ def emit(payload: Any, args: argparse.Namespace, human: Callable[[Any], str]) ->
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """Backbone, hyperparameters and the inverse-Hessian solver of the two models."""
+    from core.explainer import DEFAULT_SVM_TEMPERATURE
     from core.features import DEFAULT_BACKBONE
+    from core.models import DEFAULT_GAMMA
 
     group = parser.add_argument_group("models")
     group.add_argument(
@@ -149,10 +161,17 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--svm-l2", type=float, default=1e-3, help="weight decay of the SVM")
     group.add_argument(
-        "--svm-gamma", type=float, default=None, help="RBF γ (default: the paper's 0.05/n)"
+        "--svm-gamma",
+        type=_gamma,
+        default=DEFAULT_GAMMA,
+        help="RBF γ: a number, 'median' (default: 1 / the median squared distance between "
+        "training images, informative at every n) or 'paper' (Koh & Liang's 0.05/n_train)",
     )
     group.add_argument(
-        "--svm-temperature", type=float, default=1e-2, help="smooth-hinge temperature t"
+        "--svm-temperature",
+        type=float,
+        default=DEFAULT_SVM_TEMPERATURE,
+        help=f"smooth-hinge temperature t (default {DEFAULT_SVM_TEMPERATURE:g})",
     )
     group.add_argument(
         "--max-train-per-class",
@@ -166,11 +185,52 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--damping", type=float, default=0.0, help="added to the Hessian's diagonal")
 
 
+def _gamma(text: str) -> float | str:
+    """--svm-gamma: a rule name or a positive number (argparse reports anything else)."""
+    from core.models import GAMMA_RULES
+
+    if text in GAMMA_RULES:
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number or one of {', '.join(GAMMA_RULES)}, got {text!r}"
+        ) from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
+def add_estimate_option(
+    parser: argparse.ArgumentParser, what: str, default: str | None = None
+) -> None:
+    """--estimate, offering every estimate of :data:`core.influence.ESTIMATES`.
+
+    Args:
+        what: what the estimate is used for, e.g. "influence estimate".
+        default: the option's default (default: the engine's default estimate).
+    """
+    from core.influence import ESTIMATES
+    from core.labels import ESTIMATE_DESCRIPTIONS
+
+    default = ESTIMATES[0] if default is None else default
+    described = "; ".join(f"{e}: {ESTIMATE_DESCRIPTIONS[e]}" for e in ESTIMATES)
+    parser.add_argument(
+        "--estimate",
+        choices=ESTIMATES,
+        default=default,
+        help=f"{what} — {described} (default: {default})",
+    )
+
+
 def parse_classes(text: str | None) -> tuple[int | str, ...] | None:
-    """'T-shirt/top,Shirt' or '0,6' -> a tuple of names or indices."""
+    """'T-shirt/top,Shirt' or '0,6' -> a tuple of names or indices; 'all' -> ('all',)."""
     if text is None:
         return None
     parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    if parts == ("all",):
+        return parts
     return tuple(int(p) if p.isdigit() else p for p in parts)
 
 
@@ -190,12 +250,11 @@ class StageBars:
 def build_explainer(args: argparse.Namespace) -> Any:
     """Dataset + config from the parsed options -> a ready :class:`core.explainer.Explainer`."""
     from core.commands.lists import model_keys
-    from core.data import open_dataset
     from core.explainer import Explainer, ExplainerConfig
     from core.influence import LiSSAWarning, SolverConfig
     from core.store import ArtifactStore
 
-    dataset = open_dataset(args.dataset, image_size=(args.image_size, args.image_size))
+    dataset = open_dataset_from_args(args)
     config = ExplainerConfig(
         classes=parse_classes(args.classes),
         backbone=args.backbone,
@@ -219,6 +278,30 @@ def build_explainer(args: argparse.Namespace) -> Any:
     for message in explainer.warnings:
         print(f"influence {args.command}: warning: {message}", file=sys.stderr)
     return explainer
+
+
+def open_dataset_from_args(args: argparse.Namespace) -> Any:
+    """The dataset of --dataset, --image-size and --data-root.
+
+    Raises:
+        DatasetError: as :func:`core.data.open_dataset`; for links leading out of the dataset,
+            the message also names the flag that allows them.
+    """
+    from core.data import open_dataset
+    from core.errors import OutsideRootsError
+
+    roots = getattr(args, "data_root", None)
+    try:
+        return open_dataset(
+            args.dataset, image_size=(args.image_size, args.image_size), roots=roots or None
+        )
+    except OutsideRootsError as error:
+        if roots:
+            raise
+        raise OutsideRootsError(
+            f"{error} If the links are yours, pass --data-root DIR with a directory that holds "
+            "both the dataset and what they point to."
+        ) from None
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:

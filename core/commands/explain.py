@@ -6,8 +6,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from core.commands.common import add_common_options, build_explainer, emit
+from core.commands.common import add_common_options, add_estimate_option, build_explainer, emit
 from core.errors import InfluenceExplorerError
+from core.labels import ESTIMATE_DESCRIPTIONS
 
 
 def add_query_options(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +41,20 @@ def query_from_args(args: argparse.Namespace, explainer: Any) -> dict[str, Any]:
     return {"test_index": args.test_index}
 
 
+def add_report_option(parser: argparse.ArgumentParser) -> None:
+    """--output PATH (repeatable): the documents the dashboard's Explain page downloads."""
+    parser.add_argument(
+        "--output",
+        action="append",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="also write the explanation to PATH: .html (a self-contained report with the "
+        "images), .json or .csv (every training image's score under every estimate); repeat for "
+        "several",
+    )
+
+
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "explain",
@@ -50,38 +65,62 @@ def register(subparsers: Any) -> None:
     )
     add_query_options(parser)
     parser.add_argument("--k", type=int, default=10, help="helpful and harmful images to list")
-    parser.add_argument(
-        "--estimate",
-        choices=("corrected", "first_order"),
-        default="corrected",
-        help="Newton-corrected (default) or the paper's first-order estimate",
-    )
+    add_estimate_option(parser, "which estimate of the leave-one-out change scores the images")
     parser.add_argument(
         "--all-scores", action="store_true", help="include every training image's score in --json"
     )
+    add_report_option(parser)
     add_common_options(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from core.report import (
+        REPORT_SUFFIXES,
+        build_report,
+        probability_kind,
+        score_scale,
+        write_report,
+    )
+
     if args.k < 1:
         raise InfluenceExplorerError("--k must be at least 1.")
+    for path in args.output or ():
+        if path.suffix.lower() not in REPORT_SUFFIXES:
+            raise InfluenceExplorerError(
+                f"--output {path}: the suffix must be one of {', '.join(REPORT_SUFFIXES)}."
+            )
     explainer = build_explainer(args)
-    explanation = explainer.explain(
-        **query_from_args(args, explainer), k=args.k, estimate=args.estimate, target=args.target
-    )
+    query = query_from_args(args, explainer)
+    explanation = explainer.explain(**query, k=args.k, estimate=args.estimate, target=args.target)
+    if args.output:
+        report = build_report(
+            explainer,
+            **query,
+            title=None if args.image is None else f"Uploaded {args.image.name}",
+            k=args.k,
+            estimate=args.estimate,
+            target=args.target,
+            explanations={args.estimate: explanation},
+        )
+        for path in args.output:
+            write_report(report, path)
     models = {}
     for key, model in explanation.models.items():
+        scale = score_scale(model.scores, model.loss)
         entry = {
             "label": model.label,
             "predicted": model.predicted_name,
             "probability": float(model.probabilities[model.predicted]),
+            "probability_kind": probability_kind(explainer.models[key].model),
             "explained_label": model.explained_label_name,
             "loss": model.loss,
             "estimate": model.estimate,
+            "estimate_label": ESTIMATE_DESCRIPTIONS[model.estimate],
             "helpful": model.helpful,
             "harmful": model.harmful,
             "familiarity": model.familiarity.as_dict(),
+            "scale": {**scale.as_dict(), "message": scale.message(model.label)},
         }
         if args.all_scores:
             entry["scores"] = model.scores
@@ -96,8 +135,13 @@ def run(args: argparse.Namespace) -> int:
         "seconds": explanation.seconds,
         "models": models,
         # Why the scores may be inaccurate (LiSSA too short: also printed on stderr) or should
-        # not be trusted (the image is unlike the training data).
-        "warnings": [*explainer.warnings, *explanation.warnings],
+        # not be trusted (the image is unlike the training data, the scores are negligible).
+        "warnings": [
+            *explainer.warnings,
+            *explanation.warnings,
+            *(m["scale"]["message"] for m in models.values() if m["scale"]["message"]),
+        ],
+        "outputs": [str(path) for path in args.output or ()],
     }
     emit(payload, args, _report)
     return 0
@@ -111,10 +155,11 @@ def _report(payload: dict[str, Any]) -> str:
     )
     lines = [f"{payload['dataset']}: {what}", f"Sign: {payload['sign_convention']}.", ""]
     for model in payload["models"].values():
+        kind = f", {model['probability_kind']}" if model["probability_kind"] else ""
         lines.append(
-            f"{model['label']}: predicts {model['predicted']} ({model['probability']:.2f}); "
+            f"{model['label']}: predicts {model['predicted']} ({model['probability']:.2f}{kind}); "
             f"explaining the loss of '{model['explained_label']}' = {model['loss']:.4f} "
-            f"({model['estimate']} estimate)"
+            f"(estimate: {model['estimate_label']})"
         )
         for title, items in (("helped", model["helpful"]), ("hurt", model["harmful"])):
             lines.append(f"  most {title}:")
@@ -128,4 +173,5 @@ def _report(payload: dict[str, Any]) -> str:
                 lines.append("    (none)")
         lines.append("")
     lines.extend(f"Warning: {warning}" for warning in payload["warnings"])
+    lines.extend(f"Wrote {path}" for path in payload["outputs"])
     return "\n".join(lines)

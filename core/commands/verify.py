@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from core.commands.common import StageBars, add_common_options, build_explainer, emit
@@ -16,9 +17,11 @@ def register(subparsers: Any) -> None:
         "verify",
         help="retrain without each of the top-k training images and compare with the estimates",
         description="For a test image, retrain every model without each of its k most influential "
-        "training images (by |score|), warm-started and to tolerance 1e-11, and compare the "
-        "actual change in test loss with the Newton-corrected and the first-order estimates: "
-        "Pearson, Spearman and the slope of actual against predicted (1 = right scale).",
+        "training images (by |score| of the default estimate), warm-started and to tolerance "
+        "1e-11, and compare the actual change in test loss with every estimate on the same "
+        "points: Pearson, Spearman, the slope through the origin of actual against predicted "
+        "(Σ predicted·actual / Σ predicted²; 1 = predicted ≈ actual) and, for comparison, the "
+        "slope and intercept of a fitted line.",
     )
     add_query_options(parser)
     parser.add_argument(
@@ -27,13 +30,27 @@ def register(subparsers: Any) -> None:
         help="several test rows at once, comma-separated (true labels); overrides --test-index",
     )
     parser.add_argument("--k", type=int, default=50, help="points to retrain per test image")
+    parser.add_argument(
+        "--output",
+        action="append",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="also write the results to PATH: .json (statistics and every retrained point) or "
+        ".csv (the scatter data: actual and predicted change per retrained point); repeatable",
+    )
     add_common_options(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from core.report import VerifiedQuery, explainer_settings, write_verification
+
     if args.k < 3:
         raise InfluenceExplorerError("--k must be at least 3 to compute correlations.")
+    for path in args.output or ():
+        if path.suffix.lower() not in (".json", ".csv"):
+            raise InfluenceExplorerError(f"--output {path}: the suffix must be .json or .csv.")
     explainer = build_explainer(args)
     bars = StageBars(enabled=not args.quiet)
     if args.test_indices:
@@ -50,6 +67,27 @@ def run(args: argparse.Namespace) -> int:
         query = query_from_args(args, explainer)
         result = explainer.verify(**query, k=args.k, target=args.target, progress=bars)
         per_test = [{"test_index": query.get("test_index"), "models": result}]
+    if args.output:
+        names = list(explainer.class_names)
+        queries = [
+            VerifiedQuery(
+                title=f"Test image #{item['test_index']}"
+                if item["test_index"] is not None
+                else f"Uploaded {args.image.name}",
+                test_index=item["test_index"],
+                checks=item["models"],
+            )
+            for item in per_test
+        ]
+        for path in args.output:
+            write_verification(
+                queries,
+                path,
+                model_labels={key: fitted.label for key, fitted in explainer.models.items()},
+                train_ids=[str(i) for i in explainer.dataset.train_ids],
+                train_labels=[names[int(c)] for c in explainer.train_labels],
+                settings=explainer_settings(explainer),
+            )
     payload = {
         "dataset": explainer.dataset.name,
         "k": args.k,
@@ -59,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
                 "models": {
                     key: {
                         "label": explainer.models[key].label,
+                        "selected_by": v.selected_by,
+                        "estimate_labels": {e: ESTIMATE_DESCRIPTIONS[e] for e in v.agreement},
                         "agreement": {e: a.as_dict() for e, a in v.agreement.items()},
                         "retrain_seconds": v.seconds,
                         "converged": v.converged,
@@ -87,8 +127,9 @@ def _report(payload: dict[str, Any]) -> str:
             lines.append(f"  {model['label']} (retraining took {model['retrain_seconds']:.1f} s)")
             for estimate, a in model["agreement"].items():
                 lines.append(
-                    f"    {ESTIMATE_DESCRIPTIONS[estimate]:<40} Pearson {a['pearson']:.3f}  "
-                    f"Spearman {a['spearman']:.3f}  slope {a['slope']:.3f}"
+                    f"    {ESTIMATE_DESCRIPTIONS[estimate]:<58} Pearson {a['pearson']:.3f}  "
+                    f"Spearman {a['spearman']:.3f}  slope {a['slope']:.3f} (through 0; "
+                    f"fitted line {a['affine_slope']:.3f}, intercept {a['intercept']:+.1e})"
                 )
         lines.append("")
     return "\n".join(lines)

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard.components.figures import loss_history
+from dashboard.components.figures import loss_history, plotly_config
 from dashboard.components.images import upscale
 from dashboard.components.runs import remembered_or_run
-from dashboard.services import InfluenceExplorerError, engines, facts, query
+from dashboard.services import (
+    InfluenceExplorerError,
+    engines,
+    explanations,
+    facts,
+    links,
+    measured,
+    query,
+)
 from dashboard.services import experiments as ex
 from dashboard.services.settings import current_settings
 from dashboard.services.widgets import forget_out_of_range, forget_unless_among, initial_value
@@ -29,27 +37,50 @@ names = facts.class_names(explainer)
 n_test = facts.n_test(explainer)
 defaults = ex.ATTACK_DEFAULTS
 
-forget_unless_among("attack_model", list(labels))
+forget_unless_among("attack_model", list(labels), what="model")
 initial_value("attack_model", facts.default_model(explainer))
 initial_value("attack_budget", defaults.budget)
 initial_value("attack_step_size", defaults.step_size)
 initial_value("attack_steps", defaults.steps)
 initial_value("attack_n_perturb", defaults.n_perturb)
 initial_value("attack_retrain", defaults.retrain_every_step)
-forget_out_of_range("attack_test_index", 0, n_test - 1)
+forget_out_of_range("attack_test_index", 0, n_test - 1, what="test image")
+
+
+def _use_image(index: int) -> None:
+    st.session_state["attack_test_index"] = int(index)
+    st.session_state["state_attack_auto"] = None
+
 
 image_col, settings_col = st.columns([1, 2], gap="large")
 with image_col:
     model_key = st.radio("Model", options=list(labels), format_func=labels.get, key="attack_model")
+    start = ex.attack_start(explainer, settings, model_key)
+    # The first image: the one picked on Explain, else the model's least confident correct one
+    # (where an attack can succeed), following the model while the user has not chosen another.
+    auto = st.session_state.get("state_attack_auto")
+    if "attack_test_index" not in st.session_state or (
+        auto is not None and st.session_state["attack_test_index"] == auto
+    ):
+        chosen_first = (
+            query.selected_test_index(explainer)
+            if query.has_chosen_test_image()
+            else (start.first if start.first is not None else 0)
+        )
+        st.session_state["attack_test_index"] = chosen_first
+        st.session_state["state_attack_auto"] = (
+            None if query.has_chosen_test_image() else chosen_first
+        )
     test_index = int(
         st.number_input(
             "Test image #",
             min_value=0,
             max_value=n_test - 1,
-            value=query.selected_test_index(explainer),
             step=1,
             key="attack_test_index",
-            help="Defaults to the test image picked on Explain.",
+            on_change=lambda: st.session_state.update(state_attack_auto=None),
+            help="Starts from the test image picked on Explain, else from the model's least "
+            "confident correctly classified test image (where an attack can succeed).",
         )
     )
     if query.current_query(explainer).upload is not None:
@@ -60,22 +91,28 @@ with image_col:
     prediction = facts.test_prediction(explainer, model_key, test_index)
     true_name = facts.test_label_name(explainer, test_index)
     st.image(upscale(facts.test_image(explainer, test_index), 112), width=112)
+    probability = explanations.probability_text(explainer, model_key, prediction.probability)
     st.caption(
         f"True label **{true_name}**; the {labels[model_key]} predicts "
-        f"**{prediction.label_name}** (p = {prediction.probability:.2f}). The attack raises the "
-        "loss of the predicted label."
+        f"**{prediction.label_name}** ({probability}). The attack raises the loss of the "
+        "predicted label."
     )
     if prediction.label_name != true_name:
-        suggestions = ex.attack_suggestions(explainer, settings)
         st.caption(
             "This prediction is wrong, so a flip would make it right. Koh & Liang attack images "
-            "the models get right"
-            + (
-                ", e.g. test images " + ", ".join(f"#{i}" for i in suggestions) + "."
-                if suggestions
-                else "."
-            )
+            "the models get right."
         )
+    if start.suggestions:
+        st.caption("This model's least confident correct test images (most likely to flip):")
+        with st.container(horizontal=True, gap="small", key="attack_suggestions"):
+            for index in start.suggestions:
+                st.button(
+                    f"#{index}",
+                    key=f"attack_use_{index}",
+                    on_click=_use_image,
+                    args=(index,),
+                    type="primary" if index == test_index else "secondary",
+                )
 
 with settings_col:
     budget_col, step_col = st.columns(2)
@@ -123,6 +160,21 @@ with settings_col:
         f"Up to {int(steps) if retrain else 1} retrain(s) of the {labels[model_key]} "
         "(one to a few seconds each on the demo)."
     )
+    figures = measured.attack_defaults_measured(explainer, settings)
+    if figures:
+        with st.container(key="attack_measured"):
+            st.caption(
+                "**How often the defaults flip a prediction:** "
+                + "; ".join(f"{f.label}: {f.text}" for f in figures)
+                + ", over each model's 10 least confident correct test images "
+                + (
+                    ""
+                    if figures[0].same_settings
+                    else "(measured on the bundled demo's default "
+                    "pair and backbone, not the settings chosen here) "
+                )
+                + f"— measured by `{measured.ATTACK_MEASURE_COMMAND}`."
+            )
 
 config = None
 try:
@@ -132,6 +184,7 @@ try:
 except InfluenceExplorerError as exc:
     st.error(str(exc))
 
+links.publish(settings, explainer)
 result = remembered_or_run(
     ex.ATTACK_RUNS,
     None if config is None else ex.AttackRun(settings.engine, model_key, test_index, config),
@@ -194,7 +247,7 @@ st.subheader("Test loss during the attack", anchor=False)
 st.plotly_chart(
     loss_history(result.loss_history, label=before),
     key="attack_loss",
-    config={"displaylogo": False},
+    config=plotly_config(f"attack-loss-test-{test_index}"),
 )
 st.caption(
     f"Loss of {before!r} for test image #{test_index} after each step's retraining (step 0: "

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard.components.figures import influence_vs_distance
+from dashboard.components.figures import influence_vs_distance, plotly_config
 from dashboard.components.images import upscale
-from dashboard.services import engines, explanations, facts, query
+from dashboard.services import engines, explanations, facts, links, query
 from dashboard.services.explanations import SIGN_CONVENTION
 from dashboard.services.settings import ESTIMATE_LABELS, current_settings
 
@@ -46,7 +46,11 @@ figure = influence_vs_distance(
         for key, label in labels.items()
     },
 )
-st.plotly_chart(figure, key="compare_scatter", config={"displaylogo": False})
+st.plotly_chart(
+    figure,
+    key="compare_scatter",
+    config=plotly_config(f"compare-{chosen.key.replace(':', '-')[:20]}"),
+)
 st.caption(
     "How to read it. In Koh & Liang's Figure 2, the RBF SVM's influential images are the ones "
     "closest in pixel space (its kernel only sees pixel similarity), mostly of the test image's own "
@@ -93,3 +97,4 @@ st.caption(
     + ". A model whose helpful images all share the explained label is reasoning by similarity to "
     "that class; helpful images of the other class mean it uses features the classes share."
 )
+links.publish(settings, explainer)

@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import streamlit as st
 
-from dashboard.components.images import Tile, signed_overlay, tile_grid, upscale
+from dashboard.components.images import Tile, colour_bar, signed_overlay, tile_grid, upscale
 from dashboard.components.trust import trust_link
-from dashboard.services import engines, explanations, facts, query, trust, uploads
-from dashboard.services.explanations import SIGN_CONVENTION
+from dashboard.services import (
+    InfluenceExplorerError,
+    engines,
+    explanations,
+    facts,
+    links,
+    query,
+    trust,
+    uploads,
+)
+from dashboard.services.explanations import QUICK_CHECK_K, SIGN_CONVENTION
 from dashboard.services.settings import ESTIMATE_LABELS, current_settings
 from dashboard.services.widgets import initial_value
 
-GALLERY_PAGE_SIZE = 16
-GALLERY_COLUMNS = 8
+GALLERY_COLUMNS = 6
+GALLERY_PAGE_SIZE = 2 * GALLERY_COLUMNS
+GALLERY_PX = 84
 TILE_COLUMNS = 5
 
 
@@ -31,6 +44,13 @@ def _go_to_test_image() -> None:
         query.select_test_image(int(index))
 
 
+def _relative(share: float) -> str:
+    """A score as a share of the current loss, e.g. "+92% of loss" or "+3.1× loss"."""
+    if not math.isfinite(share):
+        return ""
+    return f"{share:+.0%} of loss" if abs(share) < 10 else f"{share:+.3g}× loss"
+
+
 st.title("Explain a prediction")
 st.markdown(SIGN_CONVENTION)
 
@@ -38,10 +58,13 @@ settings = current_settings()
 explainer = engines.require_explainer(settings)
 names = facts.class_names(explainer)
 n_test = facts.n_test(explainer)
+n_train = facts.n_train(explainer)
 model_labels = facts.model_labels(explainer)
 short_labels = facts.model_short_labels(explainer)
 
 # ---------------------------------------------------------------- choose the image
+# The title spans the page (filled once the query is known), so a file name has room.
+title_area = st.container(key="explain_title")
 picked_col, choose_col = st.columns([1, 3], gap="large")
 with choose_col:
     uploaded = st.file_uploader(
@@ -106,8 +129,10 @@ with choose_col:
             [
                 Tile(
                     image=facts.test_image(explainer, i),
-                    caption=f"#{i} {names[gallery.true_labels[i]]} · "
-                    + _verdicts(i, gallery, short_labels),
+                    caption=(
+                        f"#{i} {names[gallery.true_labels[i]]}",
+                        _verdicts(i, gallery, short_labels),
+                    ),
                     button_key=f"explain_pick_{i}",
                     button_args=(int(i),),
                 )
@@ -115,7 +140,7 @@ with choose_col:
             ],
             columns=GALLERY_COLUMNS,
             button_label="Pick",
-            size=56,
+            size=GALLERY_PX,
             on_click=query.select_test_image,
             selected_key=None
             if current.test_index is None
@@ -129,9 +154,11 @@ with choose_col:
 
 chosen = query.current_query(explainer)
 explanation = explanations.explain(explainer, chosen, settings)
+quick_check = explanations.verification(settings, chosen, QUICK_CHECK_K, explainer)
 
-with picked_col:
+with title_area:
     st.subheader(chosen.title)
+with picked_col:
     st.image(upscale(chosen.image, 224), width=224)
     st.caption(f"Exactly what the models see: {facts.image_description(explainer)}.")
     if chosen.upload is not None:
@@ -144,6 +171,11 @@ with picked_col:
             on_click=query.show_test_images,
         )
         st.info("An upload has no true label: each model's explanation is of its own prediction.")
+        if not query.upload_kept():
+            st.caption(
+                "This upload could not be kept on the server, so a link to it works only in "
+                "this session."
+            )
     else:
         st.markdown(f"True label: **{explanation.true_label_name}**")
         if query.current_upload(explainer) is not None:
@@ -151,6 +183,42 @@ with picked_col:
                 "Explain my upload again",
                 key="explain_back_to_upload",
                 on_click=query.select_upload,
+            )
+    with (
+        st.container(key="explain_exports"),
+        st.popover("Keep or share", icon=":material/share:", width="stretch"),
+    ):
+        st.caption(
+            "The address in the browser's bar opens this very view (image, settings, estimate, "
+            "k) for anyone with access to this server."
+            + (
+                " Your upload is kept on the server by content, never listed."
+                if chosen.upload
+                else ""
+            )
+        )
+        documents = explanations.explanation_documents(
+            explainer,
+            chosen,
+            settings,
+            explanation,
+            link=links.view_link(settings, explainer, essential=True),
+            checks=quick_check,
+        )
+        for label, suffix, data, mime in (
+            ("Report (HTML)", "html", documents.html, "text/html"),
+            ("All scores (CSV)", "csv", documents.csv, "text/csv"),
+            ("All scores (JSON)", "json", documents.json, "application/json"),
+        ):
+            st.download_button(
+                label,
+                data=data,
+                file_name=f"{documents.stem}.{suffix}",
+                mime=mime,
+                key=f"explain_download_{suffix}",
+                on_click="ignore",
+                icon=":material/download:",
+                width="stretch",
             )
 
 # ---------------------------------------------------------------- the heatmap view
@@ -162,27 +230,43 @@ def _inspector(model_key: str, train_index: int) -> None:
     explained = explanation.models[model_key]
     score = float(explained.scores[train_index])
     train_label = facts.train_label_name(explainer, train_index)
+    scale = explanations.score_scale(explained)
     st.markdown(
         f"**Training image #{train_index}** ({train_label}) for the **{model_labels[model_key]}**: "
-        f"score {score:+.4g} ({ESTIMATE_LABELS[settings.estimate]}), "
-        f"so it {'helped' if score > 0 else 'hurt'} the prediction."
+        f"score {score:+.4g} ({ESTIMATE_LABELS[settings.estimate]}; {_relative(scale.relative(score))} "
+        f"{explained.loss:.3g}), so it {'helped' if score > 0 else 'hurt'} the prediction."
     )
     with st.spinner("Computing the per-pixel influence…"):
         values = explanations.heatmap(explainer, chosen, settings, model_key, train_index)
     train_image = facts.train_image(explainer, train_index)
-    overlay = signed_overlay(train_image, values)
+    full = explanations.heatmap_scale(values)
+    overlay = signed_overlay(train_image, values, scale=full)
     left, middle, right = st.columns(3)
-    left.image(upscale(chosen.image, 224), caption=chosen.title, width=224)
+    left.image(upscale(chosen.image, 224), caption=chosen.title.replace("`", ""), width=224)
     middle.image(upscale(train_image, 224), caption=f"Training image #{train_index}", width=224)
     right.image(overlay.image, caption="Per-pixel influence, on the training image", width=224)
+    with right, st.container(key="explain_heatmap_scale"):
+        st.image(colour_bar(224, 12), width=224)
+        st.caption(
+            f"−{overlay.scale:.2g} · 0 · +{overlay.scale:.2g} test loss per intensity step "
+            "(0–255): no colour at zero, full colour at the ends and beyond."
+        )
+    floor_note = (
+        " Here every value is below that floor, so the colours are faint on purpose."
+        if overlay.scale <= explanations.HEATMAP_FLOOR
+        else ""
+    )
     st.caption(
         "Red: brightening that pixel of the training image would raise the test loss of "
         f"{explained.explained_label_name!r} (push the model away from it); blue: would lower it. "
-        f"Full colour at |d loss / d pixel| = {overlay.scale:.3g} per intensity step (0-255)."
+        "Colour strength grows linearly from zero; full colour is at the 99th percentile of "
+        f"|d loss / d pixel|, but never below {explanations.HEATMAP_FLOOR:.2g} per step (a whole "
+        f"0–255 swing of one pixel changing the loss by {explanations.NEGLIGIBLE_LOSS_CHANGE:g})."
+        + floor_note
     )
 
 
-inspected = query.inspected(chosen)
+inspected = query.inspected(chosen, explainer)
 if inspected is not None:
     _inspector(inspected.model_key, inspected.train_index)
 
@@ -190,12 +274,17 @@ if inspected is not None:
 estimate_label = ESTIMATE_LABELS[settings.estimate]
 st.markdown(
     f"Scores shown: **{estimate_label}** estimate"
-    + (" (the default)." if settings.estimate == "corrected" else " (Koh & Liang's formula).")
+    + {
+        "margin": " (the default: the test loss evaluated at the predicted change of the outputs).",
+        "corrected": " (the test loss linearised).",
+        "first_order": " (Koh & Liang's formula).",
+    }.get(settings.estimate, ".")
     + " Switch in the sidebar."
 )
 columns = st.columns(len(model_labels), gap="large")
 for column, (key, label) in zip(columns, model_labels.items(), strict=True):
     model = explanation.models[key]
+    scale = explanations.score_scale(model)
     with column, st.container(key=f"explain_model_{key}"):
         st.subheader(label)
         probability = float(model.probabilities[model.predicted])
@@ -203,10 +292,17 @@ for column, (key, label) in zip(columns, model_labels.items(), strict=True):
         if explanation.true_label is not None:
             verdict = " ✓" if model.predicted == explanation.true_label else " ✗ (wrong)"
         st.markdown(
-            f"Predicts **{model.predicted_name}** (p = {probability:.2f}){verdict}. "
+            f"Predicts **{model.predicted_name}** "
+            f"({explanations.probability_text(explainer, key, probability)}){verdict}. "
             f"Explaining the loss of **{model.explained_label_name}** "
             f"(loss {model.loss:.3g})."
         )
+        if model.familiarity.unusual:
+            with st.container(key=f"explain_ood_{key}"):
+                st.warning(model.familiarity.message(label), icon=":material/help:")
+        if scale.negligible:
+            with st.container(key=f"explain_negligible_{key}"):
+                st.info(scale.message(label), icon=":material/exposure_zero:")
         for kind, title in (("helpful", "Most helpful"), ("harmful", "Most harmful")):
             items = getattr(model, kind)
             st.markdown(f"**{title}** ({len(items)})")
@@ -229,10 +325,16 @@ for column, (key, label) in zip(columns, model_labels.items(), strict=True):
                 [
                     Tile(
                         image=facts.train_image(explainer, item.train_index),
-                        caption=f"{item.label_name} {item.score:+.3g} · d {item.pixel_distance:.1f}",
+                        caption=(
+                            item.label_name,
+                            f"{item.score:+.3g}",
+                            f"{_relative(scale.relative(item.score))}",
+                            f"d {item.pixel_distance:.1f}",
+                        ),
                         button_key=f"explain_inspect_{key}_{kind}_{rank}",
                         button_args=(key, item.train_index, chosen.key),
-                        help=f"Training image #{item.train_index} ({item.id}): show its "
+                        help=f"Training image #{item.train_index} ({item.id}): score "
+                        f"{item.score:+.4g}, pixel distance {item.pixel_distance:.2f}. Show its "
                         "per-pixel influence beside the test image.",
                     )
                     for rank, item in enumerate(items)
@@ -242,7 +344,10 @@ for column, (key, label) in zip(columns, model_labels.items(), strict=True):
                 on_click=query.inspect,
                 selected_key=selected_key,
             )
-        st.caption("Tile caption: label · influence score · pixel distance to the test image.")
+        st.caption(
+            "Tile: label · influence score · the score as a share of the current loss · pixel "
+            "distance to the test image."
+        )
         trust_link(
             trust.model_reference(explainer, key, settings),
             model_name=label,
@@ -250,3 +355,42 @@ for column, (key, label) in zip(columns, model_labels.items(), strict=True):
             verify_page="app_pages/verify.py",
             key=f"explain_trust_{key}",
         )
+        with st.container(key=f"explain_check_{key}"):
+            check = None if quick_check is None else quick_check.get(key)
+            if check is not None:
+                agreement = check.agreement[settings.estimate]
+                st.markdown(
+                    f"**This image, checked** by retraining without each of its top "
+                    f"{len(check.train_indices)} ({estimate_label}):"
+                )
+                a, b, c = st.columns(3)
+                a.metric("Pearson", f"{agreement.pearson:.3f}")
+                b.metric("Spearman", f"{agreement.spearman:.3f}")
+                c.metric("Slope", f"{agreement.slope:.2f}")
+                if scale.negligible:
+                    st.caption(
+                        "With changes this small the slope and correlations describe differences "
+                        "of less than a millionth of the loss."
+                    )
+            elif st.button(
+                "Check this image now",
+                key=f"explain_run_check_{key}",
+                icon=":material/fact_check:",
+                help=f"Retrain every model without each of its top {QUICK_CHECK_K} training "
+                "images by |score| and compare with the scores (about ten seconds on the demo).",
+            ):
+                bar = st.progress(0.0, text="Retraining…")
+
+                def _progress(stage: str, done: int, total: int, bar: Any = bar) -> None:
+                    bar.progress(min(1.0, done / max(total, 1)), text=f"{stage}: {done}/{total}")
+
+                try:
+                    explanations.run_verification(
+                        explainer, chosen, settings, QUICK_CHECK_K, _progress
+                    )
+                except InfluenceExplorerError as exc:
+                    st.error(engines.error_message(exc, settings))
+                else:
+                    st.rerun()
+
+links.publish(settings, explainer)

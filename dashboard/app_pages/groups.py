@@ -7,10 +7,14 @@ import math
 import pandas as pd
 import streamlit as st
 
-from dashboard.components.figures import group_predicted_vs_actual, ratio_by_group_size
+from dashboard.components.figures import (
+    group_predicted_vs_actual,
+    plotly_config,
+    ratio_by_group_size,
+)
 from dashboard.components.images import upscale
 from dashboard.components.runs import remembered_or_run
-from dashboard.services import InfluenceExplorerError, engines, facts, query
+from dashboard.services import InfluenceExplorerError, engines, explanations, facts, links, query
 from dashboard.services import experiments as ex
 from dashboard.services.settings import current_settings
 from dashboard.services.widgets import forget_out_of_range, forget_unless_among, initial_value
@@ -40,14 +44,16 @@ labels = facts.model_labels(explainer)
 n_train = facts.n_train(explainer)
 n_test = facts.n_test(explainer)
 
-forget_unless_among("groups_model", list(labels))
+forget_unless_among("groups_model", list(labels), what="model")
 initial_value("groups_model", facts.default_model(explainer))
 initial_value("groups_kinds", list(ex.GROUP_DEFAULT_KINDS))
 initial_value("groups_sizes", list(ex.GROUP_DEFAULT_SIZES))
 initial_value("groups_per_size", ex.GROUP_DEFAULT_PER_SIZE)
 initial_value("groups_custom", "")
 initial_value("groups_seed", 0)
-forget_out_of_range("groups_test_index", 0, n_test - 1)
+forget_out_of_range("groups_test_index", 0, n_test - 1, what="test image")
+# Not kept across pages on purpose: it starts from the image picked on Explain each visit.
+initial_value("groups_test_index", ex.default_group_test_index(explainer, settings))
 
 image_col, settings_col = st.columns([1, 2], gap="large")
 with image_col:
@@ -57,7 +63,6 @@ with image_col:
             "Test image #",
             min_value=0,
             max_value=n_test - 1,
-            value=ex.default_group_test_index(explainer, settings),
             step=1,
             key="groups_test_index",
             help="Defaults to the test image picked on Explain, or else the first one every "
@@ -74,28 +79,12 @@ with image_col:
     st.image(upscale(facts.test_image(explainer, test_index), 112), width=112)
     st.caption(
         f"True label **{true_name}**; the {labels[model_key]} predicts "
-        f"**{prediction.label_name}** (p = {prediction.probability:.2f}). The loss explained is "
-        "that of the true label."
+        f"**{prediction.label_name}** "
+        f"({explanations.probability_text(explainer, model_key, prediction.probability)}). The "
+        "loss explained is that of the true label."
     )
 
 with settings_col:
-    kinds = st.pills(
-        "Kinds of group",
-        options=list(ex.GROUP_KIND_CHOICES),
-        selection_mode="multi",
-        format_func=ex.GROUP_KIND_LABELS.get,
-        key="groups_kinds",
-        help="Random; random within one class (the classes in turn); k-means clusters of the "
-        "model's inputs (backbone features for the logistic regression, pixels for the SVM); "
-        "the test image's most helpful and most harmful training images (one group per size).",
-    )
-    sizes = st.pills(
-        "Group sizes: images (share of the training set)",
-        options=list(ex.GROUP_SIZE_CHOICES),
-        selection_mode="multi",
-        format_func=lambda f: f"{ex.size_count(f, n_train)} ({f:.2%})",
-        key="groups_sizes",
-    )
     per_size = st.number_input(
         "Groups of each random kind per size",
         min_value=1,
@@ -114,6 +103,25 @@ with settings_col:
             "The group is added to the others.",
         )
         seed = st.number_input("Seed", min_value=0, max_value=2**31 - 1, step=1, key="groups_seed")
+
+# Full width: at 1280 px a column cuts a row of pills short.
+kinds = st.pills(
+    "Kinds of group",
+    options=list(ex.GROUP_KIND_CHOICES),
+    selection_mode="multi",
+    format_func=ex.GROUP_KIND_LABELS.get,
+    key="groups_kinds",
+    help="Random; random within one class (the classes in turn); k-means clusters of the "
+    "model's inputs (backbone features for the logistic regression, pixels for the SVM); "
+    "the test image's most helpful and most harmful training images (one group per size).",
+)
+sizes = st.pills(
+    "Group sizes: images (share of the training set)",
+    options=list(ex.GROUP_SIZE_CHOICES),
+    selection_mode="multi",
+    format_func=lambda f: ex.size_label(f, n_train),
+    key="groups_sizes",
+)
 
 config = None
 try:
@@ -139,6 +147,7 @@ if config is not None:
             f"{count} retrains will take minutes. Fewer sizes or kinds make a quicker first look."
         )
 
+links.publish(settings, explainer)
 result = remembered_or_run(
     ex.GROUP_RUNS,
     None if config is None else ex.GroupRun(settings.engine, model_key, test_index, config),
@@ -167,7 +176,7 @@ st.plotly_chart(
         descriptions=[group.description for group in result.groups],
     ),
     key="groups_scatter",
-    config={"displaylogo": False},
+    config=plotly_config(f"groups-test-{test_index}-{model_key}"),
 )
 errors = result.mean_absolute_error()
 with st.container(key="groups_summary"):
@@ -205,7 +214,7 @@ st.plotly_chart(
         estimate_labels=names,
     ),
     key="groups_ratio",
-    config={"displaylogo": False},
+    config=plotly_config(f"groups-ratio-test-{test_index}-{model_key}"),
 )
 st.dataframe(
     pd.DataFrame(

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard.services import engines, facts
+from dashboard.services import engines, facts, links
 from dashboard.services.explanations import SIGN_CONVENTION
+from dashboard.services.settings import current_settings
 
 st.title("Method")
 
@@ -70,24 +71,17 @@ else:
             {
                 "model": summary.label,
                 "input": summary.features,
-                "train accuracy": summary.train_accuracy,
-                "test accuracy": summary.test_accuracy,
+                "train accuracy": f"{summary.train_accuracy:.3f}",
+                "test accuracy": f"{summary.test_accuracy:.3f}",
                 "hyperparameters": ", ".join(
                     f"{name} = {value:.3g}" for name, value in summary.hyperparameters.items()
                 ),
-                "fit (s)": summary.fit_seconds,
+                "fit (s)": f"{summary.fit_seconds:.2f}",
             }
         )
-    st.dataframe(
-        pd.DataFrame(rows),
-        hide_index=True,
-        key="method_summaries",
-        column_config={
-            "train accuracy": st.column_config.NumberColumn(format="%.3f"),
-            "test accuracy": st.column_config.NumberColumn(format="%.3f"),
-            "fit (s)": st.column_config.NumberColumn(format="%.2f"),
-        },
-    )
+    # A static table: long headers and values wrap instead of being cut to a column's width.
+    with st.container(key="method_summaries"):
+        st.table(pd.DataFrame(rows).set_index("model"))
     st.caption(
         "The logistic regression's λ is chosen by 3-fold cross-validated accuracy, never by how "
         "good influence looks; n = "
@@ -113,3 +107,5 @@ st.markdown(
     "an image unlike the training data gets an explanation, but not necessarily a meaningful one.\n"
     "- **Check it:** the Verify page retrains and reports Pearson, Spearman and slope."
 )
+
+links.publish(current_settings(), explainer)

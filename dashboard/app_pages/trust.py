@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from dashboard.components.figures import plotly_config
 from dashboard.components.trust import (
     correlation_figure,
     curvature_frame,
@@ -13,9 +14,9 @@ from dashboard.components.trust import (
     solver_comparison_frame,
     tally,
 )
-from dashboard.services import InfluenceExplorerError, trust
-
-PLOTLY_CONFIG = {"displaylogo": False}
+from dashboard.services import InfluenceExplorerError, links, trust
+from dashboard.services.settings import current_settings
+from dashboard.services.widgets import forget_unless_among, initial_value
 
 st.title("Trust: where influence breaks")
 st.markdown(
@@ -95,12 +96,16 @@ st.caption(
 
 # ---------------------------------------------------------------- depth and width
 st.header("Depth and width")
+# First values through Session State (a link may set them there; see services/links.py).
+forget_unless_among("trust_chart_wd", list(results.config.weight_decays), what="weight decay")
+initial_value("trust_chart_point", "high_loss")
+initial_value("trust_chart_wd", results.config.weight_decays[0])
+initial_value("trust_chart_metric", "spearman")
 point_col, wd_col, metric_col = st.columns(3)
 with point_col:
     test_point = st.segmented_control(
         "Test image",
         options=list(trust.TEST_POINT_LABELS),
-        default="high_loss",
         required=True,
         format_func=lambda kind: trust.TEST_POINT_LABELS[kind],
         key="trust_chart_point",
@@ -110,7 +115,6 @@ with wd_col:
     weight_decay = st.segmented_control(
         "Weight decay",
         options=list(results.config.weight_decays),
-        default=results.config.weight_decays[0],
         required=True,
         format_func=lambda wd: "none" if wd == 0 else f"{wd:g}",
         key="trust_chart_wd",
@@ -120,18 +124,20 @@ with metric_col:
     metric = st.segmented_control(
         "Correlation",
         options=["pearson", "spearman"],
-        default="spearman",
         required=True,
         format_func=str.capitalize,
         key="trust_chart_metric",
         persist_state="session",
     )
+links.publish(current_settings())
 panels = [
     (vary, *trust.fragility_series(results, vary, test_point, weight_decay))
     for vary in ("depth", "width")
 ]
 st.plotly_chart(
-    correlation_figure(panels, metric=metric), key="trust_depth_width", config=PLOTLY_CONFIG
+    correlation_figure(panels, metric=metric),
+    key="trust_depth_width",
+    config=plotly_config(f"trust-{metric}-{test_point}-wd{weight_decay:g}"),
 )
 st.caption(
     "Each line is one solver on the full network; CG (dashed) lies on the exact line wherever "
@@ -153,7 +159,11 @@ else:
         f"network × test image cases, equal in {counts['equal']} and higher in "
         f"{counts['higher']} (to three decimals). Points below the diagonal: LiSSA is worse."
     )
-    st.plotly_chart(solver_comparison_figure(comparisons), key="trust_lissa", config=PLOTLY_CONFIG)
+    st.plotly_chart(
+        solver_comparison_figure(comparisons),
+        key="trust_lissa",
+        config=plotly_config("trust-exact-vs-lissa"),
+    )
     st.caption("Filled markers: weight decay 0.001; open: no weight decay.")
     with st.expander("Every case, with the solvers' agreement and time"):
         st.dataframe(

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard.components.figures import actual_vs_predicted
+from dashboard.components.figures import actual_vs_predicted, plotly_config
 from dashboard.components.images import upscale
-from dashboard.services import InfluenceExplorerError, engines, explanations, facts, query
+from dashboard.services import InfluenceExplorerError, engines, explanations, facts, links, query
 from dashboard.services.settings import ESTIMATE_LABELS, ESTIMATES, current_settings
+from dashboard.services.widgets import initial_value
 
 st.title("Verify by retraining")
 
@@ -24,28 +25,37 @@ with text_col:
     st.markdown(
         "For each model, the top-k training images by |influence| are removed one at a time and "
         "the model is refitted to convergence (warm-started Newton, same objective). The actual "
-        "change in this image's test loss is then compared with both estimates: "
-        "**Newton-corrected** (the default) and **first order** (Koh & Liang's)."
+        "change in this image's test loss is then compared with every estimate: "
+        "**exact in the margin** (the default: the loss at the Newton-predicted outputs), "
+        "**Newton-corrected** (the same parameter change, the loss linearised) and "
+        "**first order** (Koh & Liang's)."
     )
     st.page_link("app_pages/explain.py", label="Choose another image on Explain", icon="↩")
 
+initial_value("verify_k", 50)
 k = int(
     st.number_input(
         "Training images to retrain without, per model (k)",
         min_value=3,
         max_value=200,
-        value=50,
         step=5,
         key="verify_k",
         help="About 0.5 s per retrain per model on the demo; 50 takes under a minute.",
     )
 )
-result = explanations.verification(settings, chosen, k)
+links.publish(settings, explainer)
+result = explanations.verification(settings, chosen, k, explainer)
+from_server = result is not None and explanations.verified_earlier(settings, chosen, k)
 run = st.button(
-    "Retrain to verify" if result is None else "Retrain again",
+    "Retrain to verify" if result is None or from_server else "Retrain again",
     key="verify_run",
     type="primary",
 )
+if from_server and not run:
+    st.caption(
+        "These results were computed earlier on this server for this image and k, and kept; "
+        "press the button to retrain again."
+    )
 if run:
     bar = st.progress(0.0, text="Starting…")
     stages: list[str] = []
@@ -72,7 +82,8 @@ else:
         [(labels[key], check.predicted, check.actual) for key, check in result.items()],
         estimate_labels=ESTIMATE_LABELS,
     )
-    st.plotly_chart(figure, key="verify_scatter", config={"displaylogo": False})
+    stem = f"verify-{chosen.key.replace(':', '-')[:20]}-k{k}"
+    st.plotly_chart(figure, key="verify_scatter", config=plotly_config(stem))
     shown = ESTIMATE_LABELS[settings.estimate]
     with st.container(key="verify_summary"):
         for column, (key, check) in zip(st.columns(len(result)), result.items(), strict=True):
@@ -97,22 +108,79 @@ else:
                     "slope": agreement.slope,
                     "intercept": agreement.intercept,
                     "n": agreement.n,
-                    "retraining time (s)": check.seconds,
-                    "all converged": check.converged,
+                    "time (s)": check.seconds,
+                    "converged": check.converged,
                 }
             )
+    # A static table: every header and value in full at any width (a data grid cut the headers
+    # to its columns' widths at 1440 px).
+    with st.container(key="verify_table"):
+        st.table(
+            pd.DataFrame(rows)
+            .style.format(
+                {
+                    "Pearson": "{:.3f}",
+                    "Spearman": "{:.3f}",
+                    "slope": "{:.3f}",
+                    "intercept": "{:.2e}",
+                    "time (s)": "{:.1f}",
+                    "converged": lambda v: "yes" if v else "no",
+                }
+            )
+            .hide(axis="index")
+        )
     st.dataframe(
-        pd.DataFrame(rows),
+        pd.DataFrame(
+            [
+                {
+                    "model": labels[key],
+                    "train #": int(j),
+                    "label": facts.train_label_name(explainer, int(j)),
+                    "actual": float(check.actual[i]),
+                    **{
+                        ESTIMATE_LABELS[e]: float(check.predicted[e][i])
+                        for e in ESTIMATES
+                        if e in check.predicted
+                    },
+                }
+                for key, check in result.items()
+                for i, j in enumerate(check.train_indices)
+            ]
+        ),
         hide_index=True,
-        key="verify_table",
+        key="verify_points",
+        height=250,
+        # Widths that fit every header at 1280 px (an auto-sized grid cuts them).
         column_config={
-            "Pearson": st.column_config.NumberColumn(format="%.3f"),
-            "Spearman": st.column_config.NumberColumn(format="%.3f"),
-            "slope": st.column_config.NumberColumn(format="%.3f"),
-            "intercept": st.column_config.NumberColumn(format="%.2e"),
-            "retraining time (s)": st.column_config.NumberColumn(format="%.1f"),
+            "model": st.column_config.TextColumn(width=210),
+            "train #": st.column_config.NumberColumn(width=70),
+            "label": st.column_config.TextColumn(width=100),
+            "actual": st.column_config.NumberColumn(format="%.3e", width=100),
+            **{
+                ESTIMATE_LABELS[e]: st.column_config.NumberColumn(format="%.3e", width=140)
+                for e in ESTIMATES
+            },
         },
     )
+    st.caption("Every retrained image: the actual change in test loss and each estimate's.")
+    document, scatter, statistics = explanations.verification_documents(
+        explainer, chosen, result, link=links.view_link(settings, explainer)
+    )
+    with st.container(horizontal=True, key="verify_downloads"):
+        for label, name, data, mime in (
+            ("Scatter data (CSV)", f"{stem}-points.csv", scatter, "text/csv"),
+            ("Statistics (CSV)", f"{stem}-statistics.csv", statistics, "text/csv"),
+            ("Everything (JSON)", f"{stem}.json", document, "application/json"),
+        ):
+            st.download_button(
+                label,
+                data=data,
+                file_name=name,
+                mime=mime,
+                key=f"verify_download_{name.rsplit('.', 1)[-1]}_{label.split()[0].lower()}",
+                on_click="ignore",
+                icon=":material/download:",
+            )
     st.caption(
         "Points on the dashed y = x line are predicted exactly. Spearman measures whether the "
         "ranking is right; the slope whether the scale is (1 means the score is the actual change "
@@ -127,6 +195,8 @@ else:
 earlier = explanations.verified_queries(settings)
 if earlier:
     st.caption(
-        "Verified in this session (kept while the session lasts): "
+        "Verified in this session: "
         + ", ".join(f"{title} (k = {n})" for title, n in earlier)
+        + ". Results are kept on this server by content, so this page's link shows them to "
+        "anyone who opens it, without retraining."
     )

@@ -19,9 +19,20 @@ CLASS_COLOURS: tuple[str, ...] = (
     "#F0E442",
     "#000000",
 )
-ESTIMATE_COLOURS = {"corrected": "#2563eb", "first_order": "#E69F00"}
+ESTIMATE_COLOURS = {"margin": "#D55E00", "corrected": "#2563eb", "first_order": "#E69F00"}
 # Above this many points a panel uses WebGL; SVG makes one DOM node per point.
 _WEBGL_FROM = 5000
+
+
+def plotly_config(filename: str, *, scale: int = 2) -> dict:
+    """Plotly's chart configuration for ``st.plotly_chart(config=...)``: no logo, and the
+    toolbar's camera button saves the figure as ``<filename>.png`` at ``scale`` times its size,
+    drawn by the browser (no server-side renderer is needed)."""
+    safe = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in filename)[:80]
+    return {
+        "displaylogo": False,
+        "toImageButtonOptions": {"format": "png", "filename": safe or "figure", "scale": scale},
+    }
 
 
 def influence_vs_distance(

@@ -305,7 +305,11 @@ def trust_link(
     verify_page: str,
     key: str,
 ) -> None:
-    """One short line under an explanation: how far its scores can be trusted, with links.
+    """One short paragraph under an explanation: how far its scores can be trusted, with links.
+
+    The committed study's row is cited as this model's only when it is for this kind of model on
+    these inputs; otherwise the paragraph says the study has no row for it, and what the nearest
+    row measures.
 
     Args:
         lookup: a ``ReferenceLookup``: the committed study's reference numbers for this model
@@ -327,15 +331,23 @@ def trust_link(
             numbers += "".join(
                 f", {c.pearson:.2f} / {c.spearman:.2f} ({c.test_point})" for c in others
             )
-            text = (
-                f"**How far can these scores be trusted?** — reference row *{reference.row}*: "
-                f"{numbers}; {reference.estimate} estimate against exact retraining, for "
-                f"{reference.measures}. The Verify page checks this very image."
-            )
+            if reference.matches:
+                text = (
+                    f"**How far can these scores be trusted?** Reference row *{reference.row}*: "
+                    f"{numbers}; {reference.estimate} estimate against exact retraining, for "
+                    f"{reference.measures}."
+                )
+            else:
+                text = (
+                    f"**How far can these scores be trusted?** {reference.missing} The nearest "
+                    f"row, *{reference.row}*, measures {reference.measures}: {numbers} "
+                    f"({reference.estimate} estimate against exact retraining); it says nothing "
+                    "certain about this model. Check this image below."
+                )
         st.caption(text)
         with st.container(horizontal=True, gap="medium"):
             st.page_link(trust_page, label="See Trust", icon=":material/verified_user:")
-            st.page_link(verify_page, label="Verify this image", icon=":material/fact_check:")
+            st.page_link(verify_page, label="Verify with more images", icon=":material/fact_check:")
 
 
 def tally(comparisons: Sequence[Any], metric: str = "pearson", decimals: int = 3) -> dict[str, int]:

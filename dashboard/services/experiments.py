@@ -51,11 +51,12 @@ __all__ = [
     "RANKINGS",
     "RANKING_LABELS",
     "AttackRun",
+    "AttackStart",
     "GroupRun",
     "MislabelRun",
     "amplified_difference",
     "attack_config",
-    "attack_suggestions",
+    "attack_start",
     "default_group_test_index",
     "found_curve",
     "group_config",
@@ -63,6 +64,7 @@ __all__ = [
     "mislabel_config",
     "parse_indices",
     "size_count",
+    "size_label",
     "suspicious_csv",
     "suspicious_images",
 ]
@@ -85,6 +87,14 @@ MAX_CUSTOM_INDICES = 5000
 def size_count(fraction: float, n_train: int) -> int:
     """A group size given as a fraction of the training set, in images."""
     return core_groups.size_count(fraction, n_train)
+
+
+def size_label(fraction: float, n_train: int) -> str:
+    """A size choice as the page shows it: the images and the share they really are, e.g.
+    "2 (0.2%)" for 0.25% of 1000 (which rounds to 2 images)."""
+    count = size_count(fraction, n_train)
+    share = count / n_train
+    return f"{count} ({share:.1%})" if share < 0.1 else f"{count} ({share:.0%})"
 
 
 def parse_indices(text: str) -> tuple[int, ...]:
@@ -338,19 +348,41 @@ ATTACK_RUNS: SessionRuns[AttackRun, core_attack.AttackResult] = SessionRuns(
 )
 
 
-@st.cache_data(max_entries=8, show_spinner=False)
-def _correctly_classified(engine: EngineSpec, count: int, _explainer: Explainer) -> list[int]:
-    return core_attack.correctly_classified(
-        _explainer.models.values(), _explainer.test_labels, count=count, seed=0
-    )
-
-
-def attack_suggestions(explainer: Explainer, settings: Settings, count: int = 8) -> list[int]:
-    """Up to ``count`` test images every model classifies correctly (seeded): the images Koh &
-    Liang attack, where a flip makes a right prediction wrong."""
-    return _correctly_classified(settings.engine, int(count), explainer)
-
-
 def amplified_difference(result: core_attack.AttackResult) -> np.ndarray:
     """(k, H, W, C) uint8: the perturbations made visible, grey = unchanged, ±budget = black/white."""
     return core_attack.amplified_difference(result)
+
+
+# ------------------------------------------------------------------ attack's first image
+
+
+@dataclass(frozen=True)
+class AttackStart:
+    """Where the Attack page starts for one model: its least confident correct test images."""
+
+    suggestions: tuple[int, ...]
+
+    @property
+    def first(self) -> int | None:
+        return self.suggestions[0] if self.suggestions else None
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def _attack_start(
+    engine: EngineSpec, model_key: str, count: int, _explainer: Explainer
+) -> AttackStart:
+    return AttackStart(
+        tuple(
+            core_attack.lowest_margin_correct(
+                _explainer.models[model_key], _explainer.test_labels, count=count
+            )
+        )
+    )
+
+
+def attack_start(
+    explainer: Explainer, settings: Settings, model_key: str, count: int = 5
+) -> AttackStart:
+    """The model's ``count`` least confident correctly classified test images, least first: where
+    an attack has the best chance (core.attack.lowest_margin_correct)."""
+    return _attack_start(settings.engine, model_key, int(count), explainer)

@@ -2,12 +2,18 @@
 and verification by retraining.
 
 Explanations and heatmaps are shared across sessions, keyed by content: the frozen settings (or
-the engine's part of them) and the query's key, never by a session. Verifications are this
-session's own and remembered for it.
+the engine's part of them) and the query's key, never by a session. A verification is computed
+for the session that asks and kept in the artifact store by the same content (the engine's
+dataset and configuration, the query, k), so a link to a verified view shows the same numbers to
+whoever opens it, without retraining again. Also here: the documents a view exports (core.report)
+and how big a model's scores are (core.report.score_scale).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,30 +21,50 @@ from typing import Any
 import numpy as np
 import streamlit as st
 
+from core import report as core_report
 from core.compare import Comparison, LabelMakeup, PairAgreement, compare_models
-from core.errors import InfluenceExplorerError
-from core.explainer import Explainer, Explanation
+from core.errors import CacheError, InfluenceExplorerError
+from core.explainer import Explainer, Explanation, ModelExplanation
+from core.report import ScoreScale
+from core.store import ArtifactStore, CacheKey
 from core.validation import Verification
 from dashboard.services.engines import stop_on_domain_error
-from dashboard.services.facts import class_names
+from dashboard.services.facts import class_names, train_ids, train_labels
 from dashboard.services.query import Query
 from dashboard.services.runs import SessionRuns
 from dashboard.services.settings import EngineSpec, Settings
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "MAX_VERIFICATIONS_PER_SESSION",
+    "NEGLIGIBLE_LOSS_CHANGE",
+    "QUICK_CHECK_K",
     "SIGN_CONVENTION",
     "Comparison",
+    "ExportedDocuments",
     "LabelMakeup",
     "PairAgreement",
+    "ScoreScale",
     "VerifyRun",
     "compare",
     "explain",
+    "explanation_documents",
     "heatmap",
+    "heatmap_scale",
+    "probability_text",
     "run_verification",
+    "score_scale",
     "verification",
+    "verification_documents",
+    "verified_earlier",
     "verified_queries",
 ]
+
+NEGLIGIBLE_LOSS_CHANGE = core_report.NEGLIGIBLE_LOSS_CHANGE
+HEATMAP_FLOOR = core_report.HEATMAP_FLOOR
+#: The quick check on Explain: retrain without each of the top 10 by |score|, every model.
+QUICK_CHECK_K = 10
 
 SIGN_CONVENTION = (
     "Influence score ≈ test loss after removing the training image − test loss with it. "
@@ -100,6 +126,125 @@ def compare(explanation: Explanation, explainer: Explainer) -> Comparison:
     return compare_models(explanation.models, class_names(explainer))
 
 
+def score_scale(model: ModelExplanation) -> ScoreScale:
+    """How large one model's scores are and whether they are negligible (core's rule)."""
+    return core_report.score_scale(model.scores, model.loss)
+
+
+def heatmap_scale(values: np.ndarray) -> float:
+    """The |value| a heatmap shows at full colour (core's rule: never below HEATMAP_FLOOR)."""
+    return core_report.heatmap_scale(values)
+
+
+def probability_text(explainer: Explainer, model_key: str, probability: float) -> str:
+    """E.g. "Platt-scaled p = 0.84" for a Platt-scaled model, "p = 0.61" otherwise."""
+    kind = core_report.probability_kind(explainer.models[model_key].model)
+    return core_report.probability_text(probability, kind)
+
+
+# --------------------------------------------------------------------------- exports
+
+
+@dataclass(frozen=True)
+class ExportedDocuments:
+    """A view's downloads: file name stem and the documents' text."""
+
+    stem: str
+    json: str
+    csv: str
+    html: str
+
+
+@st.cache_data(max_entries=8, show_spinner="Preparing the downloads…")
+def _explanation_documents(
+    settings: Settings,
+    query_key: str,
+    title: str,
+    link: str,
+    checked: bool,
+    _explainer: Explainer,
+    _engine_args: dict[str, Any],
+    _explanation: Explanation,
+    _checks: dict[str, Verification] | None,
+) -> ExportedDocuments:
+    report = core_report.build_report(
+        _explainer,
+        **_engine_args,
+        title=title,
+        k=settings.k,
+        estimate=settings.estimate,
+        explanations={settings.estimate: _explanation},
+        checks=_checks,
+        link=link,
+    )
+    kind, _, value = query_key.partition(":")
+    stem = f"influence-test-{value}" if kind == "test" else f"influence-upload-{value[:12]}"
+    return ExportedDocuments(
+        stem=stem,
+        json=core_report.report_json(report),
+        csv=core_report.report_csv(report),
+        html=core_report.report_html(report),
+    )
+
+
+def explanation_documents(
+    explainer: Explainer,
+    query: Query,
+    settings: Settings,
+    explanation: Explanation,
+    *,
+    link: str,
+    checks: dict[str, Verification] | None = None,
+) -> ExportedDocuments:
+    """The explanation of every model as JSON, CSV and a self-contained HTML report (the same
+    documents ``influence explain --output`` writes), cached by the view's content.
+
+    A domain error is shown with ``st.error`` and stops the page.
+    """
+    title = query.title.replace("`", "")
+    try:
+        return _explanation_documents(
+            settings,
+            query.key,
+            title,
+            link,
+            checks is not None,
+            explainer,
+            query.engine_args(),
+            explanation,
+            checks,
+        )
+    except InfluenceExplorerError as exc:
+        stop_on_domain_error(exc)
+
+
+def verification_documents(
+    explainer: Explainer,
+    query: Query,
+    result: dict[str, Verification],
+    *,
+    link: str,
+) -> tuple[str, str, str]:
+    """One query's verification as (JSON, scatter CSV, statistics CSV), as ``influence verify
+    --output`` writes them."""
+    names = list(class_names(explainer))
+    ids = [str(i) for i in train_ids(explainer)]
+    labels = [names[int(c)] for c in train_labels(explainer)]
+    verified = [
+        core_report.VerifiedQuery(query.title.replace("`", ""), query.test_index, dict(result))
+    ]
+    document = core_report.verification_json(
+        verified,
+        model_labels={key: fitted.label for key, fitted in explainer.models.items()},
+        train_ids=ids,
+        train_labels=labels,
+        settings=core_report.explainer_settings(explainer),
+        link=link,
+    )
+    scatter = core_report.verification_csv(verified, train_ids=ids, train_labels=labels)
+    return document, scatter, core_report.verification_statistics_csv(verified)
+
+
 # --------------------------------------------------------------------------- verify
 
 
@@ -128,9 +273,82 @@ _VERIFICATIONS: SessionRuns[VerifyRun, dict[str, Verification]] = SessionRuns(
 )
 
 
-def verification(settings: Settings, query: Query, k: int) -> dict[str, Verification] | None:
-    """Results (model key -> verification) of an earlier verification in this session, if any."""
-    return _VERIFICATIONS.remembered(VerifyRun(settings.engine, query.key, int(k)))
+#: Bump when what a kept verification holds changes; kept ones of another version are not read.
+_KEPT_VERSION = 1
+# Session-state key: the runs this session read back from the server.
+_FROM_SERVER = "state_verifications_from_server"
+
+
+def _kept_key(explainer: Explainer, run: VerifyRun) -> CacheKey:
+    config = json.dumps(
+        dataclasses.asdict(run.engine.config), sort_keys=True, default=str, separators=(",", ":")
+    )
+    return CacheKey.of(
+        "verification",
+        {
+            "dataset": str(explainer.dataset.content_hash),
+            "config": config,
+            "query": run.query_key,
+            "k": int(run.k),
+            "version": _KEPT_VERSION,
+            "core": core_report._version(),
+        },
+    )
+
+
+def _keep(explainer: Explainer, run: VerifyRun, result: dict[str, Verification]) -> None:
+    arrays: dict[str, np.ndarray] = {}
+    meta: dict[str, Any] = {"models": list(result)}
+    for key, check in result.items():
+        model_arrays, model_meta = core_report.verification_arrays(check)
+        arrays.update({f"{key}.{name}": values for name, values in model_arrays.items()})
+        meta[key] = model_meta
+    try:
+        ArtifactStore().save(_kept_key(explainer, run), arrays, meta)
+    except (CacheError, OSError) as exc:
+        logger.warning("Could not keep a verification: %s", exc)
+
+
+def _kept(explainer: Explainer, run: VerifyRun) -> dict[str, Verification] | None:
+    artifact = ArtifactStore().load_artifact(_kept_key(explainer, run))
+    if artifact is None:
+        return None
+    try:
+        out = {}
+        for key in artifact.meta["models"]:
+            arrays = {
+                name.split(".", 1)[1]: values
+                for name, values in artifact.arrays.items()
+                if name.split(".", 1)[0] == key
+            }
+            out[key] = core_report.verification_from_arrays(arrays, artifact.meta[key])
+    except (KeyError, TypeError, InfluenceExplorerError):
+        return None
+    if set(out) != set(explainer.models):
+        return None
+    return out
+
+
+def verification(
+    settings: Settings, query: Query, k: int, explainer: Explainer | None = None
+) -> dict[str, Verification] | None:
+    """Results (model key -> verification) of this query at this k: this session's, else the one
+    kept on the server (when ``explainer`` is given), else None."""
+    run = VerifyRun(settings.engine, query.key, int(k))
+    result = _VERIFICATIONS.remembered(run)
+    if result is None and explainer is not None:
+        result = _kept(explainer, run)
+        if result is not None:
+            _VERIFICATIONS.remember(run, result)
+            st.session_state[_FROM_SERVER] = {*st.session_state.get(_FROM_SERVER, ()), run}
+    return result
+
+
+def verified_earlier(settings: Settings, query: Query, k: int) -> bool:
+    """Whether this query's verification at this k was read back from the server (computed
+    earlier, by this or another session) rather than run in this session."""
+    run = VerifyRun(settings.engine, query.key, int(k))
+    return run in st.session_state.get(_FROM_SERVER, ())
 
 
 def verified_queries(settings: Settings) -> list[tuple[str, int]]:
@@ -161,4 +379,7 @@ def run_verification(
         InfluenceExplorerError: core refused or a retrain failed for good.
     """
     run = VerifyRun(settings.engine, query.key, int(k))
-    return _VERIFICATIONS.run(run, explainer, query, progress)
+    result = _VERIFICATIONS.run(run, explainer, query, progress)
+    _keep(explainer, run, result)
+    st.session_state[_FROM_SERVER] = set(st.session_state.get(_FROM_SERVER, ())) - {run}
+    return result

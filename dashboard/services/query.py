@@ -13,8 +13,16 @@ import numpy as np
 import streamlit as st
 
 from core.explainer import Explainer
-from dashboard.services.facts import class_names, n_test, test_image, test_predictions
-from dashboard.services.uploads import Upload, as_code, decode_uploaded_file
+from dashboard.services.facts import class_names, n_test, n_train, test_image, test_predictions
+from dashboard.services.notices import mark_pending, notice, pending, settle
+from dashboard.services.uploads import (
+    Upload,
+    as_code,
+    decode_uploaded_file,
+    is_upload_id,
+    keep_upload,
+    kept_upload,
+)
 
 # Session-state keys owned by this module.
 _TEST_INDEX = "state_test_index"
@@ -23,6 +31,7 @@ _UPLOAD = "state_upload"
 _UPLOAD_ERROR = "state_upload_error"
 _UPLOAD_FILE_ID = "state_upload_file_id"
 _INSPECT = "state_inspect"
+_UPLOAD_KEPT = "state_upload_kept"
 
 
 # --------------------------------------------------------------------------- uploads
@@ -54,6 +63,13 @@ def accept_upload(uploaded: Any, explainer: Explainer) -> None:
     st.session_state[_UPLOAD] = outcome.upload
     st.session_state[_SOURCE] = "upload"
     st.session_state[_INSPECT] = None
+    # Kept by content so that a link to it works for whoever has the link.
+    st.session_state[_UPLOAD_KEPT] = keep_upload(outcome.upload)
+
+
+def upload_kept() -> bool:
+    """Whether this session's upload is kept on the server (else a link to it works only here)."""
+    return bool(st.session_state.get(_UPLOAD_KEPT, True))
 
 
 def upload_error() -> str | None:
@@ -113,9 +129,52 @@ class Query:
 
 
 def selected_test_index(explainer: Explainer) -> int:
-    """The test image this session picked (0 before any pick), within this explainer's range."""
+    """The test image this session picked (0 before any pick), within this explainer's range.
+
+    A link's test index is checked here, once the number of test images is known: one out of
+    range gets a notice and test image #0.
+    """
     index = int(st.session_state.get(_TEST_INDEX, 0) or 0)
-    return min(max(index, 0), n_test(explainer) - 1)
+    count = n_test(explainer)
+    asked = pending(_TEST_INDEX)
+    if asked is not None:
+        settle(_TEST_INDEX)
+        if not 0 <= index < count:
+            notice(
+                f"The link asks for test image #{asked}, but these classes have {count} test "
+                "images (#0 to #" + f"{count - 1}); showing test image #0."
+            )
+            st.session_state[_TEST_INDEX] = 0
+            return 0
+    return min(max(index, 0), count - 1)
+
+
+def open_linked_test_image(index: int, shown: str) -> None:
+    """A link's test image: explain it (checked against the test set by
+    :func:`selected_test_index`)."""
+    select_test_image(index)
+    mark_pending(_TEST_INDEX, shown)
+
+
+def open_linked_upload(digest: str) -> bool:
+    """A link's upload: explain it if this server keeps it; else a notice and False."""
+    upload = kept_upload(digest) if is_upload_id(digest) else None
+    if upload is None:
+        what = f"upload {digest[:12]}…" if is_upload_id(digest) else "upload"
+        reason = (
+            "is not kept on this server (uploads are kept in the server's cache, which may have "
+            "been cleared, or the link comes from another server)"
+            if is_upload_id(digest)
+            else "id is not valid (64 hexadecimal digits expected)"
+        )
+        notice(f"The link's {what} {reason}; showing a test image instead. Upload the image again.")
+        return False
+    st.session_state[_UPLOAD] = upload
+    st.session_state[_SOURCE] = "upload"
+    st.session_state[_INSPECT] = None
+    st.session_state[_UPLOAD_KEPT] = True
+    mark_pending(_UPLOAD, digest)
+    return True
 
 
 def has_chosen_test_image() -> bool:
@@ -146,6 +205,18 @@ def select_upload() -> None:
 
 def current_query(explainer: Explainer) -> Query:
     """This session's query for this explainer (the upload if chosen, else a test image)."""
+    if pending(_UPLOAD) is not None:
+        settle(_UPLOAD)
+        if current_upload(explainer) is None and st.session_state.get(_SOURCE) == "upload":
+            upload = st.session_state.get(_UPLOAD)
+            shape = upload.image_format[0] if isinstance(upload, Upload) else "?"
+            notice(
+                "The link's upload was converted for another image format "
+                f"({'×'.join(str(v) for v in shape)}) than these models read "
+                f"({facts_shape(explainer)}); showing a test image. Open the link with its own "
+                "dataset, or upload the image again."
+            )
+            st.session_state[_SOURCE] = "test"
     upload = current_upload(explainer)
     if upload is not None and st.session_state.get(_SOURCE) == "upload":
         return Query(
@@ -153,7 +224,7 @@ def current_query(explainer: Explainer) -> Query:
             test_index=None,
             upload=upload,
             image=upload.image,
-            title=f"Uploaded {as_code(upload.name)}",
+            title=f"Uploaded {as_code(short_name(upload.name))}",
         )
     index = selected_test_index(explainer)
     return Query(
@@ -185,12 +256,70 @@ def close_inspector() -> None:
     st.session_state[_INSPECT] = None
 
 
-def inspected(query: Query) -> Inspected | None:
-    """The training image being inspected for this query, if any."""
+def inspected(query: Query, explainer: Explainer | None = None) -> Inspected | None:
+    """The training image being inspected for this query, if any.
+
+    A link's inspected image is checked here against ``explainer``'s models and training set.
+    """
     value = st.session_state.get(_INSPECT)
+    asked = pending(_INSPECT)
+    if asked is not None and explainer is not None:
+        settle(_INSPECT)
+        if value and (value[0] not in explainer.models or not 0 <= value[1] < n_train(explainer)):
+            notice(
+                f"The link asks to inspect {asked}, which these models do not have (models: "
+                f"{', '.join(explainer.models)}; training images #0 to "
+                f"#{n_train(explainer) - 1}); the heatmap is not shown."
+            )
+            st.session_state[_INSPECT] = None
+            return None
     if not value or value[2] != query.key:
         return None
     return Inspected(value[0], value[1])
+
+
+def inspected_text() -> str | None:
+    """The inspected image as a link writes it, "<model>:<train index>", if any."""
+    value = st.session_state.get(_INSPECT)
+    return f"{value[0]}:{value[1]}" if value else None
+
+
+def open_linked_inspection(model_key: str, train_index: int, shown: str) -> None:
+    """A link's inspected training image, for the query the link also opened."""
+    source = st.session_state.get(_SOURCE, "test")
+    upload = st.session_state.get(_UPLOAD)
+    if source == "upload" and isinstance(upload, Upload):
+        key = f"upload:{upload.digest}"
+    else:
+        key = f"test:{int(st.session_state.get(_TEST_INDEX, 0) or 0)}"
+    st.session_state[_INSPECT] = (model_key, int(train_index), key)
+    mark_pending(_INSPECT, shown)
+
+
+def query_link(explainer: Explainer | None = None) -> dict[str, str]:
+    """The session's query as link parameters: {"test": "49"} or {"upload": "<sha256>"}."""
+    upload = st.session_state.get(_UPLOAD)
+    chosen = st.session_state.get(_SOURCE) == "upload" and isinstance(upload, Upload)
+    if chosen and (explainer is None or current_upload(explainer) is not None):
+        return {"upload": upload.digest}
+    index = int(st.session_state.get(_TEST_INDEX, 0) or 0)
+    if explainer is not None:
+        index = min(max(index, 0), n_test(explainer) - 1)
+    return {"test": str(index)}
+
+
+def short_name(name: str, limit: int = 28) -> str:
+    """A file name shortened in the middle to at most ``limit`` characters, keeping its end (the
+    suffix), so a title never has to break inside it:
+    "my_summer_holiday_photo_of_a_cat_2024.jpg" -> "my_summer_holi…_cat_2024.jpg"."""
+    if len(name) <= limit:
+        return name
+    tail = max(4, (limit - 1) // 2)
+    return name[: limit - 1 - tail] + "…" + name[-tail:]
+
+
+def facts_shape(explainer: Explainer) -> str:
+    return "×".join(str(v) for v in explainer.dataset.image_shape)
 
 
 # --------------------------------------------------------------------------- the gallery

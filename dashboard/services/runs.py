@@ -56,13 +56,17 @@ class SessionRuns(Generic[K, T]):
             Whatever ``compute`` raises (e.g. a domain error); nothing is remembered then.
         """
         result = self._compute(key, *args)
+        self.remember(key, result)
+        return result
+
+    def remember(self, key: K, result: T) -> None:
+        """Remember a result for this session (e.g. one read back from the artifact store)."""
         remembered = dict(st.session_state.get(self.slot, {}))
         remembered.pop(key, None)  # re-inserted below, as the newest
         remembered[key] = result
         while len(remembered) > self.limit:
             remembered.pop(next(iter(remembered)))
         st.session_state[self.slot] = remembered
-        return result
 
 
 class StageProgress:

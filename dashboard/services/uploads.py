@@ -1,19 +1,31 @@
-"""Decoding an uploaded file into a dataset's image format: an image or a message, never an error.
+"""Decoding an uploaded file into a dataset's image format: an image or a message, never an error;
+and keeping a decoded upload so that a link to it works for whoever has the link.
 
 The file name is shown, never trusted; the bytes are read with a bound; the decoder sniffs the
 content (core.images), so a name's suffix decides nothing.
+
+A decoded upload is kept in the artifact store under the sha256 of its decoded pixels (the
+:attr:`Upload.digest` that already keys the shared caches). Nothing lists the kept uploads: the
+only way to one is its 64-hex-digit digest, which only the link's holder has. What is kept is what
+the models see (the decoded, resized pixels), its file name, the decoder's notes and a description
+of the original; never the original file.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import re
 from dataclasses import dataclass
 from typing import IO
 
 import numpy as np
 
-from core.errors import ImageDecodeError
+from core.errors import CacheError, ImageDecodeError
 from core.images import DEFAULT_MAX_BYTES, SUPPORTED_EXTENSIONS, decode_upload
+from core.store import ArtifactStore, CacheKey
+
+logger = logging.getLogger(__name__)
 
 #: Upload limit in MiB for the upload widget; equal to core.images' byte limit (and config.toml).
 MAX_UPLOAD_MB = DEFAULT_MAX_BYTES // 2**20
@@ -108,3 +120,73 @@ def as_code(text: str) -> str:
     """``text`` as a Markdown code span, so a file name like "[x](http://…)" or "$x$" is shown
     literally rather than rendered as a link or LaTeX. ``text`` must not contain backticks."""
     return f"`{text}`"
+
+
+# --------------------------------------------------------------------------- kept uploads
+
+#: The artifact kind of kept uploads; bump the version when what is kept changes.
+_KEPT_KIND = "upload"
+_KEPT_VERSION = 1
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+
+
+def is_upload_id(text: str) -> bool:
+    """Whether ``text`` looks like an upload's id (64 lowercase hexadecimal digits)."""
+    return bool(_DIGEST.match(str(text)))
+
+
+def _kept_key(digest: str) -> CacheKey:
+    return CacheKey.of(_KEPT_KIND, {"sha256": digest, "version": _KEPT_VERSION})
+
+
+def keep_upload(upload: Upload, store: ArtifactStore | None = None) -> bool:
+    """Keep a decoded upload in the artifact store under its digest; False if it could not be
+    kept (e.g. an unwritable cache), in which case a link to it works in this session only."""
+    meta = {
+        "name": upload.name,
+        "notes": list(upload.notes),
+        "description": upload.description,
+        "shape": [int(v) for v in upload.image_format[0]],
+        "light_on_dark": bool(upload.image_format[1]),
+    }
+    try:
+        path = (store or ArtifactStore()).save(
+            _kept_key(upload.digest), {"image": upload.image}, meta
+        )
+    except (CacheError, OSError) as exc:
+        logger.warning("Could not keep upload %s: %s", upload.digest[:12], exc)
+        return False
+    return path is not None
+
+
+def kept_upload(digest: str, store: ArtifactStore | None = None) -> Upload | None:
+    """The upload kept under ``digest``, or None if this server does not have it.
+
+    The pixels read back must hash to ``digest`` (on top of the store's own checksum), so a link
+    can never show another image than the one it names.
+    """
+    if not is_upload_id(digest):
+        return None
+    artifact = (store or ArtifactStore()).load_artifact(_kept_key(digest))
+    if artifact is None:
+        return None
+    image = np.asarray(artifact.arrays.get("image"))
+    meta = artifact.meta
+    try:
+        shape = tuple(int(v) for v in meta["shape"])
+        light_on_dark = bool(meta["light_on_dark"])
+        notes = tuple(str(n) for n in meta.get("notes", ()))
+        description = str(meta.get("description", ""))
+        name = _display_name(str(meta.get("name", "upload")))
+    except (KeyError, TypeError, ValueError):
+        return None
+    if image.dtype != np.uint8 or image.ndim != 3 or _image_digest(image) != digest:
+        return None
+    return Upload(
+        name=name,
+        image=image,
+        notes=notes,
+        digest=digest,
+        image_format=(shape, light_on_dark),  # type: ignore[arg-type]
+        description=description,
+    )

@@ -7,6 +7,8 @@ from typing import Any
 
 import streamlit as st
 
+from dashboard.services.notices import notice, pending, settle
+
 #: Page widgets whose values should survive a visit to another page. Streamlit forgets a widget's
 #: value when a run does not draw it; re-saving it at the start of every run keeps it.
 PERSISTENT_WIDGETS: tuple[str, ...] = (
@@ -52,15 +54,36 @@ def initial_value(key: str, value: Any) -> None:
         st.session_state[key] = value
 
 
-def forget_out_of_range(key: str, low: int, high: int) -> None:
-    """Drop widget ``key``'s value if it is outside [low, high] (e.g. after a dataset change)."""
+def forget_out_of_range(key: str, low: int, high: int, *, what: str = "value") -> None:
+    """Drop widget ``key``'s value if it is outside [low, high] (e.g. after a dataset change).
+
+    A value a link set (see services/links.py) gets a notice saying so, naming it ``what``.
+    """
     value = st.session_state.get(key)
+    asked = pending(key)
+    settle(key)
     if value is not None and not low <= value <= high:
         del st.session_state[key]
+        if asked is not None:
+            notice(
+                f"The link's {what} {asked} is out of range here ({low} to {high}); using the "
+                "page's default."
+            )
 
 
-def forget_unless_among(key: str, options: Sequence[Any]) -> None:
+def forget_unless_among(
+    key: str, options: Sequence[Any], *, what: str = "value", names: Sequence[str] = ()
+) -> None:
     """Drop widget ``key``'s value if it is not one of ``options`` (e.g. a model that the current
-    engine does not have)."""
+    engine does not have). A value a link set gets a notice, naming it ``what`` and listing
+    ``names`` (default: the options)."""
+    asked = pending(key)
+    settle(key)
     if key in st.session_state and st.session_state[key] not in options:
         del st.session_state[key]
+        if asked is not None:
+            listed = ", ".join(str(n) for n in (names or options))
+            notice(
+                f"The link's {what} {asked} is not available here (choose among {listed}); "
+                "using the page's default."
+            )

@@ -21,10 +21,8 @@ import torch
 from core.backend import ENV_CLUSTER, ClusterSpec, cluster_spec
 from core.backend.engine import ShardedInfluenceEngine
 from core.backend.models import (
-    EXACT_SVM_MAX_TRAIN,
     ShardedLogisticRegression,
     ShardedNystroemSVM,
-    check_exact_svm_size,
 )
 from core.backend.runner import LocalRunner, add_parts
 from core.backend.shards import ArrayImages, ShardedData, extract_features, split_rows
@@ -218,8 +216,8 @@ def _problem(n_classes: int, n: int = 1200, d: int = 10, seed: int = 0):
 
 
 def _compare(reference, sharded, X_test, y_test, k=8, modes=("tasks", "sequential")):
-    """θ, Hessian, both estimates' scores and top k, self-influence, leverages, parameter
-    changes, and leave-one-out retraining agree."""
+    """θ, Hessian, every estimate's scores and top k, self-influence, leverages, parameter and
+    output changes, and leave-one-out retraining agree."""
     assert_close(sharded.model.theta_, reference.model.theta_, "θ")
     assert_close(sharded.model.hessian(), reference.model.hessian(), "Hessian")
     for estimate in ("corrected", "first_order"):
@@ -237,7 +235,7 @@ def _compare(reference, sharded, X_test, y_test, k=8, modes=("tasks", "sequentia
         assert_close(sharded.self_influence(estimate), reference.self_influence(estimate), "self")
     assert_close(sharded.leverage(), reference.leverage(), "leverage")
     assert_close(sharded.params_change([0, 5]), reference.params_change([0, 5]), "params")
-    expected = verify(reference, X_test[:2], y_test[:2], k=4)
+    expected = verify(reference, X_test[:2], y_test[:2], k=4, select_by="corrected")
     for mode in modes:
         found = sharded.verify(X_test[:2], y_test[:2], k=4, mode=mode)
         for a, b in zip(found, expected, strict=True):
@@ -365,12 +363,6 @@ def test_bad_inputs_get_clear_messages(monkeypatch):
         engine.perturbation_influence(X_test, y_test, [0])
     with pytest.raises(InfluenceExplorerError, match="in shards on the workers"):
         _ = model.training_inputs_
-
-
-def test_exact_kernel_svm_says_it_is_single_machine():
-    check_exact_svm_size(EXACT_SVM_MAX_TRAIN)
-    with pytest.raises(InfluenceExplorerError, match=r"runs on one machine.*Nyström SVM"):
-        check_exact_svm_size(60_000)
 
 
 def test_neighbour_distance_merged_from_shards_equals_in_process():

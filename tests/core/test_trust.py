@@ -47,8 +47,26 @@ def test_what_the_row_measures_says_how_it_differs_from_the_model_here(results) 
     )
     assert svm.measures.startswith("an RBF SVM like this one, on ")
     assert "another class pair" not in svm.measures
+    assert svm.matches and svm.missing == ""
     logreg = trust_reference(
         results, LogisticRegression(), estimate="corrected", on_pixels=False, same_classes=False
     )
-    assert "(not on ImageNet features as here)" in logreg.measures
+    assert logreg.measures.startswith("logistic regression on raw pixels (")
     assert logreg.measures.endswith("(another class pair than here)")
+
+
+def test_a_model_on_imagenet_features_is_told_the_study_has_no_row_for_it(results) -> None:
+    # The study's logistic regression reads pixels; the explainer's reads backbone features.
+    # Its row is only the nearest, and the reference says so instead of passing for its own.
+    logreg = trust_reference(
+        results, LogisticRegression(), estimate="corrected", on_pixels=False, same_classes=True
+    )
+    assert not logreg.matches
+    assert logreg.missing.startswith(
+        "The committed study has no row for logistic regression on ImageNet features"
+    )
+    assert logreg.row == "Logistic regression (pixels)"
+    on_pixels = trust_reference(
+        results, LogisticRegression(), estimate="corrected", on_pixels=True, same_classes=True
+    )
+    assert on_pixels.matches and on_pixels.missing == ""

@@ -160,7 +160,7 @@ def test_verify_runs_and_is_remembered_for_the_session(make_app: Factory) -> Non
     at.button(key="verify_run").click().run()
     _no_errors(at)
     assert len(at.get("plotly_chart")) == 1
-    table = at.dataframe[0].value
+    table = at.table[0].value
     assert set(table["estimate"]) == {"Newton-corrected", "First order (paper)"}
     assert (table["n"] == 5).all()
     assert table["Spearman"].notna().all()

@@ -11,11 +11,16 @@ point is mapped over the shards (:mod:`core.backend.kernels`) with the same form
   keeps each shard's top k (``dask.array.topk``/``argtopk``) and merges them, so for thousands
   of test images only k x m numbers come back; ``influence_scores`` still returns whole rows for
   a few test images (n numbers each);
-- the Newton-corrected residuals e_j, self-influence and leverages need the per-point quadratic
-  forms Q_j = (φ_j ⊗ I)ᵀ(H + δI)⁻¹(φ_j ⊗ I): each worker gets the Cholesky factor (once) and
-  computes them for its rows, so this estimate needs the exact solver (a dense Hessian, up to
-  :data:`DENSE_SOLVER_MAX_PARAMS` parameters); with CG or LiSSA the first-order estimate is
-  offered;
+- the exact-in-the-margin estimate (the default) evaluates the loss at each test point's
+  outputs moved by the Newton-corrected change Δs_j: the driver solves for the C unit output
+  directions (H + δI)⁻¹(φ_t ⊗ e_c) of each test point (one batched solve, as in-process), and
+  each worker forms Δs_j and ℓ(s + Δs_j) - ℓ(s) for its rows (:class:`~core.backend.kernels.MarginQuery`);
+- the Newton-corrected residuals e_j (which the margin estimate uses too), self-influence and
+  leverages need the per-point quadratic forms Q_j = (φ_j ⊗ I)ᵀ(H + δI)⁻¹(φ_j ⊗ I) (C x C
+  blocks): each worker gets the Cholesky factor (once) and computes them for its rows, so these
+  estimates need the exact solver (a dense Hessian, up to :data:`DENSE_SOLVER_MAX_PARAMS`
+  parameters); with CG or LiSSA only the first-order estimate is offered (in-process they form
+  H⁻¹ from p unit solves, which at that size is what the cluster is there to avoid);
 - leave-one-out verification submits its k retrainings as independent tasks
   (:meth:`~ShardedInfluenceEngine.loo_retrain`).
 """
@@ -35,11 +40,14 @@ from core.backend.models import ShardedLinearModel
 from core.backend.shards import ShardedData, make_shard
 from core.errors import InfluenceExplorerError
 from core.influence import (
+    ESTIMATES,
+    LINEAR_ESTIMATES,
     ExactSolver,
     InfluenceEngine,
     InverseHVPSolver,
     SolverConfig,
     TopK,
+    _parameter_estimate,
 )
 from core.linalg import cholesky_solve
 from core.models import as_float64, as_labels
@@ -59,8 +67,10 @@ MAX_SCORE_ENTRIES = 1 << 27
 #: Test points whose scores are formed together in one pass over the shards.
 TEST_CHUNK = 256
 
-#: The estimates a sharded engine computes, in order of preference.
-SHARDED_ESTIMATES: tuple[str, ...] = ("corrected", "first_order")
+#: The estimates a sharded engine computes with the exact solver, default first (all of them).
+SHARDED_ESTIMATES: tuple[str, ...] = ESTIMATES
+
+Query = np.ndarray | kernels.MarginQuery
 
 
 def default_solver(n_params: int) -> SolverConfig:
@@ -157,8 +167,9 @@ class ShardedInfluenceEngine(InfluenceEngine):
     # ----------------------------------------------------------------- what is available
     @property
     def estimates(self) -> tuple[str, ...]:
-        """ "corrected" and "first_order" with the exact solver (the corrected estimate needs
-        the Cholesky factor on the workers); only "first_order" with CG or LiSSA."""
+        """All three ("margin", the default, "corrected", "first_order") with the exact solver
+        (the first two need the Cholesky factor on the workers); only "first_order" with CG or
+        LiSSA."""
         if isinstance(self.solver, ExactSolver):
             return SHARDED_ESTIMATES
         return ("first_order",)
@@ -209,29 +220,70 @@ class ShardedInfluenceEngine(InfluenceEngine):
         return self._curvature
 
     # ----------------------------------------------------------------- scores
-    def scores_from_stest(
-        self, s_test: torch.Tensor, *, estimate: str | None = "corrected"
-    ) -> np.ndarray:
-        """Whole rows of scores, formed shard by shard (see the class docstring); for a few
-        test points. Returns: (m, n_train)."""
-        estimate = self._check_estimate(estimate)
-        m = int(s_test.shape[0])
+    def _queries(self, X_test: Any, y_test: Any, estimates: tuple[str, ...]) -> dict[str, Query]:
+        """What the workers need per estimate for these test points, sharing the solves as
+        :meth:`core.influence.InfluenceEngine.score_estimates` does: with "margin", the C unit
+        output solves per test point, and s_test as their combination by ∂ℓ/∂s; without it,
+        s_test by one batched solve."""
+        X_test = as_float64(X_test)
+        labels = as_labels(y_test).reshape(-1)
+        if "margin" not in estimates:
+            s_test = self.inverse_hvp_test(X_test, labels).numpy()
+            return {e: s_test for e in estimates}
+        model = self.model
+        features = model.transform(X_test)
+        outputs = model.scores(features)
+        with self.runner.stage("Solving for the test outputs' directions"):
+            solves = self._unit_output_solves(features)
+        out: dict[str, Query] = {
+            "margin": kernels.MarginQuery(solves, outputs, labels, model.loss_)
+        }
+        if any(e in LINEAR_ESTIMATES for e in estimates):
+            # ∇ℓ(z_test) = φ_test ⊗ ∂ℓ/∂s, so s_test is the same combination of the unit solves.
+            d1 = model.loss_.derivatives(outputs, labels).d1
+            s_test = torch.einsum("tc,tcp->tp", d1, solves).numpy()
+            out.update({e: s_test for e in estimates if e in LINEAR_ESTIMATES})
+        return out
+
+    def _score_matrix(self, query: Query, estimate: str) -> np.ndarray:
+        m = query.outputs.shape[0] if isinstance(query, kernels.MarginQuery) else query.shape[0]
         if m * self.n_train > MAX_SCORE_ENTRIES:
             raise InfluenceExplorerError(
                 f"{m} test points x {self.n_train} training points is more scores than are "
                 "returned whole; use top_k_scores, which keeps the top k of each shard."
             )
         with self.runner.stage("Scoring training points"):
+            handle = self.runner.broadcast(query)
             blocks = self.runner.gather(
                 self.runner.map(
-                    kernels.score_block,
-                    self._columns(estimate),
-                    as_float64(s_test).numpy(),
-                    estimate,
-                    self.n_train,
+                    kernels.score_block, self._columns(estimate), handle, estimate, self.n_train
                 )
             )
         return np.concatenate(blocks, axis=1)
+
+    def score_estimates(
+        self, X_test: Any, y_test: Any, estimates: tuple[str, ...] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Several estimates of the same scores, whole rows formed shard by shard and sharing
+        the solves (see :meth:`core.influence.InfluenceEngine.score_estimates`); for a few test
+        points. Returns: estimate -> (m, n_train)."""
+        estimates = self.estimates if estimates is None else tuple(estimates)
+        estimates = tuple(self._check_estimate(e) for e in estimates)
+        queries = self._queries(X_test, y_test, estimates)
+        return {e: self._score_matrix(queries[e], e) for e in estimates}
+
+    def scores_from_stest(
+        self, s_test: torch.Tensor, *, estimate: str | None = "corrected"
+    ) -> np.ndarray:
+        """Whole rows of a linear estimate's scores from s_test (m, p), formed shard by shard
+        (see the class docstring); for a few test points. Returns: (m, n_train)."""
+        estimate = self._check_estimate(estimate)
+        if estimate not in LINEAR_ESTIMATES:
+            raise InfluenceExplorerError(
+                f"The {estimate!r} estimate evaluates the test loss itself, so it needs the test "
+                "inputs, not only s_test; use influence_scores or score_estimates."
+            )
+        return self._score_matrix(as_float64(s_test).numpy(), estimate)
 
     def top_k_scores(
         self,
@@ -259,30 +311,29 @@ class ShardedInfluenceEngine(InfluenceEngine):
         labels = as_labels(y_test).reshape(-1)
         out: list[ShardedTopK] = []
         for start in range(0, X_test.shape[0], TEST_CHUNK):
-            s_test = self.inverse_hvp_test(
-                X_test[start : start + TEST_CHUNK], labels[start : start + TEST_CHUNK]
-            )
-            out.extend(self._top_k_block(s_test, k, estimate))
+            block = slice(start, start + TEST_CHUNK)
+            query = self._queries(X_test[block], labels[block], (estimate,))[estimate]
+            out.extend(self._top_k_block(query, len(labels[block]), k, estimate))
         return out
 
-    def _top_k_block(self, s_test: torch.Tensor, k: int, estimate: str) -> list[ShardedTopK]:
+    def _top_k_block(self, query: Query, m: int, k: int, estimate: str) -> list[ShardedTopK]:
         import dask
         import dask.array as da
 
-        m, n = int(s_test.shape[0]), self.n_train
+        n = self.n_train
         kk = min(k, n)
         if kk == n:
             # Every point is in the top k (and dask's argtopk refuses k equal to the length).
             everything = np.arange(n)
-            rows = self.scores_from_stest(s_test, estimate=estimate)
+            rows = self._score_matrix(query, estimate)
             return [_merge_row(everything, row, everything, row, kk) for row in rows]
         with self.runner.stage("Scoring training points (top k per shard)"):
-            s_handle = self.runner.broadcast(as_float64(s_test).numpy())
+            handle = self.runner.broadcast(query)
             columns = self._columns(estimate)
             blocks = [
                 da.from_delayed(
                     dask.delayed(kernels.score_block, pure=False)(
-                        shard, terms, curv, s_handle, estimate, n
+                        shard, terms, curv, handle, estimate, n
                     ),
                     shape=(m, size),
                     dtype=np.float64,
@@ -309,23 +360,24 @@ class ShardedInfluenceEngine(InfluenceEngine):
         """Scores of the listed training points only (a lookup on the shards holding them).
         Returns: (m, len(train_indices))."""
         estimate = self._check_estimate(estimate)
-        s_test = self.inverse_hvp_test(X_test, y_test)
-        return self._scores_at(s_test, train_indices, estimate)
+        query = self._queries(X_test, y_test, (estimate,))[estimate]
+        return self._scores_at(query, train_indices, estimate)
 
-    def _scores_at(self, s_test: torch.Tensor, train_indices: Any, estimate: str) -> np.ndarray:
+    def _scores_at(self, query: Query, train_indices: Any, estimate: str) -> np.ndarray:
         idx = np.asarray(train_indices, dtype=np.int64).reshape(-1)
-        out = np.empty((s_test.shape[0], idx.size))
+        m = query.outputs.shape[0] if isinstance(query, kernels.MarginQuery) else query.shape[0]
+        out = np.empty((m, idx.size))
         located = self._data.locate(idx)
         shards, terms, curv = self._columns(estimate)
-        s = as_float64(s_test).numpy()
         with self.runner.stage("Scoring listed training points"):
+            handle = self.runner.broadcast(query)
             handles = [
                 self.runner.submit(
                     kernels.score_rows,
                     shards[i],
                     terms[i],
                     curv[i],
-                    s,
+                    handle,
                     estimate,
                     self.n_train,
                     local,
@@ -335,6 +387,30 @@ class ShardedInfluenceEngine(InfluenceEngine):
             for (_, _, positions), values in zip(located, self.runner.gather(handles), strict=True):
                 out[:, positions] = values
         return out
+
+    def predicted_output_changes(self, X_test: Any, *, estimate: str = "corrected") -> np.ndarray:
+        """Predicted change of each test point's outputs when each training point is removed,
+        formed shard by shard (see :meth:`core.influence.InfluenceEngine.predicted_output_changes`).
+        Returns: (m, n_train, C)."""
+        estimate = _parameter_estimate(self._check_estimate(estimate))
+        features = self.model.transform(X_test)
+        solves = self._unit_output_solves(features)
+        if estimate == "first_order":
+            raise InfluenceExplorerError(
+                "On a cluster predicted output changes are the Newton-corrected ones; use "
+                "estimate='corrected' (or 'margin')."
+            )
+        with self.runner.stage("Predicted output changes"):
+            handle = self.runner.broadcast(solves)
+            blocks = self.runner.gather(
+                self.runner.map(
+                    kernels.output_changes_block,
+                    [self._data.shards, self._curvature_handles("Output changes")],
+                    handle,
+                    self.n_train,
+                )
+            )
+        return np.concatenate(blocks, axis=1)
 
     # ----------------------------------------------------------------- per-point quantities
     def self_influence(self, estimate: str | None = None) -> np.ndarray:
@@ -346,11 +422,14 @@ class ShardedInfluenceEngine(InfluenceEngine):
                     self.runner.map(
                         kernels.self_influence_part,
                         [
+                            self._data.shards,
                             self.model._train_terms.handles,
                             self._curvature_handles("Self-influence"),
                         ],
                         estimate,
                         self.n_train,
+                        self.model.theta_.numpy(),
+                        self.model.loss_,
                     )
                 )
             self._self_influence[estimate] = np.concatenate(parts)
@@ -368,11 +447,10 @@ class ShardedInfluenceEngine(InfluenceEngine):
             )
         return np.concatenate(parts)
 
-    def params_change(
-        self, train_indices: Any, *, estimate: str | None = "corrected"
-    ) -> np.ndarray:
-        """Predicted θ̂_{-j} - θ̂ for the listed training points. Returns: (k, p)."""
-        estimate = self._check_estimate(estimate)
+    def params_change(self, train_indices: Any, *, estimate: str | None = None) -> np.ndarray:
+        """Predicted θ̂_{-j} - θ̂ for the listed training points ("margin" uses the
+        Newton-corrected change, as in-process). Returns: (k, p)."""
+        estimate = _parameter_estimate(self._check_estimate(estimate))
         idx = np.asarray(train_indices, dtype=np.int64).reshape(-1)
         located = self._data.locate(idx)
         shards, terms, curv = self._columns(estimate)
@@ -512,8 +590,8 @@ class ShardedInfluenceEngine(InfluenceEngine):
             row.by_magnitude for row in self.top_k_scores(X_test, labels, k, estimate=select_by)
         ]
         union = np.unique(np.concatenate(chosen))
-        s_test = self.inverse_hvp_test(X_test, labels)
-        predicted_all = {e: self._scores_at(s_test, union, e) for e in self.estimates}
+        queries = self._queries(X_test, labels, self.estimates)
+        predicted_all = {e: self._scores_at(queries[e], union, e) for e in self.estimates}
         retrained = self.loo_retrain(union, X_test, labels, progress=progress, mode=mode)
         position = {int(j): i for i, j in enumerate(union)}
         results = []

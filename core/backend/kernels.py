@@ -245,49 +245,140 @@ def _residuals(terms: ShardTerms, curv: ShardCurvature | None, estimate: str) ->
     return curv.corrected
 
 
+@dataclass
+class MarginQuery:
+    """What the exact-in-the-margin estimate needs about m test points (broadcast to the
+    workers; see :meth:`core.influence.InfluenceEngine.score_estimates`).
+
+    Attributes:
+        solves: (m, C, p) (H + δI)⁻¹ (φ_t ⊗ e_c), how θ must move to change output c of test
+            point t (:meth:`core.influence.InfluenceEngine._unit_output_solves`).
+        outputs: (m, C) the test points' outputs s = Wᵀφ_t at θ̂.
+        labels: (m,) the labels whose loss is explained.
+        loss: the model's loss of its outputs.
+    """
+
+    solves: torch.Tensor
+    outputs: torch.Tensor
+    labels: torch.Tensor
+    loss: Loss
+
+
+def _output_changes(
+    X: torch.Tensor, residuals: torch.Tensor, solves: torch.Tensor, n_total: int
+) -> torch.Tensor:
+    """Δs[t, j] = (1/n) Σ_a (φ_jᵀ U_b)[a] e_j[a] for rows X (k, d) with residuals (k, C), as
+    :meth:`core.influence.InfluenceEngine._output_changes`. Returns: (m, k, C)."""
+    k, d = X.shape
+    m, c = solves.shape[0], solves.shape[1]
+    out = torch.empty(m, k, c, dtype=DTYPE)
+    for t in range(m):
+        units = solves[t].reshape(c, d, c).permute(1, 0, 2).reshape(d, c * c)
+        projected = (X @ units).reshape(k, c, c)
+        out[t] = (projected * residuals[:, None, :]).sum(-1) / n_total
+    return out
+
+
+def output_changes_block(
+    shard: Shard, curv: ShardCurvature, solves: torch.Tensor, n_total: int
+) -> np.ndarray:
+    """Predicted output changes of m test points when each of the shard's rows is removed
+    (Newton-corrected). Returns: (m, n_s, C)."""
+    m, c = solves.shape[0], solves.shape[1]
+    out = np.empty((m, shard.size, c))
+    for start, stop in _blocks(shard.size):
+        X = _rows(shard, start, stop)
+        out[:, start:stop] = _output_changes(X, curv.corrected[start:stop], solves, n_total).numpy()
+    return out
+
+
+def _margin_scores(
+    X: torch.Tensor, residuals: torch.Tensor, query: MarginQuery, n_total: int
+) -> np.ndarray:
+    """ℓ(s_t + Δs_tj) - ℓ(s_t) for rows X (k, d). Returns: (m, k)."""
+    changes = _output_changes(X, residuals, query.solves, n_total)
+    return query.loss.value_change(query.outputs, changes, query.labels).numpy()
+
+
+def _linear_scores(
+    X: torch.Tensor, residuals: torch.Tensor, s_test: np.ndarray, n_total: int
+) -> np.ndarray:
+    """(1/n) s_tᵀ (φ_j ⊗ e_j) for rows X (k, d). Returns: (m, k)."""
+    d, c = X.shape[1], residuals.shape[1]
+    S = torch.from_numpy(np.asarray(s_test, dtype=np.float64)).reshape(-1, d, c)
+    projected = torch.einsum("jd,tdc->tjc", X, S)
+    return ((projected * residuals[None]).sum(-1) / n_total).numpy()
+
+
 def score_block(
     shard: Shard,
     terms: ShardTerms,
     curv: ShardCurvature | None,
-    s_test: np.ndarray,
+    query: np.ndarray | MarginQuery,
     estimate: str,
     n_total: int,
 ) -> np.ndarray:
-    """Scores of the shard's rows for each test point: (1/n) s_tᵀ (φ_j ⊗ e_j), as
-    :meth:`core.influence.InfluenceEngine.scores_from_stest`. Returns: (m, n_s)."""
+    """Scores of the shard's rows for each test point, as
+    :meth:`core.influence.InfluenceEngine.score_estimates` forms them: (1/n) s_tᵀ (φ_j ⊗ e_j)
+    for the linear estimates (``query`` is s_test, (m, p)); ℓ(s_t + Δs_tj) - ℓ(s_t) for
+    "margin" (``query`` a :class:`MarginQuery`). Returns: (m, n_s)."""
     residuals = _residuals(terms, curv, estimate)
-    d, c = shard.features.shape[1], residuals.shape[1]
-    S = torch.from_numpy(np.asarray(s_test, dtype=np.float64)).reshape(-1, d, c)
-    out = np.empty((S.shape[0], shard.size))
+    m = query.outputs.shape[0] if isinstance(query, MarginQuery) else query.shape[0]
+    out = np.empty((m, shard.size))
     for start, stop in _blocks(shard.size):
-        projected = torch.einsum("jd,tdc->tjc", _rows(shard, start, stop), S)
-        out[:, start:stop] = ((projected * residuals[None, start:stop]).sum(-1) / n_total).numpy()
+        X = _rows(shard, start, stop)
+        out[:, start:stop] = _block_scores(X, residuals[start:stop], query, estimate, n_total)
     return out
+
+
+def _block_scores(
+    X: torch.Tensor,
+    residuals: torch.Tensor,
+    query: np.ndarray | MarginQuery,
+    estimate: str,
+    n_total: int,
+) -> np.ndarray:
+    if estimate == "margin":
+        if not isinstance(query, MarginQuery):
+            raise ValueError("the margin estimate needs a MarginQuery")
+        return _margin_scores(X, residuals, query, n_total)
+    return _linear_scores(X, residuals, np.asarray(query), n_total)
 
 
 def score_rows(
     shard: Shard,
     terms: ShardTerms,
     curv: ShardCurvature | None,
-    s_test: np.ndarray,
+    query: np.ndarray | MarginQuery,
     estimate: str,
     n_total: int,
     local: np.ndarray,
 ) -> np.ndarray:
-    """Scores of the listed rows only. Returns: (m, len(local))."""
+    """Scores of the listed rows only (see :func:`score_block`). Returns: (m, len(local))."""
     residuals = _residuals(terms, curv, estimate)[torch.from_numpy(local)]
-    d, c = shard.features.shape[1], residuals.shape[1]
-    S = torch.from_numpy(np.asarray(s_test, dtype=np.float64)).reshape(-1, d, c)
     X = torch.from_numpy(shard.features[local]).to(DTYPE)
-    projected = torch.einsum("jd,tdc->tjc", X, S)
-    return ((projected * residuals[None]).sum(-1) / n_total).numpy()
+    return _block_scores(X, residuals, query, estimate, n_total)
 
 
 def self_influence_part(
-    terms: ShardTerms, curv: ShardCurvature, estimate: str, n_total: int
+    shard: Shard,
+    terms: ShardTerms,
+    curv: ShardCurvature,
+    estimate: str,
+    n_total: int,
+    theta: np.ndarray,
+    loss: Loss,
 ) -> np.ndarray:
-    """(1/n) d1_jᵀ Q_j e_j for the shard's rows (e_j = d1_j for the first order). (n_s,)."""
+    """Each of the shard's rows' influence on its own loss, as
+    :meth:`core.influence.InfluenceEngine.self_influence`: (1/n) d1_jᵀ Q_j e_j for the linear
+    estimates (e_j = d1_j for the first order); for "margin" ℓ(s_j + Δs_j) - ℓ(s_j) with the
+    row's own outputs moved by Δs_j = (1/n) Q_j e_j. (n_s,)."""
     d1 = terms.derivs.d1
+    if estimate == "margin":
+        changes = torch.einsum("jab,jb->ja", curv.quadratic, curv.corrected) / n_total
+        scores = torch.from_numpy(training_scores(shard, theta, d1.shape[1]))
+        labels = torch.from_numpy(shard.labels)
+        return loss.value_change(scores, changes[:, None, :], labels)[:, 0].numpy()
     residuals = d1 if estimate == "first_order" else curv.corrected
     return (torch.einsum("ja,jab,jb->j", d1, curv.quadratic, residuals) / n_total).numpy()
 
@@ -381,6 +472,7 @@ def nystroem_features(
 
 __all__ = [
     "CHUNK_ROWS",
+    "MarginQuery",
     "ShardCurvature",
     "ShardTerms",
     "correct_count",
@@ -394,6 +486,7 @@ __all__ = [
     "nearest_squared",
     "nystroem_features",
     "objective_terms",
+    "output_changes_block",
     "score_block",
     "score_rows",
     "self_influence_part",

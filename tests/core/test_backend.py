@@ -220,7 +220,9 @@ def _compare(reference, sharded, X_test, y_test, k=8, modes=("tasks", "sequentia
     output changes, and leave-one-out retraining agree."""
     assert_close(sharded.model.theta_, reference.model.theta_, "θ")
     assert_close(sharded.model.hessian(), reference.model.hessian(), "Hessian")
-    for estimate in ("corrected", "first_order"):
+    assert sharded.estimates == reference.estimates == ("margin", "corrected", "first_order")
+    assert sharded.default_estimate == reference.default_estimate == "margin"
+    for estimate in sharded.estimates:
         expected = reference.influence_scores(X_test, y_test, estimate=estimate)
         assert_close(
             sharded.influence_scores(X_test, y_test, estimate=estimate), expected, estimate
@@ -235,12 +237,20 @@ def _compare(reference, sharded, X_test, y_test, k=8, modes=("tasks", "sequentia
         assert_close(sharded.self_influence(estimate), reference.self_influence(estimate), "self")
     assert_close(sharded.leverage(), reference.leverage(), "leverage")
     assert_close(sharded.params_change([0, 5]), reference.params_change([0, 5]), "params")
-    expected = verify(reference, X_test[:2], y_test[:2], k=4, select_by="corrected")
+    assert_close(
+        sharded.predicted_output_changes(X_test),
+        reference.predicted_output_changes(X_test),
+        "output changes",
+    )
+    expected = verify(reference, X_test[:2], y_test[:2], k=4)
     for mode in modes:
         found = sharded.verify(X_test[:2], y_test[:2], k=4, mode=mode)
         for a, b in zip(found, expected, strict=True):
             np.testing.assert_array_equal(a.train_indices, b.train_indices)
             assert_close(a.actual, b.actual, f"leave-one-out ({mode})")
+            for estimate in sharded.estimates:
+                assert_close(a.predicted[estimate], b.predicted[estimate], f"verify {estimate}")
+            assert a.selected_by == b.selected_by == "margin"
             assert a.converged
 
 
@@ -253,6 +263,78 @@ def test_sharded_logistic_regression_equals_in_process_shard_by_shard(n_classes)
     sharded = ShardedInfluenceEngine(ShardedLogisticRegression(l2=1e-2).fit(data, y))
     assert sharded.model.fit_info_.converged
     _compare(reference, sharded, X_test, y_test)
+
+
+def _assert_within(actual, expected, tol: float, what: str) -> None:
+    """|actual - expected| <= tol x the largest |expected| of the same test point (row), so a
+    confidently classified point's tiny scores are compared on their own scale."""
+    actual, expected = np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+    rows_a, rows_e = np.atleast_2d(actual), np.atleast_2d(expected)
+    for t, (a, e) in enumerate(zip(rows_a, rows_e, strict=True)):
+        scale = max(float(np.abs(e).max()), 1e-300)
+        error = float(np.abs(a - e).max())
+        assert error <= tol * scale, f"{what}[{t}]: max |difference| {error:.3g} vs {scale:.3g}"
+
+
+def _svm_problem(n_classes: int, n: int = 240, d: int = 12, seed: int = 11):
+    rng = np.random.default_rng(seed)
+    X = np.tanh(rng.normal(size=(n, d)))
+    centres = rng.normal(size=(n_classes, d))
+    y = (X @ centres.T + 0.3 * rng.normal(size=(n, n_classes))).argmax(1)
+    X_test = np.tanh(rng.normal(size=(5, d)))
+    X_test[0] = X[np.argmax(np.abs(X @ centres.T).max(1))]  # a confidently classified point
+    y_test = (X_test @ centres.T).argmax(1)
+    y_test[1] = (y_test[1] + 1) % n_classes  # a mistake
+    return X, y, X_test, y_test
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+@pytest.mark.parametrize("kind", ["logreg", "svm"])
+def test_every_estimate_on_shards_equals_in_process(kind, n_classes):
+    # The default "margin" estimate, the corrected and the first-order one, binary and 3-class,
+    # for the softmax/sigmoid log-loss and the (Crammer-Singer) smooth hinge, whose loss is
+    # curved on the scale of the output changes: scores, top k and self-influence to 1e-10.
+    if kind == "logreg":
+        X, y, X_test, y_test = _problem(n_classes, n=300, d=6, seed=12)
+        reference = LogisticRegression(l2=1e-2).fit(X.astype(np.float64), y)
+        data = ShardedData.from_arrays(LocalRunner(), X, y, n_shards=5)
+        model = ShardedLogisticRegression(l2=1e-2).fit(data)
+    else:
+        X, y, X_test, y_test = _svm_problem(n_classes)
+        reference = NystroemSVM(n_components=60, gamma="median", seed=2).fit(X, y)
+        data = ShardedData.from_arrays(LocalRunner(), X, y, n_shards=5)
+        model = ShardedNystroemSVM(n_components=60, gamma="median", seed=2).fit(data)
+        assert model.gamma_ == pytest.approx(reference.gamma_, rel=1e-12)
+        assert model.platt_ == pytest.approx(reference.platt_, rel=1e-8)
+    local, sharded = InfluenceEngine(reference), ShardedInfluenceEngine(model)
+    assert sharded.estimates == local.estimates
+    assert sharded.default_estimate == "margin"
+    expected = local.score_estimates(X_test, y_test)
+    found = sharded.score_estimates(X_test, y_test)
+    for estimate in local.estimates:
+        _assert_within(found[estimate], expected[estimate], 1e-10, estimate)
+        alone = sharded.influence_scores(X_test, y_test, estimate=estimate)
+        _assert_within(alone, expected[estimate], 1e-10, f"{estimate} alone")
+        _assert_within(
+            sharded.self_influence(estimate), local.self_influence(estimate), 1e-10, "self"
+        )
+    # The margin estimate is not the corrected one here (else the test could not tell them
+    # apart), and its top k per shard merge into the in-process lists.
+    differences = [
+        np.abs(m - c).max() / np.abs(m).max()
+        for m, c in zip(expected["margin"], expected["corrected"], strict=True)
+    ]
+    assert max(differences) > 1e-3
+    for row, top in zip(expected["margin"], sharded.top_k_scores(X_test, y_test, 6), strict=True):
+        np.testing.assert_array_equal(top.top.helpful, top_k(row, 6).helpful)
+        np.testing.assert_array_equal(top.top.harmful, top_k(row, 6).harmful)
+        np.testing.assert_array_equal(top.by_magnitude, top_k_by_magnitude(row, 6))
+    _assert_within(
+        sharded.scores_at(X_test, y_test, [3, 0, 150]),
+        expected["margin"][:, [3, 0, 150]],
+        1e-10,
+        "scores at",
+    )
 
 
 @pytest.mark.parametrize("k", [1, 7, 20, 35])

@@ -2,8 +2,9 @@
 the module, against the in-process path.
 
 Synthetic binary and 4-class data of a few thousand points in 8 shards, and the bundled demo
-through the explainer and the command line: θ, the Hessian, both estimates' scores, top-k
-indices and leave-one-out retraining agree to 1e-8. Then what goes wrong on clusters: mismatched
+through the explainer and the command line: θ, the Hessian, the three estimates' scores (the
+exact-in-the-margin default, the Newton-corrected and the first-order), top-k indices and
+leave-one-out retraining agree to 1e-8. Then what goes wrong on clusters: mismatched
 versions are refused before work starts, a worker killed mid-job is recovered by Dask, and a job
 that keeps killing its workers ends in a message naming the stage.
 """
@@ -138,7 +139,8 @@ def test_demo_explainer_on_the_cluster_equals_in_process(cluster, demo_cache):
         }
     )
     for index in picks:
-        for estimate in ("corrected", "first_order"):
+        assert remote.models["logreg"].engine.estimates == local.models["logreg"].engine.estimates
+        for estimate in ("margin", "corrected", "first_order"):
             a = local.explain(test_index=index, k=10, estimate=estimate)
             b = remote.explain(test_index=index, k=10, estimate=estimate)
             for key in a.models:

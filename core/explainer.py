@@ -59,7 +59,6 @@ from core.selection import (  # LOGREG_L2_GRID: still importable from here
     LambdaCurve,
     SelectionConfig,
     curve_from_values,
-    held_out_values,
 )
 from core.store import ArtifactStore, CacheKey
 from core.validation import Verification
@@ -780,7 +779,7 @@ class Explainer:
         stage = "Choosing the logistic regression's λ"
 
         def build() -> dict[str, np.ndarray]:
-            values = held_out_values(
+            values = backend.held_out_values(  # fitted on the shards for shards
                 features,
                 self.train_labels,
                 selection,

@@ -4,8 +4,11 @@ With ``Explainer(..., cluster=...)`` the logistic regression on backbone feature
 cluster: the workers compute the training features per class (GPU if they have one) through
 the same artifact-store entries as in-process (:func:`core.features.cached_features`, so a
 cache filled by either is used by both and the features are the same bits), the rows are
-reassembled into shards in the explainer's order, and the model and its engine are :class:`~core.backend.models.ShardedLogisticRegression` (softmax
-for C classes) and :class:`~core.backend.engine.ShardedInfluenceEngine`. The RBF SVM on pixels stays in-process,
+reassembled into shards in the explainer's order, λ is chosen by the rule of
+:mod:`core.selection` with every fold fitted on the shards (:mod:`core.backend.selection`), and
+the model and its engine are :class:`~core.backend.models.ShardedLogisticRegression` (softmax
+for C classes) and :class:`~core.backend.engine.ShardedInfluenceEngine` (all three estimates,
+the exact-in-the-margin default included). The RBF SVM on pixels stays in-process,
 built as everywhere by :func:`core.models.make_rbf_svm`: the exact kernel SVM while its n x n
 kernel and the engine's matrices fit the memory budget, beyond it the Nyström SVM (whose memory
 grows with n·m, not n²), so a cluster run refuses nothing for the SVM's size.
@@ -21,7 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from core import selection
 from core.backend import kernels
+from core.backend import selection as sharded_selection
 from core.backend.engine import ShardedInfluenceEngine
 from core.backend.models import ShardedLinearModel, ShardedLogisticRegression
 from core.backend.shards import ShardedData, default_n_shards, make_shard
@@ -29,6 +34,7 @@ from core.errors import InfluenceExplorerError
 from core.influence import InfluenceEngine, SolverConfig
 from core.models import LinearModel, LogisticRegression, as_float64
 from core.ood import DEFAULT_NEIGHBOUR, MAX_REFERENCE, NeighbourDistance
+from core.selection import SelectionConfig
 from core.store import ArtifactStore
 from core.validation import verify
 
@@ -90,6 +96,16 @@ def train_features(explainer: Any, cluster: Any) -> ShardedData:
         shards = chunks.take(order, n_shards=default_n_shards(len(order), runner.n_workers))
     explainer._progress(stage, 1, 1)
     return shards
+
+
+def held_out_values(
+    features: Any, labels: np.ndarray, config: SelectionConfig, progress: Any = None
+) -> dict[str, np.ndarray]:
+    """λ cross-validation's per-example held-out values (:mod:`core.selection`): fitted on the
+    shards for shards (:func:`core.backend.selection.held_out_values`), else in-process."""
+    if isinstance(features, ShardedData):
+        return sharded_selection.held_out_values(features, labels, config, progress=progress)
+    return selection.held_out_values(features, labels, config, progress=progress)
 
 
 def logistic_regression(l2: float, features: Any) -> LinearModel:
@@ -179,6 +195,7 @@ def verifier(engine: InfluenceEngine) -> Callable[..., Any]:
 __all__ = [
     "ShardedNeighbourDistance",
     "feature_distances",
+    "held_out_values",
     "logistic_regression",
     "make_engine",
     "neighbour_distance",

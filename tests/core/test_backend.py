@@ -461,3 +461,26 @@ def test_neighbour_distance_merged_from_shards_equals_in_process():
     for a, b in zip(found.check(queries), expected.check(queries), strict=True):
         assert a.statistic == pytest.approx(b.statistic, rel=1e-12)
         assert (a.percentile, a.unusual) == (b.percentile, b.unusual)
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_lambda_cross_validation_on_shards_follows_the_in_process_rule(n_classes):
+    # The same folds, fits (λ and tolerance rescaled for the zero-weighted held-out rows) and
+    # held-out values, so the same curve and the same one-standard-error choice.
+    from core.backend.selection import held_out_values as sharded_values
+    from core.selection import SelectionConfig, curve_from_values, held_out_values
+
+    X, y, _, _ = _problem(n_classes, n=240, d=6, seed=13)
+    config = SelectionConfig(grid=(1e-3, 1e-2, 1e-1, 1.0), folds=3, repeats=2, seed=4)
+    expected = held_out_values(X.astype(np.float64), y, config)
+    data = ShardedData.from_arrays(LocalRunner(), X, y, n_shards=4)
+    calls = []
+    found = sharded_values(data, y, config, progress=lambda done, total: calls.append(total))
+    np.testing.assert_array_equal(found["correct"], expected["correct"])
+    np.testing.assert_allclose(found["log_loss"], expected["log_loss"], rtol=1e-6, atol=1e-9)
+    a, b = curve_from_values(found, config), curve_from_values(expected, config)
+    assert (a.best, a.chosen) == (b.best, b.chosen)
+    np.testing.assert_allclose(a.mean, b.mean, rtol=1e-7)
+    assert calls and calls[-1] == 2 * 3 * 4
+    with pytest.raises(InfluenceExplorerError, match="do not match the labels"):
+        sharded_values(data, np.roll(y, 1), config)

@@ -110,6 +110,15 @@ def demo_cache():
     return directory
 
 
+class _RecomputeSelection(ArtifactStore):
+    """An artifact store that never reuses a cached λ cross-validation."""
+
+    def get_or_create(self, key, build, meta=None):
+        if key.kind == "select-logreg-l2":
+            return dict(build())
+        return super().get_or_create(key, build, meta)
+
+
 def test_demo_explainer_on_the_cluster_equals_in_process(cluster, demo_cache):
     from core.data import load_demo
     from core.explainer import Explainer, ExplainerConfig
@@ -117,8 +126,16 @@ def test_demo_explainer_on_the_cluster_equals_in_process(cluster, demo_cache):
     demo = load_demo()
     store = ArtifactStore(demo_cache)
     local = Explainer(demo, ExplainerConfig(), store=store).prepare()
-    remote = Explainer(demo, ExplainerConfig(), store=store, cluster=cluster).prepare()
+    # The remote explainer reads the same cache, except λ's cross-validation, which it redoes
+    # with every fold fitted on the shards.
+    remote = Explainer(
+        demo, ExplainerConfig(), store=_RecomputeSelection(demo_cache), cluster=cluster
+    ).prepare()
     assert isinstance(remote.models["logreg"].engine, ShardedInfluenceEngine)
+    near, far = remote.models["logreg"].lambda_curve, local.models["logreg"].lambda_curve
+    assert (near.best, near.chosen, near.n) == (far.best, far.chosen, far.n)
+    np.testing.assert_allclose(near.mean, far.mean, rtol=1e-6)
+    np.testing.assert_allclose(near.accuracy, far.accuracy, atol=1e-12)
     for key, summary in local.summaries().items():
         other = remote.summaries()[key]
         assert (other.train_accuracy, other.test_accuracy) == (

@@ -16,14 +16,17 @@ What runs where (docs/architecture.md has the map):
 - :mod:`core.backend.shards` — training rows live in shards (features float32, labels) in the
   workers' memory; features are computed by the workers over image shards (on a GPU when a
   worker has one) and written to the artifact store.
-- :mod:`core.backend.models` — the convex models fitted by map-reduce: every Newton step sums
-  per-shard gradients and Hessians (or Hessian-vector products) with a tree reduction; the
-  factorisation and the step stay on the driver. They implement the engine's
+- :mod:`core.backend.models` — the convex models (binary or C-class) fitted by map-reduce:
+  every Newton step sums per-shard gradients and Hessians (or Hessian-vector products) with a
+  tree reduction; the factorisation and the step stay on the driver. They implement the engine's
   :class:`~core.influence.TwiceDifferentiable` protocol.
+- :mod:`core.backend.selection` — λ by the rule of :mod:`core.selection`, each cross-validation
+  fold fitted on the shards.
 - :mod:`core.backend.engine` — :class:`~core.backend.engine.ShardedInfluenceEngine`, the same
-  :class:`~core.influence.InfluenceEngine` with the per-training-point quantities (scores, top-k,
-  self-influence, leverages, the Newton-corrected estimate) mapped over shards, so no
-  (test x train) matrix is ever formed; leave-one-out retrainings are independent tasks.
+  :class:`~core.influence.InfluenceEngine` with the per-training-point quantities (scores of all
+  three estimates, the exact-in-the-margin default included, top-k, self-influence, leverages)
+  mapped over shards, so no (test x train) matrix is ever formed; leave-one-out retrainings are
+  independent tasks.
 - :mod:`core.backend.cluster` — connecting, the version check, and :func:`cluster_info`, the
   line a front end shows (address, workers, memory).
 

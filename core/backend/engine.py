@@ -393,13 +393,12 @@ class ShardedInfluenceEngine(InfluenceEngine):
         formed shard by shard (see :meth:`core.influence.InfluenceEngine.predicted_output_changes`).
         Returns: (m, n_train, C)."""
         estimate = _parameter_estimate(self._check_estimate(estimate))
-        features = self.model.transform(X_test)
-        solves = self._unit_output_solves(features)
         if estimate == "first_order":
             raise InfluenceExplorerError(
                 "On a cluster predicted output changes are the Newton-corrected ones; use "
                 "estimate='corrected' (or 'margin')."
             )
+        solves = self._unit_output_solves(self.model.transform(X_test))
         with self.runner.stage("Predicted output changes"):
             handle = self.runner.broadcast(solves)
             blocks = self.runner.gather(

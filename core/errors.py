@@ -53,6 +53,12 @@ class NonFiniteFeaturesError(InfluenceExplorerError):
     """A featurizer produced NaN or infinite values, so no model can use them."""
 
 
+class ClusterError(InfluenceExplorerError):
+    """A Dask cluster could not be reached or used: a bad ``INFLUENCE_CLUSTER``/``--cluster``
+    setting, an unreachable scheduler, mismatched package versions on the workers, or a worker
+    lost mid-job that Dask could not recover from (the message names the stage)."""
+
+
 class PreparationCancelled(InfluenceExplorerError):
     """Preparing an explainer was stopped on request (its ``cancel`` callback returned True)."""
 

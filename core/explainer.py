@@ -26,6 +26,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from core.backend import explainer as backend
 from core.budget import ModelShape, WorkEstimate, preparation_estimate
 from core.data import Dataset
 from core.errors import (
@@ -59,10 +60,9 @@ from core.selection import (  # LOGREG_L2_GRID: still importable from here
     LambdaCurve,
     SelectionConfig,
     curve_from_values,
-    held_out_values,
 )
 from core.store import ArtifactStore, CacheKey
-from core.validation import Verification, verify
+from core.validation import Verification
 
 #: Stage-aware progress: progress(stage, done, total).
 StageProgress = Callable[[str, int, int], None]
@@ -416,9 +416,13 @@ class Explainer:
         config: ExplainerConfig | None = None,
         *,
         store: ArtifactStore | None = None,
+        cluster: Any | None = None,
     ) -> None:
         self.config = config if config is not None else ExplainerConfig()
         self.store = store if store is not None else ArtifactStore()
+        #: A connected core.backend.cluster.Cluster: the logistic regression's features, fit
+        #: and engine then run on it (see core.backend.explainer); None runs in-process.
+        self.cluster = cluster
         self._progress: StageProgress = lambda stage, done, total: None
         self.source = dataset
         classes = (
@@ -462,7 +466,7 @@ class Explainer:
         again); each Newton fit as :data:`ASSUMED_NEWTON_STEPS` steps of a Hessian build and
         factorisation (dense) or 50 conjugate-gradient iterations of 4·n·p flops (large p).
         """
-        from core.models import DENSE_NEWTON_MAX_PARAMS, MAX_LANDMARKS, SVM_MEMORY_BUDGET
+        from core.models import DENSE_NEWTON_MAX_PARAMS
 
         n = self.n_train
         classes = len(self.class_names)
@@ -472,11 +476,9 @@ class Explainer:
         backbone_dim = self.backbone.output_dim(self.dataset.image_shape)
         stages = [self._feature_cost(split) for split in ("train", "test")]
 
-        probe = make_rbf_svm(
-            n, classes, memory_budget=SVM_MEMORY_BUDGET, max_landmarks=MAX_LANDMARKS
-        )
-        width = min(probe.n_components, n) if isinstance(probe, NystroemSVM) else n
-        svm_kind = f"Nyström, {width} landmarks" if isinstance(probe, NystroemSVM) else "exact"
+        width = self._svm_width()
+        nystroem = width < n
+        svm_kind = f"Nyström, {width} landmarks" if nystroem else "exact"
 
         def engine(label: str, rows: int, d: int) -> list[StageCost]:
             p = d * outputs
@@ -496,7 +498,7 @@ class Explainer:
 
         feature_map = (
             2 * n * width * pixels + width**3 / 3 + n * width * width
-            if isinstance(probe, NystroemSVM)
+            if nystroem
             else 2 * n * n * pixels + n**3 / 3
         )
         stages.append(StageCost("RBF SVM: kernel and its factor", feature_map, 8 * 3 * n * width))
@@ -572,8 +574,9 @@ class Explainer:
             return tuple(
                 ModelShape(
                     fitted.label,
-                    int(fitted.model.features_.shape[0]),
-                    int(fitted.model.features_.shape[1]),
+                    self.n_train,
+                    # n_params_ / outputs, not features_: a sharded model keeps no features here.
+                    int(fitted.model.n_params_ // fitted.model.n_outputs_),
                     int(fitted.model.n_outputs_),
                     ""
                     if isinstance(fitted.featurizer, PixelFeaturizer)
@@ -585,9 +588,24 @@ class Explainer:
         outputs = 1 if len(self.class_names) == 2 else len(self.class_names)
         feature_dim = self.backbone.output_dim(self.dataset.image_shape)
         return (
-            ModelShape(labels["svm"], self.n_train, self.n_train, outputs),
+            ModelShape(labels["svm"], self.n_train, self._svm_width(), outputs),
             ModelShape(labels["logreg"], self.n_train, feature_dim, outputs, self.backbone.name),
         )
+
+    def _svm_width(self) -> int:
+        """The RBF SVM's feature dimension: n for the exact kernel, the landmarks for Nyström
+        (what :func:`core.models.make_rbf_svm` will choose for this many images)."""
+        from core.models import MAX_LANDMARKS, SVM_MEMORY_BUDGET
+
+        probe = make_rbf_svm(
+            self.n_train,
+            len(self.class_names),
+            memory_budget=SVM_MEMORY_BUDGET,
+            max_landmarks=MAX_LANDMARKS,
+        )
+        if isinstance(probe, NystroemSVM):
+            return min(probe.n_components, self.n_train)
+        return self.n_train
 
     def preparation_estimate(self) -> WorkEstimate:
         """Memory :meth:`prepare` needs at its peak, an upper bound (see :mod:`core.budget`)."""
@@ -641,7 +659,11 @@ class Explainer:
     def _prepare(self) -> None:
         pixels_train = self.pixels.transform(self.dataset.train_images)
         pixels_test = self.pixels.transform(self.dataset.test_images)
-        features_train = self._backbone_features("train")
+        features_train = (
+            self._backbone_features("train")
+            if self.cluster is None
+            else backend.train_features(self, self.cluster)
+        )
         features_test = self._backbone_features("test")
         self._pixels_train = torch.as_tensor(pixels_train, dtype=torch.float64)
         self._pixels_test = torch.as_tensor(pixels_test, dtype=torch.float64)
@@ -657,7 +679,7 @@ class Explainer:
         for key, label, short, featurizer, model, test_inputs, chosen in specs:
             stage = f"{label}: Hessian ({model.n_params_:,} parameters) and its factorisation"
             self._progress(stage, 0, 1)
-            engine = InfluenceEngine(model, self.config.solver)
+            engine = backend.make_engine(model, self.config.solver)  # sharded for shards
             self._progress(stage, 1, 1)
             # Compute everything lazy now, so the shared explainer is never mutated later.
             stage = f"{label}: Newton-corrected estimate and self-influence"
@@ -666,8 +688,8 @@ class Explainer:
                 engine.self_influence(estimate)
                 self._progress(stage, done, len(engine.estimates))
             test_inputs = torch.as_tensor(test_inputs, dtype=torch.float64)
-            familiarity = NeighbourDistance(
-                model.features_, model.transform(test_inputs), seed=self.config.seed
+            familiarity = backend.neighbour_distance(
+                model, model.transform(test_inputs), seed=self.config.seed
             )
             models[key] = FittedModel(
                 key=key,
@@ -802,7 +824,7 @@ class Explainer:
         )
         theta0 = self._cached_theta(key)
         outputs = 1 if len(self.class_names) == 2 else len(self.class_names)
-        model = LogisticRegression(l2=l2)
+        model = backend.logistic_regression(l2, features)  # sharded when features are shards
         model.fit(features, self.train_labels, theta0=_usable(theta0, features.shape[1] * outputs))
         if theta0 is None:
             self.store.save(key, {"theta": model.theta_.numpy()})
@@ -823,7 +845,7 @@ class Explainer:
         stage = "Choosing the logistic regression's λ"
 
         def build() -> dict[str, np.ndarray]:
-            values = held_out_values(
+            values = backend.held_out_values(  # fitted on the shards for shards
                 features,
                 self.train_labels,
                 selection,
@@ -844,7 +866,7 @@ class Explainer:
             if isinstance(model, NystroemSVM):
                 kernel += f"; Nyström, {model.features_.shape[1]} landmarks"
             return f"raw pixels ({h}x{w}x{c}) through an RBF kernel ({kernel})"
-        return f"{featurizer.label} features, {model.features_.shape[1]}-d"
+        return f"{featurizer.label} features, {model.n_params_ // model.n_outputs_}-d"
 
     # ------------------------------------------------------------------ queries
     @property
@@ -870,9 +892,7 @@ class Explainer:
                 key=key,
                 label=fitted.label,
                 features=fitted.features_label,
-                train_accuracy=float(
-                    np.mean(model.predict(model.training_inputs_) == self.train_labels)
-                ),
+                train_accuracy=backend.training_accuracy(model, self.train_labels),
                 test_accuracy=float(
                     np.mean(self._test_predictions[key].argmax(1) == self.test_labels)
                 ),
@@ -996,7 +1016,7 @@ class Explainer:
             _check_finite_scores(scores, fitted.label)
             probabilities = model.predict_proba(inputs[key])[0]
             query_features = model.transform(inputs[key])
-            feature_distances = torch.linalg.norm(model.features_ - query_features, dim=1).numpy()
+            feature_distances = backend.feature_distances(model, query_features)
             best = top_k(scores, k)
 
             predicted = int(np.argmax(probabilities))
@@ -1110,7 +1130,7 @@ class Explainer:
         for key, fitted in self.models.items():
             label = self._target(key, true_label, inputs[key], target)
             stage = f"Retraining {fitted.label} without each of the top {k}"
-            out[key] = verify(
+            out[key] = backend.verifier(fitted.engine)(
                 fitted.engine,
                 inputs[key],
                 [label],
@@ -1137,7 +1157,7 @@ class Explainer:
         report = progress or (lambda stage, done, total: None)
         for key, fitted in self.models.items():
             stage = f"Retraining {fitted.label}"
-            out[key] = verify(
+            out[key] = backend.verifier(fitted.engine)(
                 fitted.engine,
                 fitted.test_inputs[indices],
                 self.test_labels[indices],

@@ -51,3 +51,12 @@ class SolverDivergedError(InfluenceExplorerError):
 
 class NonFiniteFeaturesError(InfluenceExplorerError):
     """A featurizer produced NaN or infinite values, so no model can use them."""
+
+
+class NetworkError(InfluenceExplorerError):
+    """A user's network could not be used: unknown architecture, weights that do not fit it, a
+    file that is not a state dict or a safe ``torch.export`` program, no final linear layer."""
+
+
+class UploadError(InfluenceExplorerError):
+    """An uploaded archive or weights file was refused (too large, unsafe, wrong layout)."""

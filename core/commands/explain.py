@@ -6,7 +6,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from core.commands.common import add_common_options, build_explainer, emit
+from core.commands.common import (
+    add_common_options,
+    build_explainer,
+    emit,
+    network_line,
+    network_report,
+)
 from core.errors import InfluenceExplorerError
 
 
@@ -96,6 +102,9 @@ def run(args: argparse.Namespace) -> int:
         "models": models,
         # Why the scores may be inaccurate (e.g. LiSSA too short); also printed on stderr.
         "warnings": list(explainer.warnings),
+        # The user's network (--network): what it is, its preprocessing, and how its refitted
+        # last layer agrees with its own head; None without one.
+        "network": network_report(explainer),
     }
     emit(payload, args, _report)
     return 0
@@ -108,6 +117,8 @@ def _report(payload: dict[str, Any]) -> str:
         else f"image {payload['image']}"
     )
     lines = [f"{payload['dataset']}: {what}", f"Sign: {payload['sign_convention']}.", ""]
+    if payload["network"] is not None:
+        lines[-1:-1] = [network_line(payload["network"]), payload["network"]["what_is_explained"]]
     for model in payload["models"].values():
         lines.append(
             f"{model['label']}: predicts {model['predicted']} ({model['probability']:.2f}); "

@@ -562,6 +562,9 @@ class Explainer:
             **({"features": featurizer.version, "intercept": True} if fit_intercept else {}),
         )
 
+        whose = "your network's last layer" if fit_intercept else "the logistic regression"
+        stage = f"Choosing {whose}'s λ"
+
         def build() -> dict[str, np.ndarray]:
             rng = np.random.default_rng(self.config.seed)
             folds = np.empty(len(features), dtype=np.int64)
@@ -572,13 +575,13 @@ class Explainer:
             total = len(LOGREG_L2_GRID) * 3
             for i, l2 in enumerate(LOGREG_L2_GRID):
                 for fold in range(3):
-                    self._progress("Choosing the logistic regression's λ", i * 3 + fold, total)
+                    self._progress(stage, i * 3 + fold, total)
                     train, held = folds != fold, folds == fold
                     model = LogisticRegression(l2=l2, fit_intercept=fit_intercept, tol=1e-8).fit(
                         features[train], self.train_labels[train]
                     )
                     accuracy[i] += model.accuracy(features[held], self.train_labels[held]) / 3
-            self._progress("Choosing the logistic regression's λ", total, total)
+            self._progress(stage, total, total)
             return {"grid": np.asarray(LOGREG_L2_GRID), "accuracy": accuracy}
 
         arrays = self.store.get_or_create(key, build)

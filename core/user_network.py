@@ -96,6 +96,19 @@ MAX_WEIGHTS_BYTES = 200 * 2**20
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 DEFAULT_INPUT_SIZE = 224
+#: What the third model's scores explain, for every front end (docs/architecture.md quotes it).
+WHAT_IS_EXPLAINED = (
+    "What these scores explain. For your network, the scores describe its last layer refitted to "
+    "convergence on the features your network computes, with every lower layer frozen — the "
+    "setting in which Koh & Liang explained Inception v3. A score says how the test loss of that "
+    "layer would change if the training image were removed and the layer refitted, with the "
+    "features unchanged. It does not say what retraining or fine-tuning the whole network without "
+    "that image would do: the lower layers learned from the same images, and influence through "
+    "them is not included (and, for deep networks, known to be fragile — see the Trust page). The "
+    "refitted layer is not exactly your network's head either: it is the best layer for these "
+    "training images at the chosen λ; the agreement with your head's predictions is shown next to "
+    "it."
+)
 #: Bump when the feature definition or preprocessing code changes (part of cache keys).
 FEATURES_VERSION = "1"
 

@@ -255,6 +255,8 @@ def network_spec(args: argparse.Namespace) -> Any:
 def network_report(explainer: Any) -> dict[str, Any] | None:
     """What the user's network is and how its refitted last layer compares with its own head
     (for --json), or ``None`` without a network."""
+    from core.user_network import WHAT_IS_EXPLAINED
+
     for key, summary in explainer.summaries().items():
         head = summary.original_head
         if head is None:
@@ -289,15 +291,6 @@ def network_report(explainer: Any) -> dict[str, Any] | None:
             "what_is_explained": WHAT_IS_EXPLAINED,
         }
     return None
-
-
-#: Shown with every explanation of a user's network (the Method and Trust pages carry it too).
-WHAT_IS_EXPLAINED = (
-    "The scores describe your network's last layer refitted to convergence on its penultimate "
-    "features, with every lower layer frozen (as Koh & Liang did for Inception v3): which "
-    "training images that layer leans on, and what removing one would do if the features stayed "
-    "as they are. They do not describe retraining the whole network."
-)
 
 
 def network_line(report: dict[str, Any]) -> str:

@@ -538,3 +538,10 @@ def test_uploaded_networks_are_checked_before_they_are_kept(mobilenet, tmp_path)
     assert uploads.get(stored.content_hash).spec == stored.spec
     assert uploads.delete(stored.content_hash) and uploads.list() == []
     assert not uploads.delete(stored.content_hash)
+
+
+def test_docs_quote_what_the_scores_explain():
+    """docs/architecture.md gives the Method and Trust pages the same text the CLI prints."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "architecture.md").read_text()
+    quoted = " ".join(line[2:].strip() for line in text.splitlines() if line.startswith("> "))
+    assert user_network.WHAT_IS_EXPLAINED in quoted.replace("**", "")

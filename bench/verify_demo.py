@@ -19,7 +19,7 @@ from bench.common import markdown_table, write_results
 from core.commands.common import StageBars, parse_classes
 from core.data import load_demo
 from core.explainer import Explainer, ExplainerConfig
-from core.influence import ESTIMATE_LABELS
+from core.labels import ESTIMATE_DESCRIPTIONS
 
 
 def main() -> None:
@@ -52,7 +52,7 @@ def main() -> None:
             summary_rows.append(
                 [
                     label,
-                    ESTIMATE_LABELS[estimate],
+                    ESTIMATE_DESCRIPTIONS[estimate],
                     *(
                         f"{np.median(stats[s]):.3f} [{stats[s].min():.3f}, {stats[s].max():.3f}]"
                         for s in ("pearson", "spearman", "slope")

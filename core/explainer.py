@@ -41,6 +41,7 @@ from core.features import (
 )
 from core.influence import Estimate, InfluenceEngine, SolverConfig, top_k
 from core.models import KernelSVM, LinearModel, LogisticRegression
+from core.ood import Familiarity, NeighbourDistance
 from core.store import ArtifactStore, CacheKey
 from core.user_network import NetworkFeaturizer, NetworkInfo, NetworkSpec, head_initialisation
 from core.validation import Verification, verify
@@ -220,6 +221,8 @@ class ModelExplanation:
         scores: (n_train,) influence of every training image.
         pixel_distances, feature_distances: (n_train,) distances to the test image.
         helpful, harmful: the top-k of each, strongest first.
+        familiarity: where the image lies among the training data in this model's feature
+            space (``familiarity.unusual``: farther than every held-out test image).
     """
 
     key: str
@@ -236,6 +239,7 @@ class ModelExplanation:
     feature_distances: np.ndarray
     helpful: tuple[InfluentialImage, ...]
     harmful: tuple[InfluentialImage, ...]
+    familiarity: Familiarity
 
 
 @dataclass(frozen=True)
@@ -257,6 +261,14 @@ class Explanation:
     models: dict[str, ModelExplanation]
     seconds: float
 
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """Why this explanation should not be trusted as it stands (e.g. the image is unlike the
+        training data for some model), one sentence each; empty if none."""
+        return tuple(
+            m.familiarity.message(m.label) for m in self.models.values() if m.familiarity.unusual
+        )
+
 
 @dataclass(frozen=True)
 class FittedModel:
@@ -265,6 +277,7 @@ class FittedModel:
     Attributes:
         key: short stable id used in URLs, JSON and caches (e.g. "svm", "logreg").
         label: for people, e.g. "RBF SVM on pixels".
+        short_label: where the label does not fit (a thumbnail's caption), e.g. "SVM".
         features_label: what the model sees, e.g. "EfficientNet-Lite0 (ImageNet) features, 1280-d".
         featurizer: images -> the model's inputs.
         model: the fitted estimator.
@@ -273,10 +286,13 @@ class FittedModel:
         test_inputs: (n_test, D) float64 model inputs of the test split.
         selection: cross-validated accuracy per λ tried, when λ was chosen (else empty).
         solver: how the engine applies H⁻¹; refits (attacks, relabelling) build theirs from it.
+        familiarity: how far an image lies from the training data in this model's feature
+            space, against held-out test images (:mod:`core.ood`).
     """
 
     key: str
     label: str
+    short_label: str
     features_label: str
     featurizer: Featurizer
     model: LinearModel
@@ -284,6 +300,7 @@ class FittedModel:
     test_inputs: torch.Tensor
     selection: dict[str, float]
     solver: SolverConfig
+    familiarity: NeighbourDistance
 
     def inputs(self, images: np.ndarray, what: str = "the image") -> torch.Tensor:
         """The model's inputs for (m, H, W, C) uint8 images. Returns: (m, D) float64."""
@@ -355,14 +372,18 @@ class Explainer:
         self.network = (
             NetworkFeaturizer(self.config.network) if self.config.network is not None else None
         )
-        #: (key, label) of every model :meth:`prepare` fits, in display order.
-        self.model_specs: tuple[tuple[str, str], ...] = (
-            ("svm", "RBF SVM on pixels"),
-            ("logreg", f"Logistic regression on {self.backbone.label} features"),
+        #: (key, label, short label) of every model :meth:`prepare` fits, in display order.
+        self.model_specs: tuple[tuple[str, str, str], ...] = (
+            ("svm", "RBF SVM on pixels", "SVM"),
+            ("logreg", f"Logistic regression on {self.backbone.label} features", "LR"),
         )
         if self.config.network is not None:
             self.model_specs += (
-                ("network", f"Your network's last layer ({self.config.network.short_name})"),
+                (
+                    "network",
+                    f"Your network's last layer ({self.config.network.short_name})",
+                    "Your net",
+                ),
             )
         self._head_comparisons: dict[str, HeadComparison] = {}
         self.models: dict[str, FittedModel] = {}
@@ -372,7 +393,7 @@ class Explainer:
     @property
     def model_keys(self) -> tuple[str, ...]:
         """Keys of the models in display order, known before :meth:`prepare`."""
-        return tuple(key for key, _ in self.model_specs)
+        return tuple(spec[0] for spec in self.model_specs)
 
     @property
     def prepared(self) -> bool:
@@ -410,30 +431,38 @@ class Explainer:
 
         svm = self._fit_svm(pixels_train)
         logreg, selection = self._fit_logreg(features_train)
-        labels = dict(self.model_specs)
+        names = {key: (label, short) for key, label, short in self.model_specs}
         specs: tuple[tuple[Any, ...], ...] = (
-            ("svm", labels["svm"], self.pixels, svm, pixels_test, {}),
-            ("logreg", labels["logreg"], self.backbone, logreg, features_test, selection),
+            ("svm", *names["svm"], self.pixels, svm, pixels_test, {}),
+            ("logreg", *names["logreg"], self.backbone, logreg, features_test, selection),
         )
         if self.network is not None:
-            specs += (self._fit_network_head(labels["network"]),)
+            specs += (self._fit_network_head(*names["network"]),)
         self._progress("Preparing influence engines", 0, len(specs))
         models: dict[str, FittedModel] = {}
-        for position, (key, label, featurizer, model, test_inputs, chosen) in enumerate(specs):
+        for position, (key, label, short, featurizer, model, test_inputs, chosen) in enumerate(
+            specs
+        ):
             engine = InfluenceEngine(model, self.config.solver)
             # Compute everything lazy now, so the shared explainer is never mutated later.
             for estimate in engine.estimates:
                 engine.self_influence(estimate)
+            test_inputs = torch.as_tensor(test_inputs, dtype=torch.float64)
+            familiarity = NeighbourDistance(
+                model.features_, model.transform(test_inputs), seed=self.config.seed
+            )
             models[key] = FittedModel(
                 key=key,
                 label=label,
+                short_label=short,
                 features_label=self._features_label(featurizer, model),
                 featurizer=featurizer,
                 model=model,
                 engine=engine,
-                test_inputs=torch.as_tensor(test_inputs, dtype=torch.float64),
+                test_inputs=test_inputs,
                 selection=chosen,
                 solver=self.config.solver,
+                familiarity=familiarity,
             )
             self._progress("Preparing influence engines", position + 1, len(specs))
         self._test_predictions = {
@@ -613,7 +642,7 @@ class Explainer:
                 "ImageFolder numbers them)."
             )
 
-    def _fit_network_head(self, label: str) -> tuple[Any, ...]:
+    def _fit_network_head(self, label: str, short: str) -> tuple[Any, ...]:
         """The network's last layer on the chosen classes: features, λ, fit from its own head,
         and how the refit compares with the head (kept for :meth:`summaries`)."""
         assert self.network is not None
@@ -647,7 +676,7 @@ class Explainer:
             n_test=len(self.test_labels),
             network=network.info,
         )
-        return ("network", label, self.network, model, features_test, selection)
+        return ("network", label, short, self.network, model, features_test, selection)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -795,9 +824,8 @@ class Explainer:
             scores = engine.influence_scores(inputs[key], [label], estimate=estimate)[0]
             _check_finite_scores(scores, fitted.label)
             probabilities = model.predict_proba(inputs[key])[0]
-            feature_distances = torch.linalg.norm(
-                model.features_ - model.transform(inputs[key]), dim=1
-            ).numpy()
+            query_features = model.transform(inputs[key])
+            feature_distances = torch.linalg.norm(model.features_ - query_features, dim=1).numpy()
             best = top_k(scores, k)
 
             predicted = int(np.argmax(probabilities))
@@ -816,6 +844,7 @@ class Explainer:
                 feature_distances=feature_distances,
                 helpful=self._influential(best.helpful, scores, pixel_distances, feature_distances),
                 harmful=self._influential(best.harmful, scores, pixel_distances, feature_distances),
+                familiarity=fitted.familiarity.check(query_features)[0],
             )
         return Explanation(
             image=query_image,

@@ -5,7 +5,7 @@ with and without weight decay, and measures how well the influence score predict
 effect of retraining without a training point, exactly as the convex models are checked, so the
 convex models appear in the same table as reference rows.
 
-The score is the one of docs/architecture.md, first order (the paper's estimate):
+The score is the docs/architecture.md one, first order (the paper's estimate):
 
     score(z_j, z_test) = (1/n) ∇ℓ(z_test, θ̂)ᵀ (H + δI)⁻¹ ∇ℓ(z_j, θ̂)  ≈  ℓ(z_test, θ̂_{-j}) - ℓ(z_test, θ̂),
 
@@ -84,6 +84,7 @@ from core.influence import (
     SolverConfig,
     make_solver,
 )
+from core.labels import SOLVER_SHORT_LABELS, TEST_POINT_DESCRIPTIONS, TEST_POINT_LABELS
 from core.linalg import Spectrum, lanczos_spectrum, spectrum_from_hessian
 from core.models import DTYPE, KernelSVM, LinearModel, LogisticRegression
 from core.networks import (
@@ -102,7 +103,6 @@ from core.validation import agreement, verify
 FORMAT_VERSION = 1
 
 TEST_POINTS: tuple[str, ...] = ("high_loss", "median_loss")
-TEST_POINT_LABELS = {"high_loss": "high-loss test point", "median_loss": "median-loss test point"}
 FRAGILITY_SOLVERS: tuple[str, ...] = ("exact", "cg", "lissa")
 CONVEX_MODELS = {"logistic": "Logistic regression (pixels)", "svm": "RBF SVM (pixels)"}
 MODELS: tuple[str, ...] = ("cnn", *CONVEX_MODELS)
@@ -113,7 +113,7 @@ Progress = Callable[[int, int, str], None]
 
 def solver_label(solver: str, scope: str) -> str:
     """Display name of a solver on a parameter scope: "exact", "exact (last layer)", "CG", "LiSSA"."""
-    name = {"exact": "exact", "cg": "CG", "lissa": "LiSSA"}[solver]
+    name = SOLVER_SHORT_LABELS[solver]
     return f"{name} (last layer)" if scope == "last" else name
 
 
@@ -572,10 +572,7 @@ class FragilityTable:
         return len(self.rows), len(self.columns)
 
     def column_labels(self) -> tuple[str, ...]:
-        return tuple(
-            f"{TEST_POINT_LABELS[kind].replace(' test point', '')}, {_wd_text(wd)}"
-            for kind, wd in self.columns
-        )
+        return tuple(f"{TEST_POINT_LABELS[kind]}, {_wd_text(wd)}" for kind, wd in self.columns)
 
     def to_records(self) -> list[dict[str, Any]]:
         """One dict per row with a "Pearson / Spearman" string per column (for a data frame)."""
@@ -603,13 +600,13 @@ class FragilityTable:
         cell_width = max(
             13,
             *(len(_wd_text(wd)) + 2 for _, wd in self.columns),
-            *(-(-(len(TEST_POINT_LABELS[k]) + 2) // per_kind) for k in kinds),
+            *(-(-(len(TEST_POINT_DESCRIPTIONS[k]) + 2) // per_kind) for k in kinds),
         )
         header1 = " " * label_width
         header2 = "model".ljust(label_width)
         for kind in kinds:
             span = sum(1 for k, _ in self.columns if k == kind) * cell_width
-            header1 += TEST_POINT_LABELS[kind].center(span)
+            header1 += TEST_POINT_DESCRIPTIONS[kind].center(span)
         for _, wd in self.columns:
             header2 += _wd_text(wd).center(cell_width)
         lines = [header1.rstrip(), header2.rstrip(), "-" * len(header2)]
@@ -1521,7 +1518,7 @@ class CorrelationSeries:
     def name(self) -> str:
         other = "width" if self.vary == "depth" else "depth"
         return (
-            f"{self.solver}, {TEST_POINT_LABELS[self.test_point]}, {_wd_text(self.weight_decay)} "
+            f"{self.solver}, {TEST_POINT_DESCRIPTIONS[self.test_point]}, {_wd_text(self.weight_decay)} "
             f"({other} {self.fixed})"
         )
 

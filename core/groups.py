@@ -1,7 +1,7 @@
 """Influence of groups of training points (Koh, Ang, Teo & Liang 2019; Basu, You & Feizi 2020).
 
-Removing a group U of training points follows the project's definition (docs/architecture.md): the group's loss
-terms are dropped while the 1/n and λ stay,
+Removing a group U of training points follows the project's definition (docs/architecture.md): the
+group's loss terms are dropped while the 1/n and λ stay,
 
     R_U(θ) = R(θ) - (1/n) Σ_{j∈U} w_j ℓ_j(θ),    R(θ) = (1/n) Σ_i w_i ℓ_i(θ) + (λ/2)‖θ‖²,
 
@@ -63,11 +63,6 @@ from core.validation import RETRAIN_TOL, Agreement, agreement, retrain_without
 
 #: The three estimates of a group's effect: one, two, and all terms of the Newton step's series.
 GROUP_ESTIMATES: tuple[str, ...] = ("first_order", "second_order", "corrected")
-GROUP_ESTIMATE_LABELS = {
-    "first_order": "first order (sum of individual scores)",
-    "second_order": "second order (Basu et al., pairwise interactions)",
-    "corrected": "Newton-corrected (H without the group)",
-}
 #: How groups are formed.
 GROUP_KINDS: tuple[str, ...] = ("random", "class", "cluster", "helpful", "harmful", "custom")
 #: Group sizes as fractions of the training set, about 0.25% to 25% (Koh et al. 2019).
@@ -250,6 +245,39 @@ def size_count(fraction: float, n: int) -> int:
     return int(min(max(1, round(fraction * n)), n - 1))
 
 
+def _sizes_in_points(config: GroupConfig, n: int) -> list[int]:
+    """The config's distinct group sizes in points, increasing (two fractions may round alike)."""
+    return sorted({size_count(f, n) for f in config.sizes})
+
+
+def _n_clusters(size: int, n: int) -> int:
+    """k for the k-means that makes clusters of about ``size`` points out of n."""
+    return max(2, min(n, round(n / size)))
+
+
+def count_groups(config: GroupConfig, n: int) -> int:
+    """How many groups :func:`make_groups` forms for ``config`` on n training points, without
+    forming them (no clustering, no scores): what a user is told before retraining once per group.
+
+    Args:
+        config: kinds, sizes and groups per size.
+        n: training set size.
+    """
+    sizes = _sizes_in_points(config, n)
+    total = 0
+    for kind in config.kinds:
+        if kind == "custom":
+            total += 1
+        elif kind in ("helpful", "harmful"):
+            total += len(sizes)
+        elif kind == "cluster":
+            # groups_per_size of the clusters are used, or every cluster if there are fewer.
+            total += sum(min(config.groups_per_size, _n_clusters(size, n)) for size in sizes)
+        else:  # random, class
+            total += len(sizes) * config.groups_per_size
+    return total
+
+
 def make_groups(
     config: GroupConfig,
     *,
@@ -270,7 +298,7 @@ def make_groups(
         progress: ``progress(stage, done, total)`` while clustering.
 
     Returns:
-        The groups, in the order kinds x sizes x repeats.
+        The groups, in the order kinds x sizes x repeats; :func:`count_groups` of them.
     """
     report = progress or _no_progress
     labels = np.asarray(labels, dtype=np.int64)
@@ -278,7 +306,7 @@ def make_groups(
     if n < 3:
         raise InfluenceExplorerError("Groups need a training set of at least 3 points.")
     rng = np.random.default_rng(config.seed)
-    counts = sorted({size_count(f, n) for f in config.sizes})
+    counts = _sizes_in_points(config, n)
     classes = np.unique(labels)
     out: list[Group] = []
     for kind in config.kinds:
@@ -306,7 +334,7 @@ def make_groups(
             points = np.asarray(features, dtype=np.float64)
             for position, size in enumerate(counts):
                 report("Clustering the training set (k-means)", position, len(counts))
-                n_clusters = max(2, min(n, round(n / size)))
+                n_clusters = _n_clusters(size, n)
                 result = kmeans(points, n_clusters, seed=config.seed + position)
                 picks = rng.permutation(n_clusters)[: config.groups_per_size]
                 for c in picks:
@@ -743,13 +771,13 @@ def model_group_experiment(
 __all__ = [
     "DEFAULT_SIZES",
     "GROUP_ESTIMATES",
-    "GROUP_ESTIMATE_LABELS",
     "GROUP_KINDS",
     "Group",
     "GroupConfig",
     "GroupExperiment",
     "KMeansResult",
     "SizeTrend",
+    "count_groups",
     "first_misclassified",
     "group_experiment",
     "kmeans",

@@ -56,10 +56,6 @@ from core.models import LinearModel, as_float64
 
 Estimate = Literal["corrected", "first_order"]
 ESTIMATES: tuple[str, ...] = ("corrected", "first_order")
-ESTIMATE_LABELS = {
-    "corrected": "Newton-corrected (H without the point)",
-    "first_order": "first order (Koh & Liang)",
-}
 SOLVERS: tuple[str, ...] = ("exact", "cg", "lissa")
 
 

@@ -1,6 +1,6 @@
 """Fixing training data: finding mislabelled training images by self-influence (Koh & Liang 2017, §5.4).
 
-A training point's self-influence is its score on its own loss (the convention of docs/architecture.md):
+A training point's self-influence is its score on its own loss (docs/architecture.md's convention):
 
     self_influence(z_j) = (1/n) ∇ℓ(z_j)ᵀ H⁻¹ ∇ℓ(z_j)  ≈  ℓ(z_j, θ̂_{-j}) - ℓ(z_j, θ̂)  ≥ 0
 
@@ -36,11 +36,6 @@ from core.models import LinearModel, as_float64, as_labels
 
 #: Orders in which training points are checked.
 RANKINGS: tuple[str, ...] = ("self_influence", "training_loss", "random")
-RANKING_LABELS = {
-    "self_influence": "self-influence (largest first)",
-    "training_loss": "training loss (largest first)",
-    "random": "random order",
-}
 #: Fractions of the training set checked at which labels are fixed and the model refitted.
 DEFAULT_CHECKPOINTS: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3)
 
@@ -451,7 +446,6 @@ __all__ = [
     "CSV_COLUMNS",
     "DEFAULT_CHECKPOINTS",
     "RANKINGS",
-    "RANKING_LABELS",
     "MislabelConfig",
     "MislabelExperiment",
     "RankingResult",

@@ -1,5 +1,5 @@
 """The page list. To add a page: write ``app_pages/<name>.py`` (a thin script that calls
-functions in ``dashboard/state.py``) and add one :class:`PageSpec` line to :data:`SECTIONS`.
+functions in ``dashboard/services/``) and add one :class:`PageSpec` line to :data:`SECTIONS`.
 
 The AppTest smoke test runs every page listed here, so a new page is covered as soon as it is
 registered.
@@ -32,8 +32,9 @@ class PageSpec:
     default: bool = False
 
 
-#: Section header -> pages, in menu order. Issue 5 adds a "Training data" section (Groups, Data
-#: cleaning, Attack); issue 6 adds "Trust" next to "Method".
+#: Section header -> pages, in menu order: explaining one image (Explain, Compare, Verify), what
+#: the training data does as a whole (Groups, Data cleaning, Attack), and how it all works and
+#: how far to trust it (Method, Trust).
 SECTIONS: dict[str, tuple[PageSpec, ...]] = {
     "Explain": (
         PageSpec("app_pages/explain.py", "Explain", ":material/image_search:", "explain", True),

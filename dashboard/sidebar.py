@@ -1,20 +1,42 @@
 """The shared sidebar: dataset, class pair, backbone, k, estimate and (under Advanced) the solver.
 
 Drawn by the entrypoint on every page, so its widgets (keys ``side_*``) keep their values while the
-user moves between pages. Returns the :class:`~dashboard.state.Settings` they describe; problems
-(an unreadable directory, an unavailable backbone, the same class twice) are shown here with
-``st.error`` and a working fallback is used, so the pages keep working.
+user moves between pages. Returns the :class:`~dashboard.services.settings.Settings` they
+describe; problems (an unreadable directory, an unavailable backbone, the same class twice) are
+shown here with ``st.error`` and a working fallback is used, so the pages keep working.
 """
 
 from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import state
+from dashboard.services import InfluenceExplorerError
+from dashboard.services.settings import (
+    DAMPING_CHOICES,
+    DATA_ROOTS_ENV,
+    DEFAULT_BACKBONE,
+    DEMO_SPEC,
+    ESTIMATE_LABELS,
+    ESTIMATES,
+    FASHION_MNIST_SPEC,
+    IMAGE_SIZE_CHOICES,
+    SOLVER_CAUTIONS,
+    SOLVER_LABELS,
+    Dataset,
+    Settings,
+    backbone_choices,
+    class_names,
+    data_roots,
+    dataset_choices,
+    dataset_is_directory,
+    default_pair,
+    load_dataset,
+    store_settings,
+)
 
 
-def render() -> state.Settings:
-    defaults = state.Settings()
+def render() -> Settings:
+    defaults = Settings()
     with st.sidebar:
         st.header("Data and models")
         dataset_spec, dataset = _dataset_picker()
@@ -30,10 +52,10 @@ def render() -> state.Settings:
         )
         estimate = st.segmented_control(
             "Influence estimate",
-            options=list(state.ESTIMATE_NAMES),
+            options=list(ESTIMATES),
             default="corrected",
             required=True,
-            format_func=state.ESTIMATE_LABELS.get,
+            format_func=ESTIMATE_LABELS.get,
             key="side_estimate",
             help="Newton-corrected (default) uses the Hessian without the removed image and "
             "matches retraining closely; first order is Koh & Liang's original formula.",
@@ -41,24 +63,24 @@ def render() -> state.Settings:
         with st.expander("Advanced"):
             solver = st.selectbox(
                 "Inverse-Hessian solver",
-                options=list(state.SOLVER_LABELS),
-                format_func=state.SOLVER_LABELS.get,
+                options=list(SOLVER_LABELS),
+                format_func=SOLVER_LABELS.get,
                 key="side_solver",
                 help="Exact factorises the Hessian once; CG and LiSSA are the iterative "
                 "methods used for large models (LiSSA is stochastic and can be slow).",
             )
-            if solver in state.SOLVER_CAUTIONS:
-                st.warning(state.SOLVER_CAUTIONS[solver])
+            if solver in SOLVER_CAUTIONS:
+                st.warning(SOLVER_CAUTIONS[solver])
             damping = st.select_slider(
                 "Damping (added to the Hessian's diagonal)",
-                options=list(state.DAMPING_CHOICES),
+                options=list(DAMPING_CHOICES),
                 value=defaults.damping,
                 format_func=lambda v: "0" if v == 0 else f"{v:g}",
                 key="side_damping",
             )
             image_size = defaults.image_size
             max_train = defaults.max_train_per_class
-            if state.dataset_is_directory(dataset_spec) or dataset_spec == state.FASHION_MNIST_SPEC:
+            if dataset_is_directory(dataset_spec) or dataset_spec == FASHION_MNIST_SPEC:
                 max_train = int(
                     st.number_input(
                         "Max training images per class",
@@ -70,14 +92,14 @@ def render() -> state.Settings:
                         help="Larger sets are subsampled (seeded): the SVM's kernel is n × n.",
                     )
                 )
-            if state.dataset_is_directory(dataset_spec):
+            if dataset_is_directory(dataset_spec):
                 image_size = st.selectbox(
                     "Image size for directory datasets (pixels)",
-                    options=list(state.IMAGE_SIZE_CHOICES),
-                    index=list(state.IMAGE_SIZE_CHOICES).index(defaults.image_size),
+                    options=list(IMAGE_SIZE_CHOICES),
+                    index=list(IMAGE_SIZE_CHOICES).index(defaults.image_size),
                     key="side_image_size",
                 )
-    settings = state.Settings(
+    settings = Settings(
         dataset=dataset_spec,
         image_size=int(image_size),
         classes=classes,
@@ -88,12 +110,12 @@ def render() -> state.Settings:
         damping=float(damping),
         max_train_per_class=max_train,
     )
-    state.store_settings(settings)
+    store_settings(settings)
     return settings
 
 
-def _dataset_picker() -> tuple[str, state.Dataset]:
-    choices = state.dataset_choices()
+def _dataset_picker() -> tuple[str, Dataset]:
+    choices = dataset_choices()
     labels = {choice.spec: choice.label for choice in choices}
     spec = st.selectbox(
         "Dataset",
@@ -101,7 +123,7 @@ def _dataset_picker() -> tuple[str, state.Dataset]:
         format_func=labels.get,
         key="side_dataset",
     )
-    roots = state.data_roots()
+    roots = data_roots()
     if roots:
         path = st.text_input(
             "…or a directory under the data roots",
@@ -113,20 +135,18 @@ def _dataset_picker() -> tuple[str, state.Dataset]:
         if path:
             spec = path
     else:
-        st.caption(
-            f"Server-side datasets are off: set {state.DATA_ROOTS_ENV} to allow directories."
-        )
-    image_size = int(st.session_state.get("side_image_size", state.Settings().image_size))
+        st.caption(f"Server-side datasets are off: set {DATA_ROOTS_ENV} to allow directories.")
+    image_size = int(st.session_state.get("side_image_size", Settings().image_size))
     try:
-        return spec, state.load_dataset(spec, image_size)
-    except state.InfluenceExplorerError as exc:
+        return spec, load_dataset(spec, image_size)
+    except InfluenceExplorerError as exc:
         st.error(f"{exc} Using the bundled demo instead.")
-        return state.DEMO_SPEC, state.load_dataset(state.DEMO_SPEC, image_size)
+        return DEMO_SPEC, load_dataset(DEMO_SPEC, image_size)
 
 
-def _class_pair(dataset: state.Dataset, spec: str) -> tuple[int, int]:
-    names = state.class_names(dataset)
-    first, second = state.default_pair(dataset)
+def _class_pair(dataset: Dataset, spec: str) -> tuple[int, int]:
+    names = class_names(dataset)
+    first, second = default_pair(dataset)
     options = list(range(len(names)))
     # The pair belongs to a dataset: when the dataset changes, start from its default pair.
     if st.session_state.get("side_pair_dataset") != spec:
@@ -146,7 +166,7 @@ def _class_pair(dataset: state.Dataset, spec: str) -> tuple[int, int]:
 
 
 def _backbone_picker() -> str:
-    choices = state.backbone_choices()
+    choices = backbone_choices()
     by_name = {choice.name: choice for choice in choices}
 
     def label(name: str) -> str:
@@ -165,7 +185,7 @@ def _backbone_picker() -> str:
     )
     choice = by_name.get(name)
     if choice is None or not choice.available:
-        fallback = state.DEFAULT_BACKBONE
+        fallback = DEFAULT_BACKBONE
         reason = choice.reason if choice is not None else "unknown backbone"
         st.error(
             f"{choice.label if choice else name} is unavailable: {reason} "

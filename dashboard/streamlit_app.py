@@ -1,7 +1,7 @@
 """Influence Explorer dashboard: page config, the shared sidebar, then the chosen page.
 
 Run with ``streamlit run dashboard/streamlit_app.py`` (``make run``). Pages are listed in
-``dashboard/navigation.py``; all calls into the engine go through ``dashboard/state.py``.
+``dashboard/navigation.py``; all calls into the engine go through ``dashboard/services/``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ if _REPO not in sys.path:
 
 import streamlit as st  # noqa: E402
 
-from dashboard import navigation, sidebar, state  # noqa: E402
+from dashboard import navigation, sidebar  # noqa: E402
+from dashboard.services.widgets import keep_widget_values  # noqa: E402
 
 st.set_page_config(
     page_title="Influence Explorer",
@@ -25,7 +26,7 @@ st.set_page_config(
     layout="wide",
     initial_sidebar_state="expanded",
 )
-state.keep_widget_values()
+keep_widget_values()
 page = navigation.build_navigation()
 sidebar.render()
 page.run()

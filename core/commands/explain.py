@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
             "estimate": model.estimate,
             "helpful": model.helpful,
             "harmful": model.harmful,
+            "familiarity": model.familiarity.as_dict(),
         }
         if args.all_scores:
             entry["scores"] = model.scores
@@ -100,8 +101,9 @@ def run(args: argparse.Namespace) -> int:
         "positive = helped, negative = hurt",
         "seconds": explanation.seconds,
         "models": models,
-        # Why the scores may be inaccurate (e.g. LiSSA too short); also printed on stderr.
-        "warnings": list(explainer.warnings),
+        # Why the scores may be inaccurate (LiSSA too short: also printed on stderr) or should
+        # not be trusted (the image is unlike the training data).
+        "warnings": [*explainer.warnings, *explanation.warnings],
         # The user's network (--network): what it is, its preprocessing, and how its refitted
         # last layer agrees with its own head; None without one.
         "network": network_report(explainer),
@@ -136,4 +138,5 @@ def _report(payload: dict[str, Any]) -> str:
             if not items:
                 lines.append("    (none)")
         lines.append("")
+    lines.extend(f"Warning: {warning}" for warning in payload["warnings"])
     return "\n".join(lines)

@@ -16,6 +16,7 @@ from core.commands.lists import (
     parse_indices,
 )
 from core.errors import InfluenceExplorerError
+from core.labels import GROUP_ESTIMATE_DESCRIPTIONS
 
 KINDS = ("random", "class", "cluster", "helpful", "harmful")
 
@@ -182,8 +183,6 @@ def _model_payload(explainer: Any, key: str, result: Any, *, include_groups: boo
 
 
 def _report(payload: dict[str, Any]) -> str:
-    from core.groups import GROUP_ESTIMATE_LABELS
-
     lines = [
         f"{payload['dataset']}: removing groups of training "
         f"images ({', '.join(payload['kinds'])}; sizes {', '.join(f'{s:g}' for s in payload['sizes'])} "
@@ -201,19 +200,21 @@ def _report(payload: dict[str, Any]) -> str:
             f"  {'estimate':<52} {'Pearson':>8} {'Spearman':>9} {'slope':>8}   test-set loss: "
             "Pearson Spearman"
         )
-        for estimate, label in GROUP_ESTIMATE_LABELS.items():
+        for estimate, label in GROUP_ESTIMATE_DESCRIPTIONS.items():
             a, t = model["agreement"][estimate], model["agreement_test_loss"][estimate]
             lines.append(
                 f"  {label:<52} {a['pearson']:>8.3f} {a['spearman']:>9.3f} {a['slope']:>8.3f}"
                 f"   {t['pearson']:>20.3f} {t['spearman']:>8.3f}"
             )
         lines.append("  median actual/predicted by group size (>1 = the estimate under-estimates):")
-        lines.append("    " + f"{'size':>6}" + "".join(f"{e:>14}" for e in GROUP_ESTIMATE_LABELS))
+        lines.append(
+            "    " + f"{'size':>6}" + "".join(f"{e:>14}" for e in GROUP_ESTIMATE_DESCRIPTIONS)
+        )
         for trend in model["size_trend"]:
             lines.append(
                 "    "
                 + f"{trend.target_size:>6}"
-                + "".join(f"{trend.ratio[e]:>14.3f}" for e in GROUP_ESTIMATE_LABELS)
+                + "".join(f"{trend.ratio[e]:>14.3f}" for e in GROUP_ESTIMATE_DESCRIPTIONS)
             )
         lines.append("")
     lines.append(f"Took {payload['seconds']:.1f} s.")

@@ -12,6 +12,7 @@ import numpy as np
 from core.commands.common import StageBars, add_common_options, build_explainer, emit
 from core.commands.lists import add_model_choice, model_keys, parse_choices, parse_fractions
 from core.errors import InfluenceExplorerError
+from core.labels import RANKING_LABELS
 
 
 def register(subparsers: Any) -> None:
@@ -157,8 +158,6 @@ def _per_model_path(path: Path, key: str) -> Path:
 
 
 def _report(payload: dict[str, Any]) -> str:
-    from core.mislabel import RANKING_LABELS
-
     lines = [
         f"{payload['dataset']}: "
         f"{payload['flip_fraction']:.0%} of {payload['n_train']} training labels flipped "

@@ -15,7 +15,7 @@ from core.commands.common import (
 )
 from core.commands.explain import add_query_options, query_from_args
 from core.errors import InfluenceExplorerError
-from core.influence import ESTIMATE_LABELS
+from core.labels import ESTIMATE_DESCRIPTIONS
 
 
 def register(subparsers: Any) -> None:
@@ -99,7 +99,7 @@ def _report(payload: dict[str, Any]) -> str:
             lines.append(f"  {model['label']} (retraining took {model['retrain_seconds']:.1f} s)")
             for estimate, a in model["agreement"].items():
                 lines.append(
-                    f"    {ESTIMATE_LABELS[estimate]:<40} Pearson {a['pearson']:.3f}  "
+                    f"    {ESTIMATE_DESCRIPTIONS[estimate]:<40} Pearson {a['pearson']:.3f}  "
                     f"Spearman {a['spearman']:.3f}  slope {a['slope']:.3f}"
                 )
         lines.append("")

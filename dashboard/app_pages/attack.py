@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import state
 from dashboard.components.figures import loss_history
 from dashboard.components.images import upscale
 from dashboard.components.runs import remembered_or_run
+from dashboard.services import InfluenceExplorerError, engines, facts, query
+from dashboard.services import experiments as ex
+from dashboard.services.settings import current_settings
+from dashboard.services.widgets import forget_out_of_range, forget_unless_among, initial_value
 
 IMAGE_PX = 168
 
@@ -19,19 +22,21 @@ st.markdown(
     "barely visible changes to the training data were enough to change what the model says."
 )
 
-settings = state.current_settings()
-explainer = state.require_explainer(settings)
-labels = state.model_labels(explainer)
-names = state.class_names(explainer.dataset)
-defaults = state.ATTACK_DEFAULTS
+settings = current_settings()
+explainer = engines.require_explainer(settings)
+labels = facts.model_labels(explainer)
+names = facts.class_names(explainer)
+n_test = facts.n_test(explainer)
+defaults = ex.ATTACK_DEFAULTS
 
-state.initial_value("attack_model", "logreg")
-state.initial_value("attack_budget", defaults.budget)
-state.initial_value("attack_step_size", defaults.step_size)
-state.initial_value("attack_steps", defaults.steps)
-state.initial_value("attack_n_perturb", defaults.n_perturb)
-state.initial_value("attack_retrain", defaults.retrain_every_step)
-state.forget_out_of_range("attack_test_index", 0, explainer.n_test - 1)
+forget_unless_among("attack_model", list(labels))
+initial_value("attack_model", facts.default_model(explainer))
+initial_value("attack_budget", defaults.budget)
+initial_value("attack_step_size", defaults.step_size)
+initial_value("attack_steps", defaults.steps)
+initial_value("attack_n_perturb", defaults.n_perturb)
+initial_value("attack_retrain", defaults.retrain_every_step)
+forget_out_of_range("attack_test_index", 0, n_test - 1)
 
 image_col, settings_col = st.columns([1, 2], gap="large")
 with image_col:
@@ -40,27 +45,28 @@ with image_col:
         st.number_input(
             "Test image #",
             min_value=0,
-            max_value=explainer.n_test - 1,
-            value=state.selected_test_index(explainer),
+            max_value=n_test - 1,
+            value=query.selected_test_index(explainer),
             step=1,
             key="attack_test_index",
             help="Defaults to the test image picked on Explain.",
         )
     )
-    if state.current_query(explainer).upload is not None:
+    if query.current_query(explainer).upload is not None:
         st.caption(
             "Explain is showing your upload. This page retrains against a labelled test image, "
             "so it uses one of the test images."
         )
-    predicted_name, probability = state.test_prediction(explainer, model_key, test_index)
-    true_name = state.test_label_name(explainer, test_index)
-    st.image(upscale(state.test_image(explainer, test_index), 112), width=112)
+    prediction = facts.test_prediction(explainer, model_key, test_index)
+    true_name = facts.test_label_name(explainer, test_index)
+    st.image(upscale(facts.test_image(explainer, test_index), 112), width=112)
     st.caption(
-        f"True label **{true_name}**; the {labels[model_key]} predicts **{predicted_name}** "
-        f"(p = {probability:.2f}). The attack raises the loss of the predicted label."
+        f"True label **{true_name}**; the {labels[model_key]} predicts "
+        f"**{prediction.label_name}** (p = {prediction.probability:.2f}). The attack raises the "
+        "loss of the predicted label."
     )
-    if predicted_name != true_name:
-        suggestions = state.attack_suggestions(explainer, settings)
+    if prediction.label_name != true_name:
+        suggestions = ex.attack_suggestions(explainer, settings)
         st.caption(
             "This prediction is wrong, so a flip would make it right. Koh & Liang attack images "
             "the models get right"
@@ -120,20 +126,20 @@ with settings_col:
 
 config = None
 try:
-    config = state.attack_config(
+    config = ex.attack_config(
         int(budget), int(step_size), int(steps), int(n_perturb), bool(retrain)
     )
-except state.InfluenceExplorerError as exc:
+except InfluenceExplorerError as exc:
     st.error(str(exc))
 
 result = remembered_or_run(
-    None if config is None else state.attack_result(settings, model_key, test_index, config),
-    lambda: state.run_attack(explainer, settings, model_key, test_index, config),
+    ex.ATTACK_RUNS,
+    None if config is None else ex.AttackRun(settings.engine, model_key, test_index, config),
+    explainer,
     key="attack_run",
     label="Attack",
     running="Attacking…",
     idle="Press the button to attack.",
-    enabled=config is not None,
     settings=settings,
 )
 
@@ -165,10 +171,9 @@ with st.container(key="attack_outcome"):
     c.metric("Largest pixel change", f"{result.max_change} of {result.budget}")
     d.metric("Time", f"{result.seconds:.1f} s")
 
-attacked = state.amplified_difference(result)
-train_labels = state.train_labels(explainer)
+attacked = ex.amplified_difference(result)
 for position, train_index in enumerate(result.train_indices):
-    label = names[int(train_labels[int(train_index)])]
+    label = facts.train_label_name(explainer, train_index)
     st.markdown(f"**Training image #{int(train_index)}** ({label})")
     original_col, perturbed_col, difference_col = st.columns(3)
     original_col.image(

@@ -6,10 +6,13 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from dashboard import state
 from dashboard.components.figures import found_vs_checked
 from dashboard.components.images import png_data_url
 from dashboard.components.runs import remembered_or_run
+from dashboard.services import InfluenceExplorerError, engines, facts
+from dashboard.services import experiments as ex
+from dashboard.services.settings import ESTIMATE_LABELS, current_settings
+from dashboard.services.widgets import forget_out_of_range, forget_unless_among, initial_value
 
 st.title("Data cleaning")
 st.markdown(
@@ -19,17 +22,20 @@ st.markdown(
     "§5.4). Checking labels in that order should find mistakes sooner than checking at random."
 )
 
-settings = state.current_settings()
-explainer = state.require_explainer(settings)
-labels = state.model_labels(explainer)
-estimate_label = state.ESTIMATE_LABELS[settings.estimate]
+settings = current_settings()
+explainer = engines.require_explainer(settings)
+labels = facts.model_labels(explainer)
+n_train = facts.n_train(explainer)
+n_test = facts.n_test(explainer)
+estimate_label = ESTIMATE_LABELS[settings.estimate]
 
-state.initial_value("clean_model", "logreg")
-state.forget_out_of_range("clean_k", 1, min(200, explainer.n_train))
-state.initial_value("clean_k", min(20, explainer.n_train))
-state.initial_value("clean_flip_percent", state.MISLABEL_DEFAULT_FLIP_PERCENT)
-state.initial_value("clean_checkpoints", list(state.MISLABEL_DEFAULT_CHECKPOINTS))
-state.initial_value("clean_seed", 0)
+forget_unless_among("clean_model", list(labels))
+initial_value("clean_model", facts.default_model(explainer))
+forget_out_of_range("clean_k", 1, min(200, n_train))
+initial_value("clean_k", min(20, n_train))
+initial_value("clean_flip_percent", ex.MISLABEL_DEFAULT_FLIP_PERCENT)
+initial_value("clean_checkpoints", list(ex.MISLABEL_DEFAULT_CHECKPOINTS))
+initial_value("clean_seed", 0)
 
 # ---------------------------------------------------------------- the suspicious list
 st.header("Most suspicious training images", anchor=False)
@@ -43,14 +49,14 @@ with k_col:
         st.number_input(
             "Images to list",
             min_value=1,
-            max_value=min(200, explainer.n_train),
+            max_value=min(200, n_train),
             step=5,
             key="clean_k",
         )
     )
 try:
-    ranking = state.suspicious_images(explainer, settings, model_key)
-except state.InfluenceExplorerError as exc:
+    ranking = ex.suspicious_images(explainer, settings, model_key)
+except InfluenceExplorerError as exc:
     st.error(str(exc))
     ranking = ()
 if ranking:
@@ -59,7 +65,7 @@ if ranking:
         {
             "rank": [row.rank for row in shown],
             "image": [
-                png_data_url(state.train_image(explainer, row.train_index), 56) for row in shown
+                png_data_url(facts.train_image(explainer, row.train_index), 56) for row in shown
             ],
             "train #": [row.train_index for row in shown],
             "id": [row.id for row in shown],
@@ -88,7 +94,7 @@ if ranking:
     )
     st.download_button(
         f"Download all {len(ranking)} training images, ranked, as CSV",
-        data=state.suspicious_csv(settings, model_key, ranking),
+        data=ex.suspicious_csv(settings, model_key, ranking),
         file_name=f"suspicious-labels-{model_key}.csv",
         mime="text/csv",
         key="clean_download",
@@ -119,7 +125,7 @@ with flip_col:
 with checkpoint_col:
     checkpoints = st.pills(
         "Fix the labels found after checking",
-        options=list(state.MISLABEL_CHECKPOINT_CHOICES),
+        options=list(ex.MISLABEL_CHECKPOINT_CHOICES),
         selection_mode="multi",
         format_func=lambda f: f"{f:.0%}",
         key="clean_checkpoints",
@@ -130,26 +136,26 @@ with seed_col:
 
 config = None
 try:
-    config = state.mislabel_config(
+    config = ex.mislabel_config(
         flip_percent, checkpoints or (), seed=int(seed), estimate=settings.estimate
     )
-except state.InfluenceExplorerError as exc:
+except InfluenceExplorerError as exc:
     st.error(str(exc))
 
 if config is not None:
-    refits = 1 + len(state.RANKINGS) * len(config.checkpoints)
+    refits = 1 + len(ex.RANKINGS) * len(config.checkpoints)
     st.caption(
         f"{refits} fits of each model ({len(labels) * refits} in all; a few seconds each for "
         "the logistic regression on the demo, about one for the SVM)."
     )
 results = remembered_or_run(
-    None if config is None else state.mislabel_results(settings, config),
-    lambda: state.run_mislabel_experiments(explainer, settings, config),
+    ex.MISLABEL_RUNS,
+    None if config is None else ex.MislabelRun(settings.engine, config),
+    explainer,
     key="clean_run",
     label="Flip labels and look for them",
     running="Refitting…",
     idle="Press the button to flip labels and refit.",
-    enabled=config is not None,
     settings=settings,
 )
 
@@ -159,12 +165,12 @@ st.plotly_chart(
         [
             (
                 labels[key],
-                {r: state.found_curve(result.results[r], grid) for r in result.results},
+                {r: ex.found_curve(result.results[r], grid) for r in result.results},
             )
             for key, result in results.items()
         ],
         checked=grid,
-        ranking_labels=state.RANKING_LABELS,
+        ranking_labels=ex.RANKING_LABELS,
         checkpoints=config.checkpoints,
     ),
     key="clean_curves",
@@ -173,7 +179,7 @@ st.plotly_chart(
 rows = []
 for key, result in results.items():
     for ranking_name, ranked in result.results.items():
-        row = {"model": labels[key], "ranking": state.RANKING_LABELS[ranking_name]}
+        row = {"model": labels[key], "ranking": ex.RANKING_LABELS[ranking_name]}
         for c in config.checkpoints:
             row[f"found @ {c:.0%} checked"] = ranked.found_after(c)
         for c in config.checkpoints:
@@ -194,9 +200,9 @@ st.dataframe(
 )
 first = next(iter(results.values()))
 st.caption(
-    f"{len(first.flipped)} of {explainer.n_train} training labels flipped (seed {config.seed}). "
-    f"Self-influence: {estimate_label}. Accuracy: on the {explainer.n_test} test images "
-    f"({1 / explainer.n_test:.3f} is one image) after fixing the flipped labels found among the "
+    f"{len(first.flipped)} of {n_train} training labels flipped (seed {config.seed}). "
+    f"Self-influence: {estimate_label}. Accuracy: on the {n_test} test images "
+    f"({1 / n_test:.3f} is one image) after fixing the flipped labels found among the "
     "checked images and refitting; with every label flipped as drawn; and with the clean labels."
 )
 st.info(

@@ -7,10 +7,13 @@ import math
 import pandas as pd
 import streamlit as st
 
-from dashboard import state
 from dashboard.components.figures import group_predicted_vs_actual, ratio_by_group_size
 from dashboard.components.images import upscale
 from dashboard.components.runs import remembered_or_run
+from dashboard.services import InfluenceExplorerError, engines, facts, query
+from dashboard.services import experiments as ex
+from dashboard.services.settings import current_settings
+from dashboard.services.widgets import forget_out_of_range, forget_unless_among, initial_value
 
 
 def _figure(value: float, digits: int = 3) -> str:
@@ -31,18 +34,20 @@ st.markdown(
     "negative, it hurt. Units: test loss."
 )
 
-settings = state.current_settings()
-explainer = state.require_explainer(settings)
-labels = state.model_labels(explainer)
-n_train = explainer.n_train
+settings = current_settings()
+explainer = engines.require_explainer(settings)
+labels = facts.model_labels(explainer)
+n_train = facts.n_train(explainer)
+n_test = facts.n_test(explainer)
 
-state.initial_value("groups_model", "logreg")
-state.initial_value("groups_kinds", list(state.GROUP_DEFAULT_KINDS))
-state.initial_value("groups_sizes", list(state.GROUP_DEFAULT_SIZES))
-state.initial_value("groups_per_size", state.GROUP_DEFAULT_PER_SIZE)
-state.initial_value("groups_custom", "")
-state.initial_value("groups_seed", 0)
-state.forget_out_of_range("groups_test_index", 0, explainer.n_test - 1)
+forget_unless_among("groups_model", list(labels))
+initial_value("groups_model", facts.default_model(explainer))
+initial_value("groups_kinds", list(ex.GROUP_DEFAULT_KINDS))
+initial_value("groups_sizes", list(ex.GROUP_DEFAULT_SIZES))
+initial_value("groups_per_size", ex.GROUP_DEFAULT_PER_SIZE)
+initial_value("groups_custom", "")
+initial_value("groups_seed", 0)
+forget_out_of_range("groups_test_index", 0, n_test - 1)
 
 image_col, settings_col = st.columns([1, 2], gap="large")
 with image_col:
@@ -51,33 +56,34 @@ with image_col:
         st.number_input(
             "Test image #",
             min_value=0,
-            max_value=explainer.n_test - 1,
-            value=state.default_group_test_index(explainer, settings),
+            max_value=n_test - 1,
+            value=ex.default_group_test_index(explainer, settings),
             step=1,
             key="groups_test_index",
             help="Defaults to the test image picked on Explain, or else the first one every "
             "model gets wrong (a mistake has a large loss, so group effects are easy to see).",
         )
     )
-    if state.current_query(explainer).upload is not None:
+    if query.current_query(explainer).upload is not None:
         st.caption(
             "Explain is showing your upload. This page retrains against a labelled test image, "
             "so it uses one of the test images."
         )
-    predicted_name, probability = state.test_prediction(explainer, model_key, test_index)
-    true_name = state.test_label_name(explainer, test_index)
-    st.image(upscale(state.test_image(explainer, test_index), 112), width=112)
+    prediction = facts.test_prediction(explainer, model_key, test_index)
+    true_name = facts.test_label_name(explainer, test_index)
+    st.image(upscale(facts.test_image(explainer, test_index), 112), width=112)
     st.caption(
-        f"True label **{true_name}**; the {labels[model_key]} predicts **{predicted_name}** "
-        f"(p = {probability:.2f}). The loss explained is that of the true label."
+        f"True label **{true_name}**; the {labels[model_key]} predicts "
+        f"**{prediction.label_name}** (p = {prediction.probability:.2f}). The loss explained is "
+        "that of the true label."
     )
 
 with settings_col:
     kinds = st.pills(
         "Kinds of group",
-        options=list(state.GROUP_KIND_LABELS),
+        options=list(ex.GROUP_KIND_CHOICES),
         selection_mode="multi",
-        format_func=state.GROUP_KIND_LABELS.get,
+        format_func=ex.GROUP_KIND_LABELS.get,
         key="groups_kinds",
         help="Random; random within one class (the classes in turn); k-means clusters of the "
         "model's inputs (backbone features for the logistic regression, pixels for the SVM); "
@@ -85,9 +91,9 @@ with settings_col:
     )
     sizes = st.pills(
         "Group sizes: images (share of the training set)",
-        options=list(state.GROUP_SIZE_CHOICES),
+        options=list(ex.GROUP_SIZE_CHOICES),
         selection_mode="multi",
-        format_func=lambda f: f"{state.size_count(f, n_train)} ({f:.2%})",
+        format_func=lambda f: f"{ex.size_count(f, n_train)} ({f:.2%})",
         key="groups_sizes",
     )
     per_size = st.number_input(
@@ -111,7 +117,7 @@ with settings_col:
 
 config = None
 try:
-    config = state.group_config(
+    config = ex.group_config(
         kinds or (),
         sizes or (),
         int(per_size),
@@ -119,11 +125,11 @@ try:
         seed=int(seed),
         tail_estimate=settings.estimate,
     )
-except state.InfluenceExplorerError as exc:
+except InfluenceExplorerError as exc:
     st.error(str(exc))
 
 if config is not None:
-    count = state.group_count(config, n_train)
+    count = ex.group_count(config, n_train)
     st.caption(
         f"{count} groups, so {count} retrains of the {labels[model_key]} to convergence "
         "(about a second each on the demo), plus three cheap predictions per group."
@@ -134,17 +140,17 @@ if config is not None:
         )
 
 result = remembered_or_run(
-    None if config is None else state.group_result(settings, model_key, test_index, config),
-    lambda: state.run_group_experiment(explainer, settings, model_key, test_index, config),
+    ex.GROUP_RUNS,
+    None if config is None else ex.GroupRun(settings.engine, model_key, test_index, config),
+    explainer,
     key="groups_run",
     label="Predict and retrain",
     running="Retraining…",
     idle="Press the button to predict and retrain.",
-    enabled=config is not None,
     settings=settings,
 )
 
-names = state.GROUP_ESTIMATE_NAMES
+names = ex.GROUP_ESTIMATE_LABELS
 st.subheader(
     f"{len(result.groups)} groups · test image #{test_index} · {labels[model_key]}",
     anchor=False,
@@ -165,7 +171,9 @@ st.plotly_chart(
 )
 errors = result.mean_absolute_error()
 with st.container(key="groups_summary"):
-    for column, estimate in zip(st.columns(3), state.GROUP_ESTIMATES, strict=True):
+    for column, estimate in zip(
+        st.columns(len(ex.GROUP_ESTIMATES)), ex.GROUP_ESTIMATES, strict=True
+    ):
         agreement = result.agreement[estimate]
         with column:
             st.markdown(f"**{names[estimate]}**")
@@ -174,7 +182,7 @@ with st.container(key="groups_summary"):
             b.metric("Pearson", _figure(agreement.pearson))
             c.metric("Slope", _figure(agreement.slope, 2))
             st.caption(
-                f"{_sentence(state.GROUP_ESTIMATE_DESCRIPTIONS[estimate])}. "
+                f"{_sentence(ex.GROUP_ESTIMATE_DESCRIPTIONS[estimate])}. "
                 f"Mean |predicted − actual| = {errors[estimate]:.3g}."
             )
 st.caption(
@@ -193,7 +201,7 @@ trend = result.size_trend
 st.plotly_chart(
     ratio_by_group_size(
         [t.mean_size for t in trend],
-        {e: [t.ratio[e] for t in trend] for e in state.GROUP_ESTIMATES},
+        {e: [t.ratio[e] for t in trend] for e in ex.GROUP_ESTIMATES},
         estimate_labels=names,
     ),
     key="groups_ratio",
@@ -205,7 +213,7 @@ st.dataframe(
             {
                 "group size (images)": t.target_size,
                 "groups": t.n_groups,
-                **{f"actual / predicted, {names[e]}": t.ratio[e] for e in state.GROUP_ESTIMATES},
+                **{f"actual / predicted, {names[e]}": t.ratio[e] for e in ex.GROUP_ESTIMATES},
             }
             for t in trend
         ]
@@ -214,7 +222,7 @@ st.dataframe(
     key="groups_trend_table",
     column_config={
         f"actual / predicted, {names[e]}": st.column_config.NumberColumn(format="%.2f")
-        for e in state.GROUP_ESTIMATES
+        for e in ex.GROUP_ESTIMATES
     },
 )
 st.caption(
@@ -229,13 +237,13 @@ with st.expander("Every group, and the figures per kind"):
     rows = []
     for i, group in enumerate(result.groups):
         row = {"group": group.description, "kind": group.kind, "size": group.size}
-        row.update({names[e]: float(result.predicted[e][i]) for e in state.GROUP_ESTIMATES})
+        row.update({names[e]: float(result.predicted[e][i]) for e in ex.GROUP_ESTIMATES})
         row["actual"] = float(result.actual[i])
         rows.append(row)
     st.dataframe(pd.DataFrame(rows), hide_index=True, key="groups_table")
     kind_rows = [
         {
-            "kind": state.GROUP_KIND_LABELS.get(kind, kind),
+            "kind": ex.GROUP_KIND_LABELS.get(kind, kind),
             "estimate": names[estimate],
             "Spearman": agreement.spearman,
             "Pearson": agreement.pearson,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard import state
+from dashboard.services import engines, facts
+from dashboard.services.explanations import SIGN_CONVENTION
 
 st.title("Method")
 
@@ -26,7 +27,7 @@ st.latex(
     r"\qquad H = \nabla^2_\theta R(\hat\theta)."
 )
 st.info(
-    state.SIGN_CONVENTION + " Because the score is in units of test loss, it can be checked "
+    SIGN_CONVENTION + " Because the score is in units of test loss, it can be checked "
     "directly against retraining on the Verify page (slope ≈ 1, not only correlation)."
 )
 
@@ -58,13 +59,13 @@ st.markdown(
     "and solver, warm-started."
 )
 
-explainer = state.explainer_if_ready()
+explainer = engines.explainer_if_ready()
 if explainer is None:
     st.caption("Accuracies appear here once the models for the current settings are prepared.")
 else:
-    st.subheader(f"On {explainer.dataset.name}")
+    st.subheader(f"On {facts.dataset_name(explainer)}")
     rows = []
-    for summary in state.summaries(explainer).values():
+    for summary in facts.summaries(explainer).values():
         rows.append(
             {
                 "model": summary.label,
@@ -90,7 +91,7 @@ else:
     st.caption(
         "The logistic regression's λ is chosen by 3-fold cross-validated accuracy, never by how "
         "good influence looks; n = "
-        f"{explainer.n_train} training and {explainer.n_test} test images."
+        f"{facts.n_train(explainer)} training and {facts.n_test(explainer)} test images."
     )
 
 st.header("Limits: when not to trust a score")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import state
 from dashboard.components.trust import (
     correlation_figure,
     curvature_frame,
@@ -14,6 +13,7 @@ from dashboard.components.trust import (
     solver_comparison_frame,
     tally,
 )
+from dashboard.services import InfluenceExplorerError, trust
 
 PLOTLY_CONFIG = {"displaylogo": False}
 
@@ -29,8 +29,8 @@ st.markdown(
 )
 
 try:
-    results = state.fragility_results()
-except state.InfluenceExplorerError as exc:
+    results = trust.fragility_results()
+except InfluenceExplorerError as exc:
     st.error(str(exc))
     st.stop()
 
@@ -99,10 +99,10 @@ point_col, wd_col, metric_col = st.columns(3)
 with point_col:
     test_point = st.segmented_control(
         "Test image",
-        options=list(state.TEST_POINT_NAMES),
+        options=list(trust.TEST_POINT_LABELS),
         default="high_loss",
         required=True,
-        format_func=lambda kind: state.TEST_POINT_NAMES[kind],
+        format_func=lambda kind: trust.TEST_POINT_LABELS[kind],
         key="trust_chart_point",
         persist_state="session",
     )
@@ -127,7 +127,7 @@ with metric_col:
         persist_state="session",
     )
 panels = [
-    (vary, *state.fragility_series(results, vary, test_point, weight_decay))
+    (vary, *trust.fragility_series(results, vary, test_point, weight_decay))
     for vary in ("depth", "width")
 ]
 st.plotly_chart(
@@ -141,7 +141,7 @@ st.caption(
 
 # ---------------------------------------------------------------- exact vs LiSSA
 st.header("Exact vs LiSSA")
-comparisons = state.fragility_solver_comparison(results)
+comparisons = trust.fragility_solver_comparison(results)
 if not comparisons:
     st.info("These results have no network where both LiSSA and an exact solution ran.")
 else:
@@ -196,12 +196,12 @@ with st.expander("Curvature, damping and how reliable the ground truth is"):
 
 # ---------------------------------------------------------------- live run
 st.header("Run one setting yourself")
-protocols = state.trust_protocols(results)
+protocols = trust.trust_protocols(results)
 arch_col, wd_live_col, protocol_col = st.columns(3)
 with arch_col:
     architecture = st.selectbox(
         "Network",
-        options=list(state.TRUST_ARCHITECTURES),
+        options=list(trust.TRUST_ARCHITECTURES),
         format_func=lambda a: a.label,
         help="CNN dN wW: N 3×3 conv layers of W channels, tanh, then a linear head.",
         key="trust_live_arch",
@@ -210,8 +210,8 @@ with arch_col:
 with wd_live_col:
     live_weight_decay = st.segmented_control(
         "Weight decay",
-        options=list(state.TRUST_WEIGHT_DECAYS),
-        default=state.TRUST_WEIGHT_DECAYS[0],
+        options=list(trust.TRUST_WEIGHT_DECAYS),
+        default=trust.TRUST_WEIGHT_DECAYS[0],
         required=True,
         format_func=lambda wd: "none" if wd == 0 else f"{wd:g}",
         key="trust_live_wd",
@@ -229,15 +229,15 @@ with protocol_col:
         "As in the table: the committed protocol, minutes per network.",
     )
 protocol = protocols[protocol_name]
-setting = state.trust_setting(architecture, live_weight_decay)
-committed, relation = state.committed_counterpart(results, setting)
+setting = trust.trust_setting(architecture, live_weight_decay)
+committed, relation = trust.committed_counterpart(results, setting)
 st.caption(f"{protocol.label}: {protocol.description}.")
 if protocol_name == "committed" and committed is not None:
     st.caption(
         f"The committed run of {committed.label} took {committed.seconds:.0f} s on one busy core."
     )
 
-result = state.trust_run(setting, protocol.config)
+result = trust.trust_run(setting, protocol.config)
 if st.button(
     "Train, explain and retrain",
     key="trust_run",
@@ -246,8 +246,8 @@ if st.button(
     help="Deterministic given its seeds: a setting run once is remembered for your session.",
 ):
     try:
-        result = state.run_trust_setting(setting, protocol.config)
-    except state.InfluenceExplorerError as exc:
+        result = trust.run_trust_setting(setting, protocol.config)
+    except InfluenceExplorerError as exc:
         st.error(str(exc))
         result = None
 

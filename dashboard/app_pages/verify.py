@@ -5,21 +5,22 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard import state
 from dashboard.components.figures import actual_vs_predicted
 from dashboard.components.images import upscale
+from dashboard.services import InfluenceExplorerError, engines, explanations, facts, query
+from dashboard.services.settings import ESTIMATE_LABELS, ESTIMATES, current_settings
 
 st.title("Verify by retraining")
 
-settings = state.current_settings()
-explainer = state.require_explainer(settings)
-query = state.current_query(explainer)
-labels = state.model_labels(explainer)
+settings = current_settings()
+explainer = engines.require_explainer(settings)
+chosen = query.current_query(explainer)
+labels = facts.model_labels(explainer)
 
 image_col, text_col = st.columns([1, 5])
-image_col.image(upscale(query.image, 112), width=112)
+image_col.image(upscale(chosen.image, 112), width=112)
 with text_col:
-    st.subheader(query.title)
+    st.subheader(chosen.title)
     st.markdown(
         "For each model, the top-k training images by |influence| are removed one at a time and "
         "the model is refitted to convergence (warm-started Newton, same objective). The actual "
@@ -39,7 +40,7 @@ k = int(
         help="About 0.5 s per retrain per model on the demo; 50 takes under a minute.",
     )
 )
-result = state.verification(settings, query, k)
+result = explanations.verification(settings, chosen, k)
 run = st.button(
     "Retrain to verify" if result is None else "Retrain again",
     key="verify_run",
@@ -57,9 +58,9 @@ if run:
 
     hint = st.caption("Retraining… navigate to another page to cancel.")
     try:
-        result = state.run_verification(explainer, query, settings, k, show)
-    except state.InfluenceExplorerError as exc:
-        st.error(state.error_message(exc, settings))
+        result = explanations.run_verification(explainer, chosen, settings, k, show)
+    except InfluenceExplorerError as exc:
+        st.error(engines.error_message(exc, settings))
         result = None
     bar.empty()
     hint.empty()
@@ -68,15 +69,11 @@ if result is None:
     st.info("Not verified yet for this image and k. Press the button to retrain.")
 else:
     figure = actual_vs_predicted(
-        [
-            (labels[key], result[key].predicted, result[key].actual)
-            for key in ("svm", "logreg")
-            if key in result
-        ],
-        estimate_labels=state.ESTIMATE_LABELS,
+        [(labels[key], check.predicted, check.actual) for key, check in result.items()],
+        estimate_labels=ESTIMATE_LABELS,
     )
     st.plotly_chart(figure, key="verify_scatter", config={"displaylogo": False})
-    shown = state.ESTIMATE_LABELS[settings.estimate]
+    shown = ESTIMATE_LABELS[settings.estimate]
     with st.container(key="verify_summary"):
         for column, (key, check) in zip(st.columns(len(result)), result.items(), strict=True):
             agreement = check.agreement[settings.estimate]
@@ -89,12 +86,12 @@ else:
                 d.metric("Time", f"{check.seconds:.1f} s")
     rows = []
     for key, check in result.items():
-        for estimate in state.ESTIMATE_NAMES:
+        for estimate in ESTIMATES:
             agreement = check.agreement[estimate]
             rows.append(
                 {
                     "model": labels[key],
-                    "estimate": state.ESTIMATE_LABELS[estimate],
+                    "estimate": ESTIMATE_LABELS[estimate],
                     "Pearson": agreement.pearson,
                     "Spearman": agreement.spearman,
                     "slope": agreement.slope,
@@ -127,7 +124,7 @@ else:
         "shifted up, ranked right but with a slope away from 1."
     )
 
-earlier = state.verified_queries(settings)
+earlier = explanations.verified_queries(settings)
 if earlier:
     st.caption(
         "Verified in this session (kept while the session lasts): "

@@ -1,7 +1,8 @@
 """Render helpers for the Trust page and for the link to it from each explanation.
 
 They take the fragility study's result objects (plain frozen dataclasses) and return data frames
-and Plotly figures; only :func:`trust_link` draws with Streamlit. Nothing here calls core.
+and Plotly figures; only :func:`trust_link` draws with Streamlit. Nothing here calls core; the
+test points' names come from the Trust service.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
+from dashboard.services.trust import TEST_POINT_DESCRIPTIONS, TEST_POINT_LABELS
+
 #: Colours per solver (Okabe-Ito). CG gives the exact answer wherever both ran, so it is dashed
 #: over the exact line rather than hidden by it.
 SOLVER_STYLES: dict[str, dict[str, Any]] = {
@@ -24,7 +27,6 @@ SOLVER_STYLES: dict[str, dict[str, Any]] = {
     "exact (last layer)": {"color": "#CC79A7", "dash": "dot", "symbol": "x"},
 }
 TEST_POINT_COLOURS = {"high_loss": "#D55E00", "median_loss": "#0072B2"}
-TEST_POINT_NAMES = {"high_loss": "high-loss", "median_loss": "median-loss"}
 
 
 def _cell_style(pearson: float, spearman: float) -> str:
@@ -167,7 +169,7 @@ def solver_comparison_figure(comparisons: Sequence[Any]) -> go.Figure:
                     x=[getattr(c, f"reference_{metric}") for c in chosen],
                     y=[getattr(c, metric) for c in chosen],
                     mode="markers",
-                    name=f"{TEST_POINT_NAMES[kind]} test point",
+                    name=TEST_POINT_DESCRIPTIONS[kind],
                     legendgroup=kind,
                     showlegend=col == 1,
                     marker={
@@ -218,7 +220,7 @@ def solver_comparison_frame(comparisons: Sequence[Any]) -> pd.DataFrame:
             {
                 "network": c.label,
                 "weight decay": c.weight_decay,
-                "test point": TEST_POINT_NAMES.get(c.test_point, c.test_point),
+                "test point": TEST_POINT_LABELS.get(c.test_point, c.test_point),
                 "reference": c.reference,
                 "reference Pearson": c.reference_pearson,
                 f"{c.solver} Pearson": c.pearson,
@@ -249,7 +251,7 @@ def live_comparison_frame(live: Any, committed: Any | None) -> pd.DataFrame:
                 solver.solver
             )
         row: dict[str, Any] = {"solver": solver.label}
-        for kind, name in TEST_POINT_NAMES.items():
+        for kind, name in TEST_POINT_LABELS.items():
             mine = solver.point(kind)
             theirs = reference.point(kind) if reference is not None else None
             row[f"{name}: this run"] = _pair(mine)
@@ -296,7 +298,7 @@ def curvature_frame(settings: Sequence[Any]) -> pd.DataFrame:
 
 
 def trust_link(
-    reference: Any | None,
+    lookup: Any,
     *,
     model_name: str,
     trust_page: str,
@@ -306,21 +308,25 @@ def trust_link(
     """One short line under an explanation: how far its scores can be trusted, with links.
 
     Args:
-        reference: a ``TrustReference`` from the committed study, or None if it is unavailable.
+        lookup: a ``ReferenceLookup``: the committed study's reference numbers for this model
+            (a ``TrustReference``), or why there are none.
         model_name: the model as Explain names it.
         trust_page, verify_page: page scripts for ``st.page_link``.
         key: container key (page-prefixed).
     """
+    reference = lookup.reference
     with st.container(key=key):
         if reference is None:
-            text = (
-                f"How far can the {model_name}'s scores be trusted? The committed study could "
-                "not be read; the Trust page says why."
-            )
+            text = f"How far can the {model_name}'s scores be trusted? {lookup.unavailable}"
         else:
             first, *others = reference.cells
-            numbers = f"Pearson {first[1]:.2f} / Spearman {first[2]:.2f} ({first[0]} test image)"
-            numbers += "".join(f", {p:.2f} / {r:.2f} ({name})" for name, p, r in others)
+            numbers = (
+                f"Pearson {first.pearson:.2f} / Spearman {first.spearman:.2f} "
+                f"({first.test_point} test image)"
+            )
+            numbers += "".join(
+                f", {c.pearson:.2f} / {c.spearman:.2f} ({c.test_point})" for c in others
+            )
             text = (
                 f"**How far can these scores be trusted?** — reference row *{reference.row}*: "
                 f"{numbers}; {reference.estimate} estimate against exact retraining, for "

@@ -72,6 +72,10 @@ def test_explain_a_test_index_and_an_image_file(capsys, common, tmp_path):
     for model in payload["models"].values():
         assert model["explained_label"] == model["predicted"]
         assert len(model["scores"]) == 16
+        familiarity = model["familiarity"]
+        assert familiarity["unusual"] == (familiarity["ratio"] > 1)
+    unusual = [m["label"] for m in payload["models"].values() if m["familiarity"]["unusual"]]
+    assert len(payload["warnings"]) == len(unusual)
     assert main(["explain", *common, "--test-index", "0"]) == 0
     assert "most helped" in capsys.readouterr().out
 

@@ -11,6 +11,7 @@ from core.errors import InfluenceExplorerError
 from core.groups import (
     GROUP_ESTIMATES,
     GroupConfig,
+    count_groups,
     group_experiment,
     kmeans,
     make_groups,
@@ -220,6 +221,30 @@ def test_make_groups_kinds_and_sizes():
     again = make_groups(config, labels=labels, features=features, scores=scores)
     assert all(np.array_equal(a.indices, b.indices) for a, b in zip(groups, again, strict=True))
     assert size_count(0.0025, 1000) == 2 and size_count(0.25, 1000) == 250
+
+
+@pytest.mark.parametrize(
+    ("config", "n"),
+    [
+        (GroupConfig(sizes=(0.0025, 0.05, 0.25), groups_per_size=2, custom=(5, 3)), 200),
+        # Two fractions that round to the same size count once; a 1-point size has 200 clusters.
+        (GroupConfig(kinds=("random", "cluster"), sizes=(0.001, 0.004), groups_per_size=3), 200),
+        # Clusters of half the set: only 2 exist, though 4 per size were asked for.
+        (GroupConfig(kinds=("cluster", "class"), sizes=(0.5,), groups_per_size=4), 40),
+        (GroupConfig(kinds=("helpful", "harmful"), sizes=(0.01, 0.1)), 300),
+        (GroupConfig(kinds=(), custom=(0, 1, 2)), 50),
+    ],
+)
+def test_count_groups_says_how_many_groups_make_groups_forms(config, n):
+    rng = np.random.default_rng(2)
+    labels = np.arange(n) % 2
+    groups = make_groups(
+        config,
+        labels=labels,
+        features=rng.normal(size=(n, 3)),
+        scores=rng.normal(size=n),
+    )
+    assert count_groups(config, n) == len(groups)
 
 
 def test_bad_group_configs_are_refused():

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from dashboard import state
+from dashboard.services import InfluenceExplorerError
+from dashboard.services.settings import DATA_ROOTS_ENV, DEMO_SPEC, dataset_choices, load_dataset
 
 Factory = Callable[[], AppTest]
 
@@ -33,7 +34,7 @@ def roots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
     private = tmp_path / "private"
     (private / "train" / "secrets").mkdir(parents=True)
     (root / "escape").symlink_to(private, target_is_directory=True)
-    monkeypatch.setenv(state.DATA_ROOTS_ENV, str(root))
+    monkeypatch.setenv(DATA_ROOTS_ENV, str(root))
     return {"root": root, "private": private, "missing": tmp_path / "no-such-dir"}
 
 
@@ -42,7 +43,7 @@ def _sidebar_errors(at: AppTest) -> list[str]:
 
 
 def _explains_the_demo(at: AppTest) -> None:
-    assert at.session_state["state_settings"].dataset == state.DEMO_SPEC
+    assert at.session_state["state_settings"].dataset == DEMO_SPEC
     assert any(s.value == "Test image #0" for s in at.subheader)
     assert [b.key for b in at.button if b.key and b.key.startswith("explain_inspect_svm_")]
 
@@ -86,7 +87,7 @@ def test_paths_outside_the_roots_are_refused_with_a_message(
 def test_an_escaping_symlink_is_not_offered_but_a_real_dataset_is(
     make_app: Factory, roots: dict[str, Path]
 ) -> None:
-    specs = [choice.spec for choice in state.dataset_choices()]
+    specs = [choice.spec for choice in dataset_choices()]
     assert str(roots["root"] / "pets") in specs
     assert not any("escape" in spec or "private" in spec for spec in specs)
     at = make_app().run()
@@ -98,10 +99,10 @@ def test_an_escaping_symlink_is_not_offered_but_a_real_dataset_is(
 def test_without_roots_no_path_can_be_given(
     make_app: Factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv(state.DATA_ROOTS_ENV, raising=False)
+    monkeypatch.delenv(DATA_ROOTS_ENV, raising=False)
     at = make_app().run()
     assert not at.exception
     assert not [t for t in at.text_input if t.key == "side_dataset_path"]
-    assert any(state.DATA_ROOTS_ENV in c.value for c in at.sidebar.caption)
-    with pytest.raises(state.InfluenceExplorerError, match="No dataset directories"):
-        state.load_dataset("/tmp", 64)
+    assert any(DATA_ROOTS_ENV in c.value for c in at.sidebar.caption)
+    with pytest.raises(InfluenceExplorerError, match="No dataset directories"):
+        load_dataset("/tmp", 64)

@@ -11,7 +11,8 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from core.errors import NotPositiveDefiniteError
-from dashboard import state
+from dashboard.services import engines
+from dashboard.services.settings import DATA_ROOTS_ENV, DEMO_SPEC
 
 Factory = Callable[[], AppTest]
 
@@ -43,7 +44,7 @@ def data_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     outside = tmp_path / "outside"
     _image_folder(outside)
     (root / "escape").symlink_to(outside, target_is_directory=True)
-    monkeypatch.setenv(state.DATA_ROOTS_ENV, str(root))
+    monkeypatch.setenv(DATA_ROOTS_ENV, str(root))
     return root
 
 
@@ -75,7 +76,7 @@ def test_a_refused_path_says_why_and_the_demo_is_used(
     at.text_input(key="side_dataset_path").input(path).run()
     assert not at.exception
     assert any(message in e.value and "bundled demo" in e.value for e in at.sidebar.error)
-    assert at.session_state["state_settings"].dataset == state.DEMO_SPEC
+    assert at.session_state["state_settings"].dataset == DEMO_SPEC
     assert any(m.value.startswith("**Most helpful**") for m in at.markdown)
 
 
@@ -90,7 +91,7 @@ def test_a_failed_preparation_shows_the_message_and_can_be_retried(
     def failing(*args: object, **kwargs: object) -> None:
         raise NotPositiveDefiniteError("The Hessian is not positive definite; add damping.")
 
-    monkeypatch.setattr(state, "Explainer", failing)
+    monkeypatch.setattr(engines, "Explainer", failing)
     at = make_app().run()
     assert not at.exception
     # The engine's message, then which sidebar control fixes it.

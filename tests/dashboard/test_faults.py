@@ -18,7 +18,7 @@ from core import explainer as explainer_module
 from core.features import EfficientNetLite0Featurizer
 from core.influence import InfluenceEngine, SolverConfig
 from core.models import LogisticRegression
-from dashboard import state
+from dashboard.services import settings, uploads
 
 Factory = Callable[[], AppTest]
 
@@ -69,7 +69,7 @@ def test_lissa_that_cannot_have_converged_says_so_on_the_page(
     make_app: Factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A short recursion keeps preparation quick; at the default depth the warning is the same.
-    monkeypatch.setattr(state, "SolverConfig", partial(SolverConfig, lissa_depth=20))
+    monkeypatch.setattr(settings, "SolverConfig", partial(SolverConfig, lissa_depth=20))
     at = make_app().run()
     at.selectbox(key="side_solver").set_value("lissa").run()
     assert not at.exception and not _errors(at)
@@ -117,7 +117,7 @@ def test_non_finite_features_of_an_upload_are_refused_and_the_app_keeps_serving(
     assert _explained(at)
     image = np.full((28, 28, 1), 30, dtype=np.uint8)
     image[6:22, 8:20] = 200
-    outcome = state.decode_uploaded_file(
+    outcome = uploads.decode_uploaded_file(
         "odd.png", _png(image), image_shape=(28, 28, 1), light_on_dark=True
     )
     assert outcome.upload is not None

@@ -11,7 +11,7 @@ from streamlit.testing.v1 import AppTest
 
 from core.errors import InfluenceExplorerError, NotPositiveDefiniteError
 from core.groups import first_misclassified
-from dashboard import state
+from dashboard.services import engines, uploads
 from tests.upload_corpus import build_upload_corpus
 
 Factory = Callable[[], AppTest]
@@ -58,7 +58,7 @@ def test_groups_default_image_run_remember_and_a_domain_error(make_app: Factory)
     _no_errors(at)
     # No image picked on Explain: the first test image every model gets wrong.
     default = int(at.number_input(key="groups_test_index").value)
-    explainer = state.explainer_if_ready(at.session_state["state_settings"])
+    explainer = engines.explainer_if_ready(at.session_state["state_settings"])
     assert explainer is not None
     assert default == first_misclassified(explainer.models.values(), explainer.test_labels)
     assert _charts(at) == 0
@@ -105,7 +105,7 @@ def test_groups_and_attack_start_from_the_image_picked_on_explain(make_app: Fact
     at.button(key="explain_pick_3").click().run()
     # Then an upload is explained: these pages need a labelled test image and keep #3.
     case = next(c for c in build_upload_corpus() if c.name == "grayscale_png")
-    outcome = state.decode_uploaded_file(
+    outcome = uploads.decode_uploaded_file(
         case.filename, case.data, image_shape=(28, 28, 1), light_on_dark=True
     )
     at.session_state["state_upload"] = outcome.upload

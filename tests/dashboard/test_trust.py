@@ -12,7 +12,7 @@ from streamlit.testing.v1 import AppTest
 
 from core.errors import InfluenceExplorerError
 from core.fragility import FragilityConfig, GroundTruthConfig, SolverSettings, TrainingConfig
-from dashboard import state
+from dashboard.services import trust
 
 Factory = Callable[[], AppTest]
 
@@ -48,7 +48,7 @@ def _trust_app(make_app: Factory) -> AppTest:
 def test_the_table_has_basu_et_al_s_shape_and_the_charts_are_drawn(make_app: Factory) -> None:
     at = _trust_app(make_app)
     _no_errors(at)
-    table = state.fragility_results().table()
+    table = trust.fragility_results().table()
     frame = _frame(at, table.column_labels()[0])
     assert frame.shape == (table.shape[0], 1 + table.shape[1])
     assert list(frame.columns) == ["model", *table.column_labels()]
@@ -72,7 +72,7 @@ def test_the_table_has_basu_et_al_s_shape_and_the_charts_are_drawn(make_app: Fac
 def test_a_live_run_shows_its_result_next_to_the_committed_row_and_is_remembered(
     make_app: Factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(state, "TRUST_QUICK_CONFIG", TINY)
+    monkeypatch.setattr(trust, "TRUST_QUICK_CONFIG", TINY)
     at = _trust_app(make_app)
     _no_errors(at)
     assert not at.button(key="trust_run").disabled
@@ -102,7 +102,7 @@ def test_a_failing_live_run_shows_core_s_message(
     def failing(*args: object, **kwargs: object) -> None:
         raise InfluenceExplorerError("CG met negative curvature: raise the damping margin.")
 
-    monkeypatch.setattr(state, "run_setting", failing)
+    monkeypatch.setattr(trust, "run_setting", failing)
     at = _trust_app(make_app)
     at.button(key="trust_run").click().run()
     assert not at.exception
@@ -115,7 +115,7 @@ def test_each_explanation_links_to_its_reference_row_or_says_it_cannot(
 ) -> None:
     at = make_app().run()
     _no_errors(at)
-    rows = {s.model: s for s in state.fragility_results().settings if s.solvers}
+    rows = {s.model: s for s in trust.fragility_results().settings if s.solvers}
     lines = [c.value for c in at.caption if "How far can these scores be trusted?" in c.value]
     assert len(lines) == 2
     svm_line, logreg_line = lines
@@ -135,7 +135,7 @@ def test_each_explanation_links_to_its_reference_row_or_says_it_cannot(
     assert f"Pearson {logreg_high.pearson:.2f} / Spearman {logreg_high.spearman:.2f}" in line
     assert "first-order estimate" in line
     # Without the results file: a plain link on Explain, core's message on Trust.
-    monkeypatch.setattr(state, "bundled_results_path", lambda: tmp_path / "missing.json")
+    monkeypatch.setattr(trust, "bundled_results_path", lambda: tmp_path / "missing.json")
     at.run()
     _no_errors(at)
     assert len([c for c in at.caption if "could not be read" in c.value]) == 2

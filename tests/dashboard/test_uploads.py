@@ -12,7 +12,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from core.images import DEFAULT_MAX_BYTES
-from dashboard import state
+from dashboard.services import uploads
 from tests.dashboard.conftest import RUN_TIMEOUT
 from tests.prepared_cache import REPO
 from tests.upload_corpus import UploadCase, build_upload_corpus
@@ -26,7 +26,7 @@ def upload_case(request: pytest.FixtureRequest) -> UploadCase:
 
 
 def test_every_corpus_file_gives_an_image_or_a_message(upload_case: UploadCase) -> None:
-    outcome = state.decode_uploaded_file(
+    outcome = uploads.decode_uploaded_file(
         upload_case.filename,
         upload_case.data,
         image_shape=upload_case.target_shape,
@@ -50,7 +50,7 @@ def test_a_file_object_is_read_from_the_start() -> None:
     case = next(c for c in CORPUS if c.name == "grayscale_png")
     stream = io.BytesIO(case.data)
     stream.seek(10)
-    outcome = state.decode_uploaded_file(
+    outcome = uploads.decode_uploaded_file(
         case.filename, stream, image_shape=case.target_shape, light_on_dark=case.light_on_dark
     )
     assert outcome.upload is not None
@@ -74,7 +74,7 @@ class _CountingStream(io.RawIOBase):
 
 def test_an_oversized_stream_is_refused_without_reading_it_all() -> None:
     stream = _CountingStream()
-    outcome = state.decode_uploaded_file(
+    outcome = uploads.decode_uploaded_file(
         "huge.png", stream, image_shape=(28, 28, 1), light_on_dark=True
     )
     assert outcome.upload is None and "limit" in (outcome.error or "")
@@ -82,7 +82,7 @@ def test_an_oversized_stream_is_refused_without_reading_it_all() -> None:
 
 
 def test_the_file_name_is_shown_not_trusted() -> None:
-    outcome = state.decode_uploaded_file(
+    outcome = uploads.decode_uploaded_file(
         "../../etc/pass\x00wd.png", b"", image_shape=(28, 28, 1), light_on_dark=True
     )
     assert outcome.error is not None
@@ -90,7 +90,7 @@ def test_the_file_name_is_shown_not_trusted() -> None:
 
 
 def test_a_file_name_cannot_inject_markdown() -> None:
-    outcome = state.decode_uploaded_file(
+    outcome = uploads.decode_uploaded_file(
         "[click](https:evil)`$x$`.png", b"", image_shape=(28, 28, 1), light_on_dark=True
     )
     assert outcome.error is not None
@@ -101,7 +101,7 @@ def test_config_upload_limit_matches_the_decoder() -> None:
     tomllib = pytest.importorskip("tomllib")
     config = tomllib.loads((REPO / ".streamlit" / "config.toml").read_text())
     assert config["server"]["maxUploadSize"] * 2**20 == DEFAULT_MAX_BYTES
-    assert state.MAX_UPLOAD_MB * 2**20 == DEFAULT_MAX_BYTES
+    assert uploads.MAX_UPLOAD_MB * 2**20 == DEFAULT_MAX_BYTES
     assert config["server"]["enableXsrfProtection"] is True
     assert config["server"]["enableCORS"] is True
     assert config["browser"]["gatherUsageStats"] is False
@@ -113,7 +113,7 @@ def _upload_script(filename: str, data: bytes) -> None:
 
     import streamlit as st
 
-    from dashboard import state
+    from dashboard.services import engines, query
 
     class FakeUploadedFile(io.BytesIO):
         def __init__(self, name: str, payload: bytes) -> None:
@@ -121,11 +121,11 @@ def _upload_script(filename: str, data: bytes) -> None:
             self.name = name
             self.file_id = f"{name}-{len(payload)}"
 
-    explainer = state.require_explainer()
-    state.accept_upload(FakeUploadedFile(filename, data), explainer)
-    if state.upload_error():
-        st.error(state.upload_error())
-    st.markdown(state.current_query(explainer).key)
+    explainer = engines.require_explainer()
+    query.accept_upload(FakeUploadedFile(filename, data), explainer)
+    if query.upload_error():
+        st.error(query.upload_error())
+    st.markdown(query.current_query(explainer).key)
 
 
 def _case(name: str) -> UploadCase:
@@ -155,7 +155,7 @@ def test_an_upload_is_explained_on_every_page_and_stays_in_its_session(
     make_app: Callable[[], AppTest],
 ) -> None:
     case = _case("grayscale_png")
-    outcome = state.decode_uploaded_file(
+    outcome = uploads.decode_uploaded_file(
         case.filename, case.data, image_shape=(28, 28, 1), light_on_dark=True
     )
     mine, theirs = make_app(), make_app()

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from dashboard.state import MAX_UPLOAD_MB, UPLOAD_TYPES
+from dashboard.services.uploads import MAX_UPLOAD_MB, UPLOAD_TYPES
 from tests.e2e.conftest import Server
 from tests.e2e.test_dashboard_e2e import (
     READY_TIMEOUT,

@@ -1,0 +1,240 @@
+"""What the sidebar decides: :class:`Settings`, and the datasets and backbones it offers.
+
+Settings are frozen and made of primitives, so they key the shared caches themselves: equal
+settings hash alike in Streamlit (which hashes a dataclass by its fields), and nothing is keyed by
+a hand-made tuple that could fall out of step with them. :attr:`Settings.engine` is the part that
+identifies a fitted explainer; k and the estimate only change what is asked of it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import streamlit as st
+
+from core.data import DEBIAN_FASHION_MNIST_DIR, Dataset, open_dataset, resolve_under_roots
+from core.explainer import ExplainerConfig, default_classes
+from core.features import DEFAULT_BACKBONE, available_backbones
+from core.influence import ESTIMATES, SolverConfig
+from core.labels import ESTIMATE_LABELS, SOLVER_LABELS
+
+#: Directories the server allows datasets to be read from, separated by os.pathsep.
+DATA_ROOTS_ENV = "INFLUENCE_DATA_ROOTS"
+
+DEMO_SPEC = "demo"
+FASHION_MNIST_SPEC = "fashion-mnist"
+
+#: What to expect from the iterative solvers on these small models (measured on the demo pair).
+SOLVER_CAUTIONS = {
+    "cg": "CG solves once per training image while preparing: about a minute or more here, "
+    "against seconds for the exact solver, for the same scores to within its tolerance.",
+    "lissa": "LiSSA takes minutes to prepare here, and at its default depth it does not converge "
+    "on these Hessians unless the damping is large (each page then says how deep it would need "
+    "to go), so its scores differ from the exact ones. Use it to see that effect, not for "
+    "answers.",
+}
+#: A fixed menu of damping values keeps the number of distinct shared engines small.
+DAMPING_CHOICES: tuple[float, ...] = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+IMAGE_SIZE_CHOICES: tuple[int, ...] = (28, 32, 48, 64, 96)
+DEFAULT_MAX_TRAIN_PER_CLASS = 1000
+
+# Session-state key owned by this module.
+_SETTINGS = "state_settings"
+
+__all__ = [
+    "DAMPING_CHOICES",
+    "DATA_ROOTS_ENV",
+    "DEFAULT_BACKBONE",
+    "DEMO_SPEC",
+    "ESTIMATES",
+    "ESTIMATE_LABELS",
+    "FASHION_MNIST_SPEC",
+    "IMAGE_SIZE_CHOICES",
+    "SOLVER_CAUTIONS",
+    "SOLVER_LABELS",
+    "BackboneChoice",
+    "Dataset",
+    "DatasetChoice",
+    "EngineSpec",
+    "Settings",
+    "backbone_choices",
+    "class_names",
+    "current_settings",
+    "data_roots",
+    "dataset_choices",
+    "dataset_is_directory",
+    "default_pair",
+    "load_dataset",
+    "store_settings",
+]
+
+
+@dataclass(frozen=True)
+class DatasetChoice:
+    """A dataset the sidebar offers: the spec given to core and a label for people."""
+
+    spec: str
+    label: str
+
+
+@dataclass(frozen=True)
+class BackboneChoice:
+    """An ImageNet backbone the sidebar offers, and whether it can be used on this server."""
+
+    name: str
+    label: str
+    available: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What identifies a fitted explainer: the dataset it reads and the engine's configuration.
+
+    Frozen and hashable: it keys the shared engines and every result computed from an engine
+    alone (heatmaps, experiments), in ``st.cache_*`` and in session state.
+
+    Attributes:
+        dataset: "demo", "fashion-mnist" or a directory under the data roots.
+        image_size: side in pixels directory datasets are read at (ignored by the others).
+        config: core's frozen configuration of the explainer built on it.
+    """
+
+    dataset: str
+    image_size: int
+    config: ExplainerConfig
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the sidebar decides. Frozen and made of primitives, so it keys caches.
+
+    Values are normalised on creation (ints stay ints, damping is a float, classes a tuple), so
+    settings that compare equal also hash equal in Streamlit's caches, which tell 0 from 0.0.
+    """
+
+    dataset: str = DEMO_SPEC
+    image_size: int = 64
+    classes: tuple[int, int] = (0, 6)
+    backbone: str = DEFAULT_BACKBONE
+    k: int = 10
+    estimate: str = "corrected"
+    solver: str = "exact"
+    damping: float = 0.0
+    max_train_per_class: int = DEFAULT_MAX_TRAIN_PER_CLASS
+
+    def __post_init__(self) -> None:
+        normal = {
+            "dataset": str(self.dataset),
+            "image_size": int(self.image_size),
+            "classes": tuple(int(c) for c in self.classes),
+            "k": int(self.k),
+            "damping": float(self.damping),
+            "max_train_per_class": int(self.max_train_per_class),
+        }
+        for name, value in normal.items():
+            object.__setattr__(self, name, value)
+
+    def config(self) -> ExplainerConfig:
+        """Core's configuration of the explainer these settings ask for.
+
+        Raises:
+            InfluenceExplorerError: settings core refuses.
+        """
+        return ExplainerConfig(
+            classes=self.classes,
+            backbone=self.backbone,
+            solver=SolverConfig(method=self.solver, damping=self.damping),
+            max_train_per_class=self.max_train_per_class,
+        )
+
+    @property
+    def engine(self) -> EngineSpec:
+        """The part of the settings that identifies a fitted explainer.
+
+        Raises:
+            InfluenceExplorerError: settings core refuses.
+        """
+        return EngineSpec(self.dataset, self.image_size, self.config())
+
+
+def store_settings(settings: Settings) -> None:
+    st.session_state[_SETTINGS] = settings
+
+
+def current_settings() -> Settings:
+    """The settings chosen in the sidebar of this session (defaults before the first run)."""
+    settings = st.session_state.get(_SETTINGS)
+    return settings if isinstance(settings, Settings) else Settings()
+
+
+def data_roots() -> list[Path]:
+    """The server's allowed dataset directories, from $INFLUENCE_DATA_ROOTS (none by default)."""
+    raw = os.environ.get(DATA_ROOTS_ENV, "")
+    return [Path(part).expanduser() for part in raw.split(os.pathsep) if part.strip()]
+
+
+def dataset_choices() -> list[DatasetChoice]:
+    """The bundled demo, the Debian Fashion-MNIST files if installed, and directories directly
+    under the configured data roots (only listed here; opening one still goes through
+    :func:`core.data.resolve_under_roots`)."""
+    choices = [DatasetChoice(DEMO_SPEC, "Bundled demo (Fashion-MNIST subset)")]
+    if DEBIAN_FASHION_MNIST_DIR.is_dir():
+        choices.append(DatasetChoice(FASHION_MNIST_SPEC, "Fashion-MNIST (full, Debian package)"))
+    for root in data_roots():
+        try:
+            resolved_root = root.resolve()
+            entries = sorted(
+                p
+                for p in root.iterdir()
+                if p.is_dir()
+                and not p.name.startswith(".")
+                # A symlink leading out of the root would be refused on opening; do not offer it.
+                and p.resolve().is_relative_to(resolved_root)
+            )
+        except OSError:
+            continue
+        for entry in entries[:50]:
+            choices.append(DatasetChoice(str(entry), f"{entry.name}  ({root})"))
+    return choices
+
+
+@st.cache_resource(max_entries=4, show_spinner="Loading the dataset…")
+def _load_dataset(spec: str, image_size: int) -> Dataset:
+    if spec in (DEMO_SPEC, FASHION_MNIST_SPEC):
+        return open_dataset(spec)
+    path = resolve_under_roots(spec, data_roots())
+    return open_dataset(path, image_size=(image_size, image_size))
+
+
+def load_dataset(spec: str, image_size: int) -> Dataset:
+    """A dataset by spec: "demo", "fashion-mnist" or a directory under the data roots.
+
+    Raises:
+        InfluenceExplorerError: the path is outside the roots, missing or not a dataset.
+    """
+    return _load_dataset(spec, int(image_size))
+
+
+def class_names(dataset: Dataset) -> tuple[str, ...]:
+    return tuple(dataset.class_names)
+
+
+def default_pair(dataset: Dataset) -> tuple[int, int]:
+    first, second = default_classes(dataset)
+    return int(first), int(second)
+
+
+def dataset_is_directory(spec: str) -> bool:
+    return spec not in (DEMO_SPEC, FASHION_MNIST_SPEC)
+
+
+def backbone_choices() -> list[BackboneChoice]:
+    """ImageNet backbones for the logistic regression, each with whether it can be used here."""
+    return [
+        BackboneChoice(status.name, status.label, status.available, status.reason)
+        for status in available_backbones()
+        if status.name != "pixels"
+    ]

@@ -162,7 +162,7 @@ class ModelSummary:
     """One fitted model, for reports.
 
     Attributes:
-        key: "svm" or "logreg".
+        key: "svm", "logreg" or "network".
         label: e.g. "RBF SVM on pixels".
         features: what the model sees, e.g. "EfficientNet-Lite0 (ImageNet) features, 1280-d".
         train_accuracy, test_accuracy: on the selected classes.

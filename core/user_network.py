@@ -46,8 +46,9 @@ bytes that are then loaded from memory (no second read of the path), with torch'
 both see the same entries: only the entries ``torch.export.save`` writes for one program (no
 AOTInductor or ExecuTorch payloads, no legacy pickled weights); every weight and constant raw
 bytes (``use_pickle`` false, no custom or opaque objects); sample inputs that load with
-``weights_only=True`` (so torch never falls back); every ``expr_str`` a plain arithmetic expression
-over shape symbols (no quotes, attributes, subscripts, ``**`` or unknown functions); no guard code;
+``weights_only=True`` (so torch never falls back); every ``expr_str`` sympy's ``srepr`` of plain
+arithmetic over shape symbols (strings only as symbol names or numbers; no attributes, subscripts,
+powers, factorials or unknown functions); no guard code;
 no ``__enum__``; every node an ATen operator (``torch.ops.aten.*``) or a small allow-list of integer
 operators (no higher-order operators, no custom operators, no nested graphs); every parameter
 name a dotted path of identifiers or indices. After loading, the graph is checked again

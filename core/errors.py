@@ -60,3 +60,12 @@ class NetworkError(InfluenceExplorerError):
 
 class UploadError(InfluenceExplorerError):
     """An uploaded archive or weights file was refused (too large, unsafe, wrong layout)."""
+
+
+class UnreadableFileError(InfluenceExplorerError):
+    """A file on disk was refused before decoding: missing, not a regular file (a FIFO, device or
+    socket), outside the allowed directories, or larger than the limit."""
+
+
+class OutsideRootsError(DatasetError):
+    """A dataset path, or a symbolic link inside a dataset, leads outside the allowed directories."""

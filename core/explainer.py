@@ -309,14 +309,17 @@ class FittedModel:
         return torch.as_tensor(features, dtype=torch.float64)
 
 
-def _subsample(labels: np.ndarray, per_class: int | None, seed: int) -> np.ndarray:
-    """Rows to keep: at most ``per_class`` of each class, seeded per class so that a class keeps
-    the same images whichever other classes are chosen (its features are then reused)."""
+def _subsample(
+    labels: np.ndarray, per_class: int | None, seed: int, originals: tuple[int, ...]
+) -> np.ndarray:
+    """Rows to keep: at most ``per_class`` of each class, seeded by the class's index in the
+    full dataset (``originals[label]``), so that a class keeps the same images whichever other
+    classes are chosen (and its cached features are reused)."""
     if per_class is None:
         return np.arange(len(labels))
     keep = []
     for c in np.unique(labels):
-        rng = np.random.default_rng([seed, int(c)])
+        rng = np.random.default_rng([seed, int(originals[int(c)])])
         keep.append(np.sort(rng.permutation(np.flatnonzero(labels == c))[:per_class]))
     return np.sort(np.concatenate(keep))
 
@@ -361,7 +364,12 @@ class Explainer:
         if len(set(self.class_indices)) != len(self.class_indices):
             raise InfluenceExplorerError(f"classes lists a class twice: {classes!r}.")
         subset = dataset.select_classes(list(self.class_indices))
-        keep = _subsample(subset.train_labels, self.config.max_train_per_class, self.config.seed)
+        keep = _subsample(
+            subset.train_labels,
+            self.config.max_train_per_class,
+            self.config.seed,
+            self.class_indices,
+        )
         self.dataset = subset if len(keep) == subset.n_train else _take_train(subset, keep)
         self.class_names = self.dataset.class_names
         self.train_labels = self.dataset.train_labels
@@ -494,8 +502,12 @@ class Explainer:
         return {}
 
     def _backbone_features(self, split: str, featurizer: Featurizer | None = None) -> np.ndarray:
-        """Backbone (or ``featurizer``) features of a split, cached per original class of the
-        full dataset."""
+        """Backbone (or ``featurizer``) features of a split's images, cached per original class of
+        the full dataset.
+
+        Only the images in use are featurised: with ``max_train_per_class`` a class's kept
+        images (the same whichever classes it is paired with), never the whole class.
+        """
         backbone = self.backbone if featurizer is None else featurizer
         images = getattr(self.dataset, f"{split}_images")
         labels = getattr(self.dataset, f"{split}_labels")
@@ -506,20 +518,22 @@ class Explainer:
         out = np.empty((len(images), backbone.output_dim(images.shape[1:])), dtype=np.float64)
         position_of = {image_id: i for i, image_id in enumerate(source_ids)}
         for new_label, original in enumerate(self.class_indices):
-            chunk_rows = np.flatnonzero(source_labels == original)
+            mine = np.flatnonzero(labels == new_label)
+            rows = np.array([position_of[image_id] for image_id in ids[mine]], dtype=np.int64)
+            # Featurised in the full dataset's order: the whole class is then exactly the chunk
+            # earlier runs cached under this part name; a subsample gets its own part.
+            order = np.argsort(rows, kind="stable")
+            whole_class = len(rows) == int(np.sum(source_labels == original))
+            part = f"{split}/class{original}" + ("" if whole_class else f"/{len(rows)}")
             stage = f"{backbone.label} features: {split} '{self.class_names[new_label]}'"
-            features = cached_features(
+            out[mine[order]] = cached_features(
                 self.store,
                 backbone,
-                source_images[chunk_rows],
+                source_images[rows[order]],
                 dataset_hash=self.source.content_hash,
-                part=f"{split}/class{original}",
+                part=part,
                 progress=lambda done, total, stage=stage: self._progress(stage, done, total),
             )
-            row_of_chunk = {int(row): i for i, row in enumerate(chunk_rows)}
-            mine = np.flatnonzero(labels == new_label)
-            take = [row_of_chunk[position_of[image_id]] for image_id in ids[mine]]
-            out[mine] = features[take]
         # cached_features never returns non-finite values; this guards the assembly above.
         check_finite_features(out, backbone, f"{split} split")
         return out

@@ -11,10 +11,16 @@ A cached file is never trusted. Each file is::
             sha256(meta bytes + payload)
     meta    UTF-8 JSON: the key (kind and fields), array names/dtypes/shapes, caller's meta
     payload np.savez archive (uncompressed), read back with allow_pickle=False
+    tag     32 bytes: HMAC-SHA256 of the prefix under this installation's secret key
 
 The digest covers the meta as well as the payload, so a flipped byte anywhere is caught: in the prefix
-by the magic/version/length checks or the digest, in the meta or payload by the digest. A file that fails
-any check (or whose stored key is not the requested one) is logged, removed and treated as a miss.
+by the magic/version/length checks or the digest, in the meta or payload by the digest, in the tag by
+the tag. The digest only catches accidents, though: anyone who can write to the cache directory could
+recompute it for a forged file and change the scores the app shows. The tag catches that: it
+authenticates the prefix, and with it (through the digest) every byte of meta and payload, under a key
+only this installation holds (see :func:`load_or_create_secret`: 32 random bytes in ``.hmac-key`` in
+the cache directory, owner-only). A file that fails any check (or whose stored key is not the requested
+one) is logged, removed and treated as a miss.
 
 Writes are atomic (temporary file in the same directory, fsync, ``os.replace``), so readers see either the
 old file or the complete new one. :meth:`ArtifactStore.get_or_create` holds an exclusive ``flock`` on a
@@ -26,13 +32,17 @@ the store warns and builds without caching instead of failing.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import hmac
 import io
 import json
 import logging
 import math
 import os
 import re
+import secrets
+import stat
 import struct
 import tempfile
 import time
@@ -54,12 +64,18 @@ except ImportError:  # pragma: no cover - exercised only on Windows
 logger = logging.getLogger(__name__)
 
 #: Bump when the file layout changes; files of another version are rebuilt, never parsed.
-FORMAT_VERSION = 1
+#: Version 2 added the authentication tag.
+FORMAT_VERSION = 2
 MAGIC = b"INFLXART"
 SUFFIX = ".artifact"
 ENV_CACHE_DIR = "INFLUENCE_CACHE_DIR"
+SECRET_FILENAME = ".hmac-key"
+"""The installation's cache key, in the cache directory: 32 random bytes, mode 0600."""
 
 _PREFIX = struct.Struct("<8sIIQ32s")
+_TAG_BYTES = 32
+_SECRET_BYTES = 32
+_TAG_CONTEXT = b"influence-explorer/artifact\0"
 # Meta is small (key + array list); a larger length field means the prefix is damaged.
 _MAX_META_BYTES = 1 << 20
 _KIND_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
@@ -182,7 +198,11 @@ def _check_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def encode_artifact(
-    key: CacheKey, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any] | None = None
+    key: CacheKey,
+    arrays: Mapping[str, np.ndarray],
+    meta: Mapping[str, Any] | None = None,
+    *,
+    secret: bytes | None = None,
 ) -> bytes:
     """Serialise an artifact to the store's file format (see the module docstring).
 
@@ -190,6 +210,8 @@ def encode_artifact(
         key: The key the artifact is stored under; it is embedded and checked on load.
         arrays: Named arrays (any shape; numeric, bool or fixed-width string dtypes).
         meta: Optional JSON-serialisable information kept with the artifact.
+        secret: The installation's key (:func:`load_or_create_secret`). Without it the tag is
+            zeros, which no store accepts: such files are for tests and inspection only.
 
     Returns:
         The complete file contents.
@@ -210,15 +232,24 @@ def encode_artifact(
         raise CacheError(f"artifact meta must be JSON-serialisable: {error}") from error
     digest = hashlib.sha256(meta_bytes + payload).digest()
     prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(meta_bytes), len(payload), digest)
-    return prefix + meta_bytes + payload
+    tag = _tag(secret, prefix) if secret is not None else bytes(_TAG_BYTES)
+    return prefix + meta_bytes + payload + tag
 
 
-def decode_artifact(data: bytes, key: CacheKey) -> CachedArtifact:
+def decode_artifact(data: bytes, key: CacheKey, *, secret: bytes | None = None) -> CachedArtifact:
     """Parse and verify file contents written by :func:`encode_artifact`.
 
+    Args:
+        data: The file's contents.
+        key: The key the caller asked for; a file holding another is refused.
+        secret: The installation's key: the tag must verify under it. ``None`` checks everything
+            but the tag, which proves only that the file is intact, not who wrote it; the store
+            always passes its key.
+
     Raises:
-        CacheError: Wrong magic, other format version, wrong length, digest mismatch, a different key,
-            or a payload numpy cannot read without pickle. The message says which.
+        CacheError: Wrong magic, other format version, wrong length, digest mismatch, a tag that does
+            not verify, a different key, or a payload numpy cannot read without pickle. The message
+            says which.
     """
     if len(data) < _PREFIX.size:
         raise CacheError(f"file is {len(data)} bytes, shorter than the {_PREFIX.size}-byte header")
@@ -229,12 +260,20 @@ def decode_artifact(data: bytes, key: CacheKey) -> CachedArtifact:
         raise CacheError(f"format version {version}, this code reads version {FORMAT_VERSION}")
     if meta_length > _MAX_META_BYTES:
         raise CacheError(f"meta length {meta_length} is implausible; header damaged")
-    expected = _PREFIX.size + meta_length + payload_length
+    expected = _PREFIX.size + meta_length + payload_length + _TAG_BYTES
     if len(data) != expected:
         raise CacheError(f"file is {len(data)} bytes, header says {expected} (truncated or padded)")
-    body = memoryview(data)[_PREFIX.size :]
+    body = memoryview(data)[_PREFIX.size : expected - _TAG_BYTES]
     if hashlib.sha256(body).digest() != digest:
         raise CacheError("sha256 of meta + payload does not match the header; contents damaged")
+    # Checked before the meta or payload is parsed: nothing unauthenticated reaches a parser.
+    if secret is not None and not hmac.compare_digest(
+        bytes(data[expected - _TAG_BYTES :]), _tag(secret, bytes(data[: _PREFIX.size]))
+    ):
+        raise CacheError(
+            "its authentication tag (HMAC-SHA256) does not verify: it was not written with this "
+            "installation's cache key, or was altered after writing"
+        )
     try:
         document = json.loads(bytes(body[:meta_length]).decode("utf-8"))
         stored_key = document["key"]
@@ -252,11 +291,125 @@ def decode_artifact(data: bytes, key: CacheKey) -> CachedArtifact:
     )
 
 
+def _tag(secret: bytes, prefix: bytes) -> bytes:
+    # The prefix holds sha256(meta + payload), so authenticating it authenticates every byte; one
+    # HMAC over 92 bytes instead of a second pass over a payload of hundreds of MB.
+    return hmac.new(secret, _TAG_CONTEXT + prefix, hashlib.sha256).digest()
+
+
+class _UnusableSecret(OSError):
+    """The key file exists but must not be used (see its message)."""
+
+
+def load_or_create_secret(directory: Path) -> bytes:
+    """The installation's cache key in ``directory``, created on first use.
+
+    The key is :data:`SECRET_FILENAME`: 32 random bytes, a regular file owned by this user with
+    mode 0600. It is created atomically: written in full to a private temporary file, then
+    hard-linked to its name, which fails if another process got there first; that process's key is
+    then read and used, so two processes starting at once agree on one key and nobody ever reads
+    a half-written one. A key file that is not owner-only, not ours, not a regular file or not 32
+    bytes is replaced by a new key with a warning (anyone who could read it could forge
+    artifacts; those written under it are then rebuilt).
+
+    Raises:
+        OSError: the directory cannot be created, or the key neither read nor written.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / SECRET_FILENAME
+    for _ in range(3):
+        try:
+            return _read_secret(path)
+        except FileNotFoundError:
+            _create_secret(path, replace=False)
+        except _UnusableSecret as problem:
+            logger.warning(
+                "cache: %s %s; replacing it with a new key (artifacts written under the old one "
+                "will be rebuilt)",
+                path,
+                problem,
+            )
+            _create_secret(path, replace=True)
+    return _read_secret(path)
+
+
+def _read_secret(path: Path) -> bytes:
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    for attempt in range(20):
+        try:
+            descriptor = os.open(path, flags)
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise _UnusableSecret("is a symbolic link") from None
+            raise
+        try:
+            info = os.fstat(descriptor)
+            if not stat.S_ISREG(info.st_mode):
+                raise _UnusableSecret("is not a regular file")
+            if hasattr(os, "geteuid") and info.st_uid != os.geteuid():
+                raise _UnusableSecret(f"belongs to another user (uid {info.st_uid})")
+            if info.st_mode & 0o077:
+                raise _UnusableSecret(
+                    f"has permissions {stat.S_IMODE(info.st_mode):04o}, readable or writable by "
+                    "others (it must be 0600)"
+                )
+            secret = os.read(descriptor, _SECRET_BYTES + 1)
+        finally:
+            os.close(descriptor)
+        if len(secret) == _SECRET_BYTES:
+            return secret
+        if attempt < 19 and not secret:
+            # Only the fallback creation (no hard links) writes in place: give its writer a moment.
+            time.sleep(0.05)
+            continue
+        raise _UnusableSecret(f"holds {len(secret)} bytes instead of {_SECRET_BYTES}")
+    raise _UnusableSecret("stayed empty")  # pragma: no cover - the loop returns or raises
+
+
+def _create_secret(path: Path, *, replace: bool) -> None:
+    # mkstemp creates the file with mode 0600 whatever the umask.
+    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(secrets.token_bytes(_SECRET_BYTES))
+            handle.flush()
+            os.fsync(handle.fileno())
+        if replace:
+            os.replace(temp_name, path)
+            return
+        try:
+            os.link(temp_name, path)
+        except FileExistsError:
+            pass  # another process created it first: use theirs
+        except OSError as error:
+            if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            _create_secret_in_place(path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(temp_name)
+
+
+def _create_secret_in_place(path: Path) -> None:
+    """For file systems without hard links: O_EXCL creation, written right after."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        descriptor = os.open(path, flags, 0o600)
+    except FileExistsError:
+        return
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(secrets.token_bytes(_SECRET_BYTES))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 class ArtifactStore:
     """A directory of artifacts, each a dict of named numpy arrays under a :class:`CacheKey`.
 
     Safe to share between threads and processes: writes are atomic, and :meth:`get_or_create`
-    serialises builders of the same key with a file lock.
+    serialises builders of the same key with a file lock. Files are authenticated with the
+    installation's key (:func:`load_or_create_secret`); it is read again for every load and save,
+    so processes sharing the directory always agree on it.
 
     Args:
         root: Cache directory. Defaults to :func:`default_cache_dir`. Created on first write.
@@ -288,7 +441,13 @@ class ArtifactStore:
             logger.warning("cache: cannot read %s (%s); treating as a miss", path, error)
             return None
         try:
-            return decode_artifact(data, key)
+            secret = load_or_create_secret(self.root)
+        except OSError as error:
+            # Nothing can be verified without the key, so nothing is trusted.
+            logger.warning("cache: no usable key in %s (%s); treating as a miss", self.root, error)
+            return None
+        try:
+            return decode_artifact(data, key, secret=secret)
         except CacheError as error:
             logger.warning("cache: discarding damaged artifact %s: %s", path, error)
             self._remove(path)
@@ -318,10 +477,16 @@ class ArtifactStore:
         Raises:
             CacheError: ``arrays`` or ``meta`` cannot be stored (a caller bug, not a disk problem).
         """
-        data = encode_artifact(key, arrays, meta)
+        # Encoded first, so a caller's bad arrays or meta raise even when the cache is unwritable.
+        unsigned = encode_artifact(key, arrays, meta)
         path = self.path_for(key)
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            secret = load_or_create_secret(self.root)
+        except OSError as error:
+            self._warn_unwritable(error)
+            return None
+        data = unsigned[:-_TAG_BYTES] + _tag(secret, unsigned[: _PREFIX.size])
+        try:
             self._write_atomically(path, data)
         except OSError as error:
             self._warn_unwritable(error)

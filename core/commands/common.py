@@ -48,6 +48,16 @@ def add_dataset_options(parser: argparse.ArgumentParser) -> None:
         help="side length ImageFolder images are resized to (default 64, or with --network the "
         "network's input size; idx data keeps 28)",
     )
+    parser.add_argument(
+        "--data-root",
+        action="append",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="read dataset files only from inside DIR (repeatable), as the dashboard does with "
+        "$INFLUENCE_DATA_ROOTS: the dataset must lie in one, and symbolic links in it may lead "
+        "anywhere inside them (default: links must stay inside the dataset directory itself)",
+    )
 
 
 def add_cache_option(parser: argparse.ArgumentParser) -> None:
@@ -329,7 +339,6 @@ class StageBars:
 def build_explainer(args: argparse.Namespace) -> Any:
     """Dataset + config from the parsed options -> a ready :class:`core.explainer.Explainer`."""
     from core.commands.lists import model_keys
-    from core.data import open_dataset
     from core.explainer import Explainer, ExplainerConfig
     from core.influence import LiSSAWarning, SolverConfig
     from core.store import ArtifactStore
@@ -345,7 +354,7 @@ def build_explainer(args: argparse.Namespace) -> Any:
         if image_size is None:
             image_size = max(preprocessing.input_size)
     image_size = 64 if image_size is None else image_size
-    dataset = open_dataset(args.dataset, image_size=(image_size, image_size))
+    dataset = open_dataset_from_args(args, image_size=image_size)
     config = ExplainerConfig(
         classes=parse_classes(args.classes),
         backbone=args.backbone,
@@ -373,6 +382,35 @@ def build_explainer(args: argparse.Namespace) -> Any:
     if report is not None and not args.quiet:
         print(f"influence {args.command}: {network_line(report)}", file=sys.stderr)
     return explainer
+
+
+def open_dataset_from_args(args: argparse.Namespace, image_size: int | None = None) -> Any:
+    """The dataset of --dataset, --image-size and --data-root.
+
+    Args:
+        args: parsed options.
+        image_size: side length to use instead of --image-size (e.g. a network's input size
+            when --image-size was not given); ``None`` takes --image-size, else 64.
+
+    Raises:
+        DatasetError: as :func:`core.data.open_dataset`; for links leading out of the dataset,
+            the message also names the flag that allows them.
+    """
+    from core.data import open_dataset
+    from core.errors import OutsideRootsError
+
+    roots = getattr(args, "data_root", None)
+    if image_size is None:
+        image_size = 64 if args.image_size is None else args.image_size
+    try:
+        return open_dataset(args.dataset, image_size=(image_size, image_size), roots=roots or None)
+    except OutsideRootsError as error:
+        if roots:
+            raise
+        raise OutsideRootsError(
+            f"{error} If the links are yours, pass --data-root DIR with a directory that holds "
+            "both the dataset and what they point to."
+        ) from None
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:

@@ -17,6 +17,7 @@ import streamlit as st
 from core.data import DEBIAN_FASHION_MNIST_DIR, Dataset, open_dataset, resolve_under_roots
 from core.explainer import ExplainerConfig, default_classes
 from core.features import DEFAULT_BACKBONE, available_backbones
+from core.files import printable
 from core.influence import ESTIMATES, SolverConfig
 from core.labels import ESTIMATE_LABELS, SOLVER_LABELS
 
@@ -197,7 +198,8 @@ def dataset_choices() -> list[DatasetChoice]:
         except OSError:
             continue
         for entry in entries[:50]:
-            choices.append(DatasetChoice(str(entry), f"{entry.name}  ({root})"))
+            label = f"{printable(entry.name)}  ({printable(root)})"
+            choices.append(DatasetChoice(str(entry), label))
     return choices
 
 
@@ -205,8 +207,8 @@ def dataset_choices() -> list[DatasetChoice]:
 def _load_dataset(spec: str, image_size: int) -> Dataset:
     if spec in (DEMO_SPEC, FASHION_MNIST_SPEC):
         return open_dataset(spec)
-    path = resolve_under_roots(spec, data_roots())
-    return open_dataset(path, image_size=(image_size, image_size))
+    # Every file read must lie under the roots (a link leading out of them is refused).
+    return open_dataset(spec, image_size=(image_size, image_size), roots=data_roots())
 
 
 def load_dataset(spec: str, image_size: int) -> Dataset:
@@ -215,6 +217,9 @@ def load_dataset(spec: str, image_size: int) -> Dataset:
     Raises:
         InfluenceExplorerError: the path is outside the roots, missing or not a dataset.
     """
+    if spec not in (DEMO_SPEC, FASHION_MNIST_SPEC):
+        # Cached by the resolved path, not the text typed: "./pets" and "pets/" are one dataset.
+        spec = str(resolve_under_roots(spec, data_roots()))
     return _load_dataset(spec, int(image_size))
 
 

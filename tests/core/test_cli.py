@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import re
 import subprocess
 import sys
 import warnings
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from core.cli import main
+from core.cli import build_parser, main
+from core.commands.common import open_dataset_from_args
 from core.data import load_demo
+from tests.bounded import run_bounded
 from tests.core.test_data import write_idx
 
 
@@ -170,3 +175,49 @@ def test_lissa_that_diverges_says_to_use_the_exact_solver(capsys, common, monkey
     assert status == 2
     err = capsys.readouterr().err
     assert "LiSSA diverged" in err and "(Try --solver exact.)" in err
+
+
+def test_image_that_is_a_named_pipe_exits_2_instead_of_hanging(common, tmp_path):
+    # `influence explain --image x.png` on a FIFO used to wait forever for a writer.
+    fifo = tmp_path / "x.png"
+    os.mkfifo(fifo)
+    run = run_bounded(
+        f"""
+        from core.cli import main
+        status = main(["explain", *{common!r}, "--image", {str(fifo)!r}])
+        report(status=status)
+        """,
+        timeout=240,
+        address_space=64 * 2**30,  # torch maps far more address space than it uses
+    )
+    assert not run.timed_out, "explain --image blocked on the FIFO"
+    assert run.result is not None and run.result["status"] == 2, run.output
+    assert "x.png is a named pipe (FIFO), not a regular file" in run.output
+
+
+def _folder_with_a_link_out(tmp_path) -> Path:
+    png = io.BytesIO()
+    Image.new("L", (8, 8), 50).save(png, "PNG")
+    root = tmp_path / "pets"
+    for split in ("train", "test"):
+        for name in ("cat", "dog"):
+            (root / split / name).mkdir(parents=True)
+            (root / split / name / "a.png").write_bytes(png.getvalue())
+    elsewhere = tmp_path / "photos"
+    elsewhere.mkdir()
+    (elsewhere / "b.png").write_bytes(png.getvalue())
+    (root / "train" / "cat" / "b.png").symlink_to(elsewhere / "b.png")
+    return root
+
+
+def test_links_out_of_the_dataset_name_the_flag_that_allows_them(capsys, tmp_path):
+    root = _folder_with_a_link_out(tmp_path)
+    assert main(["precompute", "--dataset", str(root), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "train/cat/b.png: symbolic link(s) leading outside the dataset directory" in err
+    assert "--data-root" in err
+    args = build_parser().parse_args(
+        ["precompute", "--dataset", str(root), "--data-root", str(tmp_path), "--image-size", "8"]
+    )
+    dataset = open_dataset_from_args(args)
+    assert "train/cat/b.png" in dataset.train_ids.tolist()

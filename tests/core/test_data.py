@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import re
 import shutil
@@ -19,6 +20,8 @@ from core.data import (
     DEBIAN_FASHION_MNIST_DIR,
     DEMO_FILENAME,
     FASHION_MNIST_CLASSES,
+    FOLDER_MAX_PIXELS_ENV,
+    MAX_IDX_PAYLOAD_BYTES,
     MNIST_CLASSES,
     Dataset,
     load_demo,
@@ -27,8 +30,10 @@ from core.data import (
     open_dataset,
     resolve_under_roots,
 )
-from core.errors import DatasetError
-from tests.upload_corpus import encode
+from core.errors import DatasetError, OutsideRootsError
+from tests.bounded import run_bounded
+from tests.hostile_files import idx_gzip_bomb
+from tests.upload_corpus import encode, png_declaring_size
 
 # --- factories -----------------------------------------------------------------------------------
 
@@ -633,3 +638,281 @@ class TestResolveUnderRoots:
             resolve_under_roots("a\0b", [allowed])
         with pytest.raises(DatasetError, match="No dataset directories"):
             resolve_under_roots("fmnist", [])
+
+
+# --- confined, bounded readers --------------------------------------------------------------------
+
+
+@pytest.fixture
+def outside(tmp_path) -> Path:
+    """A private directory next to the dataset: an ImageFolder class's worth of images."""
+    private = tmp_path / "private"
+    (private / "secret-class").mkdir(parents=True)
+    for i in range(3):
+        (private / "secret-class" / f"secret-{i}.png").write_bytes(
+            encode(Image.new("L", (8, 8), 200), "PNG")
+        )
+    return private
+
+
+@pytest.fixture
+def watch_reads(monkeypatch) -> list[str]:
+    """Every path opened or listed while the test runs, as the file system resolves it."""
+    import io
+
+    seen: list[str] = []
+    real_os_open, real_io_open, real_scandir = os.open, io.open, os.scandir
+
+    def recording_os_open(path, *args, **kwargs):
+        seen.append(os.path.realpath(path))
+        return real_os_open(path, *args, **kwargs)
+
+    def recording_io_open(file, *args, **kwargs):
+        if isinstance(file, (str, bytes, os.PathLike)):
+            seen.append(os.path.realpath(file))
+        return real_io_open(file, *args, **kwargs)
+
+    def recording_scandir(path="."):
+        seen.append(os.path.realpath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "open", recording_os_open)
+    monkeypatch.setattr(io, "open", recording_io_open)
+    monkeypatch.setattr(os, "scandir", recording_scandir)
+    return seen
+
+
+def _never_touched(seen: list[str], private: Path) -> None:
+    private = os.path.realpath(private)
+    assert seen, "the recorder saw nothing"
+    assert not [p for p in seen if p == private or p.startswith(private + os.sep)]
+
+
+class TestSymlinksStayInside:
+    @pytest.mark.parametrize("confined_to", ["dataset", "roots"])
+    def test_class_directory_linking_out_is_refused(
+        self, make_image_folder, outside, watch_reads, confined_to
+    ):
+        root = make_image_folder()
+        roots = None
+        if confined_to == "roots":  # a server's data root, holding this dataset and others
+            server_root = root.parent / "datasets"
+            server_root.mkdir()
+            root = root.rename(server_root / "pets")
+            roots = [server_root]
+        (root / "train" / "escape").symlink_to(outside / "secret-class", target_is_directory=True)
+        with pytest.raises(OutsideRootsError) as info:
+            load_image_folder(root, image_size=(8, 8), roots=roots)
+        message = str(info.value)
+        assert "train/escape" in message and "symbolic link" in message
+        assert "secret" not in message and "private" not in message
+        _never_touched(watch_reads, outside)
+
+    def test_file_and_subdirectory_linking_out_are_refused(
+        self, make_image_folder, outside, watch_reads
+    ):
+        root = make_image_folder()
+        (root / "train" / "cat" / "borrowed.png").symlink_to(outside / "secret-class/secret-0.png")
+        (root / "train" / "dog" / "more").symlink_to(outside / "secret-class")
+        with pytest.raises(OutsideRootsError) as info:
+            open_dataset(root, image_size=(8, 8))
+        message = str(info.value)
+        assert "train/cat/borrowed.png" in message and "train/dog/more" in message
+        assert "secret" not in message
+        _never_touched(watch_reads, outside)
+
+    def test_links_that_stay_inside_are_followed(self, make_image_folder, tmp_path):
+        root = make_image_folder()
+        (root / "train" / "kitten").symlink_to(root / "train" / "cat", target_is_directory=True)
+        (root / "train" / "dog" / "alias.png").symlink_to(root / "train" / "dog" / "c.png")
+        # A link back up the tree: each real directory is walked once per class, so this ends.
+        (root / "train" / "cat" / "sub" / "loop").symlink_to(root / "train" / "cat")
+        ds = load_image_folder(root, image_size=(8, 8))
+        assert "kitten" in ds.class_names
+        ids = ds.train_ids.tolist()
+        assert "train/kitten/a.png" in ids and "train/dog/alias.png" in ids
+        assert not any("loop" in i for i in ids)
+
+    def test_with_roots_a_link_may_lead_elsewhere_inside_them(self, make_image_folder, tmp_path):
+        root = make_image_folder()
+        shared = tmp_path / "shared-photos"
+        shared.mkdir()
+        (shared / "x.png").write_bytes(encode(Image.new("L", (8, 8), 30), "PNG"))
+        (root / "train" / "cat" / "x.png").symlink_to(shared / "x.png")
+        with pytest.raises(OutsideRootsError, match=r"train/cat/x\.png"):
+            load_image_folder(root, image_size=(8, 8))
+        ds = open_dataset(root, image_size=(8, 8), roots=[tmp_path])
+        assert "train/cat/x.png" in ds.train_ids.tolist()
+
+    def test_roots_apply_to_idx_files_too(self, make_idx_dir, outside, watch_reads):
+        root = make_idx_dir()
+        target = outside / "t10k-labels-idx1-ubyte"
+        (root / "t10k-labels-idx1-ubyte").rename(target)
+        (root / "t10k-labels-idx1-ubyte").symlink_to(target)
+        with pytest.raises(DatasetError, match="leads outside") as info:
+            load_idx(root)
+        assert "private" not in str(info.value)
+        assert not [p for p in watch_reads if p == os.path.realpath(target)]
+
+
+class TestOnlyRegularFiles:
+    def test_named_pipe_in_a_class_folder_is_refused_without_blocking(self, make_image_folder):
+        # It used to block the loader forever, waiting for a writer.
+        root = make_image_folder()
+        os.mkfifo(root / "train" / "cat" / "x.png")
+        run = run_bounded(
+            f"""
+            from core.data import load_image_folder
+            from core.errors import DatasetError
+            try:
+                load_image_folder({str(root)!r}, image_size=(8, 8))
+                outcome = "loaded"
+            except DatasetError as exc:
+                outcome = str(exc)
+            report(outcome=outcome)
+            """,
+            timeout=30,
+        )
+        assert not run.timed_out, "the loader blocked on the FIFO"
+        assert run.result is not None, run.output
+        assert "train/cat/x.png is a named pipe (FIFO), not a regular file" in run.result["outcome"]
+
+    def test_named_pipe_as_an_idx_file_is_refused(self, make_idx_dir):
+        root = make_idx_dir()
+        (root / "t10k-labels-idx1-ubyte").unlink()
+        os.mkfifo(root / "t10k-labels-idx1-ubyte")
+        with pytest.raises(DatasetError, match="named pipe"):
+            load_idx(root)
+
+
+class TestIdxIsBounded:
+    def test_gzip_declaring_millions_of_images_is_refused_from_its_header(self, make_idx_dir):
+        # 4 MB of gzip holding 4.3 GB of zeros and declaring 5,478,000 images: the old reader
+        # allocated and decompressed all of it (5.6 GB in the CLI).
+        root = make_idx_dir()
+        (root / "train-images-idx3-ubyte").unlink()
+        bomb = idx_gzip_bomb()
+        (root / "train-images-idx3-ubyte.gz").write_bytes(bomb)
+        run = run_bounded(
+            f"""
+            from core.data import load_idx
+            from core.errors import DatasetError
+            try:
+                load_idx({str(root)!r})
+                outcome = "loaded"
+            except (DatasetError, MemoryError) as exc:
+                outcome = f"{{type(exc).__name__}}: {{exc}}"
+            report(outcome=outcome)
+            """,
+            timeout=60,
+        )
+        assert 3 * 2**20 < len(bomb) < 5 * 2**20
+        assert run.result is not None, run.output
+        assert "DatasetError" in run.result["outcome"] and "far too large" in run.result["outcome"]
+        assert run.result["peak_rss"] < 256 * 2**20, run.result
+        assert run.result["cpu"] < 5, run.result
+
+    def test_gzip_holding_more_than_it_declares_is_refused_after_the_limit(self, make_idx_dir):
+        # Declares 20,000 images (15.7 MB, under the limit given here) but holds 4.3 GB: reading
+        # stops one byte past the declaration.
+        root = make_idx_dir()
+        (root / "train-images-idx3-ubyte").unlink()
+        bomb = idx_gzip_bomb(images=20_000, decompressed_bytes=4_294_752_000)
+        (root / "train-images-idx3-ubyte.gz").write_bytes(bomb)
+        run = run_bounded(
+            f"""
+            from core.data import load_idx
+            from core.errors import DatasetError
+            try:
+                load_idx({str(root)!r}, max_payload_bytes=16 * 2**20)
+                outcome = "loaded"
+            except DatasetError as exc:
+                outcome = str(exc)
+            report(outcome=outcome)
+            """,
+            timeout=60,
+        )
+        assert run.result is not None, run.output
+        assert "has extra data after its declared dimensions" in run.result["outcome"]
+        assert run.result["peak_rss"] < 200 * 2**20, run.result
+        assert run.result["cpu"] < 5, run.result
+
+    def test_the_limit_is_stated_and_applies_to_plain_files(self, make_idx_dir):
+        root = make_idx_dir()
+        with pytest.raises(DatasetError, match=r"far too large: this app reads at most 100 bytes"):
+            load_idx(root, max_payload_bytes=100)
+        assert MAX_IDX_PAYLOAD_BYTES == 256 * 2**20
+
+
+class TestPrintableNames:
+    @pytest.fixture
+    def latin1_folder(self, tmp_path) -> Path:
+        """Class and file names in Latin-1 bytes (not UTF-8), as in old archives."""
+        root = tmp_path / "latin1"
+        png = encode(Image.new("L", (8, 8), 40), "PNG")
+        for split in ("train", "test"):
+            for name in (b"caf\xe9", b"cr\xe8me", b"plain"):
+                folder = os.path.join(os.fsencode(root), split.encode(), name)
+                os.makedirs(folder)
+                for file_name in (b"\xff.png", b"ok.png"):
+                    with open(os.path.join(folder, file_name), "wb") as handle:
+                        handle.write(png)
+        return root
+
+    def test_names_are_printable_utf8_and_files_still_read(self, latin1_folder):
+        ds = load_image_folder(latin1_folder, image_size=(8, 8))
+        assert ds.class_names == ("caf\\xe9", "cr\\xe8me", "plain")
+        assert "train/caf\\xe9/\\xff.png" in ds.train_ids.tolist()
+        for text in (*ds.class_names, *ds.train_ids.tolist(), *ds.test_ids.tolist(), ds.name):
+            text.encode("utf-8")  # no lone surrogates
+            assert text.isprintable()
+        assert np.all(ds.train_images == 40)  # read under their on-disk names
+        json.dumps(ds.summary())
+
+    def test_names_that_become_equal_are_refused(self, tmp_path):
+        root = tmp_path / "clash"
+        png = encode(Image.new("L", (8, 8), 40), "PNG")
+        for split in ("train", "test"):
+            for name in (b"a\xff", b"a\\xff", b"b"):
+                folder = os.path.join(os.fsencode(root), split.encode(), name)
+                os.makedirs(folder)
+                with open(os.path.join(folder, b"x.png"), "wb") as handle:
+                    handle.write(png)
+        with pytest.raises(DatasetError, match=r"both shown as 'a\\\\xff'"):
+            load_image_folder(root, image_size=(8, 8))
+
+    def test_control_characters_are_escaped(self, make_image_folder):
+        root = make_image_folder()
+        (root / "train" / "dog").rename(root / "train" / "dog\nbreak")
+        (root / "test" / "dog").rename(root / "test" / "dog\nbreak")
+        ds = load_image_folder(root, image_size=(8, 8))
+        assert "dog\\nbreak" in ds.class_names
+
+    @pytest.mark.parametrize("bad", ["caf\udce9", "tab\there", "bell\x07"])
+    def test_dataset_refuses_unprintable_class_names_and_ids(self, make_dataset, bad):
+        with pytest.raises(DatasetError, match="printable UTF-8"):
+            make_dataset(class_names=("ok", bad, "other"))
+        ids = [f"toy/train/{i}" for i in range(12)]
+        ids[3] = bad
+        with pytest.raises(DatasetError, match="printable UTF-8"):
+            make_dataset(train_ids=ids)
+
+
+class TestFolderPixelLimit:
+    def test_folders_have_the_upload_pixel_limit_by_default(self, make_image_folder, monkeypatch):
+        monkeypatch.delenv(FOLDER_MAX_PIXELS_ENV, raising=False)
+        root = make_image_folder()
+        # 49 megapixels declared (a tiny file): over the 40 MP upload limit, under the old 89 MP.
+        (root / "train" / "cat" / "big.png").write_bytes(png_declaring_size(7000, 7000))
+        with pytest.raises(DatasetError, match="more than the 40 megapixel limit"):
+            load_image_folder(root, image_size=(8, 8))
+
+    def test_an_operator_can_change_it(self, make_image_folder, monkeypatch):
+        root = make_image_folder()
+        monkeypatch.setenv(FOLDER_MAX_PIXELS_ENV, "1_000")
+        with pytest.raises(DatasetError, match="more than the 0 megapixel limit"):
+            load_image_folder(root, image_size=(8, 8))
+        assert load_image_folder(root, image_size=(8, 8), max_pixels=10_000).n_train == 6
+        monkeypatch.setenv(FOLDER_MAX_PIXELS_ENV, "lots")
+        with pytest.raises(DatasetError, match=FOLDER_MAX_PIXELS_ENV):
+            load_image_folder(root, image_size=(8, 8))

@@ -345,3 +345,34 @@ def _key_of(path):
     start = store_module._PREFIX.size
     stored = json.loads(data[start : start + meta_length])["key"]
     return CacheKey.of(stored["kind"], stored["fields"])
+
+
+def test_a_per_class_cap_limits_what_is_featurised(tiny, tmp_path, monkeypatch):
+    """max_train_per_class bounds the backbone's work (not only the fit), and a class keeps the
+    same images, hence the same cached features, whichever class it is paired with."""
+    from core.features import EfficientNetLite0Featurizer
+
+    seen: list[int] = []
+    original = EfficientNetLite0Featurizer.transform
+
+    def counting(self, images, *args, **kwargs):
+        seen.append(len(images))
+        return original(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(EfficientNetLite0Featurizer, "transform", counting)
+    store = ArtifactStore(tmp_path)
+    capped = ExplainerConfig(classes=(0, 2), max_train_per_class=5)
+    first = Explainer(tiny, capped, store=store).prepare()
+    assert first.n_train == 10
+    # Training chunks hold 5 images per class (never the class's 16); test chunks are whole.
+    assert sorted(seen) == [4, 4, 5, 5]
+    assert max(seen) <= 5
+    seen.clear()
+    other = Explainer(tiny, ExplainerConfig(classes=(1, 2), max_train_per_class=5), store=store)
+    other.prepare()
+    # Shirt (class 2) is cached from the first pairing; only Pullover's chunks are computed.
+    assert sorted(seen) == [4, 5]
+    shirt = tiny.class_names.index("Shirt")
+    ids_first = first.dataset.train_ids[first.train_labels == first.class_indices.index(shirt)]
+    ids_other = other.dataset.train_ids[other.train_labels == other.class_indices.index(shirt)]
+    assert list(ids_first) == list(ids_other)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import tracemalloc
 import warnings
 
@@ -19,6 +20,8 @@ from core.images import (
     decode_upload,
     load_image_file,
 )
+from tests.bounded import run_bounded
+from tests.hostile_files import float_tiff, jpeg_cut_short, jpeg_with_patched_size
 from tests.upload_corpus import UploadCase, build_upload_corpus, encode, png_declaring_size
 
 CORPUS = build_upload_corpus()
@@ -324,3 +327,240 @@ def test_large_jpeg_fast_path_matches_full_decode():
     difference = np.abs(reference - decoded.image[..., 0].astype(int))
     assert difference.mean() < 2 and difference.max() < 40, (difference.mean(), difference.max())
     assert decoded.image[:14, 14:].mean() > 3 * decoded.image[:14, :14].mean()
+
+
+# --- files built to make the decoder work or allocate without bound ------------------------------
+# Each runs in a separate, limited process (tests/bounded.py): before these fixes they hung the
+# decoder for minutes or took gigabytes, which must fail a test, not the machine.
+
+
+def test_jpeg_scan_bomb_is_refused_in_a_fraction_of_a_second():
+    # 9.5 MB, 170,000 progressive scans over a 36-megapixel image: 11 minutes of CPU before.
+    run = run_bounded(
+        """
+        from core.errors import ImageDecodeError
+        from core.images import decode_upload
+        from tests.hostile_files import jpeg_scan_bomb
+        data = jpeg_scan_bomb()
+        try:
+            decode_upload(data, target_shape=(28, 28, 1), light_on_dark=True)
+            outcome = "decoded"
+        except ImageDecodeError as exc:
+            outcome = str(exc)
+        report(outcome=outcome, size=len(data))
+        """,
+        timeout=30,
+    )
+    assert not run.timed_out, "the scan bomb was still being decoded after 30 s"
+    assert run.result is not None, run.output
+    assert run.result["size"] > 9 * 2**20
+    assert "more than 100 scans" in run.result["outcome"]
+    # Python, numpy, Pillow and the worker's start-up included; the refusal itself takes ~0.1 s.
+    assert run.result["cpu"] < 5, run.result
+
+
+@pytest.mark.parametrize("kind", ["png16", "tiff_float32", "tiff_int32", "tiff_uint16"])
+def test_high_bit_depth_40_megapixels_decode_in_bounded_memory(kind):
+    # A 90-200 KB file of 40 megapixels: 1.34-1.41 GB of peak memory before, ~0.25 GB now.
+    run = run_bounded(
+        f"""
+        warm_up()
+        from core.images import decode_upload
+        from tests.hostile_files import png16_gradient, tiff_gradient
+        kind = {kind!r}
+        data = png16_gradient() if kind == "png16" else tiff_gradient(sample=kind[5:])
+        decoded = decode_upload(data, target_shape=(28, 28, 1), light_on_dark=False)
+        report(size=len(data), notes=list(decoded.notes), shape=list(decoded.image.shape))
+        """,
+        timeout=60,
+    )
+    assert run.result is not None, run.output
+    assert run.result["size"] < 250_000 and run.result["shape"] == [28, 28, 1]
+    assert "resized from 6324×6324 to 28×28" in run.result["notes"]
+    assert run.result["peak_rss"] < 512 * 2**20, f"peak {run.result['peak_rss'] / 2**20:.0f} MB"
+
+
+def test_high_bit_depth_scaling_is_unchanged_by_working_in_bands():
+    # Band-by-band conversion must give exactly the pixels of the whole-image arithmetic.
+    rng = np.random.default_rng(5)
+    values = rng.integers(-70_000, 70_000, (1100, 1000), dtype=np.int32)
+    decoded = decode_upload(
+        encode(Image.fromarray(values), "TIFF"), target_shape=(1100, 1000, 1), light_on_dark=False
+    )
+    lo, hi = int(values.min()), int(values.max())
+    expected = np.clip(np.rint((values.astype(np.float64) - lo) * (255.0 / (hi - lo))), 0, 255)
+    np.testing.assert_array_equal(decoded.image[..., 0], expected.astype(np.uint8))
+
+
+@pytest.mark.parametrize(
+    ("values", "count"),
+    [
+        (np.full((64, 64), np.nan), "4,096"),
+        (np.where(np.eye(64) > 0, np.inf, 0.5), "64"),
+        (np.where(np.eye(64) > 0, -np.inf, 300.0), "64"),
+    ],
+    ids=["all_nan", "some_inf", "some_minus_inf"],
+)
+def test_nan_and_infinite_pixels_are_refused(values, count):
+    # They used to become 0: an all-NaN file was explained as a blank image.
+    with pytest.raises(ImageDecodeError, match=f"{count} NaN or infinite pixel values"):
+        decode_upload(float_tiff(values), target_shape=(28, 28, 1), light_on_dark=True)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (jpeg_with_patched_size(4000, 4000), "declares 4000×4000 pixels but holds too little"),
+        (jpeg_with_patched_size(64, 80), "ends before the image does"),
+        (jpeg_cut_short(0.5), "ends before the image does"),
+        (jpeg_cut_short(0.9), "ends before the image does"),
+    ],
+    ids=["size_patched_far", "size_patched_near", "cut_at_half", "cut_at_90_percent"],
+)
+def test_jpeg_whose_data_ends_early_is_refused_not_shown_grey(data, message):
+    with pytest.raises(ImageDecodeError, match=message):
+        decode_upload(data, target_shape=(28, 28, 3), light_on_dark=False)
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"progressive": True}, {"optimize": True}, {"quality": 100}]
+)
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+def test_flat_mid_grey_jpeg_is_not_mistaken_for_a_cut_short_one(mode, options):
+    # Exactly 128 everywhere is what missing data decodes to; a genuine grey image must pass.
+    data = encode(Image.new(mode, (600, 400), (128,) * len(mode)), "JPEG", **options)
+    decoded = decode_upload(data, target_shape=(28, 28, 3), light_on_dark=False)
+    assert decoded.image.shape == (28, 28, 3)
+
+
+@pytest.mark.parametrize(
+    ("builder", "expected"),
+    [
+        ("jpeg_segment_flood", "more than 2,000 marker segments"),
+        ("png_chunk_flood", "more than 100,000 chunks"),
+        ("tiff_page_chain", "decoded: first page of a multi-page TIFF"),
+    ],
+)
+def test_files_that_made_pillow_parse_for_seconds_cost_a_fraction(builder, expected):
+    # ~10 MB each: 4 s (COM segments), 4.7 s (PNG chunks) and 100 s (95,000 TIFF pages) before.
+    run = run_bounded(
+        f"""
+        from core.errors import ImageDecodeError
+        from core.images import decode_upload
+        from tests import hostile_files
+        data = hostile_files.{builder}()
+        try:
+            decoded = decode_upload(data, target_shape=(28, 28, 1), light_on_dark=True)
+            outcome = "decoded: " + "; ".join(decoded.notes)
+        except ImageDecodeError as exc:
+            outcome = str(exc)
+        report(outcome=outcome, size=len(data))
+        """,
+        timeout=30,
+    )
+    assert not run.timed_out and run.result is not None, run.output
+    assert run.result["size"] > 9 * 2**20
+    assert expected in run.result["outcome"]
+    assert run.result["cpu"] < 5, run.result
+
+
+def test_a_decode_past_its_cpu_budget_is_stopped_with_a_message():
+    # A slow file no structure check catches: 100 scans (the limit) of 169 megapixels. The worker's
+    # CPU budget is lowered to 1 s for the test; the kernel stops it there.
+    run = run_bounded(
+        """
+        from core import decode_worker
+        from core.errors import ImageDecodeError
+        from core.images import decode_upload
+        from tests.hostile_files import jpeg_scan_bomb
+        decode_worker.DecodeBudget.for_pixels = classmethod(lambda cls, pixels: cls(cpu_seconds=1))
+        data = jpeg_scan_bomb(13000, 13000, 99)  # and one DC scan: 100
+        try:
+            decode_upload(data, target_shape=(28, 28, 1), light_on_dark=True,
+                          max_pixels=200_000_000)
+            outcome = "decoded"
+        except ImageDecodeError as exc:
+            outcome = str(exc)
+        # The next file gets a fresh worker.
+        warm_up()
+        report(outcome=outcome)
+        """,
+        timeout=60,
+    )
+    assert run.result is not None, run.output
+    assert "needed more than 1 s of processor time" in run.result["outcome"]
+    assert run.result["cpu"] < 10, run.result
+
+
+def test_in_a_batch_a_file_that_kills_its_worker_costs_only_itself():
+    # Dataset folders are decoded in batches; each file keeps its own budget.
+    run = run_bounded(
+        """
+        import io
+        from PIL import Image
+        from core import decode_worker
+        from core.errors import ImageDecodeError
+        from core.images import decode_uploads
+        from tests.hostile_files import jpeg_scan_bomb
+        decode_worker.DecodeBudget.for_pixels = classmethod(lambda cls, pixels: cls(cpu_seconds=1))
+        def png(value):
+            buffer = io.BytesIO()
+            Image.new("L", (8, 8), value).save(buffer, "PNG")
+            return buffer.getvalue()
+        files = [png(10), jpeg_scan_bomb(13000, 13000, 99), b"", png(20), png(30)]
+        results = decode_uploads(files, target_shape=(8, 8, 1), light_on_dark=False,
+                                 max_pixels=200_000_000)
+        report(outcomes=[str(r) if isinstance(r, ImageDecodeError) else int(r.image.max())
+                         for r in results])
+        """,
+        timeout=60,
+    )
+    assert run.result is not None, run.output
+    first, bomb, empty, *rest = run.result["outcomes"]
+    assert first == 10 and rest == [20, 30]
+    assert "processor time" in bomb and "empty" in empty
+
+
+def test_a_decode_past_its_memory_budget_is_refused_with_a_message():
+    run = run_bounded(
+        """
+        from core import decode_worker
+        from core.errors import ImageDecodeError
+        from core.images import decode_upload
+        from tests.hostile_files import png16_gradient
+        decode_worker.DecodeBudget.for_pixels = classmethod(
+            lambda cls, pixels: cls(memory_bytes=32 * 2**20)
+        )
+        try:
+            decode_upload(png16_gradient(), target_shape=(28, 28, 1), light_on_dark=True)
+            outcome = "decoded"
+        except ImageDecodeError as exc:
+            outcome = str(exc)
+        report(outcome=outcome)
+        """,
+        timeout=60,
+    )
+    assert run.result is not None, run.output
+    assert "more memory" in run.result["outcome"] or "decoder stopped" in run.result["outcome"]
+
+
+def test_load_image_file_refuses_a_named_pipe_without_blocking(tmp_path):
+    # `influence explain --image x.png` on a FIFO used to wait forever for a writer.
+    fifo = tmp_path / "x.png"
+    os.mkfifo(fifo)
+    run = run_bounded(
+        f"""
+        from core.errors import ImageDecodeError
+        from core.images import load_image_file
+        try:
+            load_image_file({str(fifo)!r}, target_shape=(28, 28, 1), light_on_dark=True)
+            outcome = "read"
+        except ImageDecodeError as exc:
+            outcome = str(exc)
+        report(outcome=outcome)
+        """,
+        timeout=20,
+    )
+    assert not run.timed_out, "reading the FIFO blocked"
+    assert run.result is not None, run.output
+    assert "is a named pipe (FIFO), not a regular file" in run.result["outcome"]

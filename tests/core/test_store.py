@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import os
 import time
 from pathlib import Path
 
@@ -14,7 +15,14 @@ import pytest
 
 from core import store as store_module
 from core.errors import CacheError
-from core.store import ArtifactStore, CacheKey, decode_artifact, default_cache_dir
+from core.store import (
+    SECRET_FILENAME,
+    ArtifactStore,
+    CacheKey,
+    decode_artifact,
+    default_cache_dir,
+    load_or_create_secret,
+)
 
 
 def make_arrays() -> dict[str, np.ndarray]:
@@ -116,8 +124,8 @@ def test_round_trip_keeps_dtypes_shapes_values_and_meta(
     artifact = store.load_artifact(key)
     assert artifact.meta == {"seconds": 1.5, "note": "test"}
     assert artifact.created > 0
-    # Nothing but the artifact is left behind (no temp files).
-    assert [p.name for p in store.root.iterdir()] == [path.name]
+    # Nothing but the artifact (and the installation's key) is left behind (no temp files).
+    assert sorted(p.name for p in store.root.iterdir()) == [SECRET_FILENAME, path.name]
 
 
 def test_get_or_create_builds_once_then_reads(store: ArtifactStore, key: CacheKey) -> None:
@@ -198,12 +206,13 @@ def test_damaged_file_is_detected_removed_and_rebuilt(
 def test_each_damage_is_reported_as_cache_error(store: ArtifactStore, key: CacheKey) -> None:
     # decode_artifact itself (not only the store) refuses every damaged variant.
     store.save(key, make_arrays())
+    secret = load_or_create_secret(store.root)
     pristine = store.path_for(key).read_bytes()
     for name, damage in DAMAGE.items():
         store.path_for(key).write_bytes(pristine)
         damage(store.path_for(key))
         with pytest.raises(CacheError):
-            decode_artifact(store.path_for(key).read_bytes(), key)
+            decode_artifact(store.path_for(key).read_bytes(), key, secret=secret)
             pytest.fail(f"{name} was not detected")
 
 
@@ -404,7 +413,7 @@ def test_failed_write_leaves_no_partial_file(
 
     monkeypatch.setattr(store_module.os, "replace", refuse)
     assert store.save(key, make_arrays()) is None
-    assert list(store.root.iterdir()) == []
+    assert [p.name for p in store.root.iterdir()] == [SECRET_FILENAME]
 
 
 def test_meta_in_file_is_readable_json_with_the_key(store: ArtifactStore, key: CacheKey) -> None:
@@ -427,3 +436,143 @@ def test_file_system_without_locks_still_builds_and_caches(
     store.get_or_create(key, build)
     store.get_or_create(key, build)
     assert build.calls == 1
+
+
+# -- authenticity ----------------------------------------------------------------------------------
+
+
+def _forge(store: ArtifactStore, key: CacheKey, secret: bytes | None) -> dict[str, np.ndarray]:
+    """Rewrite the stored artifact with changed values and a correct checksum (anyone who can write
+    to the cache directory can do this)."""
+    path = store.path_for(key)
+    arrays = dict(decode_artifact(path.read_bytes(), key).arrays)
+    arrays["features"] = arrays["features"] + 1.0  # e.g. shift every score
+    if secret is None:
+        path.write_bytes(store_module.encode_artifact(key, arrays))
+    else:
+        path.write_bytes(store_module.encode_artifact(key, arrays, secret=secret))
+    return arrays
+
+
+@pytest.mark.parametrize("forger_key", ["none", "their_own"])
+def test_a_forged_file_with_a_valid_checksum_is_rebuilt_not_trusted(
+    forger_key: str, store: ArtifactStore, key: CacheKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    build = CountingBuild(make_arrays())
+    store.get_or_create(key, build)
+    forged = _forge(store, key, None if forger_key == "none" else b"k" * 32)
+    # The checksum alone would have let it through.
+    np.testing.assert_array_equal(
+        decode_artifact(store.path_for(key).read_bytes(), key).arrays["features"],
+        forged["features"],
+    )
+
+    with caplog.at_level(logging.WARNING, logger="core.store"):
+        served = store.get_or_create(key, build)
+
+    assert build.calls == 2, "a forged artifact must never be trusted"
+    assert_same_arrays(served, build.arrays)
+    assert any("HMAC-SHA256" in record.getMessage() for record in caplog.records)
+
+
+def test_the_key_is_created_owner_only_and_reused(store: ArtifactStore, key: CacheKey) -> None:
+    store.save(key, make_arrays())
+    path = store.root / SECRET_FILENAME
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert len(path.read_bytes()) == 32
+    assert load_or_create_secret(store.root) == path.read_bytes()
+    assert not list(store.root.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("problem", ["world_readable", "group_writable", "symlink", "wrong_size"])
+def test_a_key_file_that_others_could_read_is_replaced_with_a_warning(
+    problem: str, store: ArtifactStore, key: CacheKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    build = CountingBuild(make_arrays())
+    store.get_or_create(key, build)
+    path = store.root / SECRET_FILENAME
+    old = path.read_bytes()
+    if problem == "world_readable":
+        path.chmod(0o644)
+    elif problem == "group_writable":
+        path.chmod(0o620)
+    elif problem == "symlink":
+        elsewhere = store.root.parent / "planted-key"
+        elsewhere.write_bytes(old)
+        elsewhere.chmod(0o600)
+        path.unlink()
+        path.symlink_to(elsewhere)
+    else:
+        path.write_bytes(old[:16])
+
+    with caplog.at_level(logging.WARNING, logger="core.store"):
+        store.get_or_create(key, build)
+
+    assert any("replacing it with a new key" in r.getMessage() for r in caplog.records)
+    assert not path.is_symlink() and path.stat().st_mode & 0o777 == 0o600
+    assert path.read_bytes() != old
+    # What was written under the old key could have been forged by whoever read it: rebuilt.
+    assert build.calls == 2
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0, reason="giving a file away needs root"
+)
+def test_a_key_file_of_another_user_is_replaced(
+    store: ArtifactStore, key: CacheKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    store.save(key, make_arrays())
+    path = store.root / SECRET_FILENAME
+    old = path.read_bytes()
+    os.chown(path, 4242, 4242)  # planted by someone else, who knows its contents
+    with caplog.at_level(logging.WARNING, logger="core.store"):
+        new = load_or_create_secret(store.root)
+    assert new != old and path.stat().st_uid == os.geteuid()
+    assert any("belongs to another user" in r.getMessage() for r in caplog.records)
+
+
+def test_without_a_usable_key_nothing_is_trusted(
+    store: ArtifactStore, key: CacheKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    build = CountingBuild(make_arrays())
+    store.get_or_create(key, build)
+    # Every key file looks foreign (as on a shared directory where replacing it fails).
+    monkeypatch.setattr(store_module.os, "geteuid", lambda: os.getuid() + 1)
+    assert store.load(key) is None
+    assert_same_arrays(store.get_or_create(key, build), build.arrays)
+    assert build.calls == 2
+
+
+def _create_key_at_once(root: str, barrier, results) -> None:
+    barrier.wait()
+    results.put(load_or_create_secret(Path(root)).hex())
+
+
+def test_processes_creating_the_key_at_once_agree_on_one(tmp_path: Path) -> None:
+    context = multiprocessing.get_context("spawn")
+    for attempt in range(3):
+        root = tmp_path / f"cache{attempt}"
+        barrier = context.Barrier(4)
+        results = context.Queue()
+        workers = [
+            context.Process(target=_create_key_at_once, args=(str(root), barrier, results))
+            for _ in range(4)
+        ]
+        for worker in workers:
+            worker.start()
+        keys = {results.get(timeout=60) for _ in workers}
+        for worker in workers:
+            worker.join(timeout=60)
+            assert worker.exitcode == 0
+        assert keys == {(root / SECRET_FILENAME).read_bytes().hex()}
+        assert not list(root.glob("*.tmp"))
+
+
+def test_format_version_is_2_with_a_tag_after_the_payload(
+    store: ArtifactStore, key: CacheKey
+) -> None:
+    path = store.save(key, {"x": np.zeros(2)})
+    data = path.read_bytes()
+    magic, version, meta_length, payload_length, _ = store_module._PREFIX.unpack_from(data)
+    assert (magic, version) == (store_module.MAGIC, 2)
+    assert len(data) == store_module._PREFIX.size + meta_length + payload_length + 32

@@ -6,6 +6,7 @@ sidebar; the pages go on with the bundled demo, and an escaping symlink is not e
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -106,3 +107,53 @@ def test_without_roots_no_path_can_be_given(
     assert any(DATA_ROOTS_ENV in c.value for c in at.sidebar.caption)
     with pytest.raises(InfluenceExplorerError, match="No dataset directories"):
         load_dataset("/tmp", 64)
+
+
+def test_a_link_inside_a_dataset_leading_out_is_refused(
+    make_app: Factory, roots: dict[str, Path]
+) -> None:
+    # The dataset itself is inside the root; one of its class folders links to a private directory.
+    # Before, only the dataset's own path was checked: the private images became training data.
+    (roots["private"] / "train" / "secrets" / "passport.png").write_bytes(
+        _png(np.full((8, 8, 3), 7, np.uint8))
+    )
+    (roots["root"] / "pets" / "train" / "leak").symlink_to(
+        roots["private"] / "train" / "secrets", target_is_directory=True
+    )
+    at = make_app().run()
+    at.text_input(key="side_dataset_path").input("pets").run()
+    assert not at.exception
+    (message,) = _sidebar_errors(at)
+    assert "train/leak" in message and "symbolic link" in message
+    assert "secrets" not in message and "passport" not in message and "private" not in message
+    _explains_the_demo(at)
+
+
+def test_class_and_file_names_that_are_not_utf8_are_shown_not_crashed_on(
+    make_app: Factory, roots: dict[str, Path]
+) -> None:
+    # Latin-1 names from an old archive: every page used to fail with a UnicodeEncodeError.
+    root = os.fsencode(roots["root"] / "latin1")
+    for split, count in ((b"train", 3), (b"test", 1)):
+        for index, name in enumerate((b"caf\xe9", b"cr\xe8me")):
+            folder = os.path.join(root, split, name)
+            os.makedirs(folder)
+            for i in range(count):
+                pixels = np.full((8, 8, 3), 40 * i + 120 * index, np.uint8)
+                with open(os.path.join(folder, b"\xff%d.png" % i), "wb") as handle:
+                    handle.write(_png(pixels))
+    at = make_app().run()
+    at.text_input(key="side_dataset_path").input("latin1").run()
+    assert not at.exception, at.exception
+    assert not _sidebar_errors(at)
+    assert at.session_state["state_settings"].dataset == "latin1"
+    options = at.selectbox(key="side_class_a").options
+    assert sorted(options) == ["caf\\xe9", "cr\\xe8me"]
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()

@@ -4,6 +4,7 @@ an upload stays in its own session."""
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from streamlit.testing.v1 import AppTest
 from core.images import DEFAULT_MAX_BYTES
 from dashboard.services import uploads
 from tests.dashboard.conftest import RUN_TIMEOUT
+from tests.hostile_files import float_tiff, jpeg_cut_short, jpeg_scan_bomb
 from tests.prepared_cache import REPO
 from tests.upload_corpus import UploadCase, build_upload_corpus
 
@@ -246,3 +248,23 @@ def _corpus_outcome_problem(at: AppTest, case: UploadCase) -> str | None:
     if not any(h.startswith(("Test image #", "Uploaded `")) for h in subheaders):
         return "the previous query is no longer shown"
     return None
+
+
+@pytest.mark.parametrize(
+    ("filename", "data", "expected"),
+    [
+        ("bomb.jpg", jpeg_scan_bomb(scans=2_000), "more than 100 scans"),
+        ("cut.jpg", jpeg_cut_short(0.5), "ends before the image does"),
+        ("nan.tif", float_tiff(np.full((16, 16), np.nan)), "nan or infinite pixel values"),
+    ],
+    ids=["scan_bomb", "cut_short_jpeg", "all_nan_tiff"],
+)
+def test_hostile_uploads_get_a_message_at_once(filename: str, data: bytes, expected: str) -> None:
+    # The 186 KB scan bomb took 11 s of CPU and was then shown as a grey image.
+    started = time.monotonic()
+    outcome = uploads.decode_uploaded_file(
+        filename, data, image_shape=(28, 28, 1), light_on_dark=True
+    )
+    assert outcome.upload is None
+    assert outcome.error and expected in outcome.error.lower(), outcome.error
+    assert time.monotonic() - started < 5

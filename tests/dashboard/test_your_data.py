@@ -101,8 +101,8 @@ def test_a_link_opens_the_dataset_with_the_three_models_and_it_can_be_deleted(st
     assert list(models["agrees with your head"].iloc[:2]) == ["—", "—"]
     text = _text(at)
     assert "every lower layer frozen" in text
-    assert at.query_params["data"] == [dataset.content_hash]
-    assert at.query_params["net"] == [network.content_hash]
+    assert at.query_params["data"] == dataset.content_hash
+    assert at.query_params["net"] == network.content_hash
 
     at.button(key="yours_delete_dataset").click().run()
     assert not at.exception, [e.value for e in at.exception]

@@ -41,6 +41,8 @@ INPUT_SIZES: tuple[int | None, ...] = (None, 32, 64, 96, 128, 224, 299)
 DATA_PARAM, NETWORK_PARAM = "data", "net"
 
 _HASH = re.compile(r"^[0-9a-f]{64}$")
+# Where core stages an uploaded network file while checking it.
+_STAGED = re.compile(r"\S*/\.incoming/[^/\s]+?\.pt2?\b")
 # Session-state keys owned by this module.
 _MINE = "state_your_data"
 _LINK_READ = "state_your_data_link_read"
@@ -130,9 +132,14 @@ def add_network(
         raise InfluenceExplorerError(
             f"The network file is larger than {LIMITS.max_weights_bytes // 2**20} MB."
         )
-    stored = NetworkUploads().add(
-        data, filename=filename, architecture=architecture, input_size=input_size
-    )
+    try:
+        stored = NetworkUploads().add(
+            data, filename=filename, architecture=architecture, input_size=input_size
+        )
+    except InfluenceExplorerError as error:
+        # Core names the file by the temporary path it checked; the user knows it by its name.
+        message = _STAGED.sub(lambda _: filename, str(error))
+        raise InfluenceExplorerError(message) from None
     _set_mine(replace(mine(), network=stored.content_hash))
     return stored
 

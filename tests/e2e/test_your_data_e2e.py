@@ -21,7 +21,7 @@ from core.store import ArtifactStore
 from tests.e2e.conftest import Server
 from tests.e2e.test_dashboard_e2e import READY_TIMEOUT, no_exception, screenshot, wait_idle
 from tests.prepared_cache import cache_dir
-from tests.your_data_files import image_folder_zip, state_dict_file
+from tests.your_data_files import ARCHITECTURE, image_folder_zip, state_dict_file
 
 pytestmark = pytest.mark.e2e
 
@@ -61,6 +61,7 @@ def _stored() -> list[Path]:
 
 def _choose(page: Any, key: str, option: str) -> None:
     page.locator(f".st-key-{key} [data-testid='stSelectbox']").click()
+    page.keyboard.type(option)  # filters a long list down to the option
     page.get_by_role("option", name=option, exact=True).click()
     wait_idle(page)
 
@@ -71,13 +72,19 @@ def test_upload_a_dataset_and_a_network_then_explain_with_three_models(
     from playwright.sync_api import expect
 
     page.goto(f"{app_server.url}/your-data")
-    page.get_by_test_id("stSidebar").wait_for()
+    page.get_by_test_id("stSidebar").wait_for(timeout=READY_TIMEOUT)
     wait_idle(page)
     expect(page.get_by_text("A zip of at most 500 MB")).to_be_visible()
 
     # The network first, then the data: the models are then prepared once, with all three.
+    # Under the default architecture (resnet18) the weights do not fit: a message, nothing kept.
     _choose(page, "yours_input_size", "32")
     _upload(page, "yours_weights", "garments_shufflenet.pt", state_dict_file())
+    error = page.get_by_test_id("stAlertContentError")
+    expect(error).to_contain_text("does not fit the resnet18 architecture", timeout=READY_TIMEOUT)
+    expect(error).to_contain_text("garments_shufflenet.pt")
+    assert ".incoming" not in error.inner_text()  # the server's paths are not shown
+    _choose(page, "yours_architecture", ARCHITECTURE)
     expect(page.get_by_text("garments_shufflenet.pt — shufflenet_v2_x0_5")).to_be_visible(
         timeout=READY_TIMEOUT
     )
@@ -113,7 +120,7 @@ def test_upload_a_dataset_and_a_network_then_explain_with_three_models(
         visitor = other.new_page()
         visitor.set_default_timeout(60_000)
         visitor.goto(link)
-        visitor.get_by_test_id("stSidebar").wait_for()
+        visitor.get_by_test_id("stSidebar").wait_for(timeout=READY_TIMEOUT)
         wait_idle(visitor)
         expect(visitor.locator(".st-key-yours_models").get_by_text("Your network's last layer"))
         visitor.locator(".st-key-yours_delete_dataset button").click()
@@ -131,7 +138,7 @@ def test_a_hostile_zip_gets_a_message_and_nothing_is_kept(page: Any, app_server:
     from playwright.sync_api import expect
 
     page.goto(f"{app_server.url}/your-data")
-    page.get_by_test_id("stSidebar").wait_for()
+    page.get_by_test_id("stSidebar").wait_for(timeout=READY_TIMEOUT)
     wait_idle(page)
     before = _stored()
     archive = io.BytesIO()

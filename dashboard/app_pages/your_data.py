@@ -37,7 +37,7 @@ st.header("1. Your dataset")
 dataset = your_data.stored_dataset(mine.dataset) if mine.dataset else None
 if dataset is not None:
     st.success(
-        f"**{dataset.name}** — {len(dataset.class_names)} classes, "
+        f"{your_data.literal(dataset.name)} — {len(dataset.class_names)} classes, "
         f"{sum(dataset.counts.get('train', {}).values()):,} training and "
         f"{sum(dataset.counts.get('test', {}).values()):,} test images "
         f"(content hash `{dataset.content_hash[:16]}…`)."
@@ -85,7 +85,7 @@ network = your_data.stored_network(mine.network) if mine.network else None
 if network is not None:
     info = network.info
     st.success(
-        f"**{network.filename}** — {info.architecture}, {info.n_classes} classes, "
+        f"{your_data.literal(network.filename)} — {info.architecture}, {info.n_classes} classes, "
         f"{info.feature_dim}-d penultimate features (the input of {info.head}), "
         f"{info.parameters:,} parameters."
     )

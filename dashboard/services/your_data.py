@@ -63,6 +63,7 @@ __all__ = [
     "delete_dataset",
     "forget_network",
     "link_query",
+    "literal",
     "mine",
     "network_sets_size",
     "publish_link",
@@ -90,6 +91,13 @@ def mine() -> Mine:
 
 def _set_mine(value: Mine) -> None:
     st.session_state[_MINE] = value
+
+
+def literal(name: str) -> str:
+    """A user's file or folder name as a Markdown code span: shown as typed, never rendered as
+    a link, emphasis or LaTeX."""
+    cleaned = "".join(ch for ch in str(name) if ch.isprintable() and ch != "`")[:80]
+    return f"`{cleaned or '?'}`"
 
 
 def server_upload_limit_mb() -> int:
@@ -138,7 +146,7 @@ def add_network(
         )
     except InfluenceExplorerError as error:
         # Core names the file by the temporary path it checked; the user knows it by its name.
-        message = _STAGED.sub(lambda _: filename, str(error))
+        message = _STAGED.sub(lambda _: literal(filename), str(error))
         raise InfluenceExplorerError(message) from None
     _set_mine(replace(mine(), network=stored.content_hash))
     return stored

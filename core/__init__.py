@@ -38,6 +38,7 @@ _PUBLIC: dict[str, str] = {
     "TopK": "core.influence",
     "top_k": "core.influence",
     "top_k_by_magnitude": "core.influence",
+    "ESTIMATES": "core.influence",
     # verification
     "verify": "core.validation",
     "loo_retrain": "core.validation",
@@ -45,6 +46,10 @@ _PUBLIC: dict[str, str] = {
     "agreement": "core.validation",
     "Agreement": "core.validation",
     "Verification": "core.validation",
+    # choosing λ
+    "select_l2": "core.selection",
+    "SelectionConfig": "core.selection",
+    "LambdaCurve": "core.selection",
     # data and the explainer
     "Dataset": "core.data",
     "open_dataset": "core.data",

@@ -62,6 +62,10 @@ class UploadError(InfluenceExplorerError):
     """An uploaded archive or weights file was refused (too large, unsafe, wrong layout)."""
 
 
+class PreparationCancelled(InfluenceExplorerError):
+    """Preparing an explainer was stopped on request (its ``cancel`` callback returned True)."""
+
+
 class UnreadableFileError(InfluenceExplorerError):
     """A file on disk was refused before decoding: missing, not a regular file (a FIFO, device or
     socket), outside the allowed directories, or larger than the limit."""

@@ -2,7 +2,7 @@
 
 One convention everywhere (docs/architecture.md):
 
-    score(z_j, z_test) = (1/n) ∇ℓ(z_test, θ̂)ᵀ H⁻¹ ∇ℓ(z_j, θ̂)  ≈  ℓ(z_test, θ̂_{-j}) - ℓ(z_test, θ̂)
+    score(z_j, z_test)  ≈  ℓ(z_test, θ̂_{-j}) - ℓ(z_test, θ̂)
 
 in units of test loss. Positive: removing z_j would raise the test loss, so z_j **helped** the
 prediction. Negative: z_j **hurt** it.
@@ -10,15 +10,24 @@ prediction. Negative: z_j **hurt** it.
 :class:`InfluenceEngine` works for anything that implements :class:`TwiceDifferentiable` (the
 training objective's Hessian-vector products, per-example loss gradients and their products with
 vectors): the convex models of :mod:`core.models` and a network's objective
-(:class:`core.networks.NetworkObjective`) alike. Two estimates of the same leave-one-out change:
+(:class:`core.networks.NetworkObjective`) alike. Three estimates of the same leave-one-out change:
 
-- ``"first_order"`` — the paper's, with the Hessian H of the full training objective. Every model.
-- ``"corrected"`` (default) — one exact Newton step on the objective without z_j, i.e. H replaced by
-  H_{-j} = H - (1/n)∇²ℓ(z_j), through a Woodbury update. A capability of models whose per-example
-  Hessians factor through fixed features (:class:`ExampleCurvature`: the convex models). For
-  binary models (rank-one per-example Hessians) it is the first-order score divided by (1 - h_j),
-  h_j = (1/n) c_j φ_jᵀH⁻¹φ_j the leverage. It removes the first-order estimate's systematic
-  under-estimate for high-leverage points.
+- ``"margin"`` (default) — exact in the margin. For the convex models the test loss depends on θ
+  only through the test point's outputs s = Wᵀφ_test (the margin, or the C logits). The
+  Newton-corrected parameter change predicts their change Δs_j; this estimate evaluates the loss
+  there, ℓ(s + Δs_j) - ℓ(s), instead of linearising it. It matters where the loss is curved on
+  the scale of Δs_j: a confidently classified test point under the smooth hinge, whose loss is
+  nearly exponential in the margin. Costs C inverse-Hessian solves per test point (one for
+  binary models, as the linear estimates).
+- ``"corrected"`` — the same Newton-corrected parameter change, with the test loss linearised:
+  (1/n) ∇ℓ(z_test)ᵀ H_{-j}⁻¹ ∇ℓ(z_j), H_{-j} = H - (1/n)∇²ℓ(z_j), through a Woodbury update. For
+  binary models (rank-one per-example Hessians) it is the first-order score divided by
+  (1 - h_j), h_j = (1/n) c_j φ_jᵀH⁻¹φ_j the leverage.
+- ``"first_order"`` — the paper's, (1/n) ∇ℓ(z_test)ᵀ H⁻¹ ∇ℓ(z_j) with the Hessian H of the full
+  training objective (Koh & Liang's -I_up,loss/n). Every model.
+
+The first two are capabilities of models whose per-example Hessians factor through fixed features
+(:class:`ExampleCurvature`: the convex models); a network's objective gets the first order only.
 
 The inverse-Hessian solver is the only thing that varies (``ExactSolver``, ``CGSolver``,
 ``LiSSASolver``, chosen by one :class:`SolverConfig`); everything else is built on
@@ -49,13 +58,18 @@ from core.linalg import (
     cholesky_solve,
     conjugate_gradient,
     lanczos_spectrum,
+    quadratic_forms,
     spectrum_from_hessian,
 )
-from core.losses import LossDerivatives
-from core.models import LinearModel, as_float64
+from core.losses import Loss, LossDerivatives
+from core.models import LinearModel, as_float64, as_labels
 
-Estimate = Literal["corrected", "first_order"]
-ESTIMATES: tuple[str, ...] = ("corrected", "first_order")
+Estimate = Literal["margin", "corrected", "first_order"]
+#: Every estimate, the default first.
+ESTIMATES: tuple[str, ...] = ("margin", "corrected", "first_order")
+#: Estimates that linearise the test loss: score = ∇ℓ(z_test)ᵀ (predicted parameter change).
+LINEAR_ESTIMATES: tuple[str, ...] = ("corrected", "first_order")
+
 SOLVERS: tuple[str, ...] = ("exact", "cg", "lissa")
 
 
@@ -176,13 +190,21 @@ class ExampleCurvature(Protocol):
     with r_j = ``training_derivatives().d1[j]`` (C,) and B_j = ``factor[j]`` (C, r), parameters
     laid out θ[k·C + c] = W[k, c]. This is what the Newton-corrected estimate needs: H_{-j} is a
     rank-r update of H, inverted by Woodbury with a C x C form per point, never a p x p matrix.
+    The exact-in-the-margin estimate also needs the test point's features (``transform``), its
+    outputs s = Wᵀφ (``scores``) and the loss as a function of them (``loss_``).
     The convex models implement it; a whole network's objective does not.
     """
 
     features_: torch.Tensor
+    labels_: torch.Tensor
     n_outputs_: int
+    loss_: Loss
 
     def training_derivatives(self) -> LossDerivatives: ...
+
+    def transform(self, X: Any) -> torch.Tensor: ...
+
+    def scores(self, features: Any) -> torch.Tensor: ...
 
 
 class InverseHVPSolver(ABC):
@@ -478,13 +500,41 @@ def top_k_by_magnitude(scores: np.ndarray, k: int) -> np.ndarray:
     return _largest(np.abs(scores), k)
 
 
+def _parameter_estimate(estimate: str) -> str:
+    """The parameter change an estimate uses: the exact-in-the-margin one uses the corrected."""
+    return "corrected" if estimate == "margin" else estimate
+
+
+def loss_change(
+    loss: Loss, scores: torch.Tensor, changes: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """ℓ(s + Δs) - ℓ(s) for k output changes of each of m points: the loss's own
+    :meth:`~core.losses.Loss.value_change`, accurate also when the change is far below the loss.
+
+    Args:
+        loss: the model's loss of its outputs.
+        scores: (m, C) outputs s at θ̂.
+        changes: (m, k, C) output changes Δs.
+        labels: (m,) labels whose loss is evaluated.
+    Returns:
+        (m, k) loss changes.
+    """
+    if changes.ndim != 3 or scores.shape != (changes.shape[0], changes.shape[2]):
+        raise InfluenceExplorerError(
+            f"changes must be (m, k, C) for (m, C) scores; got {tuple(changes.shape)} and "
+            f"{tuple(scores.shape)}."
+        )
+    return loss.value_change(scores, changes, labels.reshape(-1))
+
+
 class InfluenceEngine:
     """Influence of every training point of a fitted objective on test losses.
 
     Args:
         model: anything implementing :class:`TwiceDifferentiable` (a fitted convex model, a
             network's objective). Models that also implement :class:`ExampleCurvature` get the
-            Newton-corrected estimate, self-influence, leverages and parameter changes.
+            exact-in-the-margin and Newton-corrected estimates, self-influence, leverages,
+            parameter and output changes.
         solver: a :class:`SolverConfig` (default: exact) or a ready solver.
     """
 
@@ -553,10 +603,30 @@ class InfluenceEngine:
         return self._train_derivs
 
     def _unit_quadratic_forms(self, chunk: int = 256) -> torch.Tensor:
-        """Q_j = (φ_j ⊗ I_C)ᵀ H⁻¹ (φ_j ⊗ I_C) for every training point. Returns: (n, C, C)."""
+        """Q_j = (φ_j ⊗ I_C)ᵀ H⁻¹ (φ_j ⊗ I_C) for every training point. Returns: (n, C, C).
+
+        With S = (H + δI)⁻¹ and S_ab its (a, b) block of d x d (θ[k·C + c] = W[k, c]),
+        Q_j[a, b] = φ_jᵀ S_ab φ_j: for each of the C(C+1)/2 pairs a <= b (Q_j is symmetric) one
+        batch of quadratic forms over all training points from the lower triangle of S_ab's
+        symmetric part (:func:`core.linalg.quadratic_forms`), about n·d²·C(C+1)/2 flops in GEMMs,
+        after forming S once from the exact solver's Cholesky factor (2p³/3). Solving for the
+        n·C columns φ_j ⊗ e_a instead costs 2p²·n·C, about 4n/d times more, and is kept only for
+        solvers without a factor when p > n·C. No p x p matrix per point is ever formed.
+        """
         features = self.model.features_
         n, d = features.shape
         c = self.model.n_outputs_
+        if isinstance(self.solver, ExactSolver) or d <= n:
+            inverse = self._inverse_hessian(chunk)
+            blocks = inverse.view(d, c, d, c)
+            out = torch.empty(n, c, c, dtype=DTYPE)
+            for a in range(c):
+                for b in range(a, c):
+                    block = blocks[:, a, :, b]
+                    forms = quadratic_forms(features, 0.5 * (block + block.T))
+                    out[:, a, b] = forms
+                    out[:, b, a] = forms
+            return out
         eye = torch.eye(c, dtype=DTYPE)
         out = torch.empty(n, c, c, dtype=DTYPE)
         for start in range(0, n, chunk):
@@ -567,6 +637,19 @@ class InfluenceEngine:
             solved = self.solver.inverse_hvp(rhs).reshape(d, c, len(phi), c)
             out[start : start + chunk] = torch.einsum("jd,dajb->jab", phi, solved)
         return out
+
+    def _inverse_hessian(self, chunk: int) -> torch.Tensor:
+        """S = (H + δI)⁻¹ (p, p): from the Cholesky factor, else one solve per unit vector."""
+        if isinstance(self.solver, ExactSolver):
+            return torch.cholesky_inverse(self.solver.cholesky)
+        p = self.model.n_params_
+        inverse = torch.empty(p, p, dtype=DTYPE)
+        for start in range(0, p, chunk):
+            stop = min(start + chunk, p)
+            unit = torch.zeros(p, stop - start, dtype=DTYPE)
+            unit[torch.arange(start, stop), torch.arange(stop - start)] = 1.0
+            inverse[:, start:stop] = self.solver.inverse_hvp(unit)
+        return inverse
 
     def _residuals(self, estimate: str) -> torch.Tensor:
         """Per-example residuals e_j such that the score is (1/n) s_testᵀ (φ_j ⊗ e_j). (n, C)."""
@@ -588,30 +671,68 @@ class InfluenceEngine:
 
     # ----------------------------------------------------------------- quantities
     def influence_scores(
-        self, X_test: Any, y_test: Any, *, estimate: Estimate = "corrected"
+        self, X_test: Any, y_test: Any, *, estimate: Estimate | None = None
     ) -> np.ndarray:
         """Influence of every training point on each test point's loss.
 
-        score[t, j] ≈ ℓ(z_test_t, θ̂_{-j}) - ℓ(z_test_t, θ̂), scaled by 1/n as in the paper:
-        positive means z_j helped (removing it raises the test loss), negative means it hurt.
+        score[t, j] ≈ ℓ(z_test_t, θ̂_{-j}) - ℓ(z_test_t, θ̂): positive means z_j helped (removing
+        it raises the test loss), negative means it hurt.
 
         Args:
             X_test: (m, D) test inputs in the model's input space.
             y_test: (m,) labels whose loss is explained (usually the predicted or true label).
-            estimate: "corrected" (default; models with :class:`ExampleCurvature`) or
-                "first_order".
+            estimate: one of :attr:`estimates`; ``None`` is :attr:`default_estimate` ("margin"
+                for models with :class:`ExampleCurvature`, else "first_order").
         Returns:
             (m, n_train) scores in units of test loss.
         """
-        self._check_estimate(estimate)
-        return self.scores_from_stest(self.inverse_hvp_test(X_test, y_test), estimate=estimate)
+        estimate = self.default_estimate if estimate is None else estimate
+        return self.score_estimates(X_test, y_test, (estimate,))[estimate]
+
+    def score_estimates(
+        self, X_test: Any, y_test: Any, estimates: tuple[str, ...] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Several estimates of the same scores at once, sharing the inverse-Hessian solves.
+
+        Args:
+            X_test: (m, D) test inputs; y_test: (m,) labels whose loss is explained.
+            estimates: which (default: all of :attr:`estimates`).
+        Returns:
+            estimate -> (m, n_train) scores.
+        """
+        estimates = self.estimates if estimates is None else tuple(estimates)
+        for estimate in estimates:
+            self._check_estimate(estimate)
+        if "margin" not in estimates:
+            s_test = self.inverse_hvp_test(X_test, y_test)
+            return {e: self.scores_from_stest(s_test, estimate=e) for e in estimates}
+        model = self.model
+        features = model.transform(X_test)
+        labels = as_labels(y_test).reshape(-1)
+        outputs = model.scores(features)
+        solves = self._unit_output_solves(features)
+        out = {}
+        linear = [e for e in estimates if e != "margin"]
+        if linear:
+            # ∇ℓ(z_test) = φ_test ⊗ ∂ℓ/∂s, so s_test is the same combination of the unit solves.
+            d1 = model.loss_.derivatives(outputs, labels).d1
+            s_test = torch.einsum("tc,tcp->tp", d1, solves)
+            out.update({e: self.scores_from_stest(s_test, estimate=e) for e in linear})
+        changes = self._output_changes(solves, "corrected")
+        out["margin"] = loss_change(model.loss_, outputs, changes, labels).numpy()
+        return {e: out[e] for e in estimates}
 
     def scores_from_stest(
         self, s_test: torch.Tensor, *, estimate: Estimate = "corrected"
     ) -> np.ndarray:
-        """Scores from precomputed s_test = (H + damping)⁻¹ ∇ℓ(z_test) (m, p). The one place a
-        score is formed. Returns: (m, n_train)."""
+        """Linearised scores from precomputed s_test = (H + damping)⁻¹ ∇ℓ(z_test) (m, p). The one
+        place a "corrected" or "first_order" score is formed. Returns: (m, n_train)."""
         self._check_estimate(estimate)
+        if estimate not in LINEAR_ESTIMATES:
+            raise InfluenceExplorerError(
+                f"The {estimate!r} estimate evaluates the test loss itself, so it needs the test "
+                "inputs, not only s_test; use influence_scores or score_estimates."
+            )
         if not self.structured:
             return (self.model.training_gradient_products(s_test.T) / self.n_train).numpy()
         residuals = self._residuals(estimate)
@@ -621,20 +742,77 @@ class InfluenceEngine:
         projected = torch.einsum("jd,tdc->tjc", features, s_test.reshape(-1, d, c))
         return ((projected * residuals[None]).sum(-1) / self.n_train).numpy()
 
-    def self_influence(self, estimate: Estimate = "corrected") -> np.ndarray:
-        """Each training point's influence on its own loss (the diagonal of the score matrix).
+    def _unit_output_solves(self, features: torch.Tensor) -> torch.Tensor:
+        """(H + damping)⁻¹ (φ_t ⊗ e_c) for each test point's features and each output c, in one
+        batched solve: how θ must move to change output c. Returns: (m, C, p)."""
+        m, d = features.shape
+        c = self.model.n_outputs_
+        eye = torch.eye(c, dtype=DTYPE)
+        # Column (t, c) is φ_t ⊗ e_c in the layout θ[k·C + a].
+        rhs = (features[:, :, None, None] * eye[None, None, :, :]).reshape(m, d * c, c)
+        solved = self.solver.inverse_hvp(rhs.permute(1, 0, 2).reshape(d * c, m * c))
+        return solved.T.reshape(m, c, d * c)
+
+    def _output_changes(self, solves: torch.Tensor, estimate: str) -> torch.Tensor:
+        """Δs[t, j] = (φ_t ⊗ I_C)ᵀ Δθ_j, the predicted change of test point t's outputs when z_j
+        is removed, from :meth:`_unit_output_solves`. Returns: (m, n_train, C)."""
+        residuals = self._residuals(estimate)
+        features = self.model.features_
+        n, d = features.shape
+        m, c = solves.shape[0], self.model.n_outputs_
+        out = torch.empty(m, n, c, dtype=DTYPE)
+        for t in range(m):
+            # Δθ_j = (1/n) H⁻¹ (φ_j ⊗ e_j) (Woodbury folded into e_j), so output b changes by
+            # (1/n) Σ_a (φ_jᵀ U_b)[a] e_j[a], U_b the (d, C) reshape of the solve for output b.
+            units = solves[t].reshape(c, d, c).permute(1, 0, 2).reshape(d, c * c)
+            projected = (features @ units).reshape(n, c, c)
+            out[t] = (projected * residuals[:, None, :]).sum(-1) / n
+        return out
+
+    def predicted_output_changes(
+        self, X_test: Any, *, estimate: Estimate = "corrected"
+    ) -> np.ndarray:
+        """Predicted change of each test point's outputs (its margin, or its C logits) when each
+        training point is removed: (φ_test ⊗ I_C)ᵀ Δθ_j, with Δθ_j the first-order or the
+        Newton-corrected parameter change ("margin" uses the corrected one).
+
+        Every estimate is a function of these: the linear ones are ∇_s ℓ(z_test)ᵀ Δs_j, the
+        exact-in-the-margin one ℓ(s + Δs_j) - ℓ(s). Returns: (m, n_train, C).
+        """
+        self._check_estimate(estimate)
+        self._require_structured("Predicted output changes")
+        features = self.model.transform(X_test)
+        solves = self._unit_output_solves(features)
+        return self._output_changes(solves, _parameter_estimate(estimate)).numpy()
+
+    def self_influence(self, estimate: Estimate | None = None) -> np.ndarray:
+        """Each training point's influence on its own loss (the diagonal of the score matrix):
+        the predicted ℓ(z_j, θ̂_{-j}) - ℓ(z_j, θ̂).
 
         Large values flag points the model can only fit by bending towards them: candidates for
         mislabelled data. Returns: (n_train,).
         """
+        estimate = self.default_estimate if estimate is None else estimate
         self._check_estimate(estimate)
         derivs = self._require_structured("Self-influence")
         if estimate not in self._self_influence:
             residuals = self._residuals("corrected")  # also computes the quadratic forms Q_j
-            if estimate == "first_order":
-                residuals = derivs.d1
-            values = torch.einsum("ja,jab,jb->j", derivs.d1, self._quadratic_forms, residuals)
-            self._self_influence[estimate] = (values / self.n_train).numpy()
+            if estimate == "margin":
+                # Point j's own outputs move by (1/n) Q_j e_j when it is removed.
+                changes = torch.einsum("jab,jb->ja", self._quadratic_forms, residuals)
+                model = self.model
+                values = loss_change(
+                    model.loss_,
+                    model.scores(model.features_),
+                    changes[:, None, :] / self.n_train,
+                    model.labels_,
+                )[:, 0]
+                self._self_influence[estimate] = values.numpy()
+            else:
+                if estimate == "first_order":
+                    residuals = derivs.d1
+                values = torch.einsum("ja,jab,jb->j", derivs.d1, self._quadratic_forms, residuals)
+                self._self_influence[estimate] = (values / self.n_train).numpy()
         return self._self_influence[estimate]
 
     def leverage(self) -> np.ndarray:
@@ -648,15 +826,17 @@ class InfluenceEngine:
         m = factor.transpose(1, 2) @ self._quadratic_forms @ factor
         return (torch.diagonal(m, dim1=1, dim2=2).sum(-1) / self.n_train).numpy()
 
-    def params_change(self, train_indices: Any, *, estimate: Estimate = "corrected") -> np.ndarray:
+    def params_change(self, train_indices: Any, *, estimate: Estimate | None = None) -> np.ndarray:
         """I_up,params: predicted θ̂_{-j} - θ̂ for each listed training point.
 
-        First order: (1/n) H⁻¹ ∇ℓ(z_j); corrected: (1/n) H_{-j}⁻¹ ∇ℓ(z_j).
+        First order: (1/n) H⁻¹ ∇ℓ(z_j); corrected and margin: (1/n) H_{-j}⁻¹ ∇ℓ(z_j).
         Returns: (k, p).
         """
+        estimate = self.default_estimate if estimate is None else estimate
+        self._check_estimate(estimate)
         self._require_structured("Parameter changes")
         idx = torch.as_tensor(np.asarray(train_indices, dtype=np.int64))
-        residuals = self._residuals(estimate)[idx]
+        residuals = self._residuals(_parameter_estimate(estimate))[idx]
         phi = self.model.features_[idx]
         gradients = (phi[:, :, None] * residuals[:, None, :]).reshape(len(idx), -1)
         return (self.solver.inverse_hvp(gradients.T).T / self.n_train).numpy()

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 #: Influence estimates (``core.influence.ESTIMATES``).
 ESTIMATE_LABELS: dict[str, str] = {
+    "margin": "Exact in the margin",
     "corrected": "Newton-corrected",
     "first_order": "First order (paper)",
 }
 ESTIMATE_DESCRIPTIONS: dict[str, str] = {
-    "corrected": "Newton-corrected (H without the point)",
+    "margin": "exact in the margin (loss at the Newton-predicted margin)",
+    "corrected": "Newton-corrected, loss linearised (H without the point)",
     "first_order": "first order (Koh & Liang)",
 }
 

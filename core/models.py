@@ -12,7 +12,9 @@ warm-started from θ̂.
 - :class:`LogisticRegression`: φ is the input (frozen deep features), binary or softmax.
 - :class:`KernelSVM`: the paper's RBF-kernel SVM on raw pixels, parameterised through the Cholesky
   factor of the training kernel, K = L Lᵀ, so φ(x) = L⁻¹ k(X_train, x) and training point i has
-  features row i of L; the loss is the smooth hinge.
+  features row i of L; the loss is the smooth hinge (for C >= 3 classes its Crammer-Singer form).
+  :class:`NystroemSVM` is the same model on a Nyström approximation of the kernel, and
+  :func:`make_rbf_svm` chooses between them by memory.
 
 Parameters are laid out as ``θ[k·C + c] = W[k, c]``. Derivatives use closed forms from
 :mod:`core.losses`; the tests check them against ``torch.func``.
@@ -31,8 +33,15 @@ import numpy as np
 import torch
 
 from core.errors import ConvergenceError, InfluenceExplorerError, NotFittedError
-from core.linalg import cholesky_solve, conjugate_gradient
-from core.losses import LogisticLoss, Loss, LossDerivatives, SmoothHingeLoss, SoftmaxCrossEntropy
+from core.linalg import cholesky_solve, conjugate_gradient, weighted_gram
+from core.losses import (
+    LogisticLoss,
+    Loss,
+    LossDerivatives,
+    MulticlassSmoothHinge,
+    SmoothHingeLoss,
+    SoftmaxCrossEntropy,
+)
 
 DTYPE = torch.float64
 
@@ -62,13 +71,15 @@ def _writable(array: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class FitInfo:
-    """How a fit ended: Newton iterations, final gradient norm and objective, wall time."""
+    """How a fit ended: Newton iterations, final gradient norm and objective, wall time, and the
+    conjugate-gradient iterations of the Newton steps (0 when every step was a dense solve)."""
 
     iterations: int
     gradient_norm: float
     objective: float
     converged: bool
     seconds: float
+    cg_iterations: int = 0
 
 
 class LinearModel:
@@ -236,12 +247,14 @@ class LinearModel:
         """Damped Newton: exact steps, backtracking (Armijo) line search, stop at ‖∇R‖ <= tol."""
         value, grad, derivs = self._objective_terms(theta)
         iterations = 0
+        cg_iterations = 0
         while True:
             gnorm = float(grad.norm())
             if gnorm <= self.tol or iterations >= self.max_iter:
                 break
             iterations += 1
-            step = self._newton_step(derivs, grad)
+            step, inner = self._newton_step(derivs, grad)
+            cg_iterations += inner
             slope = float(grad @ step)
             t = 1.0
             while True:
@@ -266,6 +279,7 @@ class LinearModel:
             objective=value,
             converged=gnorm <= self.tol,
             seconds=time.perf_counter() - start,
+            cg_iterations=cg_iterations,
         )
         if not info.converged and gnorm > max(1e3 * self.tol, 1e-6):
             raise ConvergenceError(
@@ -274,7 +288,8 @@ class LinearModel:
             )
         return theta, info
 
-    def _newton_step(self, derivs: LossDerivatives, grad: torch.Tensor) -> torch.Tensor:
+    def _newton_step(self, derivs: LossDerivatives, grad: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The Newton direction H⁻¹∇R and the conjugate-gradient iterations it took (0: dense)."""
         p = grad.shape[0]
         preconditioner = getattr(self, "_preconditioner", None)
         if preconditioner is not None:
@@ -286,24 +301,69 @@ class LinearModel:
                 preconditioner=preconditioner,
             )
             if run.converged:
-                return run.solution
+                return run.solution, run.iterations
             # The Hessian has moved too far from θ̂'s (e.g. a sharp smooth hinge whose active
             # set changed): stop trying for the rest of this fit.
             self._preconditioner = None
+        n, rank = self.features_.shape[0], derivs.factor.shape[2]
+        if self.l2 > 0 and n * rank < p and n * rank <= DENSE_NEWTON_MAX_PARAMS:
+            step = self._dual_newton_step(derivs, grad)
+            if step is not None:
+                return step, 0
         if p <= DENSE_NEWTON_MAX_PARAMS:
             hessian = self._hessian_from(derivs)
             chol, info = torch.linalg.cholesky_ex(hessian)
             if int(info) == 0:
-                return cholesky_solve(chol, grad)
-            return torch.linalg.lstsq(hessian, grad[:, None]).solution[:, 0]
-        # Large models: an inexact Newton step by conjugate gradients on exact HVPs, with the
-        # forcing term shrinking with the gradient (superlinear convergence near the optimum).
-        return conjugate_gradient(
+                return cholesky_solve(chol, grad), 0
+            return torch.linalg.lstsq(hessian, grad[:, None]).solution[:, 0], 0
+        # Large models: an inexact Newton step by conjugate gradients on exact Hessian-vector
+        # products, with the forcing term shrinking with the gradient (superlinear convergence
+        # near the optimum). Measured on the demo's ten classes (n = 5000, p = 12,800, λ = 1e-3,
+        # 9 Newton steps each way): plain CG took 332 iterations over the fit, with a Kronecker
+        # factorisation G ⊗ Ā of the Hessian as preconditioner 427, with its class blocks in
+        # the features' eigenbasis 782, and with the products in float32 505.
+        run = conjugate_gradient(
             lambda v: self._hvp_from(derivs, v),
             grad,
             rtol=min(0.1, float(grad.norm()) ** 0.5),
             max_iter=500,
-        ).solution
+        )
+        return run.solution, run.iterations
+
+    def _dual_newton_step(self, derivs: LossDerivatives, grad: torch.Tensor) -> torch.Tensor | None:
+        """H⁻¹g through Woodbury when the data term has lower rank than the parameter count.
+
+        H = λI + U Uᵀ with U = [√(w_j/n) φ_j ⊗ B_j]_j, p x (n·r): H⁻¹g = (g - U (λI + UᵀU)⁻¹ Uᵀg)/λ,
+        an (n·r) x (n·r) system whose matrix comes from the Gram matrix ΦΦᵀ (formed once per set
+        of features and kept). A few dozen images with 1280-d features and three classes solve a
+        144 x 144 system instead of factorising a 3840 x 3840 Hessian; a cross-validation fold
+        of the demo's pair (667 images, 1280-d) one of 667 instead of 1280. Exact, like the dense
+        step, as long as λ is not negligible next to the data's curvature: the result divides by
+        λ, so its rounding error grows like ε·‖UᵀU‖/λ; beyond 1e8 this returns None and the
+        primal step is taken.
+        """
+        features, factor = self.features_, derivs.factor
+        n, d = features.shape
+        c, r = factor.shape[1], factor.shape[2]
+        scale = (self.sample_weight_ / n).sqrt()
+        cached = getattr(self, "_dual_gram", None)
+        if cached is None or cached[0] is not features:
+            cached = (features, weighted_gram(features.T, torch.ones(d, dtype=DTYPE)))
+            self._dual_gram = cached
+        gram = cached[1]
+        cross = torch.einsum("ick,jcl->ikjl", factor, factor)
+        small = (gram[:, None, :, None] * cross) * (
+            scale[:, None, None, None] * scale[None, None, :, None]
+        )
+        small = small.reshape(n * r, n * r)
+        if float(small.diagonal().max()) > 1e8 * self.l2:
+            return None
+        small.diagonal().add_(self.l2)
+        projected = features @ grad.reshape(d, c)  # (n, C): φ_jᵀ G
+        rhs = (torch.einsum("jc,jck->jk", projected, factor) * scale[:, None]).reshape(n * r)
+        solved = cholesky_solve(torch.linalg.cholesky(small), rhs).reshape(n, r)
+        back = torch.einsum("jck,jk->jc", factor, solved) * scale[:, None]
+        return (grad - (features.T @ back).reshape(-1)) / self.l2
 
     # ------------------------------------------------------------------ objective & derivatives
     def _require_fitted(self) -> None:
@@ -392,20 +452,26 @@ class LinearModel:
         return self._derivatives(as_float64(features), as_labels(labels), self.theta_).factor
 
     def _hessian_from(self, derivs: LossDerivatives) -> torch.Tensor:
+        # H = (1/n) Σ_j w_j (φ_jφ_jᵀ) ⊗ A_j + λI, A_j = ∂²ℓ_j/∂s². Its (a, b) block in the class
+        # index, Φᵀ diag(w A[:, a, b] / n) Φ, is symmetric and equals the (b, a) block, so only
+        # the C(C+1)/2 blocks a <= b are formed, each from its lower triangle
+        # (:func:`core.linalg.weighted_gram`): n·d²·C(C+1)/2 flops, about a quarter of forming
+        # every block by a general product. ``python -m bench.full_fashion_mnist`` times it.
         features, w = self.features_, self.sample_weight_
         n, d = features.shape
         c = self.n_outputs_
         scaled = w / n
         if c == 1:
-            hessian = features.T @ (features * (scaled * derivs.d2[:, 0, 0])[:, None])
+            hessian = _sparse_weighted_gram(features, scaled * derivs.d2[:, 0, 0])
         else:
-            blocks = torch.empty(d, c, d, c, dtype=DTYPE)
+            hessian = torch.empty(d * c, d * c, dtype=DTYPE)
+            blocks = hessian.view(d, c, d, c)
             for a in range(c):
                 for b in range(a, c):
-                    block = features.T @ (features * (scaled * derivs.d2[:, a, b])[:, None])
+                    block = _sparse_weighted_gram(features, scaled * derivs.d2[:, a, b])
                     blocks[:, a, :, b] = block
-                    blocks[:, b, :, a] = block
-            hessian = blocks.reshape(d * c, d * c)
+                    if b != a:
+                        blocks[:, b, :, a] = block
         hessian.diagonal().add_(self.l2)
         return hessian
 
@@ -530,6 +596,71 @@ class LogisticRegression(LinearModel):
         return self.torch_transform(X)
 
 
+def _sparse_weighted_gram(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """:func:`core.linalg.weighted_gram` over the rows whose weight is not exactly zero (the
+    others add nothing; a sharp smooth hinge gives many such rows, and so do removed points)."""
+    nonzero = weights != 0
+    count = int(nonzero.sum())
+    if count == 0:
+        return torch.zeros(features.shape[1], features.shape[1], dtype=features.dtype)
+    if count < 0.75 * len(weights):
+        return weighted_gram(features[nonzero], weights[nonzero])
+    return weighted_gram(features, weights)
+
+
+#: Named rules for the RBF width γ (see :func:`rbf_gamma`).
+GAMMA_RULES: tuple[str, ...] = ("median", "paper")
+
+#: The RBF SVM's default γ rule.
+DEFAULT_GAMMA = "median"
+
+#: Training points sampled (seeded) for the median heuristic.
+MEDIAN_SAMPLE = 1000
+
+
+def rbf_gamma(gamma: float | str | None, X: torch.Tensor, seed: int = 0) -> float:
+    """The RBF width for training inputs X under a rule or a fixed value.
+
+    - ``"paper"``: Koh & Liang's 0.05 / n_train. It shrinks as n grows, so on large training sets
+      the kernel becomes nearly constant (γ·‖x - x'‖² of order 1e-3 at n = 20,000 on [-1, 1]
+      pixels) and the SVM degrades (bench/RESULTS.md, scale notes).
+    - ``"median"``: the median heuristic, 1 / median ‖x_i - x_j‖² over the pairs of a seeded sample
+      of at most :data:`MEDIAN_SAMPLE` training inputs. It does not depend on n, so the kernel
+      stays informative at every size: a typical pair has k(x, x') = e⁻¹.
+    - a number: that γ. ``None``: the paper's (the estimator's historical default).
+
+    Args:
+        gamma: a rule name, a positive number, or None.
+        X: (n, D) training inputs.
+        seed: sampling seed of the median heuristic.
+    """
+    n = X.shape[0]
+    if gamma is None or gamma == "paper":
+        return 0.05 / n
+    if gamma == "median":
+        rows = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+        sample = X[rows[: min(n, MEDIAN_SAMPLE)]]
+        squared = torch.cdist(sample, sample).square()
+        upper = torch.triu_indices(len(sample), len(sample), offset=1)
+        median = float(torch.quantile(squared[upper[0], upper[1]], 0.5))
+        if not median > 0:
+            raise InfluenceExplorerError(
+                "The median heuristic for the RBF width failed: the sampled training images are "
+                "all identical. Give a fixed gamma instead."
+            )
+        return 1.0 / median
+    return float(gamma)
+
+
+def _check_gamma(gamma: Any) -> None:
+    if gamma is None or gamma in GAMMA_RULES:
+        return
+    if isinstance(gamma, str) or not (gamma > 0 and math.isfinite(gamma)):
+        raise InfluenceExplorerError(
+            f"gamma must be > 0, one of {', '.join(GAMMA_RULES)}, or None; got {gamma!r}."
+        )
+
+
 def rbf_kernel(A: torch.Tensor, B: torch.Tensor, gamma: float) -> torch.Tensor:
     """exp(-γ‖a - b‖²) for all pairs. Returns: (len(A), len(B))."""
     sq = (A * A).sum(1)[:, None] + (B * B).sum(1)[None, :] - 2.0 * (A @ B.T)
@@ -537,19 +668,34 @@ def rbf_kernel(A: torch.Tensor, B: torch.Tensor, gamma: float) -> torch.Tensor:
 
 
 class KernelSVM(LinearModel):
-    """The paper's RBF-kernel SVM on pixels with the smooth hinge loss (binary labels 0/1).
+    """The paper's RBF-kernel SVM on pixels with the smooth hinge loss, for any number of classes.
 
     The training kernel is factorised once, K + εI = L Lᵀ (ε a tiny jitter, recorded in
-    ``jitter_``, that keeps the factorisation stable), and a linear model with n parameters and
-    no bias is trained on the rows of L; a new image x gets features L⁻¹ k(X_train, x). Then
+    ``jitter_``, that keeps the factorisation stable), and a linear model with no bias is trained
+    on the rows of L; a new image x gets features L⁻¹ k(X_train, x). Then
     θᵀφ(x) = αᵀ k(X_train, x) with α = L⁻ᵀθ and ‖θ‖² = αᵀ(K + εI)α, an ordinary kernel SVM.
 
-    ``predict_proba`` is Platt scaling without an offset, σ(a·s), fitted once on the training
-    scores (so p = 0.5 on the decision boundary); it is a calibrated-looking score for display,
-    not part of the objective.
+    **Two classes** (labels 0/1): the paper's model, one score column s (positive means class 1)
+    and the smooth hinge t·log(1 + exp((1 - y·s)/t)), n parameters.
+
+    **C >= 3 classes**: one score column per class (n·C parameters) and the Crammer-Singer hinge
+    smoothed with the same temperature, t·log(1 + Σ_{c≠y} exp((1 + s_c - s_y)/t))
+    (:class:`core.losses.MulticlassSmoothHinge`). It is the multiclass hinge whose two-class case,
+    written in the difference of the two scores, is exactly the paper's smooth hinge, so the
+    binary model above is its C = 2 member; one-vs-rest hinges would not reduce to it, and they
+    couple the classes only through the argmax. Like the binary loss its curvature lives near the
+    margin, and its per-example Hessian has rank C - 1.
+
+    ``predict_proba`` is a display score, not part of the objective, labelled "Platt-scaled":
+    for two classes Platt scaling without an offset, σ(a·s); for C classes its multiclass form,
+    softmax(a·s) with one scale a > 0 (temperature scaling). a is fitted once on the training
+    scores against Platt's regularised targets ((n_y + 1)/(n_y + 2) on the label, the rest spread
+    over the other classes), so the most probable class is always the predicted one.
 
     Args:
-        gamma: RBF width γ on inputs scaled to [-1, 1]; ``None`` uses the paper's 0.05 / n_train.
+        gamma: RBF width γ on inputs scaled to [-1, 1], or a rule of :func:`rbf_gamma`:
+            ``"median"`` (the median heuristic, informative at every n) or ``"paper"`` (the
+            paper's 0.05 / n_train); ``None`` is the paper's.
         l2: weight decay λ (the paper: 0.001).
         temperature: smooth-hinge temperature t. The default 0.01 is chosen by measurement
             (``python -m bench.svm_temperature``): on the demo's T-shirt/top vs Shirt pixels it
@@ -561,7 +707,7 @@ class KernelSVM(LinearModel):
 
     def __init__(
         self,
-        gamma: float | None = None,
+        gamma: float | str | None = None,
         l2: float = 1e-3,
         temperature: float = 1e-2,
         tol: float = 1e-10,
@@ -575,23 +721,18 @@ class KernelSVM(LinearModel):
         super()._check_hyperparameters()
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise InfluenceExplorerError(f"temperature must be > 0, got {self.temperature!r}.")
-        if self.gamma is not None and not (self.gamma > 0 and math.isfinite(self.gamma)):
-            raise InfluenceExplorerError(f"gamma must be > 0 or None, got {self.gamma!r}.")
+        _check_gamma(self.gamma)
 
-    def _infer_n_classes(self, labels: torch.Tensor) -> int:
-        n_classes = super()._infer_n_classes(labels)
-        if n_classes != 2:
-            raise InfluenceExplorerError(
-                "KernelSVM is binary: labels must be 0 or 1. Pick two classes of the dataset."
-            )
-        return n_classes
+    def _hinge(self, temperature: float) -> Loss:
+        if self.n_classes_ == 2:
+            return SmoothHingeLoss(temperature)
+        return MulticlassSmoothHinge(temperature)
 
     def _make_loss(self, n_classes: int) -> Loss:
-        return SmoothHingeLoss(self.temperature)
+        return self._hinge(self.temperature)
 
     def _fit_feature_map(self, X: torch.Tensor) -> torch.Tensor:
-        n = X.shape[0]
-        self.gamma_ = float(self.gamma) if self.gamma is not None else 0.05 / n
+        self.gamma_ = rbf_gamma(self.gamma, X)
         self.X_train_ = X
         self.cholesky_, self.jitter_ = _jittered_cholesky(rbf_kernel(X, X, self.gamma_))
         return self.cholesky_
@@ -637,15 +778,18 @@ class KernelSVM(LinearModel):
             theta = None
             t = 0.1
             while t > target:
-                self.loss_ = SmoothHingeLoss(t)
+                self.loss_ = self._hinge(t)
                 super()._fit_parameters(theta)
                 theta = self.theta_
                 t /= 10.0
-            self.loss_ = SmoothHingeLoss(target)
+            self.loss_ = self._hinge(target)
             super()._fit_parameters(theta)
         self._fit_platt()
 
     def _fit_platt(self) -> None:
+        if self.n_outputs_ > 1:
+            self.platt_ = _temperature_scale(self.scores(self.features_), self.labels_)
+            return
         s = self.scores(self.features_)[:, 0]
         y = self.labels_.to(DTYPE)
         n_pos, n_neg = float(y.sum()), float((1 - y).sum())
@@ -665,8 +809,33 @@ class KernelSVM(LinearModel):
         self.platt_ = a
 
     def _probabilities(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.n_outputs_ > 1:
+            return torch.softmax(self.platt_ * scores, dim=1)
         p1 = torch.sigmoid(self.platt_ * scores[:, 0])
         return torch.stack([1 - p1, p1], dim=1)
+
+
+def _temperature_scale(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """The scale a > 0 of softmax(a·s) fitted by Newton on the cross-entropy against Platt's
+    regularised targets: (n_y + 1)/(n_y + 2) on the label, the rest spread evenly over the other
+    classes (for two classes exactly Platt's targets), which keeps a finite when the training set
+    is separable. The objective is convex in a."""
+    n, c = scores.shape
+    counts = torch.bincount(labels, minlength=c).to(DTYPE)
+    own = (counts[labels] + 1) / (counts[labels] + 2)
+    targets = ((1 - own) / (c - 1))[:, None].expand(n, c).clone()
+    targets[torch.arange(n), labels] = own
+    a = 1.0
+    for _ in range(100):
+        p = torch.softmax(a * scores, dim=1)
+        gradient = float(((p - targets) * scores).sum())
+        mean = (p * scores).sum(1)
+        curvature = float(((p * scores * scores).sum(1) - mean * mean).sum()) + 1e-9
+        step = gradient / curvature
+        a = max(a - step, 1e-3)
+        if abs(step) < 1e-10:
+            break
+    return a
 
 
 def _jittered_cholesky(kernel: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -706,7 +875,7 @@ class NystroemSVM(KernelSVM):
 
     Args:
         n_components: number of landmarks m.
-        gamma: RBF width; ``None`` uses the paper's 0.05 / n_train (of the full training set).
+        gamma: RBF width or rule, as :class:`KernelSVM` (rules use the full training set).
         l2, temperature, tol, max_iter: as :class:`KernelSVM`.
         seed: landmark sampling seed.
         chunk_size: training points whose kernel columns are formed at once (bounds memory).
@@ -715,7 +884,7 @@ class NystroemSVM(KernelSVM):
     def __init__(
         self,
         n_components: int = 1000,
-        gamma: float | None = None,
+        gamma: float | str | None = None,
         l2: float = 1e-3,
         temperature: float = 1e-2,
         tol: float = 1e-10,
@@ -737,7 +906,7 @@ class NystroemSVM(KernelSVM):
 
     def _fit_feature_map(self, X: torch.Tensor) -> torch.Tensor:
         n = X.shape[0]
-        self.gamma_ = float(self.gamma) if self.gamma is not None else 0.05 / n
+        self.gamma_ = rbf_gamma(self.gamma, X)
         self.X_train_ = X
         m = min(int(self.n_components), n)
         if m == n:
@@ -760,3 +929,124 @@ class NystroemSVM(KernelSVM):
     def torch_transform(self, X: torch.Tensor) -> torch.Tensor:
         k = rbf_kernel(self.landmarks_, X, self.gamma_)
         return torch.linalg.solve_triangular(self.cholesky_, k, upper=False).T
+
+    def torch_feature_maps(
+        self, train_inputs: torch.Tensor, test_inputs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # A training image moves every point's features only if it is a landmark (through
+        # K_mm's factor); otherwise only its own row. Both follow from rebuilding the map from
+        # the landmarks' current inputs, at the same landmark indices, γ and jitter.
+        landmarks = train_inputs[self.landmark_indices_]
+        kernel = rbf_kernel(landmarks, landmarks, self.gamma_)
+        eye = torch.eye(len(landmarks), dtype=kernel.dtype)
+        chol = torch.linalg.cholesky(kernel + self.jitter_ * eye)
+
+        def features(X: torch.Tensor) -> torch.Tensor:
+            k = rbf_kernel(landmarks, X, self.gamma_)
+            return torch.linalg.solve_triangular(chol, k, upper=False).T
+
+        return features(train_inputs), features(test_inputs)
+
+
+#: Memory the exact kernel SVM may take before :func:`make_rbf_svm` switches to Nyström.
+SVM_MEMORY_BUDGET = 4 * 2**30
+
+#: Most landmarks :func:`make_rbf_svm` gives a Nyström SVM.
+MAX_LANDMARKS = 1000
+
+
+def svm_memory_bytes(n_train: int, n_features: int, n_classes: int) -> int:
+    """Peak memory of an RBF SVM with ``n_features`` features per point, with its influence engine.
+
+    Counted in float64 n x n / n x m and p x p matrices (p = n_features·C, one column for two
+    classes): the kernel, its temporaries and factor (3 n·m for the exact model, m = n; the
+    Nyström model's n x m features plus the m x m kernel and factor), then the engine's dense
+    Hessian with its Cholesky factor, and later the factor with the inverse the Newton-corrected
+    estimate reads (2 p² either way). ``bench/results/scale.md`` measured about 34·n² bytes for
+    the binary exact model (n x n and p x p both count), close to this 40·n².
+    """
+    outputs = 1 if n_classes == 2 else n_classes
+    p = n_features * outputs
+    return 8 * (3 * n_train * n_features + 2 * p * p)
+
+
+def make_rbf_svm(
+    n_train: int,
+    n_classes: int,
+    *,
+    memory_budget: int = SVM_MEMORY_BUDGET,
+    max_landmarks: int = MAX_LANDMARKS,
+    **settings: Any,
+) -> KernelSVM:
+    """The exact :class:`KernelSVM` when it fits in ``memory_budget``, else a :class:`NystroemSVM`.
+
+    The switch is by :func:`svm_memory_bytes`: exact while 8·(3n² + 2(n·C)²) bytes fit (with the
+    default 4 GiB: n <= 10,360 for two classes, 5,050 for three, 1,620 for ten); otherwise the
+    largest number of landmarks m <= ``max_landmarks`` whose Nyström model fits, so the model is
+    the same smooth-hinge SVM on an m-dimensional approximation of the kernel.
+
+    Args:
+        n_train, n_classes: the training set's size and number of classes.
+        settings: ``gamma``, ``l2``, ``temperature``, ``tol``, ``max_iter`` of both models.
+    """
+    if svm_memory_bytes(n_train, n_train, n_classes) <= memory_budget:
+        return KernelSVM(**settings)
+    m = min(int(max_landmarks), n_train)
+    while m > 10 and svm_memory_bytes(n_train, m, n_classes) > memory_budget:
+        m = int(m * 0.9)
+    return NystroemSVM(n_components=m, **settings)
+
+
+def cross_validated_accuracies(
+    make_model: Callable[[float], LinearModel],
+    X: Any,
+    y: Any,
+    folds: Any,
+    l2_grid: Any,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """Held-out accuracy of a model for every weight decay and fold, reusing work across both.
+
+    For each fold the grid is fitted from the largest λ down, each fit warm-started from the
+    previous λ's solution (the regularisation path: the most regularised problem converges from
+    zero in a few steps, and each next solution is close to the last). Each fit still runs to
+    the model's tolerance, so warm starts change the time, not the accuracies.
+
+    This is the fitting half of choosing λ; the rule that turns the table into a choice (and how
+    folds are drawn) is the caller's.
+
+    Args:
+        make_model: λ -> an unfitted model, e.g. ``lambda l2: LogisticRegression(l2=l2, tol=1e-8)``.
+        X: (n, D) inputs; y: (n,) labels.
+        folds: (n,) fold index of every row, 0..k-1; a row is held out in its fold.
+        l2_grid: the λ values.
+        progress: ``progress(done, total)`` over the len(grid)·k fits.
+    Returns:
+        (len(l2_grid), k) accuracy on each fold's held-out rows, rows in the order of ``l2_grid``.
+    """
+    X = as_float64(X)
+    labels = as_labels(y)
+    fold_of = np.asarray(folds, dtype=np.int64)
+    grid = [float(v) for v in l2_grid]
+    if fold_of.shape != (X.shape[0],) or fold_of.min(initial=0) < 0:
+        raise InfluenceExplorerError("folds must give every row a fold index >= 0.")
+    n_folds = int(fold_of.max()) + 1
+    accuracy = np.zeros((len(grid), n_folds))
+    order = sorted(range(len(grid)), key=lambda i: -grid[i])
+    done, total = 0, len(grid) * n_folds
+    for fold in range(n_folds):
+        held = torch.as_tensor(fold_of == fold)
+        train = ~held
+        if not bool(held.any()) or not bool(train.any()):
+            raise InfluenceExplorerError(f"fold {fold} must hold out some rows and keep others.")
+        theta = None
+        for i in order:
+            model = make_model(grid[i]).fit(X[train], labels[train], theta0=theta)
+            theta = model.theta_
+            predictions = torch.as_tensor(model.predict(X[held]))
+            accuracy[i, fold] = float((predictions == labels[held]).double().mean())
+            done += 1
+            if progress is not None:
+                progress(done, total)
+    return accuracy

@@ -124,14 +124,19 @@ class Agreement:
 
     Attributes:
         pearson, spearman: correlations of actual with predicted.
-        slope, intercept: least-squares fit actual ≈ slope·predicted + intercept (slope 1 means
-            the estimate has the right scale, not only the right order).
+        slope: least-squares slope through the origin, Σ predicted·actual / Σ predicted²: the
+            factor by which actual exceeds predicted (1 means predicted ≈ actual, not only the
+            right order).
+        affine_slope, intercept: the least-squares line actual ≈ affine_slope·predicted +
+            intercept, for comparison (its slope can be 1 while every prediction is off by the
+            intercept).
         n: number of points compared.
     """
 
     pearson: float
     spearman: float
     slope: float
+    affine_slope: float
     intercept: float
     n: int
 
@@ -140,23 +145,26 @@ class Agreement:
             "pearson": self.pearson,
             "spearman": self.spearman,
             "slope": self.slope,
+            "affine_slope": self.affine_slope,
             "intercept": self.intercept,
             "n": self.n,
         }
 
 
 def agreement(predicted: Any, actual: Any) -> Agreement:
-    """Pearson, Spearman, slope and intercept of actual against predicted."""
+    """Pearson, Spearman, the slope through the origin and the affine fit of actual against
+    predicted."""
     x = np.asarray(predicted, dtype=np.float64).reshape(-1)
     y = np.asarray(actual, dtype=np.float64).reshape(-1)
     if x.shape != y.shape:
         raise InfluenceExplorerError("predicted and actual must have the same length.")
     if x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return Agreement(math.nan, math.nan, math.nan, math.nan, int(x.size))
+        return Agreement(math.nan, math.nan, math.nan, math.nan, math.nan, int(x.size))
     pearson = float(np.corrcoef(x, y)[0, 1])
     spearman = float(stats.spearmanr(x, y).statistic)
-    slope, intercept = np.polyfit(x, y, 1)
-    return Agreement(pearson, spearman, float(slope), float(intercept), int(x.size))
+    slope = float(x @ y / (x @ x))
+    affine_slope, intercept = np.polyfit(x, y, 1)
+    return Agreement(pearson, spearman, slope, float(affine_slope), float(intercept), int(x.size))
 
 
 @dataclass(frozen=True)
@@ -190,24 +198,25 @@ def verify(
     y_test: Any,
     *,
     k: int = 50,
-    select_by: Estimate = "corrected",
+    select_by: Estimate | None = None,
     progress: Progress | None = None,
 ) -> list[Verification]:
     """Check influence against leave-one-out retraining for the top k points of each test point.
 
-    The points are the k largest by |score| under ``select_by``; both estimates are compared on
-    the same retrained points. Each point is retrained once even if several test points share it.
+    The points are the k largest by |score| under ``select_by`` (default: the engine's default
+    estimate); every estimate the engine offers is compared on the same retrained points. Each
+    point is retrained once even if several test points share it.
 
     Returns:
         One :class:`Verification` per test point.
     """
+    select_by = engine.default_estimate if select_by is None else select_by
     if select_by not in engine.estimates:
         raise InfluenceExplorerError(f"select_by must be one of {', '.join(engine.estimates)}.")
     if k < 3:
         raise InfluenceExplorerError("k must be at least 3 to compute correlations.")
     model = engine.model
-    s_test = engine.inverse_hvp_test(X_test, y_test)
-    scores = {e: engine.scores_from_stest(s_test, estimate=e) for e in engine.estimates}
+    scores = engine.score_estimates(X_test, y_test)
     k = min(k, engine.n_train)
     chosen = [top_k_by_magnitude(row, k) for row in scores[select_by]]
     union = np.unique(np.concatenate(chosen))

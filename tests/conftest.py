@@ -55,10 +55,11 @@ def make_logreg_problem() -> Callable[..., Problem]:
 
 @pytest.fixture
 def make_svm_problem() -> Callable[..., Problem]:
-    """Factory of pixel-like inputs in [-1, 1] for the kernel SVM: make_svm_problem(n, D, seed)."""
+    """Factory of pixel-like inputs in [-1, 1] for the kernel SVM:
+    make_svm_problem(n, D, seed, n_classes=2)."""
 
-    def make(n: int, D: int, seed: int) -> Problem:
-        p = _logreg_problem(n, D, seed, n_classes=2, noise=0.7)
+    def make(n: int, D: int, seed: int, n_classes: int = 2) -> Problem:
+        p = _logreg_problem(n, D, seed, n_classes=n_classes, noise=0.7)
         return Problem(np.tanh(p.X), p.y, np.tanh(p.X_test), p.y_test)
 
     return make

@@ -38,8 +38,8 @@ def add_dataset_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--classes",
         default=None,
-        help="two class names or indices separated by a comma, e.g. 'T-shirt/top,Shirt' "
-        "(default: the dataset's default pair)",
+        help="two or more class names or indices separated by commas, e.g. 'T-shirt/top,Shirt' "
+        "or '0,2,6', or 'all' for every class (default: the dataset's default pair)",
     )
     parser.add_argument(
         "--image-size",
@@ -135,7 +135,9 @@ def emit(payload: Any, args: argparse.Namespace, human: Callable[[Any], str]) ->
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """Backbone, hyperparameters and the inverse-Hessian solver of the two models."""
+    from core.explainer import DEFAULT_SVM_TEMPERATURE
     from core.features import DEFAULT_BACKBONE
+    from core.models import DEFAULT_GAMMA
 
     group = parser.add_argument_group("models")
     group.add_argument(
@@ -157,10 +159,17 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--svm-l2", type=float, default=1e-3, help="weight decay of the SVM")
     group.add_argument(
-        "--svm-gamma", type=float, default=None, help="RBF γ (default: the paper's 0.05/n)"
+        "--svm-gamma",
+        type=_gamma,
+        default=DEFAULT_GAMMA,
+        help="RBF γ: a number, 'median' (default: 1 / the median squared distance between "
+        "training images, informative at every n) or 'paper' (Koh & Liang's 0.05/n_train)",
     )
     group.add_argument(
-        "--svm-temperature", type=float, default=1e-2, help="smooth-hinge temperature t"
+        "--svm-temperature",
+        type=float,
+        default=DEFAULT_SVM_TEMPERATURE,
+        help=f"smooth-hinge temperature t (default {DEFAULT_SVM_TEMPERATURE:g})",
     )
     group.add_argument(
         "--max-train-per-class",
@@ -315,11 +324,52 @@ def network_line(report: dict[str, Any]) -> str:
     )
 
 
+def _gamma(text: str) -> float | str:
+    """--svm-gamma: a rule name or a positive number (argparse reports anything else)."""
+    from core.models import GAMMA_RULES
+
+    if text in GAMMA_RULES:
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number or one of {', '.join(GAMMA_RULES)}, got {text!r}"
+        ) from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
+def add_estimate_option(
+    parser: argparse.ArgumentParser, what: str, default: str | None = None
+) -> None:
+    """--estimate, offering every estimate of :data:`core.influence.ESTIMATES`.
+
+    Args:
+        what: what the estimate is used for, e.g. "influence estimate".
+        default: the option's default (default: the engine's default estimate).
+    """
+    from core.influence import ESTIMATES
+    from core.labels import ESTIMATE_DESCRIPTIONS
+
+    default = ESTIMATES[0] if default is None else default
+    described = "; ".join(f"{e}: {ESTIMATE_DESCRIPTIONS[e]}" for e in ESTIMATES)
+    parser.add_argument(
+        "--estimate",
+        choices=ESTIMATES,
+        default=default,
+        help=f"{what} — {described} (default: {default})",
+    )
+
+
 def parse_classes(text: str | None) -> tuple[int | str, ...] | None:
-    """'T-shirt/top,Shirt' or '0,6' -> a tuple of names or indices."""
+    """'T-shirt/top,Shirt' or '0,6' -> a tuple of names or indices; 'all' -> ('all',)."""
     if text is None:
         return None
     parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    if parts == ("all",):
+        return parts
     return tuple(int(p) if p.isdigit() else p for p in parts)
 
 

@@ -8,12 +8,14 @@ from typing import Any
 
 from core.commands.common import (
     add_common_options,
+    add_estimate_option,
     build_explainer,
     emit,
     network_line,
     network_report,
 )
 from core.errors import InfluenceExplorerError
+from core.labels import ESTIMATE_DESCRIPTIONS
 
 
 def add_query_options(parser: argparse.ArgumentParser) -> None:
@@ -56,12 +58,7 @@ def register(subparsers: Any) -> None:
     )
     add_query_options(parser)
     parser.add_argument("--k", type=int, default=10, help="helpful and harmful images to list")
-    parser.add_argument(
-        "--estimate",
-        choices=("corrected", "first_order"),
-        default="corrected",
-        help="Newton-corrected (default) or the paper's first-order estimate",
-    )
+    add_estimate_option(parser, "which estimate of the leave-one-out change scores the images")
     parser.add_argument(
         "--all-scores", action="store_true", help="include every training image's score in --json"
     )
@@ -85,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
             "explained_label": model.explained_label_name,
             "loss": model.loss,
             "estimate": model.estimate,
+            "estimate_label": ESTIMATE_DESCRIPTIONS[model.estimate],
             "helpful": model.helpful,
             "harmful": model.harmful,
             "familiarity": model.familiarity.as_dict(),
@@ -125,7 +123,7 @@ def _report(payload: dict[str, Any]) -> str:
         lines.append(
             f"{model['label']}: predicts {model['predicted']} ({model['probability']:.2f}); "
             f"explaining the loss of '{model['explained_label']}' = {model['loss']:.4f} "
-            f"({model['estimate']} estimate)"
+            f"(estimate: {model['estimate_label']})"
         )
         for title, items in (("helped", model["helpful"]), ("hurt", model["harmful"])):
             lines.append(f"  most {title}:")

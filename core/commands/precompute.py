@@ -10,6 +10,7 @@ from core.commands.common import (
     build_explainer,
     emit,
     network_report,
+    to_jsonable,
 )
 
 
@@ -33,7 +34,16 @@ def run(args: argparse.Namespace) -> int:
         "n_train": explainer.n_train,
         "n_test": explainer.n_test,
         "seconds": explainer.seconds,
-        "models": explainer.summaries(),
+        "models": {
+            key: {
+                **to_jsonable(summary),
+                # With the rule in words; mean and standard error per λ for a plot.
+                "lambda_curve": None
+                if summary.lambda_curve is None
+                else summary.lambda_curve.as_dict(),
+            }
+            for key, summary in explainer.summaries().items()
+        },
         # Why the scores may be inaccurate (e.g. LiSSA too short); also printed on stderr.
         "warnings": list(explainer.warnings),
         # The user's network (--network): what it is, its preprocessing, and how its refitted
@@ -51,19 +61,27 @@ def _report(payload: dict[str, Any]) -> str:
         "",
     ]
     for summary in payload["models"].values():
-        hyper = ", ".join(f"{k}={v:g}" for k, v in summary.hyperparameters.items())
-        lines.append(f"{summary.label}")
-        lines.append(f"  features:        {summary.features}")
+        hyper = ", ".join(f"{k}={v:g}" for k, v in summary["hyperparameters"].items())
+        lines.append(f"{summary['label']}")
+        lines.append(f"  features:        {summary['features']}")
         lines.append(
-            f"  accuracy:        test {summary.test_accuracy:.3f}, train {summary.train_accuracy:.3f}"
+            f"  accuracy:        test {summary['test_accuracy']:.3f}, "
+            f"train {summary['train_accuracy']:.3f}"
         )
         lines.append(f"  hyperparameters: {hyper}")
-        if summary.selection:
-            tried = ", ".join(f"λ={k}: {v:.3f}" for k, v in summary.selection.items())
-            lines.append(f"  λ by 3-fold CV:  {tried}")
+        curve = summary["lambda_curve"]
+        if curve is not None:
+            lines.append(f"  λ chosen by:     {curve['rule']}")
+            name = "log-loss" if curve["criterion"] == "log_loss" else "accuracy"
+            lines.append(f"    {'λ':>8}  {name + ' ± s.e.':>20}  {'accuracy':>8}")
+            for g, m, e, a in zip(
+                curve["grid"], curve["mean"], curve["stderr"], curve["accuracy"], strict=True
+            ):
+                mark = "  <- chosen" if g == curve["chosen"] else ""
+                lines.append(f"    {g:>8g}  {m:>11.4f} ± {e:<6.4f}  {a:>8.3f}{mark}")
         lines.append(
-            f"  fit:             {summary.iterations} Newton steps, gradient norm "
-            f"{summary.gradient_norm:.1e}, {summary.fit_seconds:.2f} s"
+            f"  fit:             {summary['iterations']} Newton steps, gradient norm "
+            f"{summary['gradient_norm']:.1e}, {summary['fit_seconds']:.2f} s"
         )
         head = summary.original_head
         if head is not None:

@@ -23,9 +23,11 @@ def register(subparsers: Any) -> None:
         "verify",
         help="retrain without each of the top-k training images and compare with the estimates",
         description="For a test image, retrain every model without each of its k most influential "
-        "training images (by |score|), warm-started and to tolerance 1e-11, and compare the "
-        "actual change in test loss with the Newton-corrected and the first-order estimates: "
-        "Pearson, Spearman and the slope of actual against predicted (1 = right scale).",
+        "training images (by |score| of the default estimate), warm-started and to tolerance "
+        "1e-11, and compare the actual change in test loss with every estimate on the same "
+        "points: Pearson, Spearman, the slope through the origin of actual against predicted "
+        "(Σ predicted·actual / Σ predicted²; 1 = predicted ≈ actual) and, for comparison, the "
+        "slope and intercept of a fitted line.",
     )
     add_query_options(parser)
     parser.add_argument(
@@ -66,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
                 "models": {
                     key: {
                         "label": explainer.models[key].label,
+                        "selected_by": v.selected_by,
+                        "estimate_labels": {e: ESTIMATE_DESCRIPTIONS[e] for e in v.agreement},
                         "agreement": {e: a.as_dict() for e, a in v.agreement.items()},
                         "retrain_seconds": v.seconds,
                         "converged": v.converged,
@@ -99,8 +103,9 @@ def _report(payload: dict[str, Any]) -> str:
             lines.append(f"  {model['label']} (retraining took {model['retrain_seconds']:.1f} s)")
             for estimate, a in model["agreement"].items():
                 lines.append(
-                    f"    {ESTIMATE_DESCRIPTIONS[estimate]:<40} Pearson {a['pearson']:.3f}  "
-                    f"Spearman {a['spearman']:.3f}  slope {a['slope']:.3f}"
+                    f"    {ESTIMATE_DESCRIPTIONS[estimate]:<58} Pearson {a['pearson']:.3f}  "
+                    f"Spearman {a['spearman']:.3f}  slope {a['slope']:.3f} (through 0; "
+                    f"fitted line {a['affine_slope']:.3f}, intercept {a['intercept']:+.1e})"
                 )
         lines.append("")
     return "\n".join(lines)

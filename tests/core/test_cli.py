@@ -55,9 +55,34 @@ def test_precompute_reports_both_models(capsys, common):
     assert set(payload["models"]) == {"svm", "logreg"}
     for model in payload["models"].values():
         assert 0 <= model["test_accuracy"] <= 1
+    assert payload["models"]["svm"]["lambda_curve"] is None
+    curve = payload["models"]["logreg"]["lambda_curve"]
+    assert curve["chosen"] == payload["models"]["logreg"]["hyperparameters"]["l2"]
+    assert len(curve["mean"]) == len(curve["stderr"]) == len(curve["grid"]) == 4
+    assert curve["criterion"] == "log_loss" and "one standard error" in curve["rule"]
     assert main(["precompute", *common]) == 0
     report = capsys.readouterr().out
-    assert "RBF SVM on pixels" in report and "accuracy:" in report and "λ by 3-fold CV" in report
+    assert "RBF SVM on pixels" in report and "accuracy:" in report
+    assert "λ chosen by:" in report and "<- chosen" in report
+
+
+def test_precompute_every_class(capsys, common):
+    # CG keeps the ten-class logistic regression's 12,800-parameter Hessian implicit (this tiny
+    # set has 80 images, far fewer than the parameters), and a fixed λ skips cross-validation.
+    every = ["--classes", "all", "--solver", "cg", "--logreg-l2", "0.1", "--json"]
+    payload = run_json(capsys, ["precompute", *common, *every])
+    assert payload["classes"] == list(load_demo().class_names)
+    assert payload["n_train"] == 80 and payload["n_test"] == 30
+    for model in payload["models"].values():
+        assert 0 <= model["test_accuracy"] <= 1 and model["gradient_norm"] <= 1e-8
+    svm = payload["models"]["svm"]
+    assert "median rule" in svm["features"] and svm["hyperparameters"]["temperature"] == 0.1
+    paper = run_json(
+        capsys,
+        ["precompute", *common, "--classes", "0,2,6", "--svm-gamma", "paper", "--json"],
+    )
+    assert paper["classes"] == ["T-shirt/top", "Pullover", "Shirt"]
+    assert paper["models"]["svm"]["hyperparameters"]["gamma"] == pytest.approx(0.05 / 24)
 
 
 def test_explain_a_test_index_and_an_image_file(capsys, common, tmp_path):
@@ -82,14 +107,30 @@ def test_explain_a_test_index_and_an_image_file(capsys, common, tmp_path):
     unusual = [m["label"] for m in payload["models"].values() if m["familiarity"]["unusual"]]
     assert len(payload["warnings"]) == len(unusual)
     assert main(["explain", *common, "--test-index", "0"]) == 0
-    assert "most helped" in capsys.readouterr().out
+    report = capsys.readouterr().out
+    assert "most helped" in report and "exact in the margin" in report
 
 
-def test_verify_reports_both_estimates(capsys, common):
+@pytest.mark.parametrize("estimate", ["margin", "corrected", "first_order"])
+def test_explain_offers_every_estimate_labelled(capsys, common, estimate):
+    payload = run_json(
+        capsys,
+        ["explain", *common, "--test-index", "1", "--estimate", estimate, "--json", "--all-scores"],
+    )
+    for model in payload["models"].values():
+        assert model["estimate"] == estimate and model["estimate_label"]
+        assert len(model["scores"]) == 16
+
+
+def test_verify_reports_every_estimate(capsys, common):
     payload = run_json(capsys, ["verify", *common, "--test-index", "2", "--k", "5", "--json"])
     (result,) = payload["results"]
     for model in result["models"].values():
-        assert set(model["agreement"]) == {"corrected", "first_order"}
+        assert set(model["agreement"]) == {"margin", "corrected", "first_order"}
+        assert set(model["estimate_labels"]) == set(model["agreement"])
+        assert model["selected_by"] == "margin"
+        for a in model["agreement"].values():
+            assert {"slope", "affine_slope", "intercept", "pearson", "spearman"} <= set(a)
         assert len(model["actual"]) == 5 and model["converged"]
     payload = run_json(capsys, ["verify", *common, "--test-indices", "0,3", "--k", "4", "--json"])
     assert [r["test_index"] for r in payload["results"]] == [0, 3]
@@ -102,6 +143,7 @@ def test_verify_reports_both_estimates(capsys, common):
         (["explain", "--k", "3"], "--test-index"),
         (["precompute", "--classes", "Foo,Bar"], "Foo"),
         (["verify", "--test-index", "0", "--k", "1"], "--k"),
+        (["precompute", "--classes", "Shirt"], "at least two classes"),
         (["explain", "--test-index", "999"], "test_index"),
     ],
 )
@@ -175,6 +217,13 @@ def test_lissa_that_diverges_says_to_use_the_exact_solver(capsys, common, monkey
     assert status == 2
     err = capsys.readouterr().err
     assert "LiSSA diverged" in err and "(Try --solver exact.)" in err
+
+
+def test_svm_gamma_takes_a_rule_or_a_positive_number(capsys, common):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["precompute", *common, "--svm-gamma", "widest"])
+    assert exit_info.value.code == 2
+    assert "median" in capsys.readouterr().err
 
 
 def test_image_that_is_a_named_pipe_exits_2_instead_of_hanging(common, tmp_path):

@@ -71,11 +71,17 @@ def test_default_pair_and_summaries(tiny, explainer):
     for summary in summaries.values():
         assert 0.0 <= summary.test_accuracy <= 1.0 and summary.gradient_norm <= 1e-8
     chosen = summaries["logreg"].hyperparameters["l2"]
-    assert chosen in LOGREG_L2_GRID
-    assert set(summaries["logreg"].selection) == {f"{v:g}" for v in LOGREG_L2_GRID}
-    assert summaries["logreg"].selection[f"{chosen:g}"] == max(
-        summaries["logreg"].selection.values()
-    )
+    curve = summaries["logreg"].lambda_curve
+    assert summaries["svm"].lambda_curve is None
+    assert curve.grid == LOGREG_L2_GRID and curve.chosen == chosen and curve.n == 32
+    # The one-standard-error rule: the largest λ within one s.e. of the lowest held-out log-loss.
+    best = int(np.argmin(curve.mean))
+    within = [
+        g
+        for g, m in zip(curve.grid, curve.mean, strict=True)
+        if m <= curve.mean[best] + curve.stderr[best]
+    ]
+    assert curve.best == curve.grid[best] and chosen == max(within)
     assert any("features" in stage for stage in explainer.stages)
     assert any("λ" in stage for stage in explainer.stages)
 
@@ -120,11 +126,15 @@ def test_uploaded_image_explains_each_models_prediction(explainer):
         explainer.explain(image=image, target="true")
 
 
-def test_first_order_estimate_is_one_click_away(explainer):
-    corrected = explainer.explain(test_index=0).models["logreg"].scores
+def test_every_estimate_is_one_click_away_and_labelled(explainer):
+    default = explainer.explain(test_index=0).models["logreg"]
+    assert default.estimate == "margin"
+    corrected = explainer.explain(test_index=0, estimate="corrected").models["logreg"].scores
     first = explainer.explain(test_index=0, estimate="first_order").models["logreg"].scores
     leverage = explainer.models["logreg"].engine.leverage()
     np.testing.assert_allclose(corrected, first / (1 - leverage), rtol=1e-9)
+    # Convex loss: the loss at the predicted margin lies on or above its tangent.
+    assert np.all(default.scores >= corrected - 1e-15)
 
 
 def test_heatmaps_through_kernel_and_backbone(explainer):
@@ -170,7 +180,8 @@ def test_verify_retrains_both_models(explainer):
         label = [int(explainer.test_labels[1])]
         expected = float(refitted.loss(inputs, label)[0] - model.loss(inputs, label)[0])
         assert result.actual[0] == pytest.approx(expected, rel=1e-6, abs=1e-12)
-        assert set(result.agreement) == {"corrected", "first_order"}
+        assert set(result.agreement) == {"margin", "corrected", "first_order"}
+        assert result.selected_by == "margin"
 
 
 def test_second_build_reads_the_cache(tiny, store, explainer, monkeypatch):
@@ -180,7 +191,11 @@ def test_second_build_reads_the_cache(tiny, store, explainer, monkeypatch):
         raise AssertionError("features were recomputed instead of read from the cache")
 
     monkeypatch.setattr(EfficientNetLite0Featurizer, "transform", no_recompute)
+    monkeypatch.setattr(
+        "core.explainer.held_out_values", no_recompute
+    )  # λ's cross-validation is cached too
     again = Explainer(tiny, store=store).prepare()
+    assert again.models["logreg"].lambda_curve == explainer.models["logreg"].lambda_curve
     assert again.models["logreg"].model.fit_info_.iterations <= 1
     np.testing.assert_allclose(
         again.models["logreg"].model.theta_, explainer.models["logreg"].model.theta_, atol=1e-10
@@ -196,8 +211,10 @@ def test_bad_queries_and_configs_are_refused(tiny, explainer, store, tmp_path, m
         explainer.explain(image=np.zeros((32, 32, 3), dtype=np.uint8))
     with pytest.raises(InfluenceExplorerError, match="model must be"):
         explainer.heatmap("cnn", 0, test_index=0)
-    with pytest.raises(InfluenceExplorerError, match="exactly two"):
-        ExplainerConfig(classes=(0, 1, 2))
+    with pytest.raises(InfluenceExplorerError, match="at least two classes"):
+        ExplainerConfig(classes=(0,))
+    with pytest.raises(InfluenceExplorerError, match="svm_gamma"):
+        ExplainerConfig(svm_gamma="widest")
     with pytest.raises(InfluenceExplorerError, match="ImageNet backbone"):
         ExplainerConfig(backbone="pixels")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
@@ -345,6 +362,102 @@ def _key_of(path):
     start = store_module._PREFIX.size
     stored = json.loads(data[start : start + meta_length])["key"]
     return CacheKey.of(stored["kind"], stored["fields"])
+
+
+# ---------------------------------------------------------------- any number of classes
+
+
+@pytest.fixture(scope="module")
+def three_classes(tiny, store):
+    return Explainer(tiny, ExplainerConfig(classes="all"), store=store).prepare()
+
+
+def _photo_like_upload(image: np.ndarray) -> bytes:
+    """A dark garment on a light background, 4x larger, as an RGB PNG (a phone photo's layout)."""
+    import io
+
+    from PIL import Image
+
+    light = 255 - np.repeat(image, 3, axis=2)
+    buffer = io.BytesIO()
+    Image.fromarray(light).resize((112, 112)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_three_classes_explain_an_uploaded_photo(tiny, three_classes):
+    from core.images import decode_upload
+
+    explainer = three_classes
+    assert explainer.class_names == tiny.class_names and explainer.n_train == 48
+    summaries = explainer.summaries()
+    for summary in summaries.values():
+        assert summary.gradient_norm <= 1e-8 and 0.0 <= summary.test_accuracy <= 1.0
+    assert explainer.models["svm"].model.n_outputs_ == 3
+    assert explainer.models["logreg"].model.n_outputs_ == 3
+    decoded = decode_upload(
+        _photo_like_upload(tiny.test_images[5]), target_shape=(28, 28, 1), light_on_dark=True
+    )
+    explanation = explainer.explain(image=decoded.image, k=4)
+    assert explanation.true_label is None
+    for key, model in explanation.models.items():
+        fitted = explainer.models[key]
+        inputs = fitted.inputs(decoded.image[None])
+        assert model.probabilities.shape == (3,)
+        np.testing.assert_allclose(model.probabilities.sum(), 1.0)
+        assert model.predicted == int(np.argmax(model.probabilities))
+        assert model.explained_label == model.predicted  # an upload explains the prediction
+        assert model.predicted_name in tiny.class_names
+        expected = fitted.engine.influence_scores(inputs, [model.predicted])[0]
+        np.testing.assert_allclose(model.scores, expected)
+        assert model.scores.shape == (48,) and np.isfinite(model.scores).all()
+        assert 0 < len(model.helpful) <= 4 and 0 < len(model.harmful) <= 4
+        assert model.loss == pytest.approx(
+            float(fitted.model.loss(inputs, [model.predicted])[0]), rel=1e-12
+        )
+    # The three-class SVM's scores are checked against retraining like the binary ones.
+    checked = explainer.verify(image=decoded.image, k=8)
+    for verification in checked.values():
+        assert verification.converged
+        assert verification.agreement["corrected"].spearman > 0.9
+
+
+def test_classes_all_is_every_class_in_order(tiny, store):
+    for spelled in ("all", ("all",), ["all"]):
+        config = ExplainerConfig(classes=spelled)
+        assert config.classes == ("all",)
+        assert Explainer(tiny, config, store=store).class_names == tiny.class_names
+    pair = Explainer(tiny, ExplainerConfig(classes=("Shirt", 0)), store=store)
+    assert pair.class_names == ("Shirt", "T-shirt/top")
+
+
+def test_preparation_can_be_cancelled_and_resumes_from_the_cache(tiny, store, explainer):
+    from core.errors import PreparationCancelled
+
+    stages = []
+
+    def cancel() -> bool:
+        return len(stages) > 0 and "Fitting the RBF SVM" in stages[-1]
+
+    fresh = Explainer(tiny, store=store)
+    with pytest.raises(PreparationCancelled, match="cancelled during"):
+        fresh.prepare(lambda stage, done, total: stages.append(stage), cancel=cancel)
+    assert not fresh.prepared
+    resumed = Explainer(tiny, store=store).prepare()
+    np.testing.assert_allclose(
+        resumed.models["svm"].model.theta_, explainer.models["svm"].model.theta_, atol=1e-10
+    )
+
+
+def test_cost_lists_every_stage_before_preparing(tiny, store, three_classes):
+    cost = Explainer(tiny, ExplainerConfig(classes="all"), store=store).cost()
+    assert cost.n_train == 48 and cost.n_classes == 3 and cost.svm == "exact"
+    assert cost.uncached_images == 0  # the fixture above computed them
+    names = [stage.stage for stage in cost.stages]
+    assert any("λ" in name for name in names) and any("Newton-corrected" in name for name in names)
+    assert cost.flops > 0 and cost.peak_memory_bytes > 0 and cost.seconds(10.0) > 0
+    other = Explainer(load_demo(), ExplainerConfig(classes="all"), store=store).cost()
+    assert other.n_train == 5000 and other.svm.startswith("Nyström")
+    assert other.uncached_images == 6000
 
 
 def test_a_per_class_cap_limits_what_is_featurised(tiny, tmp_path, monkeypatch):

@@ -167,7 +167,7 @@ def test_the_engine_scores_a_network_as_the_formula_says(make_network_problem):
         atol=1e-12,
     )
     with pytest.raises(InfluenceExplorerError, match="first_order"):
-        engine.influence_scores(X[test_rows], y[test_rows])  # the corrected default
+        engine.influence_scores(X[test_rows], y[test_rows], estimate="corrected")
 
 
 def test_damping_margin_by_lanczos_for_the_iterative_solvers(make_network_problem):

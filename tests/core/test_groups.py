@@ -93,7 +93,7 @@ def test_first_order_group_is_the_sum_of_individual_scores(logreg):
 def test_singleton_group_corrected_is_the_engines_corrected_score(svm):
     model, problem = svm
     engine = InfluenceEngine(model)
-    scores = engine.influence_scores(problem.X_test[:3], problem.y_test[:3])
+    scores = engine.influence_scores(problem.X_test[:3], problem.y_test[:3], estimate="corrected")
     gradients = engine.test_gradients(problem.X_test[:3], problem.y_test[:3])
     for j in (0, 7, 50):
         delta = predicted_params_change(engine, [j], ["corrected"])["corrected"]

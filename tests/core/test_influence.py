@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from core import linalg
 from core.errors import (
     ConvergenceError,
     InfluenceExplorerError,
@@ -23,6 +24,7 @@ from core.influence import (
     top_k,
 )
 from core.models import KernelSVM, LogisticRegression
+from core.validation import verify
 
 
 @pytest.fixture
@@ -41,6 +43,12 @@ def softmax_model(make_logreg_problem):
 def svm_model(make_svm_problem):
     problem = make_svm_problem(120, 30, seed=13)
     return KernelSVM(gamma=0.05, l2=1e-2, temperature=0.05).fit(problem.X, problem.y), problem
+
+
+@pytest.fixture
+def svm3_model(make_svm_problem):
+    problem = make_svm_problem(90, 30, seed=14, n_classes=3)
+    return KernelSVM(gamma=0.05, l2=1e-2, temperature=0.1).fit(problem.X, problem.y), problem
 
 
 def _relative_error(a, b):
@@ -107,9 +115,14 @@ def test_batched_scores_equal_one_at_a_time(softmax_model):
         np.testing.assert_allclose(batched, single, rtol=1e-10, atol=1e-14)
 
 
-@pytest.mark.parametrize("name", ["binary", "softmax", "svm"])
-def test_scores_match_explicit_formulas(name, binary_model, softmax_model, svm_model):
-    model, problem = {"binary": binary_model, "softmax": softmax_model, "svm": svm_model}[name]
+@pytest.mark.parametrize("name", ["binary", "softmax", "svm", "svm-3-class"])
+def test_scores_match_explicit_formulas(name, binary_model, softmax_model, svm_model, svm3_model):
+    model, problem = {
+        "binary": binary_model,
+        "softmax": softmax_model,
+        "svm": svm_model,
+        "svm-3-class": svm3_model,
+    }[name]
     engine = InfluenceEngine(model)
     n = model.n_train_
     hessian = model.hessian()
@@ -121,7 +134,9 @@ def test_scores_match_explicit_formulas(name, binary_model, softmax_model, svm_m
     expected = (test_grads @ torch.linalg.solve(hessian, train_grads.T) / n).numpy()
     np.testing.assert_allclose(first, expected, rtol=1e-8, atol=1e-14)
 
-    corrected = engine.influence_scores(problem.X_test[:3], problem.y_test[:3])
+    corrected = engine.influence_scores(
+        problem.X_test[:3], problem.y_test[:3], estimate="corrected"
+    )
     factors = model.example_hessian_factors(model.features_, model.labels_)
     d, c = model.features_.shape[1], model.n_outputs_
     for j in (0, 5, 42):
@@ -129,6 +144,39 @@ def test_scores_match_explicit_formulas(name, binary_model, softmax_model, svm_m
         without_j = hessian - (u @ u.T) / n  # H_{-j} = H - (1/n) ∇²ℓ(z_j)
         explicit = (test_grads @ torch.linalg.solve(without_j, train_grads[j]) / n).numpy()
         np.testing.assert_allclose(corrected[:, j], explicit, rtol=1e-8, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["softmax", "svm-3-class"])
+def test_quadratic_forms_from_inverse_blocks_match_explicit_ones(
+    name, softmax_model, svm3_model, monkeypatch
+):
+    model, _ = {"softmax": softmax_model, "svm-3-class": svm3_model}[name]
+    monkeypatch.setattr(linalg, "STRIP", 8)  # several strips even at these small sizes
+    d, c = model.features_.shape[1], model.n_outputs_
+    inverse = torch.linalg.inv(model.hessian())
+    eye = torch.eye(c, dtype=torch.float64)
+    forms = InfluenceEngine(model)._unit_quadratic_forms()
+    for j in (0, 7, 31):
+        u = (model.features_[j][:, None, None] * eye[None]).reshape(d * c, c)  # φ_j ⊗ I_C
+        torch.testing.assert_close(forms[j], u.T @ inverse @ u, rtol=1e-9, atol=1e-13)
+    # Solvers without a factor reach the same forms by solving for unit vectors.
+    iterative = InfluenceEngine(model, SolverConfig(method="cg", cg_tol=1e-12))
+    torch.testing.assert_close(iterative._unit_quadratic_forms(), forms, rtol=1e-7, atol=1e-11)
+
+
+@pytest.mark.parametrize("name", ["softmax", "svm-3-class"])
+def test_multiclass_corrected_estimate_tracks_leave_one_out(name, softmax_model, svm3_model):
+    """The C-class Woodbury estimate against actually retraining without each point."""
+    model, problem = {"softmax": softmax_model, "svm-3-class": svm3_model}[name]
+    engine = InfluenceEngine(model)
+    X_test, y_test = problem.X_test[:2], problem.y_test[:2]
+    results = verify(engine, X_test, y_test, k=25)
+    for result in results:
+        corrected, first = result.agreement["corrected"], result.agreement["first_order"]
+        assert corrected.spearman >= 0.98 and corrected.pearson >= 0.99
+        assert 0.95 <= corrected.slope <= 1.05
+        # The correction is at least as close to retraining as the first order.
+        assert abs(corrected.slope - 1) <= abs(first.slope - 1) + 1e-3
 
 
 def test_binary_correction_is_division_by_one_minus_leverage(binary_model):
@@ -164,7 +212,7 @@ def test_params_change_matches_explicit_solves(svm_model):
     )
     # The corrected change is one exact Newton step on the objective without the point.
     factors = model.example_hessian_factors(model.features_[idx], model.labels_[idx])
-    corrected = engine.params_change(idx)
+    corrected = engine.params_change(idx, estimate="corrected")
     for row, j in enumerate(idx):
         u = model.features_[j][:, None] * factors[row, 0, 0]
         without_j = model.hessian() - (u @ u.T) / model.n_train_

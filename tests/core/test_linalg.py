@@ -7,10 +7,13 @@ import pytest
 import torch
 
 from core.linalg import (
+    STRIP,
     cholesky_solve,
     conjugate_gradient,
     lanczos_spectrum,
+    quadratic_forms,
     spectrum_from_hessian,
+    weighted_gram,
 )
 
 
@@ -100,3 +103,20 @@ def test_lanczos_finds_the_extreme_eigenvalues() -> None:
     assert full.smallest == pytest.approx(exact.smallest, abs=1e-8)
     assert full.largest == pytest.approx(exact.largest, rel=1e-8)
     assert exact.smallest == pytest.approx(-1.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("d", [7, STRIP, 2 * STRIP + 13])
+def test_symmetric_products_from_lower_strips_match_full_products(d: int) -> None:
+    generator = torch.Generator().manual_seed(d)
+    features = torch.randn(300, d, generator=generator, dtype=torch.float64)
+    weights = torch.randn(300, generator=generator, dtype=torch.float64)  # either sign
+    gram = weighted_gram(features, weights)
+    expected = features.T @ (features * weights[:, None])
+    torch.testing.assert_close(gram, expected, rtol=1e-12, atol=1e-11)
+    assert torch.equal(gram, gram.T)
+    a = torch.randn(d, d, generator=generator, dtype=torch.float64)
+    symmetric = a + a.T
+    forms = quadratic_forms(features, symmetric, chunk=128)
+    torch.testing.assert_close(
+        forms, ((features @ symmetric) * features).sum(1), rtol=1e-12, atol=1e-10
+    )

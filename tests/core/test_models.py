@@ -10,14 +10,25 @@ import torch
 
 import core.models as models
 from core.errors import InfluenceExplorerError, NotFittedError
-from core.losses import LogisticLoss, SmoothHingeLoss, SoftmaxCrossEntropy
-from core.models import KernelSVM, LogisticRegression, NystroemSVM, rbf_kernel
+from core.losses import LogisticLoss, MulticlassSmoothHinge, SmoothHingeLoss, SoftmaxCrossEntropy
+from core.models import (
+    KernelSVM,
+    LogisticRegression,
+    NystroemSVM,
+    cross_validated_accuracies,
+    make_rbf_svm,
+    rbf_gamma,
+    rbf_kernel,
+    svm_memory_bytes,
+)
 
 LOSSES = {
     "logistic": (LogisticLoss(), 1, 2),
     "smooth-hinge-0.1": (SmoothHingeLoss(0.1), 1, 2),
     "smooth-hinge-0.001": (SmoothHingeLoss(0.001), 1, 2),
     "softmax": (SoftmaxCrossEntropy(), 4, 4),
+    "multiclass-smooth-hinge-0.1": (MulticlassSmoothHinge(0.1), 4, 4),
+    "multiclass-smooth-hinge-0.01": (MulticlassSmoothHinge(0.01), 4, 4),
 }
 
 
@@ -47,6 +58,7 @@ def _fitted_models(make_logreg_problem, make_svm_problem):
     binary = make_logreg_problem(80, 12, seed=1)
     multi = make_logreg_problem(90, 7, seed=2, n_classes=3)
     pixels = make_svm_problem(60, 20, seed=3)
+    pixels3 = make_svm_problem(60, 20, seed=9, n_classes=3)
     return {
         "logreg-binary": (LogisticRegression(l2=1e-2).fit(binary.X, binary.y), binary),
         "logreg-intercept": (
@@ -61,6 +73,16 @@ def _fitted_models(make_logreg_problem, make_svm_problem):
             ),
             pixels,
         ),
+        "svm-3-class": (
+            KernelSVM(gamma=0.05, l2=1e-2, temperature=0.05).fit(pixels3.X, pixels3.y),
+            pixels3,
+        ),
+        "svm-nystroem-3-class": (
+            NystroemSVM(n_components=25, gamma=0.05, l2=1e-2, temperature=0.05).fit(
+                pixels3.X, pixels3.y
+            ),
+            pixels3,
+        ),
     }
 
 
@@ -69,7 +91,15 @@ def fitted(make_logreg_problem, make_svm_problem):
     return _fitted_models(make_logreg_problem, make_svm_problem)
 
 
-MODEL_NAMES = ["logreg-binary", "logreg-intercept", "logreg-softmax", "svm", "svm-nystroem"]
+MODEL_NAMES = [
+    "logreg-binary",
+    "logreg-intercept",
+    "logreg-softmax",
+    "svm",
+    "svm-nystroem",
+    "svm-3-class",
+    "svm-nystroem-3-class",
+]
 
 
 def _objective_fn(model):
@@ -166,11 +196,22 @@ def test_refit_warm_start_takes_few_iterations(fitted):
     assert refitted.fit_info_.iterations <= 15
 
 
-def test_newton_cg_path_matches_dense(make_logreg_problem, monkeypatch):
-    problem = make_logreg_problem(120, 30, seed=5, n_classes=3)
-    dense = LogisticRegression(l2=1e-2).fit(problem.X, problem.y)
+@pytest.mark.parametrize("kind", ["softmax", "svm-3-class"])
+def test_newton_cg_path_matches_dense(make_logreg_problem, make_svm_problem, monkeypatch, kind):
+    if kind == "softmax":
+        problem = make_logreg_problem(120, 30, seed=5, n_classes=3)
+
+        def make():
+            return LogisticRegression(l2=1e-2)
+    else:
+        problem = make_svm_problem(70, 20, seed=5, n_classes=3)
+
+        def make():
+            return KernelSVM(gamma=0.05, l2=1e-2, temperature=0.02)
+
+    dense = make().fit(problem.X, problem.y)
     monkeypatch.setattr(models, "DENSE_NEWTON_MAX_PARAMS", 10)
-    iterative = LogisticRegression(l2=1e-2).fit(problem.X, problem.y)
+    iterative = make().fit(problem.X, problem.y)
     assert iterative.fit_info_.converged
     torch.testing.assert_close(iterative.theta_, dense.theta_, rtol=1e-7, atol=1e-9)
 
@@ -201,6 +242,95 @@ def test_kernel_svm_default_gamma_is_the_papers(make_svm_problem):
     problem = make_svm_problem(50, 10, seed=6)
     model = KernelSVM(temperature=0.01).fit(problem.X, problem.y)
     assert model.gamma_ == pytest.approx(0.05 / 50)
+    assert KernelSVM(gamma="paper").fit(problem.X, problem.y).gamma_ == model.gamma_
+
+
+def test_median_heuristic_gamma(make_svm_problem):
+    problem = make_svm_problem(120, 10, seed=6)
+    X = problem.X
+    squared = ((X[:, None, :] - X[None, :, :]) ** 2).sum(-1)
+    expected = 1.0 / np.median(squared[np.triu_indices(len(X), k=1)])
+    model = KernelSVM(gamma="median", temperature=0.1).fit(X, problem.y)
+    assert model.gamma_ == pytest.approx(expected, rel=1e-12)
+    # It does not shrink with n (the paper's 0.05/n does): the same distribution, twice the rows.
+    doubled = np.concatenate([X, np.tanh(np.arctanh(X) + 1e-3)])
+    assert rbf_gamma("median", torch.as_tensor(doubled)) == pytest.approx(expected, rel=0.05)
+    with pytest.raises(InfluenceExplorerError, match="identical"):
+        rbf_gamma("median", torch.zeros(5, 3, dtype=torch.float64))
+
+
+def test_two_class_svm_is_the_papers_binary_model(make_svm_problem):
+    """C = 2 keeps the paper's one-column model: its θ minimises the paper's objective, written
+    out here independently, and the multiclass hinge in the score difference is that loss."""
+    problem = make_svm_problem(60, 20, seed=3)
+    model = KernelSVM(gamma=0.05, l2=1e-2, temperature=0.05).fit(problem.X, problem.y)
+    assert model.n_outputs_ == 1 and model.n_params_ == 60
+    X = torch.as_tensor(problem.X)
+    n, t = len(X), 0.05
+    kernel = torch.exp(-0.05 * torch.cdist(X, X).square())
+    factor = torch.linalg.cholesky(kernel + model.jitter_ * torch.eye(n, dtype=torch.float64))
+    signs = torch.as_tensor(2 * problem.y - 1, dtype=torch.float64)
+
+    def objective(theta):
+        margins = signs * (factor @ theta)
+        return (t * torch.nn.functional.softplus((1 - margins) / t)).mean() + 0.005 * theta @ theta
+
+    gradient = torch.func.grad(objective)(model.theta_)
+    assert float(gradient.norm()) <= 1e-9
+    scores = factor @ model.theta_
+    torch.testing.assert_close(model.scores(model.features_)[:, 0], scores, rtol=1e-8, atol=1e-10)
+    two_columns = torch.stack([-scores / 2, scores / 2], dim=1)
+    torch.testing.assert_close(
+        MulticlassSmoothHinge(t).value(two_columns, model.labels_),
+        SmoothHingeLoss(t).value(scores[:, None], model.labels_),
+        rtol=1e-12,
+        atol=1e-15,
+    )
+
+
+def test_multiclass_svm_probabilities_follow_the_scores(fitted):
+    model, problem = fitted["svm-3-class"]
+    assert model.n_outputs_ == 3 and model.n_params_ == 3 * 60
+    proba = model.predict_proba(problem.X_test)
+    assert proba.shape == (len(problem.y_test), 3)
+    np.testing.assert_allclose(proba.sum(1), 1.0)
+    np.testing.assert_array_equal(proba.argmax(1), model.predict(problem.X_test))
+    scores = model.decision_function(problem.X_test)
+    assert scores.shape == (len(problem.y_test), 3)
+    expected = torch.softmax(model.platt_ * torch.as_tensor(scores), dim=1).numpy()
+    np.testing.assert_allclose(proba, expected, rtol=1e-12)
+    assert 0 < model.platt_ < 1e3
+    assert model.accuracy(problem.X, problem.y) > 0.8
+
+
+def test_make_rbf_svm_switches_to_nystroem_by_memory():
+    # 8·(3n² + 2p²) bytes: exact for the demo's pair, Nyström for its ten classes.
+    assert svm_memory_bytes(1000, 1000, 2) == 8 * (3 * 1000**2 + 2 * 1000**2)
+    assert type(make_rbf_svm(1000, 2)) is KernelSVM
+    assert type(make_rbf_svm(1500, 3)) is KernelSVM
+    ten = make_rbf_svm(5000, 10, temperature=0.1)
+    assert isinstance(ten, NystroemSVM) and ten.n_components == 1000 and ten.temperature == 0.1
+    small = make_rbf_svm(60_000, 10, memory_budget=2**30)
+    assert isinstance(small, NystroemSVM)
+    assert svm_memory_bytes(60_000, small.n_components, 10) <= 2**30
+    assert svm_memory_bytes(60_000, int(small.n_components / 0.85), 10) > 2**30
+
+
+def test_cross_validated_accuracies_equal_independent_fits(make_logreg_problem):
+    problem = make_logreg_problem(150, 10, seed=4, n_classes=3)
+    folds = np.arange(150) % 3
+    grid = (1e-3, 1e-1, 1e-2)
+    table = cross_validated_accuracies(
+        lambda l2: LogisticRegression(l2=l2, tol=1e-10), problem.X, problem.y, folds, grid
+    )
+    assert table.shape == (3, 3)
+    for i, l2 in enumerate(grid):
+        for fold in range(3):
+            train, held = folds != fold, folds == fold
+            model = LogisticRegression(l2=l2, tol=1e-10).fit(problem.X[train], problem.y[train])
+            assert table[i, fold] == model.accuracy(problem.X[held], problem.y[held])
+    with pytest.raises(InfluenceExplorerError, match="folds"):
+        cross_validated_accuracies(LogisticRegression, problem.X, problem.y, folds[:10], grid)
 
 
 def test_kernel_svm_small_temperature_reaches_tolerance(make_svm_problem):
@@ -250,8 +380,8 @@ def test_bad_inputs_are_refused_with_a_message():
         LogisticRegression().fit(np.where(X > 1, np.nan, X), y)
     with pytest.raises(InfluenceExplorerError, match="same n"):
         LogisticRegression().fit(X, y[:4])
-    with pytest.raises(InfluenceExplorerError, match="binary"):
-        KernelSVM().fit(X, np.array([0, 1, 2, 0, 1, 2]))
+    with pytest.raises(InfluenceExplorerError, match="class indices >= 0"):
+        KernelSVM().fit(X, np.array([0, 1, -1, 0, 1, 2]))
     model = LogisticRegression().fit(X, y)
     with pytest.raises(InfluenceExplorerError, match="shape"):
         model.predict(np.zeros((2, 5)))
@@ -314,3 +444,21 @@ def test_nystroem_kernel_error_shrinks_as_landmarks_are_added(make_svm_problem):
         errors.append(float((model.features_ @ model.features_.T - kernel).norm()))
     assert all(a >= b - 1e-9 for a, b in itertools.pairwise(errors))
     assert errors[0] > 10 * errors[-1] and errors[-1] < 1e-4
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_dual_newton_step_is_the_dense_step(make_logreg_problem, n_classes):
+    # Fewer data than parameters (n·r <= p/2): Newton steps go through Woodbury on n·r x n·r.
+    problem = make_logreg_problem(30, 200, seed=7, n_classes=n_classes)
+    weights = np.ones(30)
+    weights[[3, 4]] = 0
+    model = LogisticRegression(l2=1e-2).fit(problem.X, problem.y, sample_weight=weights)
+    assert model.fit_info_.converged
+    derivs = model._derivatives(model.features_, model.labels_, model.theta_)
+    vector = torch.randn(model.n_params_, generator=torch.Generator().manual_seed(1)).double()
+    torch.testing.assert_close(
+        model._dual_newton_step(derivs, vector),
+        torch.linalg.solve(model.hessian(), vector),
+        rtol=1e-9,
+        atol=1e-12,
+    )

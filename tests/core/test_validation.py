@@ -15,15 +15,19 @@ from core.validation import agreement, loo_retrain, retrain_without, verify
 
 def _check_and_report(name, results, report):
     for r in results:
-        corrected, first = r.agreement["corrected"], r.agreement["first_order"]
         report(
-            f"LOO {name} test#{r.test_position}: corrected Spearman {corrected.spearman:.4f} "
-            f"slope {corrected.slope:.3f} | first order Spearman {first.spearman:.4f} "
-            f"slope {first.slope:.3f} (top {corrected.n}, retrain {r.seconds:.1f}s)"
+            f"LOO {name} test#{r.test_position} (top {r.agreement['margin'].n}, retrain "
+            f"{r.seconds:.1f}s): "
+            + " | ".join(
+                f"{e} Spearman {a.spearman:.4f} slope {a.slope:.3f}" for e, a in r.agreement.items()
+            )
         )
         assert r.converged
-        assert corrected.spearman >= 0.99
-        assert 0.9 <= corrected.slope <= 1.1
+        assert r.selected_by == "margin"
+        assert set(r.agreement) == {"margin", "corrected", "first_order"}
+        for estimate in ("margin", "corrected"):
+            assert r.agreement[estimate].spearman >= 0.99
+            assert 0.9 <= r.agreement[estimate].slope <= 1.1
 
 
 def test_loo_binary_logistic_regression(make_logreg_problem, report):
@@ -102,5 +106,14 @@ def test_agreement_matches_scipy():
     a = agreement(x, y)
     assert a.pearson == pytest.approx(stats.pearsonr(x, y).statistic)
     assert a.spearman == pytest.approx(stats.spearmanr(x, y).statistic)
-    assert a.slope == pytest.approx(2.0, abs=0.05) and a.intercept == pytest.approx(0.5, abs=0.05)
+    # slope: through the origin, Σxy/Σx² (what "predicted ≈ actual" means); the fitted line
+    # keeps its own slope and intercept.
+    assert a.slope == pytest.approx(float(x @ y / (x @ x)), rel=1e-12)
+    fitted = stats.linregress(x, y)
+    assert a.affine_slope == pytest.approx(fitted.slope) and a.intercept == pytest.approx(
+        fitted.intercept
+    )
+    # An offset with the right slope is not agreement: the slope through the origin shows it.
+    offset = agreement(np.abs(x) + 1.0, np.abs(x) + 3.0)
+    assert offset.affine_slope == pytest.approx(1.0) and offset.slope > 1.5
     assert np.isnan(agreement([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]).pearson)

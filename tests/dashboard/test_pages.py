@@ -161,7 +161,11 @@ def test_verify_runs_and_is_remembered_for_the_session(make_app: Factory) -> Non
     _no_errors(at)
     assert len(at.get("plotly_chart")) == 1
     table = at.dataframe[0].value
-    assert set(table["estimate"]) == {"Newton-corrected", "First order (paper)"}
+    assert set(table["estimate"]) == {
+        "Exact in the margin",
+        "Newton-corrected",
+        "First order (paper)",
+    }
     assert (table["n"] == 5).all()
     assert table["Spearman"].notna().all()
     # Back on Explain and again on Verify: the result is still there, without retraining.

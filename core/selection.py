@@ -1,0 +1,294 @@
+"""Choosing the logistic regression's weight decay λ: repeated stratified cross-validation, a
+criterion averaged per example, and the one-standard-error rule.
+
+The rule (docs/architecture.md, "Choosing λ"):
+
+1. ``repeats`` times, with seeds derived from ``seed``, split the training set into ``folds``
+   stratified folds; for every λ of the grid fit on all folds but one (Newton to 1e-8) and score
+   every held-out example: its log-loss, and whether it is classified correctly.
+2. Average each example's held-out values over the repeats, then over the examples (per example,
+   not per fold, so unequal folds weigh nothing extra); the standard error is the standard
+   deviation of the per-example averages divided by √n.
+3. The best λ has the lowest mean log-loss (default criterion; or the highest accuracy). Every
+   λ whose mean is within one standard error of the best one's is as good as the data can tell;
+   of those, the **largest** is chosen (the most regularised model the data cannot reject).
+
+λ is never chosen by how good influence looks. The whole curve (mean and standard error per λ)
+is kept as a :class:`LambdaCurve` for reports.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from core.errors import InfluenceExplorerError
+from core.models import LogisticRegression
+
+#: Weight decays tried for the logistic regression.
+LOGREG_L2_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
+#: What cross-validation can score a λ by. Log-loss uses the predicted probabilities, so it
+#: separates λs that classify the same examples correctly.
+CRITERIA: tuple[str, ...] = ("log_loss", "accuracy")
+#: Tolerance of the fold fits (the final fit uses the model's own, 1e-10).
+FOLD_TOL = 1e-8
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """How λ is chosen. Frozen, so it can key a cache.
+
+    Attributes:
+        grid: the λs tried (at least two, all > 0).
+        folds: stratified folds per repeat.
+        repeats: how many differently seeded splits are averaged.
+        criterion: "log_loss" (default) or "accuracy", averaged per held-out example.
+        seed: seeds the splits (repeat r uses the seed sequence (seed, r)).
+    """
+
+    grid: tuple[float, ...] = LOGREG_L2_GRID
+    folds: int = 5
+    repeats: int = 3
+    criterion: str = "log_loss"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "grid", tuple(sorted(float(v) for v in self.grid)))
+        if len(self.grid) < 2 or len(set(self.grid)) != len(self.grid):
+            raise InfluenceExplorerError(
+                f"grid must list at least two different λ values; got {self.grid!r}."
+            )
+        if not all(math.isfinite(v) and v > 0 for v in self.grid):
+            raise InfluenceExplorerError(f"grid values must be finite and > 0; got {self.grid!r}.")
+        if int(self.folds) < 2:
+            raise InfluenceExplorerError(f"folds must be >= 2; got {self.folds!r}.")
+        if int(self.repeats) < 1:
+            raise InfluenceExplorerError(f"repeats must be >= 1; got {self.repeats!r}.")
+        if self.criterion not in CRITERIA:
+            raise InfluenceExplorerError(
+                f"criterion must be one of {', '.join(CRITERIA)}; got {self.criterion!r}."
+            )
+
+    @property
+    def cache_fields(self) -> dict[str, Any]:
+        """What a cached curve depends on besides the data (the criterion only picks from it)."""
+        return {
+            "grid": ",".join(f"{v:g}" for v in self.grid),
+            "folds": int(self.folds),
+            "repeats": int(self.repeats),
+            "seed": int(self.seed),
+        }
+
+
+@dataclass(frozen=True)
+class LambdaCurve:
+    """Cross-validated quality of each λ and the choice the rule makes.
+
+    Attributes:
+        grid: (G,) the λs tried, increasing.
+        criterion: "log_loss" (lower is better) or "accuracy" (higher is better).
+        mean: (G,) the criterion averaged over every training example's held-out values.
+        stderr: (G,) its standard error (per-example standard deviation / √n).
+        log_loss, accuracy: (G,) both criteria's means, whichever chose.
+        best: the λ with the best mean.
+        chosen: the largest λ within one standard error of the best (the model's λ).
+        folds, repeats, seed: the cross-validation that produced it.
+        n: training examples.
+    """
+
+    grid: tuple[float, ...]
+    criterion: str
+    mean: tuple[float, ...]
+    stderr: tuple[float, ...]
+    log_loss: tuple[float, ...]
+    accuracy: tuple[float, ...]
+    best: float
+    chosen: float
+    folds: int
+    repeats: int
+    seed: int
+    n: int
+
+    @property
+    def rule(self) -> str:
+        """One sentence saying how ``chosen`` was picked, for reports."""
+        direction = "lowest" if self.criterion == "log_loss" else "highest"
+        name = "log-loss" if self.criterion == "log_loss" else "accuracy"
+        return (
+            f"{self.repeats} x {self.folds}-fold stratified cross-validation (seed {self.seed}), "
+            f"held-out {name} averaged per example; the largest λ within one standard error of "
+            f"the {direction} mean (λ = {self.best:g}) is chosen: λ = {self.chosen:g}."
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "grid": list(self.grid),
+            "criterion": self.criterion,
+            "mean": list(self.mean),
+            "stderr": list(self.stderr),
+            "log_loss": list(self.log_loss),
+            "accuracy": list(self.accuracy),
+            "best": self.best,
+            "chosen": self.chosen,
+            "folds": self.folds,
+            "repeats": self.repeats,
+            "seed": self.seed,
+            "n": self.n,
+            "rule": self.rule,
+        }
+
+
+def one_standard_error_choice(
+    mean: Any, stderr: Any, *, higher_is_better: bool = False
+) -> tuple[int, int]:
+    """The one-standard-error rule over a grid sorted by increasing regularisation.
+
+    Args:
+        mean: (G,) criterion per grid value; stderr: (G,) its standard error.
+        higher_is_better: True for accuracy, False for a loss.
+    Returns:
+        (index of the best mean, index of the largest grid value whose mean is within one
+        standard error of the best). Ties in the best mean go to the larger grid value.
+    """
+    mean = np.asarray(mean, dtype=np.float64)
+    stderr = np.asarray(stderr, dtype=np.float64)
+    if mean.shape != stderr.shape or mean.ndim != 1 or mean.size == 0:
+        raise InfluenceExplorerError("mean and stderr must be (G,) arrays of the same length.")
+    if not (np.isfinite(mean).all() and np.isfinite(stderr).all()):
+        raise InfluenceExplorerError(
+            "The cross-validated criterion is not finite for every λ; check the features."
+        )
+    signed = -mean if higher_is_better else mean  # lower is better from here on
+    best = int(np.flatnonzero(signed == signed.min())[-1])
+    within = np.flatnonzero(signed <= signed[best] + stderr[best])
+    return best, int(within.max())
+
+
+def stratified_folds(labels: Any, folds: int, rng: np.random.Generator) -> np.ndarray:
+    """Fold index of every example: each class shuffled and dealt round-robin. Returns: (n,)."""
+    labels = np.asarray(labels)
+    out = np.empty(len(labels), dtype=np.int64)
+    for c in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        out[rows] = np.arange(len(rows)) % folds
+    return out
+
+
+def held_out_values(
+    features: Any,
+    labels: Any,
+    config: SelectionConfig,
+    progress: Progress | None = None,
+) -> dict[str, np.ndarray]:
+    """Every example's held-out log-loss and correctness for every λ and repeat.
+
+    Within a fold, λ runs from the largest down and each fit starts from the previous one's
+    solution (the path is smooth, so Newton needs few steps).
+
+    Args:
+        features: (n, d) training features; labels: (n,) class indices.
+    Returns:
+        "log_loss" and "correct": (repeats, n, G) arrays.
+    """
+    X = np.asarray(features, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64)
+    n, grid = len(y), config.grid
+    counts = np.bincount(y)
+    if np.any(counts[counts > 0] < config.folds):
+        raise InfluenceExplorerError(
+            f"Each class needs at least {config.folds} training examples for {config.folds}-fold "
+            f"cross-validation of λ; the smallest has {int(counts[counts > 0].min())}. Give "
+            "logreg_l2 (--logreg-l2) explicitly instead."
+        )
+    log_loss = np.empty((config.repeats, n, len(grid)))
+    correct = np.empty((config.repeats, n, len(grid)))
+    total, done = config.repeats * config.folds * len(grid), 0
+    for r in range(config.repeats):
+        fold_of = stratified_folds(y, config.folds, np.random.default_rng([config.seed, r]))
+        for fold in range(config.folds):
+            train, held = fold_of != fold, fold_of == fold
+            theta = None
+            for g in reversed(range(len(grid))):
+                if progress is not None:
+                    progress(done, total)
+                model = LogisticRegression(l2=grid[g], tol=FOLD_TOL).fit(
+                    X[train], y[train], theta0=theta
+                )
+                theta = model.theta_
+                log_loss[r, held, g] = model.loss(X[held], y[held])
+                correct[r, held, g] = model.predict(X[held]) == y[held]
+                done += 1
+    if progress is not None:
+        progress(total, total)
+    return {"log_loss": log_loss, "correct": correct}
+
+
+def curve_from_values(values: dict[str, np.ndarray], config: SelectionConfig) -> LambdaCurve:
+    """Apply the rule to :func:`held_out_values` (or their per-example averages, shape (n, G))."""
+    per_example = {}
+    for name, key in (("log_loss", "log_loss"), ("accuracy", "correct")):
+        array = np.asarray(values[key], dtype=np.float64)
+        per_example[name] = array.mean(axis=0) if array.ndim == 3 else array
+    n = per_example["log_loss"].shape[0]
+    if n < 2 or per_example["log_loss"].shape[1] != len(config.grid):
+        raise InfluenceExplorerError(
+            "Cross-validation values must be (n, G) with n >= 2 and G the grid's length."
+        )
+    chosen_values = per_example[config.criterion]
+    mean = chosen_values.mean(axis=0)
+    stderr = chosen_values.std(axis=0, ddof=1) / math.sqrt(n)
+    best, chosen = one_standard_error_choice(
+        mean, stderr, higher_is_better=config.criterion == "accuracy"
+    )
+    return LambdaCurve(
+        grid=config.grid,
+        criterion=config.criterion,
+        mean=tuple(float(v) for v in mean),
+        stderr=tuple(float(v) for v in stderr),
+        log_loss=tuple(float(v) for v in per_example["log_loss"].mean(axis=0)),
+        accuracy=tuple(float(v) for v in per_example["accuracy"].mean(axis=0)),
+        best=config.grid[best],
+        chosen=config.grid[chosen],
+        folds=int(config.folds),
+        repeats=int(config.repeats),
+        seed=int(config.seed),
+        n=int(n),
+    )
+
+
+def select_l2(
+    features: Any,
+    labels: Any,
+    config: SelectionConfig | None = None,
+    progress: Progress | None = None,
+) -> LambdaCurve:
+    """Choose the logistic regression's λ by the rule above.
+
+    Args:
+        features: (n, d) training features; labels: (n,) class indices.
+        config: grid, folds, repeats, criterion and seed (default :class:`SelectionConfig`).
+        progress: called as progress(fits done, fits in all).
+    Returns:
+        The whole :class:`LambdaCurve`; the λ to use is ``.chosen``.
+    """
+    config = config if config is not None else SelectionConfig()
+    return curve_from_values(held_out_values(features, labels, config, progress), config)
+
+
+__all__ = [
+    "CRITERIA",
+    "LOGREG_L2_GRID",
+    "LambdaCurve",
+    "SelectionConfig",
+    "curve_from_values",
+    "held_out_values",
+    "one_standard_error_choice",
+    "select_l2",
+    "stratified_folds",
+]

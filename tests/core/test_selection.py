@@ -1,0 +1,113 @@
+"""Choosing λ: the one-standard-error rule, per-example averaging, the held-out values against
+explicit fits, and clear messages."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from core.errors import InfluenceExplorerError
+from core.models import LogisticRegression
+from core.selection import (
+    LambdaCurve,
+    SelectionConfig,
+    curve_from_values,
+    held_out_values,
+    one_standard_error_choice,
+    select_l2,
+    stratified_folds,
+)
+
+
+def test_one_standard_error_rule_picks_the_largest_lambda_within_one_se_of_the_best():
+    mean = [0.50, 0.30, 0.29, 0.31]
+    assert one_standard_error_choice(mean, [0.01, 0.01, 0.02, 0.01]) == (2, 3)
+    assert one_standard_error_choice(mean, [0.01, 0.01, 0.01, 0.01]) == (2, 2)
+    # For accuracy higher is better; the threshold is one s.e. below the best.
+    accuracy = [0.80, 0.864, 0.864, 0.858]
+    assert one_standard_error_choice(accuracy, [0.01] * 4, higher_is_better=True) == (2, 3)
+    # An exact tie for the best goes to the larger λ.
+    assert one_standard_error_choice([0.3, 0.3, 0.5], [0.0, 0.0, 0.0])[0] == 1
+    with pytest.raises(InfluenceExplorerError, match="not finite"):
+        one_standard_error_choice([0.3, math.nan], [0.1, 0.1])
+
+
+def test_curve_averages_per_example_not_per_fold():
+    # Two λs; 5 examples. Per example λ=1e-3 and λ=1e-2 have the same mean, but a per-fold
+    # average over unequal folds ({0}, {1, 2, 3, 4}) would tell them apart.
+    config = SelectionConfig(grid=(1e-3, 1e-2), folds=2, repeats=1)
+    log_loss = np.array([[1.0, 0.2], [0.0, 0.2], [0.0, 0.2], [0.0, 0.2], [0.0, 0.2]])
+    curve = curve_from_values({"log_loss": log_loss, "correct": np.ones((5, 2))}, config)
+    assert curve.mean == pytest.approx((0.2, 0.2))
+    assert curve.stderr[0] == pytest.approx(np.std(log_loss[:, 0], ddof=1) / math.sqrt(5))
+    assert curve.stderr[1] == pytest.approx(0.0)
+    assert curve.best == 1e-2 and curve.chosen == 1e-2
+    # (repeats, n, G) values are first averaged per example over the repeats.
+    stacked = {"log_loss": np.stack([log_loss, log_loss + 0.1]), "correct": np.ones((2, 5, 2))}
+    assert curve_from_values(stacked, config).mean == pytest.approx((0.25, 0.25))
+
+
+def test_held_out_values_are_those_of_explicit_fits(make_logreg_problem):
+    problem = make_logreg_problem(40, 6, seed=3)
+    config = SelectionConfig(grid=(1e-2, 1e-1), folds=2, repeats=2, seed=7)
+    values = held_out_values(problem.X, problem.y, config)
+    assert values["log_loss"].shape == (2, 40, 2)
+    for r in range(2):
+        folds = stratified_folds(problem.y, 2, np.random.default_rng([7, r]))
+        assert sorted(set(folds.tolist())) == [0, 1]
+        for fold in range(2):
+            train, held = folds != fold, folds == fold
+            for g, l2 in enumerate(config.grid):
+                model = LogisticRegression(l2=l2, tol=1e-10).fit(problem.X[train], problem.y[train])
+                np.testing.assert_allclose(
+                    values["log_loss"][r, held, g],
+                    model.loss(problem.X[held], problem.y[held]),
+                    rtol=1e-6,
+                )
+                np.testing.assert_array_equal(
+                    values["correct"][r, held, g], model.predict(problem.X[held]) == problem.y[held]
+                )
+
+
+def test_select_l2_on_a_clear_case(make_logreg_problem):
+    # Plenty of data and little noise: a huge λ underfits, so it is not within one s.e.
+    problem = make_logreg_problem(200, 5, seed=4, noise=0.3)
+    config = SelectionConfig(grid=(1e-3, 1e-2, 30.0), folds=3, repeats=2)
+    curve = select_l2(problem.X, problem.y, config)
+    assert isinstance(curve, LambdaCurve)
+    assert curve.chosen < 30.0 and curve.mean[2] > curve.mean[0] + 3 * curve.stderr[0]
+    assert curve.chosen >= curve.best
+    described = curve.as_dict()
+    assert described["chosen"] == curve.chosen and "one standard error" in described["rule"]
+    # Labels unrelated to the features: nothing beats the most regularised model.
+    rng = np.random.default_rng(5)
+    noise = select_l2(problem.X, rng.integers(0, 2, 200), config)
+    assert noise.chosen == 30.0
+    # Same seed, same curve; the criterion only reads the same values differently.
+    assert select_l2(problem.X, problem.y, config) == curve
+    by_accuracy = select_l2(
+        problem.X, problem.y, SelectionConfig(**{**_fields(config), "criterion": "accuracy"})
+    )
+    assert by_accuracy.accuracy == curve.accuracy and by_accuracy.mean == curve.accuracy
+
+
+def _fields(config: SelectionConfig) -> dict:
+    return {k: getattr(config, k) for k in ("grid", "folds", "repeats", "criterion", "seed")}
+
+
+def test_bad_settings_and_too_small_classes_get_clear_messages(make_logreg_problem):
+    for kwargs, field in (
+        ({"grid": (1e-3,)}, "grid"),
+        ({"grid": (1e-3, -1.0)}, "grid"),
+        ({"folds": 1}, "folds"),
+        ({"repeats": 0}, "repeats"),
+        ({"criterion": "auc"}, "criterion"),
+    ):
+        with pytest.raises(InfluenceExplorerError, match=field):
+            SelectionConfig(**kwargs)
+    problem = make_logreg_problem(12, 3, seed=6)
+    labels = np.array([0] * 9 + [1] * 3)
+    with pytest.raises(InfluenceExplorerError, match="logreg_l2"):
+        select_l2(problem.X, labels, SelectionConfig(folds=5))

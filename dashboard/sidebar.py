@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard.services import InfluenceExplorerError
+from dashboard.services import InfluenceExplorerError, your_data
 from dashboard.services.settings import (
     DAMPING_CHOICES,
     DATA_ROOTS_ENV,
@@ -38,6 +38,9 @@ from dashboard.services.widgets import initial_value
 
 def render() -> Settings:
     defaults = Settings()
+    # A link naming an uploaded dataset (?data=<hash>) makes it this session's, before the
+    # dataset picker is drawn.
+    link_notice = your_data.read_link()
     # First values through Session State rather than the widgets' defaults: a link (see
     # services/links.py) sets them there before the widgets are drawn, and a widget with a
     # default as well would make Streamlit warn.
@@ -47,6 +50,8 @@ def render() -> Settings:
     initial_value("side_max_train", defaults.max_train_per_class)
     initial_value("side_image_size", defaults.image_size)
     with st.sidebar:
+        if link_notice:
+            st.warning(link_notice)
         st.header("Data and models")
         dataset_spec, dataset = _dataset_picker()
         classes = _class_pair(dataset, dataset_spec)
@@ -97,7 +102,9 @@ def render() -> Settings:
                         help="Larger sets are subsampled (seeded): the SVM's kernel is n × n.",
                     )
                 )
-            if dataset_is_directory(dataset_spec):
+            if your_data.network_sets_size(dataset_spec):
+                st.caption("Images are read at your network's input size.")
+            elif dataset_is_directory(dataset_spec):
                 image_size = st.selectbox(
                     "Image size for directory datasets (pixels)",
                     options=list(IMAGE_SIZE_CHOICES),
@@ -114,6 +121,9 @@ def render() -> Settings:
         damping=float(damping),
         max_train_per_class=max_train,
     )
+    # With this session's uploaded network, its dataset gets the third model at its input size.
+    settings = your_data.apply_to_settings(settings)
+    your_data.publish_link(settings)
     store_settings(settings)
     return settings
 
@@ -121,6 +131,9 @@ def render() -> Settings:
 def _dataset_picker() -> tuple[str, Dataset]:
     choices = dataset_choices()
     labels = {choice.spec: choice.label for choice in choices}
+    own = your_data.dataset_option()
+    if own is not None:
+        labels[own[0]] = own[1]
     spec = st.selectbox(
         "Dataset",
         options=list(labels),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn
@@ -20,10 +21,12 @@ from core.errors import (
     InfluenceExplorerError,
     NonFiniteFeaturesError,
     NotPositiveDefiniteError,
+    PreparationCancelled,
     SolverDivergedError,
 )
 from core.explainer import Explainer
 from core.store import ArtifactStore
+from dashboard.services import preparing
 from dashboard.services.settings import (
     DAMPING_CHOICES,
     EngineSpec,
@@ -34,6 +37,8 @@ from dashboard.services.settings import (
 
 #: progress(stage, done, total), as core reports it while preparing.
 Progress = Callable[[str, int, int], None]
+#: build(progress, cancelled): the explainer, prepared; stops when cancelled() turns True.
+Build = Callable[[Progress, Callable[[], bool]], Explainer]
 
 
 @dataclass(frozen=True)
@@ -55,12 +60,14 @@ class Preparation:
 
     Nothing here touches Streamlit, so it is safe to create inside ``st.cache_resource`` and to
     watch from many sessions at once. A session that navigates away stops watching; the build goes
-    on and the next visitor finds it further along (or done).
+    on and the next visitor finds it further along (or done). :meth:`cancel` asks the build to
+    stop (core stops at its next progress report with ``PreparationCancelled``, the job's error).
     """
 
-    def __init__(self, build: Callable[[Progress], Explainer]) -> None:
+    def __init__(self, build: Build) -> None:
         self._lock = threading.Lock()
         self._finished = threading.Event()
+        self._cancel = threading.Event()
         self._stage, self._done, self._total = "Starting", 0, 0
         self._started = time.monotonic()
         self.seconds: float | None = None
@@ -75,9 +82,9 @@ class Preparation:
         with self._lock:
             self._stage, self._done, self._total = stage, int(done), int(total)
 
-    def _run(self, build: Callable[[Progress], Explainer]) -> None:
+    def _run(self, build: Build) -> None:
         try:
-            self.result = build(self._report)
+            self.result = build(self._report, self._cancel.is_set)
         except BaseException as exc:  # handed to the page, which decides how to show it
             self.error = exc
         finally:
@@ -87,6 +94,18 @@ class Preparation:
     @property
     def finished(self) -> bool:
         return self._finished.is_set()
+
+    def cancel(self) -> None:
+        """Ask the build to stop at its next progress report."""
+        self._cancel.set()
+
+    @property
+    def cancelling(self) -> bool:
+        return self._cancel.is_set() and not self.finished
+
+    @property
+    def cancelled(self) -> bool:
+        return self.finished and isinstance(self.error, PreparationCancelled)
 
     def wait(self, timeout: float) -> bool:
         return self._finished.wait(timeout)
@@ -101,10 +120,36 @@ class Preparation:
 @st.cache_resource(max_entries=4, show_spinner=False)
 def _preparation(engine: EngineSpec, _dataset: Dataset) -> Preparation:
     # The engine's dataset and image size determine _dataset, so it need not key the cache.
-    def build(progress: Progress) -> Explainer:
-        return Explainer(_dataset, engine.config, store=ArtifactStore()).prepare(progress)
+    def build(progress: Progress, cancelled: Callable[[], bool]) -> Explainer:
+        explainer = Explainer(_dataset, engine.config, store=ArtifactStore())
+        return explainer.prepare(progress, cancel=cancelled)
 
-    return Preparation(build)
+    job = Preparation(build)
+    _started()[engine] = job
+    return job
+
+
+@st.cache_resource(show_spinner=False)
+def _started() -> weakref.WeakValueDictionary[EngineSpec, Preparation]:
+    """Engine -> its preparation while the shared cache holds it: whether a choice has been
+    started, without starting it."""
+    return weakref.WeakValueDictionary()
+
+
+def _ask_first(settings: Settings) -> None:
+    """Before starting (or restarting) a preparation: after a cancelled one, say so and offer it
+    again; for a large choice nobody has confirmed, show its cost and wait (both stop the page)."""
+    engine = settings.engine
+    job = _started().get(engine)
+    if job is not None and job.cancelled:
+        # The cancelled job leaves the shared cache, so Prepare starts afresh.
+        _preparation.clear(engine, None)
+        _started().pop(engine, None)
+        preparing.forget(engine)
+        st.info(f"{job.error}", icon="⏹️")
+        preparing.ask(settings)
+    if job is None and preparing.needs_confirmation(settings):
+        preparing.ask(settings)
 
 
 def preparation(settings: Settings) -> Preparation:
@@ -120,9 +165,13 @@ def preparation(settings: Settings) -> Preparation:
 
 
 def explainer_if_ready(settings: Settings | None = None) -> Explainer | None:
-    """The explainer if it is built, without waiting (for pages that can do without)."""
+    """The explainer if it is built, without waiting (for pages that can do without); a large
+    choice nobody has confirmed is not started (see :mod:`.preparing`)."""
     settings = settings or current_settings()
     try:
+        job = _started().get(settings.engine)
+        if (job is None and preparing.needs_confirmation(settings)) or (job and job.cancelled):
+            return None
         job = preparation(settings)
     except InfluenceExplorerError:
         return None
@@ -137,12 +186,15 @@ def require_explainer(settings: Settings | None = None) -> Explainer:
     """
     settings = settings or current_settings()
     try:
+        _ask_first(settings)
         job = preparation(settings)
     except InfluenceExplorerError as exc:
         st.error(error_message(exc, settings))
         st.stop()
     if not job.finished:
-        _watch(job)
+        preparing.watch(job, settings)
+    if job.cancelled:
+        _ask_first(settings)
     if job.error is not None:
         if not isinstance(job.error, InfluenceExplorerError):
             raise job.error
@@ -156,26 +208,6 @@ def require_explainer(settings: Settings | None = None) -> Explainer:
         # E.g. LiSSA too short to have converged: the scores are shown, with this caveat.
         st.warning(f"{warning}\n\n**In this dashboard:** {_SOLVER_FIX}", icon="⚠️")
     return job.result
-
-
-def _watch(job: Preparation) -> None:
-    """Show the preparation's progress until it finishes."""
-    with st.status("Preparing the models (first launch only)…", expanded=True) as status:
-        st.caption(
-            "Features are computed once and cached on disk; fitting the models and their "
-            "influence engines follows. Later launches take seconds."
-        )
-        bar = st.progress(0.0, text="Starting…")
-        while not job.wait(0.3):
-            snap = job.snapshot()
-            detail = f" ({snap.done}/{snap.total})" if snap.total else ""
-            bar.progress(snap.fraction, text=f"{snap.stage}{detail} · {snap.elapsed:.0f} s")
-        failed = job.error is not None
-        status.update(
-            label="Preparation failed" if failed else f"Models ready ({job.seconds:.0f} s)",
-            state="error" if failed else "complete",
-            expanded=False,
-        )
 
 
 _SOLVER_FIX = (

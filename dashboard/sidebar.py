@@ -178,7 +178,7 @@ _CLASSES_BEFORE = "state_classes_before"
 
 
 def _tidy_all_option() -> None:
-    """ "All classes" and single classes exclude each other: the one picked last wins."""
+    """Make "all classes" and single classes exclude each other: the one picked last wins."""
     now = list(st.session_state.get("side_classes", []))
     before = st.session_state.get(_CLASSES_BEFORE, [])
     if ALL_OPTION in now and len(now) > 1:
@@ -208,8 +208,8 @@ def _per_class_cap(dataset: Dataset) -> int | None:
             max_value=MAX_TRAIN_PER_CLASS,
             step=100,
             key="side_max_train",
-            help="Larger sets are subsampled (seeded): the SVM's kernel is n × n. The bundled "
-            f"demo has {largest:,} per class; a smaller cap prepares many classes faster.",
+            help="Larger sets are subsampled (seeded): the SVM's kernel is n × n. This dataset "
+            f"has up to {largest:,} per class; a smaller cap prepares many classes faster.",
         )
     )
 

@@ -141,7 +141,7 @@ def ask(settings: Settings) -> None:
         st.markdown(
             f"Not prepared on this server yet. Core estimates **{cost.flops / 1e12:,.1f} TFLOP** "
             f"of dense linear algebra, about **{_duration(cost.seconds(rate))}** at the "
-            f"{rate:.0f} GFLOP/s this machine sustains now{featurise}; peak memory about "
+            f"{rate:.0f} GFLOP/s measured on this server{featurise}; peak memory about "
             f"**{human_bytes(cost.peak_memory_bytes)}**. The RBF SVM is {cost.svm}."
         )
         st.caption(

@@ -4,6 +4,7 @@ Method page's λ curve."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -120,6 +121,7 @@ def test_which_choices_ask_first_and_how_progress_reads() -> None:
 
 def test_cancel_stops_a_preparation_at_its_next_report() -> None:
     reports: list[int] = []
+    pause = threading.Event()
 
     def build(progress: Callable[[str, int, int], None], cancelled: Callable[[], bool]) -> None:
         for step in range(10_000):
@@ -127,12 +129,12 @@ def test_cancel_stops_a_preparation_at_its_next_report() -> None:
                 raise PreparationCancelled("Preparation was cancelled during 'counting'.")
             progress("counting", step, 10_000)
             reports.append(step)
-            job.wait(0.01)
+            pause.wait(0.01)
         raise AssertionError("never cancelled")
 
     job = Preparation(build)  # type: ignore[arg-type]
     while not reports:
-        job.wait(0.01)
+        pause.wait(0.01)
     job.cancel()
     assert job.wait(30)
     assert job.cancelled and isinstance(job.error, PreparationCancelled)

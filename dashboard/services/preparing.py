@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 import streamlit as st
 
+from core.errors import InfluenceExplorerError
 from core.explainer import Explainer, PreparationCost
 from core.files import human_bytes
 from core.linalg import gemm_rate
@@ -170,7 +171,7 @@ def watch(job: Preparation, settings: Settings) -> None:
     try:
         cost = estimate(settings.engine)
         what = choice_text(cost)
-    except Exception:  # the label is a courtesy; the preparation reports its own errors
+    except InfluenceExplorerError:  # the preparation reports its own errors
         cost, what = None, "the models"
     with st.status(f"Preparing {what}…", expanded=True) as status:
         st.caption(

@@ -25,6 +25,7 @@ from tests.upload_corpus import build_upload_corpus
 
 Factory = Callable[[], AppTest]
 THREE = (0, 2, 6)  # T-shirt/top, Pullover, Shirt: the demo's most confused classes
+CAP = 100
 
 
 def _no_errors(at: AppTest) -> None:
@@ -194,6 +195,8 @@ def test_a_cancelled_preparation_says_so_and_offers_to_start_again(
 @pytest.mark.slow
 def test_three_classes_explain_an_upload_on_every_page(make_app: Factory) -> None:
     at = make_app().run()
+    # 100 training images per class keep the three-class fits quick (the test split is whole).
+    at.number_input(key="side_max_train").set_value(CAP)
     at.multiselect(key="side_classes").set_value([6, 0, 2]).run()
     if any(b.key == "state_prepare_confirm" for b in at.button):
         at.button(key="state_prepare_confirm").click().run()
@@ -226,7 +229,7 @@ def test_three_classes_explain_an_upload_on_every_page(make_app: Factory) -> Non
 
     at.switch_page("app_pages/compare.py").run()
     _no_errors(at)
-    makeup = at.dataframe(key="compare_makeup").value
+    makeup = next(d.value for d in at.dataframe if "list" in d.value.columns)
     assert [c for c in makeup.columns if c in names] == list(names)
     assert (makeup[list(names)].sum(axis=1) == 10).all()
 
@@ -239,7 +242,7 @@ def test_three_classes_explain_an_upload_on_every_page(make_app: Factory) -> Non
 
     at.switch_page("app_pages/method.py").run()
     text = _texts(at)
-    assert "3 classes; n = 1,500 training" in text
+    assert f"3 classes; n = {3 * CAP} training" in text
     assert "one standard error" in text and "Its limit." in text
     curve = [c for c in at.get("plotly_chart")]
     assert curve, "the λ curve is drawn"

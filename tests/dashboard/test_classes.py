@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from core.data import DEBIAN_FASHION_MNIST_DIR
 from core.errors import InfluenceExplorerError, PreparationCancelled
 from core.explainer import PreparationCost, StageCost
 from core.store import ENV_CACHE_DIR
@@ -246,3 +247,24 @@ def test_three_classes_explain_an_upload_on_every_page(make_app: Factory) -> Non
     assert "one standard error" in text and "Its limit." in text
     curve = [c for c in at.get("plotly_chart")]
     assert curve, "the λ curve is drawn"
+
+
+@pytest.mark.skipif(
+    not DEBIAN_FASHION_MNIST_DIR.is_dir(), reason="dataset-fashion-mnist is not installed"
+)
+def test_the_full_fashion_mnist_is_offered_with_what_it_costs(make_app: Factory) -> None:
+    at = make_app().run()
+    dataset = at.selectbox(key="side_dataset")
+    assert "Fashion-MNIST (full, 60k; Debian package)" in dataset.options
+    dataset.set_value("fashion-mnist").run()
+    at.multiselect(key="side_classes").set_value(["all"]).run()
+    at.checkbox(key="side_max_train_all").check().run()
+    _no_errors(at)
+    settings = at.session_state["state_settings"]
+    assert settings.max_train_per_class is None and settings.classes == tuple(range(10))
+    assert at.query_params["max_train"] in ("all", ["all"])
+    # Nothing is prepared until asked: the cost of 60,000 images and 70,000 to featurise.
+    text = _texts(at)
+    assert "Prepare 10 classes, 60,000 training images?" in text
+    assert "Nyström, 1000 landmarks" in text
+    assert not _inspect_buttons(at)

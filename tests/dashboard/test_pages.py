@@ -45,7 +45,7 @@ def test_explain_shows_both_models_lists_and_the_sign_convention(make_app: Facto
     _no_errors(at)
     text = _texts(at)
     assert "Positive: it helped" in text and "negative: it hurt" in text
-    assert "Newton-corrected" in text
+    assert "Scores shown: **Exact in the margin** estimate (the default" in text
     for model in ("svm", "logreg"):
         for kind in ("helpful", "harmful"):
             assert len(_keys(at, f"explain_inspect_{model}_{kind}_")) == 10
@@ -174,7 +174,11 @@ def test_verify_runs_and_is_remembered_for_the_session(make_app: Factory) -> Non
     _no_errors(at)
     assert len(at.get("plotly_chart")) == 1
     table = at.table[0].value
-    assert set(table["estimate"]) == {"Newton-corrected", "First order (paper)"}
+    assert set(table["estimate"]) == {
+        "Exact in the margin",
+        "Newton-corrected",
+        "First order (paper)",
+    }
     assert (table["n"] == 5).all()
     assert table["Spearman"].notna().all()
     # Back on Explain and again on Verify: the result is still there, without retraining.

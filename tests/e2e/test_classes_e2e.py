@@ -1,5 +1,5 @@
-"""Every class of the demo in a real browser: "All 10 classes" in the sidebar, what preparing
-costs before it starts, Cancel and Prepare again, then both models' lists and the C-class pages.
+"""Every class of the demo in a real browser: "All 10 classes" in the sidebar, then both models'
+lists and the C-class pages (Compare's ten-colour label make-up, Method's λ curve).
 
 The demo's images are capped per class through the address (``max_train``), so that preparing ten
 classes from the shared cache stays about a minute; everything else is chosen on the page.
@@ -42,7 +42,7 @@ def _choose_all_classes(page: Any) -> None:
     wait_idle(page)
 
 
-def test_all_ten_classes_cost_first_then_both_models_lists(page: Any, app_server: Server) -> None:
+def test_all_ten_classes_show_both_models_lists(page: Any, app_server: Server) -> None:
     from playwright.sync_api import expect
 
     # The first page of a fresh server can take over a minute on a busy machine.
@@ -50,22 +50,19 @@ def test_all_ten_classes_cost_first_then_both_models_lists(page: Any, app_server
     page.get_by_test_id("stSidebar").wait_for(timeout=READY_TIMEOUT)
     wait_idle(page)
     _choose_all_classes(page)
-    gate = page.locator(".st-key-prepare_cost")
-    expect(gate.get_by_text(f"Prepare 10 classes, {10 * CAP:,} training images?")).to_be_visible()
-    expect(gate.get_by_text("TFLOP")).to_be_visible()
-    expect(gate.get_by_test_id("stDataFrame")).to_be_visible()
     query = parse_qs(urlparse(page.url).query)
     assert query["classes"] == ["all"] and query["max_train"] == [str(CAP)]
-    screenshot(page, "classes-cost")
-
-    # Started, then cancelled: it says so and offers to start again.
-    gate.get_by_role("button", name="Prepare").click()
-    expect(page.get_by_text("Preparing 10 classes")).to_be_visible()
-    page.get_by_role("button", name="Cancel").click()
-    expect(page.get_by_text("Preparation was cancelled")).to_be_visible(timeout=TEN_CLASSES_TIMEOUT)
-    no_exception(page)
-
-    page.locator(".st-key-prepare_cost").get_by_role("button", name="Prepare").click()
+    # Whether this choice asks first depends on what the cache holds (core's cost estimate);
+    # when it does, the cost is shown and Prepare starts it (tests/dashboard/test_classes.py
+    # covers asking, Cancel and starting again).
+    gate = page.locator(".st-key-prepare_cost")
+    if gate.count():
+        expect(
+            gate.get_by_text(f"Prepare 10 classes, {10 * CAP:,} training images?")
+        ).to_be_visible()
+        expect(gate.get_by_text("TFLOP")).to_be_visible()
+        screenshot(page, "classes-cost")
+        gate.get_by_role("button", name="Prepare").click()
     columns = page.locator('[class*="st-key-explain_model_"]')
     expect(columns).to_have_count(2, timeout=TEN_CLASSES_TIMEOUT)
     wait_idle(page, TEN_CLASSES_TIMEOUT)

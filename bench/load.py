@@ -1,23 +1,29 @@
 """Many users at once: concurrent browser sessions against one ``streamlit run``.
 
-Usage: ``python -m bench.load [--sessions 10] [--waves 2] [--verify-k 3]``
+Usage: ``python -m bench.load [--sessions 20] [--waves 1] [--verify-k 3] [--budget 3G] [--solo]``
 
 Starts the dashboard (``streamlit run dashboard/streamlit_app.py``) on a free port with the
-artifact cache prepared, opens one warm-up session, then runs ``--waves`` waves of ``--sessions``
-Playwright browser contexts at once (one Chromium; each context is its own Streamlit session).
+artifact cache prepared and the memory budget ``--budget`` (``$INFLUENCE_MEMORY_BUDGET``), opens
+one warm-up session (and with ``--solo`` one session alone, for uncontended latencies), then runs
+``--waves`` waves of ``--sessions`` Playwright browser contexts at once (one Chromium; each context
+is its own Streamlit session).
 Every session, as a user would:
 
 1. **open** the app and wait until both models' explanations of test image #0 are shown;
 2. **select** its own test image (a different one per session) by number;
 3. **upload** its own image (different pixels and size per session) and wait for its explanation;
-4. **verify** on the Verify page: retrain without each of the top ``--verify-k`` images;
+4. **verify** on the Verify page: retrain without each of the top ``--verify-k`` images (heavy
+   work: the server runs a few at a time, and a session that has to wait must be shown its
+   place in the queue; the most requests ahead it was shown is recorded);
 5. **return** to Explain, where its upload must still be the query, then back to its test image.
 
 Each step's latency is the time from the user's action until the page shows its result (and the
 script run has finished). Isolation is checked on the way: each page must show its own test image,
 its own upload (file name *and* original size) and its own verification, and no page may show
 another session's file name or test image heading. The server's resident memory (VmRSS) is
-sampled every half second; VmHWM gives its peak.
+sampled every half second; VmHWM gives its peak. After the last wave every browser context is
+closed and the server is watched until its housekeeping has shut the sessions down
+(``dashboard/services/housekeeping.py``): the resident memory then is compared with the baseline.
 
 Results go to ``bench/results/load.md``. ``tests/load/test_load.py`` (``pytest -m load``) runs the
 same scenario and asserts success, isolation and a memory bound, without writing results.
@@ -65,6 +71,11 @@ HEALTH_TIMEOUT_S = 300.0
 #: The test images the sessions select: all different, none of them #0 (the start page).
 N_TEST_IMAGES = 200
 ACTIONS = ("open", "select", "upload", "verify", "return")
+#: What a session waiting for heavy work reads (``dashboard.services.capacity.queue_message``).
+QUEUE_TEXT = re.compile(r"\d+ requests? ahead of yours")
+#: How long to wait, after the sessions end, for the server to have shut them down (its grace
+#: period, ``SESSION_GRACE_S`` = 30 s, plus a few of its sweeps).
+RELEASE_WAIT_S = 60.0
 
 
 # ----------------------------------------------------------------------------- the server
@@ -92,8 +103,11 @@ def _healthy(url: str) -> bool:
 
 
 @contextmanager
-def streamlit_server(cache_dir: Path, log: Path) -> Iterator[ServerProcess]:
-    """``streamlit run`` of the dashboard on a free port, as ``make run`` would start it."""
+def streamlit_server(
+    cache_dir: Path, log: Path, extra_env: dict[str, str] | None = None
+) -> Iterator[ServerProcess]:
+    """``streamlit run`` of the dashboard on a free port, as ``make run`` would start it
+    (``extra_env``: e.g. a memory budget or a number of workers for this server)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ)
@@ -102,6 +116,7 @@ def streamlit_server(cache_dir: Path, log: Path) -> Iterator[ServerProcess]:
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
             "OMP_WAIT_POLICY": "PASSIVE",
             "INFLUENCE_CACHE_DIR": str(cache_dir),
+            **(extra_env or {}),
         }
     )
     command = [
@@ -118,6 +133,11 @@ def streamlit_server(cache_dir: Path, log: Path) -> Iterator[ServerProcess]:
         "true",
         "--browser.gatherUsageStats",
         "false",
+        # A measurement must not change under it: with the default watcher, saving a module of
+        # the worktree while the server runs reloads it, and objects made before no longer
+        # pickle ("not the same object as core.explainer.Explanation") in every session.
+        "--server.fileWatcherType",
+        "none",
     ]
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
@@ -252,6 +272,8 @@ class SessionResult:
     seconds: dict[str, float] = field(default_factory=dict)
     isolation_checks: int = 0
     error: str | None = None
+    #: The most requests ahead of this session's verification it was shown (None: never queued).
+    queued_ahead: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -351,7 +373,20 @@ async def run_session(
         start = time.monotonic()
         await page.get_by_role("button", name="Retrain to verify").click()
         chart = page.get_by_test_id("stPlotlyChart")
-        await expect(chart).to_have_count(1)
+        queued = page.get_by_text(QUEUE_TEXT)
+        deadline = time.monotonic() + ACTION_TIMEOUT_MS / 1000
+        while await chart.count() != 1:
+            if await queued.count():
+                # Waiting in the queue is the server working as meant: the time allowed for
+                # the verification itself starts when the session is no longer queued.
+                deadline = time.monotonic() + ACTION_TIMEOUT_MS / 1000
+                with contextlib.suppress(Exception):  # the notice may go while it is read
+                    seen = re.search(r"(\d+) requests? ahead", await queued.first.inner_text())
+                    if seen is not None:
+                        result.queued_ahead = max(result.queued_ahead or 0, int(seen.group(1)))
+            if time.monotonic() > deadline:
+                raise AssertionError("the verification did not finish")
+            await page.wait_for_timeout(250)
         await _idle(page)
         summary = page.locator(".st-key-verify_summary")
         await expect(summary.get_by_test_id("stMetricLabel")).to_have_count(8)
@@ -410,6 +445,17 @@ class LoadResult:
     load_max: float
     load_after: float
     seconds: float
+    #: The server's memory budget in bytes ($INFLUENCE_MEMORY_BUDGET), None for its default.
+    budget_bytes: int | None = None
+    #: Resident memory once the ended sessions were shut down, and how long that took after the
+    #: last browser context closed (None: not back within 10% of the baseline in RELEASE_WAIT_S).
+    released_rss_mib: float = float("nan")
+    release_seconds: float | None = None
+
+    @property
+    def queued(self) -> list[SessionResult]:
+        """Sessions that were shown their place in the queue while their verification waited."""
+        return [r for r in self.results if r.queued_ahead is not None]
 
     @property
     def failures(self) -> list[str]:
@@ -431,8 +477,14 @@ def nearest_rank(values: np.ndarray, percent: float) -> float:
 
 
 async def _run_waves(
-    chromium: str, url: str, sessions: int, waves: int, verify_k: int, sampler: MemorySampler
-) -> tuple[float, SessionResult, list[SessionResult], list[WaveReport]]:
+    chromium: str,
+    url: str,
+    sessions: int,
+    waves: int,
+    verify_k: int,
+    sampler: MemorySampler,
+    solo: bool,
+) -> tuple[float, SessionResult | None, list[SessionResult], list[WaveReport]]:
     from playwright.async_api import async_playwright, expect
 
     expect.set_options(timeout=ACTION_TIMEOUT_MS)
@@ -450,8 +502,10 @@ async def _run_waves(
             await warmup.close()
             warmup_seconds = time.monotonic() - start
             # The same steps by one user alone: what each action costs without contention.
-            (alone,) = plan_sessions(1, wave=0)
-            solo = await run_session(browser, url, alone, [], verify_k, wave=0)
+            alone = None
+            if solo:
+                (plan,) = plan_sessions(1, wave=0)
+                alone = await run_session(browser, url, plan, [], verify_k, wave=0)
 
             results: list[SessionResult] = []
             reports = []
@@ -491,18 +545,34 @@ async def _run_waves(
                 )
         finally:
             await browser.close()
-    return warmup_seconds, solo, results, reports
+    return warmup_seconds, alone, results, reports
+
+
+def _wait_for_release(sampler: MemorySampler, baseline: float) -> tuple[float, float | None]:
+    """Watch the server after every session ended: (resident MiB at the end, seconds until it was
+    back within 10% of ``baseline``, or None)."""
+    start = time.monotonic()
+    while time.monotonic() - start < RELEASE_WAIT_S:
+        now = sampler.current_mib()
+        if now <= 1.1 * baseline:
+            return now, time.monotonic() - start
+        time.sleep(1.0)
+    return sampler.current_mib(), None
 
 
 def run_load_test(
     *,
-    sessions: int = 10,
-    waves: int = 2,
+    sessions: int = 20,
+    waves: int = 1,
     verify_k: int = 3,
+    budget: str | None = None,
+    solo: bool = False,
     cache_dir: Path | None = None,
     chromium: str | None = None,
 ) -> LoadResult:
-    """Start the server, run the waves, stop the server; see the module docstring."""
+    """Start the server, run the waves, wait for the sessions to be shut down, stop the server;
+    see the module docstring. ``budget``: the server's ``$INFLUENCE_MEMORY_BUDGET``."""
+    from core.budget import ENV_MEMORY_BUDGET, parse_budget
     from tests.prepared_cache import cache_dir as default_cache
     from tests.prepared_cache import prepare_default_explainer
 
@@ -513,13 +583,15 @@ def run_load_test(
     prepare_default_explainer(directory)  # features on disk, as after `influence precompute`
     started = time.monotonic()
     load_before = os.getloadavg()[0]
-    with streamlit_server(directory, ARTIFACTS / "load-server.log") as server:
+    env = {ENV_MEMORY_BUDGET: budget} if budget else {}
+    with streamlit_server(directory, ARTIFACTS / "load-server.log", env) as server:
         sampler = MemorySampler(server.pid).start()
         try:
-            warmup_seconds, solo, results, reports = asyncio.run(
-                _run_waves(chromium, server.url, sessions, waves, verify_k, sampler)
+            warmup_seconds, alone, results, reports = asyncio.run(
+                _run_waves(chromium, server.url, sessions, waves, verify_k, sampler, solo)
             )
             baseline = reports[0].rss_before_mib if reports else sampler.current_mib()
+            released, release_seconds = _wait_for_release(sampler, baseline)
             peak = sampler.peak_mib()
         finally:
             sampler.stop()
@@ -529,7 +601,7 @@ def run_load_test(
         verify_k=verify_k,
         results=results,
         wave_reports=reports,
-        solo=solo,
+        solo=alone,
         warmup_seconds=warmup_seconds,
         baseline_rss_mib=baseline,
         peak_rss_mib=peak,
@@ -537,6 +609,9 @@ def run_load_test(
         load_max=max(sampler.loads, default=load_before),
         load_after=os.getloadavg()[0],
         seconds=time.monotonic() - started,
+        budget_bytes=parse_budget(budget) if budget else None,
+        released_rss_mib=released,
+        release_seconds=release_seconds,
     )
 
 
@@ -588,10 +663,27 @@ def markdown_report(result: LoadResult) -> str:
     solo_note = ""
     if result.solo is not None and not result.solo.ok:
         solo_note = f" The session alone failed: {result.solo.error}."
+    queued = result.queued
+    most_ahead = max((r.queued_ahead or 0 for r in queued), default=0)
+    queue_note = (
+        f" {len(queued)} of {total} sessions were shown their place in the queue while their "
+        f"verification waited for a slot (at most {most_ahead} requests ahead); the others "
+        "started at once."
+    )
+    budget = (
+        "its default memory budget"
+        if result.budget_bytes is None
+        else f"a memory budget of {result.budget_bytes / 2**20:.0f} MiB"
+    )
+    warmup_note = (
+        "then one session ran every step alone."
+        if result.solo is not None
+        else "no session ran alone (the 'alone' column is empty)."
+    )
     lines = [
-        f"{result.waves} waves of {result.sessions} concurrent browser sessions (Playwright "
-        f"contexts in one Chromium) against one `streamlit run`; verify with k = "
-        f"{result.verify_k}. **{ok} of {total} sessions completed every step.** "
+        f"{result.waves} wave(s) of {result.sessions} concurrent browser sessions (Playwright "
+        f"contexts in one Chromium) against one `streamlit run` with {budget}; verify with k = "
+        f"{result.verify_k}. **{ok} of {total} sessions completed every step.**{queue_note} "
         f"{checks} isolation checks passed (each page showed only its own test image, upload "
         "and verification, and nothing of any other session's)." + solo_note,
         "",
@@ -602,7 +694,7 @@ def markdown_report(result: LoadResult) -> str:
         "for a core, and are upper bounds for a server whose users' browsers run on their own "
         "machines; the server's own CPU time per session is in the second table. A warm-up "
         f"session prepared the shared models first ({result.warmup_seconds:.0f} s, from the "
-        "disk cache), then one session ran every step alone.",
+        f"disk cache), {warmup_note}",
         "",
         "Latency per action, seconds, from the user's action until the page shows the result "
         f"and the script run has finished (p95 by nearest rank, over all {result.waves} waves):",
@@ -625,7 +717,21 @@ def markdown_report(result: LoadResult) -> str:
         "",
         f"Peak resident memory of the server (VmHWM): **{result.peak_rss_mib:.0f} MiB**, "
         f"{result.peak_rss_mib - result.baseline_rss_mib:.0f} MiB above the "
-        f"{result.baseline_rss_mib:.0f} MiB it held before the first wave.",
+        f"{result.baseline_rss_mib:.0f} MiB it held before the first wave"
+        + (
+            "."
+            if result.budget_bytes is None
+            else f"; the budget was {result.budget_bytes / 2**20:.0f} MiB."
+        ),
+        "",
+        "After the last browser context closed, the server's resident memory was "
+        f"{result.released_rss_mib:.0f} MiB"
+        + (
+            f", back within 10% of the baseline after {result.release_seconds:.0f} s (the "
+            "housekeeping shuts a session down 30 s after it disconnects)."
+            if result.release_seconds is not None
+            else f", not back within 10% of the baseline after {RELEASE_WAIT_S:.0f} s."
+        ),
     ]
     if result.failures:
         lines += ["", "Failures:", "", *(f"- {failure}" for failure in result.failures)]
@@ -634,13 +740,21 @@ def markdown_report(result: LoadResult) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sessions", type=int, default=10)
-    parser.add_argument("--waves", type=int, default=2)
+    parser.add_argument("--sessions", type=int, default=20)
+    parser.add_argument("--waves", type=int, default=1)
     parser.add_argument("--verify-k", type=int, default=3)
+    parser.add_argument("--budget", default="3G", help="the server's INFLUENCE_MEMORY_BUDGET")
+    parser.add_argument("--solo", action="store_true", help="first run one session alone")
     args = parser.parse_args()
     from bench.common import write_results
 
-    result = run_load_test(sessions=args.sessions, waves=args.waves, verify_k=args.verify_k)
+    result = run_load_test(
+        sessions=args.sessions,
+        waves=args.waves,
+        verify_k=args.verify_k,
+        budget=args.budget,
+        solo=args.solo,
+    )
     body = markdown_report(result)
     path = write_results("load", "Many users: concurrent browser sessions", body)
     print(body)

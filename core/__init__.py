@@ -62,6 +62,8 @@ _PUBLIC: dict[str, str] = {
     "groups": "core.groups",
     "mislabel": "core.mislabel",
     "attack": "core.attack",
+    # running on a Dask cluster (imports Dask only when used)
+    "backend": "core.backend",
     # errors
     "InfluenceExplorerError": "core.errors",
 }

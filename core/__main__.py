@@ -4,4 +4,7 @@ import sys
 
 from core.cli import main
 
-sys.exit(main())
+# The guard matters: a local Dask cluster (--cluster local:N) starts its workers as new Python
+# processes, which import this module again.
+if __name__ == "__main__":
+    sys.exit(main())

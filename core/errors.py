@@ -53,6 +53,12 @@ class NonFiniteFeaturesError(InfluenceExplorerError):
     """A featurizer produced NaN or infinite values, so no model can use them."""
 
 
+class ClusterError(InfluenceExplorerError):
+    """A Dask cluster could not be reached or used: a bad ``INFLUENCE_CLUSTER``/``--cluster``
+    setting, an unreachable scheduler, mismatched package versions on the workers, or a worker
+    lost mid-job that Dask could not recover from (the message names the stage)."""
+
+
 class PreparationCancelled(InfluenceExplorerError):
     """Preparing an explainer was stopped on request (its ``cancel`` callback returned True)."""
 
@@ -64,3 +70,23 @@ class UnreadableFileError(InfluenceExplorerError):
 
 class OutsideRootsError(DatasetError):
     """A dataset path, or a symbolic link inside a dataset, leads outside the allowed directories."""
+
+
+class MemoryBudgetError(InfluenceExplorerError):
+    """Work was refused before it started because it would not fit in the process's memory
+    budget (``core.budget``).
+
+    Attributes:
+        needed: the work's estimated need in bytes, when known.
+        free: the bytes the budget had free then, when known.
+    """
+
+    def __init__(self, message: str, *, needed: int | None = None, free: int | None = None) -> None:
+        super().__init__(message)
+        self.needed = needed
+        self.free = free
+
+
+class ServerBusyError(InfluenceExplorerError):
+    """The server already runs as much background work of this kind as it allows; the message
+    says what is running and when to try again."""

@@ -26,6 +26,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from core.backend import explainer as backend
+from core.budget import ModelShape, WorkEstimate, preparation_estimate
 from core.data import Dataset
 from core.errors import (
     InfluenceExplorerError,
@@ -58,10 +60,9 @@ from core.selection import (  # LOGREG_L2_GRID: still importable from here
     LambdaCurve,
     SelectionConfig,
     curve_from_values,
-    held_out_values,
 )
 from core.store import ArtifactStore, CacheKey
-from core.validation import Verification, verify
+from core.validation import Verification
 
 #: Stage-aware progress: progress(stage, done, total).
 StageProgress = Callable[[str, int, int], None]
@@ -84,6 +85,9 @@ DEFAULT_SVM_TEMPERATURE = 0.1
 
 #: ``ExplainerConfig.classes`` value for every class of the dataset.
 ALL_CLASSES: tuple[str] = ("all",)
+
+#: Below this many training images in a class, prepare() warns that scores mean little there.
+MIN_TRAIN_PER_CLASS = 5
 
 
 def default_classes(dataset: Dataset) -> tuple[int, int]:
@@ -412,9 +416,13 @@ class Explainer:
         config: ExplainerConfig | None = None,
         *,
         store: ArtifactStore | None = None,
+        cluster: Any | None = None,
     ) -> None:
         self.config = config if config is not None else ExplainerConfig()
         self.store = store if store is not None else ArtifactStore()
+        #: A connected core.backend.cluster.Cluster: the logistic regression's features, fit
+        #: and engine then run on it (see core.backend.explainer); None runs in-process.
+        self.cluster = cluster
         self._progress: StageProgress = lambda stage, done, total: None
         self.source = dataset
         classes = (
@@ -458,7 +466,7 @@ class Explainer:
         again); each Newton fit as :data:`ASSUMED_NEWTON_STEPS` steps of a Hessian build and
         factorisation (dense) or 50 conjugate-gradient iterations of 4·n·p flops (large p).
         """
-        from core.models import DENSE_NEWTON_MAX_PARAMS, MAX_LANDMARKS, SVM_MEMORY_BUDGET
+        from core.models import DENSE_NEWTON_MAX_PARAMS
 
         n = self.n_train
         classes = len(self.class_names)
@@ -468,11 +476,9 @@ class Explainer:
         backbone_dim = self.backbone.output_dim(self.dataset.image_shape)
         stages = [self._feature_cost(split) for split in ("train", "test")]
 
-        probe = make_rbf_svm(
-            n, classes, memory_budget=SVM_MEMORY_BUDGET, max_landmarks=MAX_LANDMARKS
-        )
-        width = min(probe.n_components, n) if isinstance(probe, NystroemSVM) else n
-        svm_kind = f"Nyström, {width} landmarks" if isinstance(probe, NystroemSVM) else "exact"
+        width = self._svm_width()
+        nystroem = width < n
+        svm_kind = f"Nyström, {width} landmarks" if nystroem else "exact"
 
         def engine(label: str, rows: int, d: int) -> list[StageCost]:
             p = d * outputs
@@ -492,7 +498,7 @@ class Explainer:
 
         feature_map = (
             2 * n * width * pixels + width**3 / 3 + n * width * width
-            if isinstance(probe, NystroemSVM)
+            if nystroem
             else 2 * n * n * pixels + n**3 / 3
         )
         stages.append(StageCost("RBF SVM: kernel and its factor", feature_map, 8 * 3 * n * width))
@@ -561,6 +567,56 @@ class Explainer:
     def prepared(self) -> bool:
         return bool(self.models)
 
+    def model_shapes(self) -> tuple[ModelShape, ...]:
+        """Every model's sizes (n, d, outputs), as fitted or, before :meth:`prepare`, as they
+        will be: what :mod:`core.budget` estimates memory from."""
+        if self.prepared:
+            return tuple(
+                ModelShape(
+                    fitted.label,
+                    self.n_train,
+                    # n_params_ / outputs, not features_: a sharded model keeps no features here.
+                    int(fitted.model.n_params_ // fitted.model.n_outputs_),
+                    int(fitted.model.n_outputs_),
+                    ""
+                    if isinstance(fitted.featurizer, PixelFeaturizer)
+                    else fitted.featurizer.name,
+                )
+                for fitted in self.models.values()
+            )
+        labels = {key: label for key, label, _ in self.model_specs}
+        outputs = 1 if len(self.class_names) == 2 else len(self.class_names)
+        feature_dim = self.backbone.output_dim(self.dataset.image_shape)
+        return (
+            ModelShape(labels["svm"], self.n_train, self._svm_width(), outputs),
+            ModelShape(labels["logreg"], self.n_train, feature_dim, outputs, self.backbone.name),
+        )
+
+    def _svm_width(self) -> int:
+        """The RBF SVM's feature dimension: n for the exact kernel, the landmarks for Nyström
+        (what :func:`core.models.make_rbf_svm` will choose for this many images)."""
+        from core.models import MAX_LANDMARKS, SVM_MEMORY_BUDGET
+
+        probe = make_rbf_svm(
+            self.n_train,
+            len(self.class_names),
+            memory_budget=SVM_MEMORY_BUDGET,
+            max_landmarks=MAX_LANDMARKS,
+        )
+        if isinstance(probe, NystroemSVM):
+            return min(probe.n_components, self.n_train)
+        return self.n_train
+
+    def preparation_estimate(self) -> WorkEstimate:
+        """Memory :meth:`prepare` needs at its peak, an upper bound (see :mod:`core.budget`)."""
+        return preparation_estimate(
+            n_train=self.n_train,
+            n_test=self.n_test,
+            pixel_dim=int(np.prod(self.dataset.image_shape)),
+            models=self.model_shapes(),
+            backbone=self.backbone.name,
+        )
+
     def prepare(
         self,
         progress: StageProgress | None = None,
@@ -603,7 +659,11 @@ class Explainer:
     def _prepare(self) -> None:
         pixels_train = self.pixels.transform(self.dataset.train_images)
         pixels_test = self.pixels.transform(self.dataset.test_images)
-        features_train = self._backbone_features("train")
+        features_train = (
+            self._backbone_features("train")
+            if self.cluster is None
+            else backend.train_features(self, self.cluster)
+        )
         features_test = self._backbone_features("test")
         self._pixels_train = torch.as_tensor(pixels_train, dtype=torch.float64)
         self._pixels_test = torch.as_tensor(pixels_test, dtype=torch.float64)
@@ -619,7 +679,7 @@ class Explainer:
         for key, label, short, featurizer, model, test_inputs, chosen in specs:
             stage = f"{label}: Hessian ({model.n_params_:,} parameters) and its factorisation"
             self._progress(stage, 0, 1)
-            engine = InfluenceEngine(model, self.config.solver)
+            engine = backend.make_engine(model, self.config.solver)  # sharded for shards
             self._progress(stage, 1, 1)
             # Compute everything lazy now, so the shared explainer is never mutated later.
             stage = f"{label}: Newton-corrected estimate and self-influence"
@@ -628,8 +688,8 @@ class Explainer:
                 engine.self_influence(estimate)
                 self._progress(stage, done, len(engine.estimates))
             test_inputs = torch.as_tensor(test_inputs, dtype=torch.float64)
-            familiarity = NeighbourDistance(
-                model.features_, model.transform(test_inputs), seed=self.config.seed
+            familiarity = backend.neighbour_distance(
+                model, model.transform(test_inputs), seed=self.config.seed
             )
             models[key] = FittedModel(
                 key=key,
@@ -649,12 +709,26 @@ class Explainer:
         }
         # Why scores may be inaccurate although nothing failed (e.g. LiSSA too short to have
         # converged), each naming its model and what to change; empty when all is well.
-        self.warnings = tuple(
+        self.warnings = self._small_class_warnings() + tuple(
             f"{fitted.label}: {message}"
             for fitted in models.values()
             for message in fitted.engine.solver.convergence_warnings
         )
         self.models = models
+
+    def _small_class_warnings(self) -> tuple[str, ...]:
+        """A class with fewer than :data:`MIN_TRAIN_PER_CLASS` training images: removing one of
+        them changes the model far more than the quadratic approximation behind the scores
+        assumes, so the scores and their verification (whose slopes then run into the hundreds
+        while correlations of a handful of points look perfect) mean little."""
+        counts = np.bincount(np.asarray(self.train_labels), minlength=len(self.class_names))
+        return tuple(
+            f"Class {name!r} has only {int(count)} training image{'s' if count != 1 else ''}: "
+            f"influence scores and their verification mean little below {MIN_TRAIN_PER_CLASS} "
+            "per class. Add images to the class, or choose classes with more."
+            for name, count in zip(self.class_names, counts, strict=True)
+            if count < MIN_TRAIN_PER_CLASS
+        )
 
     def _require_prepared(self) -> None:
         if not self.prepared:
@@ -750,7 +824,7 @@ class Explainer:
         )
         theta0 = self._cached_theta(key)
         outputs = 1 if len(self.class_names) == 2 else len(self.class_names)
-        model = LogisticRegression(l2=l2)
+        model = backend.logistic_regression(l2, features)  # sharded when features are shards
         model.fit(features, self.train_labels, theta0=_usable(theta0, features.shape[1] * outputs))
         if theta0 is None:
             self.store.save(key, {"theta": model.theta_.numpy()})
@@ -771,7 +845,7 @@ class Explainer:
         stage = "Choosing the logistic regression's λ"
 
         def build() -> dict[str, np.ndarray]:
-            values = held_out_values(
+            values = backend.held_out_values(  # fitted on the shards for shards
                 features,
                 self.train_labels,
                 selection,
@@ -792,7 +866,7 @@ class Explainer:
             if isinstance(model, NystroemSVM):
                 kernel += f"; Nyström, {model.features_.shape[1]} landmarks"
             return f"raw pixels ({h}x{w}x{c}) through an RBF kernel ({kernel})"
-        return f"{featurizer.label} features, {model.features_.shape[1]}-d"
+        return f"{featurizer.label} features, {model.n_params_ // model.n_outputs_}-d"
 
     # ------------------------------------------------------------------ queries
     @property
@@ -818,9 +892,7 @@ class Explainer:
                 key=key,
                 label=fitted.label,
                 features=fitted.features_label,
-                train_accuracy=float(
-                    np.mean(model.predict(model.training_inputs_) == self.train_labels)
-                ),
+                train_accuracy=backend.training_accuracy(model, self.train_labels),
                 test_accuracy=float(
                     np.mean(self._test_predictions[key].argmax(1) == self.test_labels)
                 ),
@@ -944,7 +1016,7 @@ class Explainer:
             _check_finite_scores(scores, fitted.label)
             probabilities = model.predict_proba(inputs[key])[0]
             query_features = model.transform(inputs[key])
-            feature_distances = torch.linalg.norm(model.features_ - query_features, dim=1).numpy()
+            feature_distances = backend.feature_distances(model, query_features)
             best = top_k(scores, k)
 
             predicted = int(np.argmax(probabilities))
@@ -1027,6 +1099,15 @@ class Explainer:
         image = self.dataset.train_images[int(train_index)][None]
         return fitted.featurizer.pixel_gradient(image, input_gradient)[0]
 
+    def _check_verify_k(self, k: int) -> None:
+        # Said rather than clamped: a k of a billion would otherwise silently become n retrains.
+        if not 3 <= int(k) <= self.n_train:
+            raise InfluenceExplorerError(
+                f"k = {int(k):,} training images to retrain without is out of range: choose k "
+                f"from 3 (to compute correlations) to {self.n_train:,} (the training images "
+                "in use); each one is a retraining of every model."
+            )
+
     def verify(
         self,
         *,
@@ -1037,14 +1118,19 @@ class Explainer:
         select_by: Estimate | None = None,
         progress: StageProgress | None = None,
     ) -> dict[str, Verification]:
-        """Leave-one-out retraining for the top k training images (by |score|) of every model."""
+        """Leave-one-out retraining for the top k training images (by |score|) of every model.
+
+        Raises:
+            InfluenceExplorerError: k is below 3 or above the number of training images.
+        """
+        self._check_verify_k(k)
         _, true_label, inputs = self._query(test_index, image)
         out = {}
         report = progress or (lambda stage, done, total: None)
         for key, fitted in self.models.items():
             label = self._target(key, true_label, inputs[key], target)
             stage = f"Retraining {fitted.label} without each of the top {k}"
-            out[key] = verify(
+            out[key] = backend.verifier(fitted.engine)(
                 fitted.engine,
                 inputs[key],
                 [label],
@@ -1063,6 +1149,7 @@ class Explainer:
         progress: StageProgress | None = None,
     ) -> dict[str, list[Verification]]:
         """Leave-one-out checks for several test images at once (true labels), every model."""
+        self._check_verify_k(k)
         indices = [int(i) for i in test_indices]
         for index in indices:
             self._query(index, None)
@@ -1070,7 +1157,7 @@ class Explainer:
         report = progress or (lambda stage, done, total: None)
         for key, fitted in self.models.items():
             stage = f"Retraining {fitted.label}"
-            out[key] = verify(
+            out[key] = backend.verifier(fitted.engine)(
                 fitted.engine,
                 fitted.test_inputs[indices],
                 self.test_labels[indices],

@@ -130,6 +130,7 @@ class Featurizer(ABC):
         *,
         batch_size: int = 64,
         progress: ProgressCallback | None = None,
+        device: str | torch.device | None = None,
     ) -> np.ndarray:
         """Features of a stack of images, computed in batches without autograd.
 
@@ -137,6 +138,9 @@ class Featurizer(ABC):
             images: (N, H, W, C) uint8, C in {1, 3}.
             batch_size: Images per forward pass; results do not depend on it (up to float rounding).
             progress: Called as ``progress(done, total)`` after each batch.
+            device: where to run the forward passes, e.g. ``"cuda"`` on a cluster worker with a
+                GPU (:func:`core.backend.shards.worker_device`); default the CPU. The features
+                come back as a CPU array either way.
 
         Returns:
             (N, dim) array of dtype :attr:`dtype` (float32, or float64 for pixels).
@@ -153,14 +157,25 @@ class Featurizer(ABC):
         dim = self.output_dim(images.shape[1:])
         out = np.empty((total, dim), dtype=numpy_dtype(self.dtype))
         self._before_transform()
-        with torch.inference_mode():
-            for start in range(0, total, batch_size):
-                # torch.tensor copies, so read-only arrays (e.g. from PIL) are fine.
-                batch = torch.tensor(images[start : start + batch_size], dtype=self.dtype)
-                out[start : start + len(batch)] = self.torch_forward(batch).numpy()
-                if progress is not None:
-                    progress(start + len(batch), total)
+        target = torch.device(device) if device is not None else torch.device("cpu")
+        self._move_to(target)
+        try:
+            with torch.inference_mode():
+                for start in range(0, total, batch_size):
+                    # torch.tensor copies, so read-only arrays (e.g. from PIL) are fine.
+                    batch = torch.tensor(images[start : start + batch_size], dtype=self.dtype)
+                    features = self.torch_forward(batch.to(target))
+                    out[start : start + len(batch)] = features.cpu().numpy()
+                    if progress is not None:
+                        progress(start + len(batch), total)
+        finally:
+            # torch_forward and pixel_gradient take CPU tensors: leave the weights there.
+            self._move_to(torch.device("cpu"))
         return out
+
+    def _move_to(self, device: torch.device) -> None:
+        """Put the weights (if any) on ``device``; featurizers without weights do nothing."""
+        return None
 
     def pixel_gradient(self, images: np.ndarray, feature_gradient: Any) -> np.ndarray:
         """Pull a gradient with respect to the features back to the pixels (a VJP).
@@ -269,6 +284,11 @@ class _ImageNetFeaturizer(Featurizer):
 
     def _before_transform(self) -> None:
         self.load()
+
+    def _move_to(self, device: torch.device) -> None:
+        network = self.load()
+        if next(network.parameters()).device != device:
+            network.to(device)
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         """(N, H, W, C) in [0, 255] -> (N, 3, S, S) normalised float32, differentiably."""
@@ -692,6 +712,7 @@ def cached_features(
     part: str,
     progress: ProgressCallback | None = None,
     batch_size: int = 64,
+    device: str | None = None,
 ) -> np.ndarray:
     """Features of ``images``, read from ``store`` or computed and saved.
 
@@ -706,6 +727,7 @@ def cached_features(
         part: Which chunk of the dataset these images are, e.g. ``"test/class7"``.
         progress: ``progress(done, total)`` while computing; not called on a cache hit.
         batch_size: Images per forward pass.
+        device: where to compute them on a miss (see :meth:`Featurizer.transform`).
 
     Returns:
         (N, dim) features, dtype :attr:`Featurizer.dtype`.
@@ -717,7 +739,9 @@ def cached_features(
     expected_dtype = numpy_dtype(featurizer.dtype)
 
     def build() -> dict[str, np.ndarray]:
-        features = featurizer.transform(images, batch_size=batch_size, progress=progress)
+        features = featurizer.transform(
+            images, batch_size=batch_size, progress=progress, device=device
+        )
         # Never cache values no model can use: the next run would trust them.
         check_finite_features(features, featurizer, part)
         return {"features": features}

@@ -77,6 +77,14 @@ class LiSSAWarning(UserWarning):
     """LiSSA's recursion is too short to have converged for the given scale."""
 
 
+class DampingWarning(UserWarning):
+    """The damping is so large that it, not the model's curvature, sets the scores."""
+
+
+#: Damping above this multiple of the Hessian's trace is reported (``DampingWarning``).
+DAMPING_SWAMPS = 1e6
+
+
 @dataclass(frozen=True)
 class SolverConfig:
     """How to apply (H + δI)⁻¹, for the convex models and networks alike. Frozen, so it can key
@@ -232,6 +240,28 @@ class InverseHVPSolver(ABC):
     def inverse_hvp(self, vectors: torch.Tensor) -> torch.Tensor:
         """(H + damping·I)⁻¹ v for each column. Args: (p,) or (p, k). Returns: same shape."""
 
+    def _check_damping(self, trace: float, n_params: int) -> None:
+        """Warn when the damping swamps the curvature it is added to.
+
+        For a positive semi-definite H the trace bounds the largest eigenvalue. A damping of a
+        million times the trace makes (H + δI)⁻¹ equal to I/δ to six digits: the scores shrink
+        with δ (1e300 gives scores near 1e-304) and describe the damping, not the model. Damping
+        a few hundred times a nearly zero Hessian is how a singular one is fixed, so that is not
+        warned about.
+        """
+        if self.damping <= 0 or not math.isfinite(trace) or trace <= 0:
+            return
+        if self.damping > DAMPING_SWAMPS * trace:
+            message = (
+                f"damping {self.damping:.3g} is more than {DAMPING_SWAMPS:.0e} times the "
+                f"Hessian's trace ({trace:.3g}), which bounds its largest eigenvalue: every "
+                "score is then shrunk by about the damping and says more about it than about "
+                f"the model. Damping that makes sense is 0 to about the trace ({trace:.3g}); "
+                "more only makes the scores smaller."
+            )
+            self._convergence_warnings.append(message)
+            warnings.warn(message, DampingWarning, stacklevel=3)
+
     def _damped_hvp(
         self, vectors: torch.Tensor, indices: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -254,6 +284,7 @@ class ExactSolver(InverseHVPSolver):
     ) -> None:
         super().__init__(model, damping)
         hessian = model.hessian() if hessian is None else hessian
+        self._check_damping(float(hessian.diagonal().sum()), int(hessian.shape[0]))
         hessian.diagonal().add_(self.damping)
         chol, info = torch.linalg.cholesky_ex(hessian)
         if int(info) != 0 or not torch.isfinite(chol).all():

@@ -305,8 +305,7 @@ class LinearModel:
             # The Hessian has moved too far from θ̂'s (e.g. a sharp smooth hinge whose active
             # set changed): stop trying for the rest of this fit.
             self._preconditioner = None
-        n, rank = self.features_.shape[0], derivs.factor.shape[2]
-        if self.l2 > 0 and n * rank < p and n * rank <= DENSE_NEWTON_MAX_PARAMS:
+        if self._dual_newton_applies(derivs, p):
             step = self._dual_newton_step(derivs, grad)
             if step is not None:
                 return step, 0
@@ -329,6 +328,11 @@ class LinearModel:
             max_iter=500,
         )
         return run.solution, run.iterations
+
+    def _dual_newton_applies(self, derivs: LossDerivatives, p: int) -> bool:
+        """Whether the data term's rank n·r is below p and small enough for the dual step."""
+        n, rank = self.features_.shape[0], derivs.factor.shape[2]
+        return self.l2 > 0 and n * rank < p and n * rank <= DENSE_NEWTON_MAX_PARAMS
 
     def _dual_newton_step(self, derivs: LossDerivatives, grad: torch.Tensor) -> torch.Tensor | None:
         """H⁻¹g through Woodbury when the data term has lower rank than the parameter count.
@@ -787,26 +791,7 @@ class KernelSVM(LinearModel):
         self._fit_platt()
 
     def _fit_platt(self) -> None:
-        if self.n_outputs_ > 1:
-            self.platt_ = _temperature_scale(self.scores(self.features_), self.labels_)
-            return
-        s = self.scores(self.features_)[:, 0]
-        y = self.labels_.to(DTYPE)
-        n_pos, n_neg = float(y.sum()), float((1 - y).sum())
-        # Platt's regularised targets keep the fit finite when the training set is separable.
-        target = torch.where(y > 0, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
-        # One slope, no offset: probability 0.5 stays exactly on the decision boundary, so the
-        # most probable class is always the predicted one.
-        a = 1.0
-        for _ in range(100):
-            p = torch.sigmoid(a * s)
-            gradient = float(((p - target) * s).sum())
-            curvature = float((p * (1 - p) * s * s).sum()) + 1e-9
-            step = gradient / curvature
-            a = max(a - step, 1e-3)
-            if abs(step) < 1e-10:
-                break
-        self.platt_ = a
+        self.platt_ = output_scale(self.scores(self.features_), self.labels_)
 
     def _probabilities(self, scores: torch.Tensor) -> torch.Tensor:
         if self.n_outputs_ > 1:
@@ -815,7 +800,40 @@ class KernelSVM(LinearModel):
         return torch.stack([1 - p1, p1], dim=1)
 
 
-def _temperature_scale(scores: torch.Tensor, labels: torch.Tensor) -> float:
+def output_scale(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """The display scale a of ``predict_proba`` from training scores (n, C) and labels (n,):
+    Platt's slope (:func:`platt_slope`) for one score column, temperature scaling
+    (:func:`temperature_scale`) for C. (A function so the sharded SVM of :mod:`core.backend`
+    fits the same scale from its gathered training scores.)"""
+    if scores.shape[1] == 1:
+        return platt_slope(scores[:, 0], labels)
+    return temperature_scale(scores, labels)
+
+
+def platt_slope(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Platt scaling's slope a of σ(a·s) on training scores s (n,) and 0/1 labels (n,).
+
+    One slope, no offset: probability 0.5 stays exactly on the decision boundary, so the most
+    probable class is always the predicted one.
+    """
+    s = scores
+    y = labels.to(DTYPE)
+    n_pos, n_neg = float(y.sum()), float((1 - y).sum())
+    # Platt's regularised targets keep the fit finite when the training set is separable.
+    target = torch.where(y > 0, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
+    a = 1.0
+    for _ in range(100):
+        p = torch.sigmoid(a * s)
+        gradient = float(((p - target) * s).sum())
+        curvature = float((p * (1 - p) * s * s).sum()) + 1e-9
+        step = gradient / curvature
+        a = max(a - step, 1e-3)
+        if abs(step) < 1e-10:
+            break
+    return a
+
+
+def temperature_scale(scores: torch.Tensor, labels: torch.Tensor) -> float:
     """The scale a > 0 of softmax(a·s) fitted by Newton on the cross-entropy against Platt's
     regularised targets: (n_y + 1)/(n_y + 2) on the label, the rest spread evenly over the other
     classes (for two classes exactly Platt's targets), which keeps a finite when the training set

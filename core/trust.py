@@ -93,8 +93,10 @@ def trust_reference(
     Args:
         results: the committed study.
         model: the explainer's fitted model (e.g. ``Explainer.models[key].model``).
-        estimate: the estimate shown next to it ("corrected" or "first_order"); the corrected
-            numbers are used when asked for and recorded for every test point.
+        estimate: the estimate shown next to it ("margin", "corrected" or "first_order"). The
+            study records the first-order and the Newton-corrected numbers; for "margin" (the
+            same Newton-corrected parameter change, the loss not linearised) the corrected ones
+            are the nearest and are labelled as such.
         on_pixels: whether the model reads raw pixels (else a backbone's ImageNet features).
         same_classes: whether it was fitted on the study's own dataset and class pair.
     """
@@ -102,7 +104,9 @@ def trust_reference(
     if row is None:
         return None
     points = row.solvers[0].points
-    corrected = estimate == "corrected" and all(math.isfinite(p.corrected_pearson) for p in points)
+    corrected = estimate in ("corrected", "margin") and all(
+        math.isfinite(p.corrected_pearson) for p in points
+    )
     cells = tuple(
         ReferenceCell(
             TEST_POINT_LABELS.get(p.kind, p.kind),
@@ -129,7 +133,13 @@ def trust_reference(
         )
     return TrustReference(
         row=row.label,
-        estimate="Newton-corrected" if corrected else "first-order",
+        estimate=(
+            "first-order"
+            if not corrected
+            else "Newton-corrected"
+            if estimate == "corrected"
+            else "Newton-corrected (the nearest the study records to exact-in-the-margin)"
+        ),
         cells=cells,
         measures=measures,
         matches=on_pixels,

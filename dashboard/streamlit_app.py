@@ -20,6 +20,7 @@ import streamlit as st  # noqa: E402
 from dashboard import navigation, sidebar  # noqa: E402
 from dashboard.components.style import FAVICON, apply_style  # noqa: E402
 from dashboard.services import links, notices  # noqa: E402
+from dashboard.services.housekeeping import keep_house  # noqa: E402
 from dashboard.services.widgets import keep_widget_values  # noqa: E402
 
 st.set_page_config(
@@ -30,6 +31,8 @@ st.set_page_config(
     initial_sidebar_state="expanded",
 )
 apply_style()
+# Bounds uploaded files and shuts down ended sessions (a thread started on the first run).
+keep_house()
 keep_widget_values()
 page = navigation.build_navigation()
 notices.notice_area()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import json
 import math
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
+
+from core.errors import InfluenceExplorerError
 
 
 def add_output_options(parser: argparse.ArgumentParser) -> None:
@@ -263,10 +266,11 @@ def build_explainer(args: argparse.Namespace) -> Any:
         solver=SolverConfig(method=args.solver, damping=args.damping),
         max_train_per_class=args.max_train_per_class,
     )
+    cluster = connect_cluster(args)
     with warnings.catch_warnings():
         # Reported once below, as a plain line naming the model, not as a Python warning.
         warnings.simplefilter("ignore", LiSSAWarning)
-        explainer = Explainer(dataset, config, store=ArtifactStore(args.cache_dir))
+        explainer = Explainer(dataset, config, store=ArtifactStore(args.cache_dir), cluster=cluster)
         if getattr(args, "model", None) is not None:
             # Refuse an unknown --model before the expensive part.
             model_keys(args.model, explainer.model_keys)
@@ -301,8 +305,56 @@ def open_dataset_from_args(args: argparse.Namespace) -> Any:
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:
-    """Dataset, models, cache and output options (what every explainer-based command takes)."""
+    """Dataset, models, cache, cluster and output options (what every explainer-based command
+    takes)."""
     add_dataset_options(parser)
     add_model_options(parser)
     add_cache_option(parser)
+    add_cluster_option(parser)
     add_output_options(parser)
+
+
+#: Commands whose work runs on a cluster when one is configured; the others run in-process.
+CLUSTER_COMMANDS: tuple[str, ...] = ("precompute", "explain", "verify")
+
+
+def add_cluster_option(parser: argparse.ArgumentParser) -> None:
+    """--cluster."""
+    parser.add_argument(
+        "--cluster",
+        default=None,
+        metavar="SPEC",
+        help="run on a Dask cluster: 'local:N' (N worker processes here), 'tcp://HOST:PORT' or "
+        "'tls://HOST:PORT' (a running scheduler). Default: $INFLUENCE_CLUSTER; unset runs "
+        f"in-process. Used by {', '.join(CLUSTER_COMMANDS)}.",
+    )
+
+
+def connect_cluster(args: argparse.Namespace) -> Any:
+    """The cluster ``--cluster`` or ``$INFLUENCE_CLUSTER`` asks for, connected (closed at exit),
+    or None to run in-process. Dask is imported only when one is asked for."""
+    from core.backend import ENV_CLUSTER, cluster_spec
+
+    option = getattr(args, "cluster", None)
+    spec = cluster_spec(option)
+    if spec is None:
+        return None
+    if args.command not in CLUSTER_COMMANDS:
+        if option:
+            raise InfluenceExplorerError(
+                f"--cluster works with {', '.join(CLUSTER_COMMANDS)}; `influence {args.command}` "
+                "runs in-process."
+            )
+        print(
+            f"influence {args.command}: note: {ENV_CLUSTER} is set, but this command runs "
+            "in-process.",
+            file=sys.stderr,
+        )
+        return None
+    from core.backend.cluster import connect
+
+    cluster = connect(spec)
+    atexit.register(cluster.close)
+    if not getattr(args, "quiet", False):
+        print(f"influence {args.command}: on {cluster.info().summary()}", file=sys.stderr)
+    return cluster

@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from dashboard.components.figures import plotly_config
+from dashboard.components.study import noise_floor_frame, study_comparison_frame
 from dashboard.components.trust import (
     correlation_figure,
     curvature_frame,
@@ -24,9 +25,12 @@ st.markdown(
     "removed. For the two convex models on Explain that prediction can be checked exactly, and it "
     "holds. For neural networks it is known to be fragile (Basu, Pope & Feizi, *Influence "
     "Functions in Deep Learning are Fragile*, ICLR 2021). This page repeats their measurement on "
-    "a class pair of the demo: small CNNs trained end to end, with and without "
-    "weight decay, influence computed three ways (exact Hessian, conjugate gradients, LiSSA), each "
-    "checked against actually retraining without each of its most influential training images."
+    "a class pair of the demo, with networks sized for a CPU that stand for theirs: a small CNN, "
+    "LeNet-5, a ResNet-8 without BatchNorm and a 50-channel CNN, trained end to end with and "
+    "without weight decay. Influence is computed through the whole network with conjugate "
+    "gradients (CG) and LiSSA, and with the last layer's Hessian only, and each is checked "
+    "against retraining without each of its 40 most influential training images, as in the "
+    "study."
 )
 
 try:
@@ -35,63 +39,109 @@ except InfluenceExplorerError as exc:
     st.error(str(exc))
     st.stop()
 
-# ---------------------------------------------------------------- conclusions
-st.header("What it shows")
-found, not_found = st.columns(2, gap="large")
-with found:
-    st.markdown(
-        "**Seen here, as in the paper**\n\n"
-        "- **Deeper is less accurate — mildly.** The one-layer CNN agrees best with retraining "
-        "(Pearson 0.98–0.99). From depth 2 on it is 0.93–0.98, and for the high-loss test point "
-        "the rank correlation falls steadily with depth (Spearman 0.97 → 0.79 from 1 to 4 "
-        "layers). The fall is far smaller than the paper's, for far smaller networks.\n"
-        "- **The ground truth gets noisy too.** Retraining with two different minibatch orders "
-        "gives the same changes up to depth 3, but not at depth 4: part of what looks like "
-        "influence failing is the reference itself.\n"
-        "- **LiSSA is a little worse than the exact answer**, more so with depth (by up to 0.08), "
-        "and here it is also the slowest solver. Conjugate gradients gives the exact answer, "
-        "cheaply.\n"
-        "- **The test point matters:** the same network can differ by 0.12 in Spearman between "
-        "its high-loss and median-loss test image.\n"
-        "- **The last-layer shortcut is the weakest link.** Using only the last layer's Hessian "
-        "(a common way to make influence affordable) drops agreement to 0.39–0.86."
-    )
-with not_found:
-    st.markdown(
-        "**Not seen here**\n\n"
-        "- **Width:** 4, 8 and 16 channels are about equally accurate (if anything the narrowest "
-        "is worst). The paper's loss with width came from much larger networks than an exact "
-        "Hessian can handle here.\n"
-        "- **Weight decay:** λ = 0.001 vs none shows no consistent effect. Every network needs "
-        "damping (0.012–0.022) ten times larger than λ to make its Hessian invertible, so the "
-        "damping, not the weight decay, does the regularising. A stronger weight decay was not "
-        "part of this grid.\n\n"
-        "**And a caveat:** the scores get the *order* right but not the *scale* — the measured "
-        "change is about 2–3 times the predicted one for the high-loss test point. For these "
-        "CNNs, read influence as a ranking, not as a predicted loss."
+if results.missing:
+    st.warning(
+        f"The committed run is partial: {len(results.missing)} cell"
+        f"{'s' if len(results.missing) != 1 else ''} of its grid were not run (shown as “—”): "
+        + "; ".join(results.missing)
+        + "."
     )
 st.caption(
     "Full protocol, curvature and timings: docs/fragility.md in the repository. "
     f"The results below are the committed run (`{results.command or 'influence fragility'}`, "
-    f"{results.seconds / 60:.0f} minutes with one torch thread on a busy machine; "
+    f"{results.seconds / 3600:.1f} hours of wall time with one torch thread on a busy machine; "
     f"{results.n_train} training and "
     f"{results.n_test} test images of {' vs '.join(results.class_names)})."
 )
 
+# ---------------------------------------------------------------- the study's numbers
+st.header("The study's numbers next to ours")
+comparison = trust.fragility_study_comparison(results)
+st.dataframe(
+    study_comparison_frame(comparison), hide_index=True, height="content", key="trust_study"
+)
+st.caption(
+    "Study: Basu et al.'s Table 1 (MNIST, their highest-loss test point as we read it) and the "
+    "Spearman figures of their width experiment (they give no Pearson there). Ours: the "
+    "high-loss test point of two Fashion-MNIST classes; **P / S** = Pearson / Spearman of the "
+    "score against retraining, CG through the whole network, mean over repeats (the study used "
+    "LiSSA for its large networks: our LiSSA column). Noise ceiling: the best Pearson the "
+    "retraining noise allows (next section). Reading: “matches” when ours is within "
+    f"{trust.MATCH_TOLERANCE:g} of each number the study gives."
+)
+ran = [r for r in comparison if r.reading != "not run"]
+st.markdown(
+    "**What reproduced and what did not.** "
+    + " ".join(
+        f"{r.study.finding.capitalize()}: the study {r.study.pearson:.2f} / "
+        f"{r.study.spearman:.2f}, here {r.cg_pearson:.2f} / {r.cg_spearman:.2f} "
+        f"({r.reading})."
+        if r.study.pearson == r.study.pearson  # the width series has no Pearson (NaN)
+        else f"{r.study.finding.capitalize()}: the study's Spearman {r.study.spearman:.2f}, "
+        f"here {r.cg_spearman:.2f} ({r.reading})."
+        for r in ran
+    )
+    + (
+        " Not run here: " + ", ".join(r.study.finding for r in comparison if r not in ran) + "."
+        if len(ran) < len(comparison)
+        else ""
+    )
+)
+st.markdown(
+    "**Why they differ.** *Data:* two similar Fashion-MNIST classes (T-shirt/top vs Shirt), "
+    f"{results.n_train} training images pooled to "
+    f"{results.config.image_size}×{results.config.image_size}, against all of MNIST: the "
+    "high-loss test images here are confidently wrong, and each training image matters more. "
+    "*Size:* our counterparts are far smaller (a ResNet-8 with 8 channels for ResNet-50), small "
+    "enough to retrain hundreds of times on a CPU. *Protocol:* every network here needs damping "
+    "(|λ_min| + 0.01, many times the weight decay of 0.001) to make its Hessian invertible, and "
+    "in the inverse-Hessian product that damping, not the weight decay, does the regularising, "
+    "which is why removing weight decay costs far less here than in the study; and retraining for "
+    "a tenth of the training at a small learning rate goes only part of the way, so the measured "
+    "changes are smaller than the predicted ones. docs/fragility.md gives the numbers behind "
+    "each reason."
+)
+
+# ---------------------------------------------------------------- the noise floor
+st.header("The noise floor of retraining")
+floor = trust.fragility_noise_floor(results)
+if not floor:
+    st.info("These results have no network retrained with more than one minibatch order.")
+else:
+    within = sum(1 for r in floor if r.verdict == "within noise")
+    st.markdown(
+        "Retraining is itself random, so the “actual” change has noise, and no score "
+        "could agree with it perfectly. Each network is retrained with nothing removed over "
+        f"several minibatch orders (chance std: how far the test loss moves by chance), and "
+        f"each removal with {results.config.ground_truth.seeds} minibatch orders; from their "
+        "spread follows the **noise ceiling**, the best Pearson a perfect score could reach, and "
+        "a lack-of-fit test says whether a correlation's shortfall from 1 is **within noise**. "
+        f"Here **{within} of {len(floor)}** network × weight decay × test point × solver "
+        "cells are within noise; the others fall short of what the noise allows, so their "
+        "disagreement is influence's own error, not the ground truth's."
+    )
+    st.dataframe(noise_floor_frame(floor), hide_index=True, key="trust_noise_floor")
+    st.caption(
+        "Each removal's change is measured against a control retrained from the same optimum "
+        "with the same minibatch order and nothing removed, so most of the chance movement "
+        "cancels (per-seed Pearson: the score against one minibatch order's changes alone). "
+        "Spread over repeats: the range over networks trained from other seeds."
+    )
+
 # ---------------------------------------------------------------- the table
-st.header("Influence against retraining")
+st.header("Influence against retraining, every cell")
 table = results.table()
 frame, styled = fragility_table_frame(table)
 st.dataframe(styled, hide_index=True, height="content", key="trust_table")
 st.caption(
     "The shape of Basu et al.'s Table 1. Each cell: **Pearson / Spearman** of the influence score "
     "(first order) against the actual change in that test image's loss after retraining without "
-    f"each of the model's top {results.config.ground_truth.top_k} training images. Rows: the "
-    "convex models (reference, retrained exactly), then each CNN (dN wW: N conv layers of W "
-    "channels) with each solver. Columns: the "
-    "test image with the highest loss and the median one, with and without weight decay. Amber: "
-    "the weaker of the two below 0.9; red: below 0.8. “—”: not run (a convex model without "
-    "weight decay has no unique optimum to take influence at)."
+    f"each of the model's top {results.config.ground_truth.top_k} training images, mean over "
+    "repeats. Rows: the convex models (reference, retrained exactly), then each network (CNN "
+    "dN wW: N conv layers of W channels) with each solver. Columns: the test image with the "
+    "highest loss and the median one, with and without weight decay. Amber: the weaker of the "
+    "two below 0.9; red: below 0.8. “—”: not run (a convex model without weight decay has no "
+    "unique optimum to take influence at)."
 )
 
 # ---------------------------------------------------------------- depth and width
@@ -134,19 +184,24 @@ panels = [
     (vary, *trust.fragility_series(results, vary, test_point, weight_decay))
     for vary in ("depth", "width")
 ]
-st.plotly_chart(
-    correlation_figure(panels, metric=metric),
-    key="trust_depth_width",
-    config=plotly_config(f"trust-{metric}-{test_point}-wd{weight_decay:g}"),
-)
-st.caption(
-    "Each line is one solver on the full network; CG (dashed) lies on the exact line wherever "
-    "both ran. Networks above 1500 parameters are too large for the dense Hessian, so their "
-    "“exact” is the last layer's only (pink crosses) and CG is the full-network answer."
-)
+panels = [panel for panel in panels if panel[2]]
+if not panels:
+    st.info("The committed grid has no small CNNs of two depths or two widths to draw.")
+else:
+    st.plotly_chart(
+        correlation_figure(panels, metric=metric),
+        key="trust_depth_width",
+        config=plotly_config(f"trust-{metric}-{test_point}-wd{weight_decay:g}"),
+    )
+    st.caption(
+        "Each line is one solver; CG (dashed) lies on the exact line wherever both ran. Networks "
+        f"above {results.config.influence.exact_max_params} parameters are too large for the "
+        "dense Hessian, so their “exact” is the last layer's only (pink crosses) and CG is the "
+        "full-network answer."
+    )
 
 # ---------------------------------------------------------------- exact vs LiSSA
-st.header("Exact vs LiSSA")
+st.header("LiSSA against the exact solution")
 comparisons = trust.fragility_solver_comparison(results)
 if not comparisons:
     st.info("These results have no network where both LiSSA and an exact solution ran.")
@@ -155,9 +210,12 @@ else:
     st.markdown(
         "LiSSA estimates the inverse Hessian stochastically, the way influence is computed for "
         "networks too large for an exact Hessian. Against retraining, its Pearson is "
-        f"**lower than the exact solution's in {counts['lower']} of {len(comparisons)}** "
+        f"**lower than the exact solution's (CG's for networks too large for the dense Hessian) "
+        f"in {counts['lower']} of {len(comparisons)}** "
         f"network × test image cases, equal in {counts['equal']} and higher in "
-        f"{counts['higher']} (to three decimals). Points below the diagonal: LiSSA is worse."
+        f"{counts['higher']} (to three decimals). Points below the diagonal: LiSSA is worse. "
+        "Where LiSSA does better, its truncated series has not converged in the flattest "
+        "directions (its note says how much error it keeps), which acts like extra damping."
     )
     st.plotly_chart(
         solver_comparison_figure(comparisons),
@@ -213,7 +271,8 @@ with arch_col:
         "Network",
         options=list(trust.TRUST_ARCHITECTURES),
         format_func=lambda a: a.label,
-        help="CNN dN wW: N 3×3 conv layers of W channels, tanh, then a linear head.",
+        help="CNN dN wW: N 3×3 conv layers of W channels, tanh, then a linear head. LeNet-5 "
+        "(30k parameters) and the ResNet-8 take minutes even with the quick protocol.",
         key="trust_live_arch",
         persist_state="session",
     )

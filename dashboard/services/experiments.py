@@ -26,6 +26,7 @@ from core.labels import (
     GROUP_KIND_LABELS,
     RANKING_LABELS,
 )
+from dashboard.services.capacity import retraining
 from dashboard.services.query import has_chosen_test_image, selected_test_index
 from dashboard.services.runs import SessionRuns, StageProgress
 from dashboard.services.settings import EngineSpec, Settings
@@ -190,7 +191,7 @@ def _group_experiment(run: GroupRun, _explainer: Explainer) -> core_groups.Group
 #: progress bar. ``GROUP_RUNS.run(run, explainer)`` raises InfluenceExplorerError when core
 #: refuses the settings (e.g. an index out of range).
 GROUP_RUNS: SessionRuns[GroupRun, core_groups.GroupExperiment] = SessionRuns(
-    "state_group_results", _group_experiment
+    "state_group_results", _group_experiment, estimate=retraining("retraining without groups")
 )
 
 
@@ -285,7 +286,9 @@ def _mislabel_experiments(
 #: Model key -> its flipped-labels experiment, with a progress bar per model.
 #: ``MISLABEL_RUNS.run(run, explainer)`` raises InfluenceExplorerError when core refuses.
 MISLABEL_RUNS: SessionRuns[MislabelRun, dict[str, core_mislabel.MislabelExperiment]] = SessionRuns(
-    "state_mislabel_results", _mislabel_experiments
+    "state_mislabel_results",
+    _mislabel_experiments,
+    estimate=retraining("the flipped-labels experiment", new_engine=True),
 )
 
 
@@ -344,7 +347,7 @@ def _attack(run: AttackRun, _explainer: Explainer) -> core_attack.AttackResult:
 #: The attack, retraining after each step, with a progress bar.
 #: ``ATTACK_RUNS.run(run, explainer)`` raises InfluenceExplorerError when core refuses.
 ATTACK_RUNS: SessionRuns[AttackRun, core_attack.AttackResult] = SessionRuns(
-    "state_attack_results", _attack
+    "state_attack_results", _attack, estimate=retraining("the attack", new_engine=True)
 )
 
 

@@ -28,6 +28,7 @@ from core.explainer import Explainer, Explanation, ModelExplanation
 from core.report import ScoreScale
 from core.store import ArtifactStore, CacheKey
 from core.validation import Verification
+from dashboard.services.capacity import retraining
 from dashboard.services.engines import stop_on_domain_error
 from dashboard.services.facts import class_names, train_ids, train_labels
 from dashboard.services.query import Query
@@ -269,7 +270,10 @@ def _verify(
 # Not shared across sessions: a verification takes a minute and is asked for on purpose, and its
 # progress belongs to the session that asked.
 _VERIFICATIONS: SessionRuns[VerifyRun, dict[str, Verification]] = SessionRuns(
-    "state_verifications", _verify, limit=MAX_VERIFICATIONS_PER_SESSION
+    "state_verifications",
+    _verify,
+    limit=MAX_VERIFICATIONS_PER_SESSION,
+    estimate=retraining("verifying by retraining"),
 )
 
 

@@ -190,6 +190,7 @@ def watch(job: Preparation, settings: Settings) -> None:
         bar = st.progress(0.0, text="Starting…")
         n = None if cost is None else cost.n_train
         while not job.wait(0.3):
+            job.touch()  # still watched: the build goes on
             snap = job.snapshot()
             text = stage_text(snap.stage, snap.done, snap.total, n)
             if job.cancelling:

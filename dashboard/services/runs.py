@@ -17,6 +17,9 @@ from typing import Any, Generic, TypeVar
 
 import streamlit as st
 
+from core.budget import WorkEstimate
+from dashboard.services.capacity import heavy_work
+
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
 
@@ -32,14 +35,24 @@ class SessionRuns(Generic[K, T]):
         compute: ``compute(key, *args)`` computes the result the run ``key`` describes; ``args``
             are what must not key anything (the explainer, a progress callback).
         limit: results remembered per session; asking again moves a result to the newest.
+        estimate: ``estimate(key, *args)``, the memory the computation needs; when given, it
+            runs as heavy work (:func:`~dashboard.services.capacity.heavy_work`): queued behind
+            other heavy work, the user shown its place, and refused if it cannot fit the
+            server's memory budget.
     """
 
     def __init__(
-        self, slot: str, compute: Callable[..., T], *, limit: int = MAX_RESULTS_PER_SESSION
+        self,
+        slot: str,
+        compute: Callable[..., T],
+        *,
+        limit: int = MAX_RESULTS_PER_SESSION,
+        estimate: Callable[..., WorkEstimate] | None = None,
     ) -> None:
         self.slot = slot
         self._compute = compute
         self.limit = int(limit)
+        self._estimate = estimate
 
     def remembered(self, key: K) -> T | None:
         """This session's earlier result for exactly this run, if any."""
@@ -53,9 +66,14 @@ class SessionRuns(Generic[K, T]):
         """Compute the run and remember its result for this session.
 
         Raises:
-            Whatever ``compute`` raises (e.g. a domain error); nothing is remembered then.
+            Whatever ``compute`` raises (e.g. a domain error), or MemoryBudgetError /
+            ServerBusyError when the server cannot take the work; nothing is remembered then.
         """
-        result = self._compute(key, *args)
+        if self._estimate is None:
+            result = self._compute(key, *args)
+        else:
+            with heavy_work(self._estimate(key, *args)):
+                result = self._compute(key, *args)
         self.remember(key, result)
         return result
 

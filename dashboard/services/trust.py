@@ -17,27 +17,34 @@ from core.errors import InfluenceExplorerError
 from core.explainer import Explainer
 from core.features import PixelFeaturizer
 from core.fragility import (
+    MATCH_TOLERANCE,
     Architecture,
     CorrelationSeries,
     FragilityConfig,
     FragilityResults,
+    NoiseFloorRow,
     SeriesPoint,
     Setting,
     SettingResult,
     SolverComparison,
+    StudyComparison,
     bundled_results_path,
     correlation_series,
     load_results,
+    noise_floor,
     run_setting,
     solver_comparison,
     solver_label,
+    study_comparison,
 )
 from core.labels import TEST_POINT_DESCRIPTIONS, TEST_POINT_LABELS
 from core.trust import ReferenceCell, TrustReference, trust_reference
+from dashboard.services.capacity import network_run
 from dashboard.services.runs import SessionRuns, StageProgress
 from dashboard.services.settings import DEMO_SPEC, Settings
 
 __all__ = [
+    "MATCH_TOLERANCE",
     "TEST_POINT_DESCRIPTIONS",
     "TEST_POINT_LABELS",
     "TRUST_ARCHITECTURES",
@@ -50,9 +57,11 @@ __all__ = [
     "TrustReference",
     "TrustRun",
     "committed_counterpart",
+    "fragility_noise_floor",
     "fragility_results",
     "fragility_series",
     "fragility_solver_comparison",
+    "fragility_study_comparison",
     "model_reference",
     "run_trust_setting",
     "trust_protocols",
@@ -61,7 +70,8 @@ __all__ = [
 ]
 
 TRUST_PAGE = "app_pages/trust.py"
-#: Networks offered for a live run: the quick grid's and the committed grid's.
+#: Networks offered for a live run: the quick grid's small CNNs, then the study's counterparts
+#: (CNN d2 w8 for its small CNN, LeNet-5, a ResNet-8 for its ResNets, 50 channels for its width).
 TRUST_ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(1, 4),
     Architecture(2, 4),
@@ -70,6 +80,9 @@ TRUST_ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(3, 8),
     Architecture(4, 8),
     Architecture(2, 16),
+    Architecture.lenet5(),
+    Architecture.resnet(8, 8),
+    Architecture(2, 50),
 )
 TRUST_WEIGHT_DECAYS: tuple[float, ...] = (1e-3, 0.0)
 #: The live run's default protocol: the CLI's ``--quick`` grid (200 images, 60 epochs, one
@@ -142,6 +155,16 @@ def fragility_solver_comparison(results: FragilityResults) -> tuple[SolverCompar
     return solver_comparison(results, "lissa", "exact")
 
 
+def fragility_study_comparison(results: FragilityResults) -> tuple[StudyComparison, ...]:
+    """Each number of Basu et al.'s Table 1 (and width series) next to our counterpart's."""
+    return study_comparison(results)
+
+
+def fragility_noise_floor(results: FragilityResults) -> tuple[NoiseFloorRow, ...]:
+    """Every network cell's correlations next to the best agreement retraining noise allows."""
+    return noise_floor(results)
+
+
 # --------------------------------------------------------------------------- live runs
 
 
@@ -179,7 +202,7 @@ def trust_protocols(results: FragilityResults) -> dict[str, TrustProtocol]:
 
 
 def trust_setting(architecture: Architecture, weight_decay: float) -> Setting:
-    return Setting("cnn", float(weight_decay), architecture)
+    return Setting.network(architecture, weight_decay)
 
 
 def committed_counterpart(
@@ -187,22 +210,29 @@ def committed_counterpart(
 ) -> tuple[SettingResult | None, str]:
     """The committed network to compare a live run with, and how it relates to it.
 
-    The same network and weight decay if the grid has it; otherwise the grid's closest network
-    (same depth if possible, then the nearest width) with that weight decay, said so.
+    The same network and weight decay if the grid has it (its first repeat); otherwise the grid's
+    closest network with that weight decay (same family if possible, then the same depth, then
+    the nearest width), said so.
     """
     arch = setting.architecture
     candidates = [
         s
         for s in results.settings
-        if s.model == "cnn" and not s.skipped and s.weight_decay == setting.weight_decay
+        if s.is_network and not s.skipped and s.weight_decay == setting.weight_decay
     ]
     if arch is None or not candidates:
         return None, "The committed grid has no network with this weight decay."
     best = min(
         candidates,
-        key=lambda s: (abs(s.depth - arch.depth), abs(math.log2(s.width / arch.width)), s.width),
+        key=lambda s: (
+            s.model != arch.family,
+            abs(s.depth - arch.depth),
+            abs(math.log2(s.width / arch.width)),
+            s.width,
+            s.repeat,
+        ),
     )
-    if (best.depth, best.width) == (arch.depth, arch.width):
+    if (best.model, best.depth, best.width) == (arch.family, arch.depth, arch.width):
         return best, f"the committed {best.label}, {_weight_decay_text(best.weight_decay)}"
     return best, (
         f"the closest committed network, {best.label} ({arch.label} is not in the committed "
@@ -239,7 +269,9 @@ def _live_setting(run: TrustRun) -> SettingResult:
         progress.clear()
 
 
-_TRUST_RUNS: SessionRuns[TrustRun, SettingResult] = SessionRuns("state_trust_runs", _live_setting)
+_TRUST_RUNS: SessionRuns[TrustRun, SettingResult] = SessionRuns(
+    "state_trust_runs", _live_setting, estimate=network_run
+)
 
 
 def trust_run(setting: Setting, config: FragilityConfig) -> SettingResult | None:

@@ -181,7 +181,9 @@ def test_a_hessian_that_is_not_positive_definite_names_the_fix_and_the_fix_works
     match = re.search(r"Try --damping (\S+)\.\)", err)
     assert match, err
     payload = run_json(capsys, [*singular, "--damping", match.group(1), "--json"])
-    assert payload["warnings"] == []
+    # Nothing about the solver is left to warn about; with no weight decay the separable training
+    # set is fitted to a near-zero loss, which is said (scores negligible), not an error.
+    assert all("all but certain here" in w for w in payload["warnings"]), payload["warnings"]
     for model in payload["models"].values():
         assert model["helpful"] or model["harmful"]
 

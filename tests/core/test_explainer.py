@@ -191,9 +191,9 @@ def test_second_build_reads_the_cache(tiny, store, explainer, monkeypatch):
         raise AssertionError("features were recomputed instead of read from the cache")
 
     monkeypatch.setattr(EfficientNetLite0Featurizer, "transform", no_recompute)
-    monkeypatch.setattr(
-        "core.explainer.held_out_values", no_recompute
-    )  # λ's cross-validation is cached too
+    # λ's cross-validation is cached too (in-process and on a cluster's shards).
+    monkeypatch.setattr("core.selection.held_out_values", no_recompute)
+    monkeypatch.setattr("core.backend.selection.held_out_values", no_recompute)
     again = Explainer(tiny, store=store).prepare()
     assert again.models["logreg"].lambda_curve == explainer.models["logreg"].lambda_curve
     assert again.models["logreg"].model.fit_info_.iterations <= 1

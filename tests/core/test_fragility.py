@@ -1,5 +1,6 @@
-"""Fragility lab: the network objective's derivatives against torch.func, the solvers and the
-eigenvalue estimate on it, batched retraining, a tiny grid end to end, the results file and the CLI."""
+"""Fragility lab: configuration checks, a tiny grid end to end (table, damping, ground truth, the
+noise floor), one tiny cell of LeNet-5 and of the ResNet end to end, the results file, resuming a
+stopped grid from its progress file, and the views the Trust page builds on."""
 
 from __future__ import annotations
 
@@ -10,234 +11,42 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch.func import functional_call
 
-from core.cli import main
 from core.errors import InfluenceExplorerError
 from core.fragility import (
+    FORMAT_VERSION,
+    STUDY_NUMBERS,
+    STUDY_SOLVER,
     FragilityConfig,
     GroundTruthConfig,
     Setting,
     SolverSettings,
     TrainingConfig,
+    bundled_results_path,
     correlation_series,
     load_results,
+    noise_floor,
+    progress_path,
     results_from_dict,
+    results_from_progress,
     results_to_dict,
     run_fragility,
     run_setting,
     save_results,
     solver_comparison,
+    study_comparison,
 )
-from core.influence import (
-    CGSolver,
-    ExactSolver,
-    InfluenceEngine,
-    LiSSASolver,
-    SolverConfig,
-    make_solver,
-)
-from core.linalg import lanczos_spectrum, spectrum_from_hessian
-from core.networks import (
-    Architecture,
-    NetworkObjective,
-    ParameterLayout,
-    SGDSchedule,
-    build_network,
-    torch_threads,
-    train_sgd,
-)
+from core.fragility import running as running_module
+from core.influence import SolverConfig
+from core.networks import Architecture, torch_threads
 
 
 @pytest.fixture(autouse=True)
 def one_torch_thread_and_a_fixed_seed():
-    """These networks are tiny: OpenMP threads cost far more than they bring (as in the CLI).
-    The seed makes the random test vectors, and so LiSSA's error, the same on every run."""
+    """These networks are tiny: OpenMP threads cost far more than they bring (as in the CLI)."""
     with torch_threads(1), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         yield
-
-
-@pytest.fixture
-def make_network_problem():
-    """Factory: make_network_problem(n, size, depth, width, seed) -> (network, X, y)."""
-
-    def make(n: int = 16, size: int = 6, depth: int = 2, width: int = 2, seed: int = 0):
-        generator = torch.Generator().manual_seed(seed)
-        X = torch.rand(n, 1, size, size, generator=generator) * 2 - 1
-        y = (X.mean((1, 2, 3)) + 0.1 * torch.randn(n, generator=generator) > 0).long()
-        network = build_network(Architecture(depth, width), (size, size, 1), 2, seed=seed)
-        return network, X, y
-
-    return make
-
-
-def _objective_by_hand(network, X, y, l2):
-    """R(θ) over the flat parameters, written directly with functional_call."""
-    net64 = build_network(network.architecture, (X.shape[2], X.shape[3], 1), 2, seed=0).double()
-    layout = ParameterLayout(net64)
-    X64 = X.double()
-    sign = (2 * y - 1).double()
-
-    def objective(theta, rows=None):
-        xs, ss = (X64, sign) if rows is None else (X64[rows], sign[rows])
-        scores = functional_call(net64, layout.unflatten(theta), (xs,))[:, 0]
-        return torch.nn.functional.softplus(-ss * scores).mean() + 0.5 * l2 * theta @ theta
-
-    return objective, ParameterLayout(network).flatten(network)
-
-
-def test_hvp_and_hessian_match_torch_func_hessian(make_network_problem):
-    network, X, y = make_network_problem()
-    objective = NetworkObjective(network, X, y, l2=0.01)
-    by_hand, theta = _objective_by_hand(network, X, y, 0.01)
-    expected = torch.func.hessian(by_hand)(theta)
-    torch.testing.assert_close(objective.hessian(), expected, rtol=1e-9, atol=1e-11)
-    v = torch.randn(objective.n_params_, 3, dtype=torch.float64)
-    torch.testing.assert_close(objective.hvp(v), expected @ v, rtol=1e-9, atol=1e-11)
-    torch.testing.assert_close(objective.hvp(v[:, 0]), expected @ v[:, 0], rtol=1e-9, atol=1e-11)
-    rows = torch.tensor([1, 4, 5, 9])
-    batch = torch.func.hessian(lambda t: by_hand(t, rows))(theta)
-    torch.testing.assert_close(objective.hvp(v, rows), batch @ v, rtol=1e-9, atol=1e-11)
-    assert objective.objective() == pytest.approx(float(by_hand(theta)), rel=1e-12)
-
-
-def test_softmax_network_hessian_matches_torch_func(make_network_problem):
-    network, X, _ = make_network_problem(n=12)
-    y = torch.arange(12) % 3
-    network = build_network(Architecture(1, 2), (6, 6, 1), 3, seed=1)
-    objective = NetworkObjective(network, X, y, l2=0.01)
-    layout = ParameterLayout(network)
-    net64 = build_network(Architecture(1, 2), (6, 6, 1), 3, seed=1).double()
-
-    def by_hand(theta):
-        scores = functional_call(net64, layout.unflatten(theta), (X.double(),))
-        loss = torch.nn.functional.cross_entropy(scores, y)
-        return loss + 0.5 * 0.01 * theta @ theta
-
-    expected = torch.func.hessian(by_hand)(layout.flatten(network))
-    torch.testing.assert_close(objective.hessian(), expected, rtol=1e-9, atol=1e-11)
-
-
-def test_per_example_gradients_average_to_the_objective_gradient(make_network_problem):
-    network, X, y = make_network_problem()
-    objective = NetworkObjective(network, X, y, l2=0.05)
-    gradients = objective.per_example_gradients(X, y)
-    assert gradients.shape == (X.shape[0], objective.n_params_)
-    torch.testing.assert_close(
-        gradients.mean(0) + 0.05 * objective.theta_, objective.objective_gradient()
-    )
-
-
-def test_the_engine_scores_a_network_as_the_formula_says(make_network_problem):
-    """One engine for convex models and networks: first-order scores of a CNN's objective equal
-    (1/n) ∇ℓ_jᵀ (H + δI)⁻¹ ∇ℓ_test with everything from torch.func, δ from the damping margin."""
-    network, X, y = make_network_problem(n=14, depth=2, width=2, seed=5)
-    objective = NetworkObjective(network, X, y, l2=0.0)
-    by_hand, theta = _objective_by_hand(network, X, y, 0.0)
-    hessian = torch.func.hessian(by_hand)(theta)
-    smallest = float(torch.linalg.eigvalsh(hessian)[0])
-    assert smallest < 0, "an untrained network's Hessian should be indefinite"
-    engine = InfluenceEngine(objective, SolverConfig(damping_margin=0.05))
-    damping = -smallest + 0.05
-    assert engine.solver.damping == pytest.approx(damping, rel=1e-9)
-    assert engine.estimates == ("first_order",)
-
-    net64 = build_network(network.architecture, (6, 6, 1), 2, seed=0).double()
-    layout = ParameterLayout(net64)
-
-    def loss_of(theta_, x, label):
-        score = functional_call(net64, layout.unflatten(theta_), (x[None].double(),))[0, 0]
-        return torch.nn.functional.softplus(-(2 * label - 1) * score)
-
-    gradients = torch.stack([torch.func.grad(loss_of)(theta, X[i], y[i]) for i in range(len(y))])
-    test_rows = [2, 7]
-    s_test = torch.linalg.solve(
-        hessian + damping * torch.eye(len(theta), dtype=torch.float64), gradients[test_rows].T
-    )
-    expected = (gradients @ s_test).T / len(y)
-    scores = engine.influence_scores(X[test_rows], y[test_rows], estimate="first_order")
-    np.testing.assert_allclose(scores, expected.numpy(), rtol=1e-8, atol=1e-12)
-
-    cg = InfluenceEngine(objective, SolverConfig(method="cg", damping=damping, cg_tol=1e-12))
-    np.testing.assert_allclose(
-        cg.influence_scores(X[test_rows], y[test_rows], estimate="first_order"),
-        expected.numpy(),
-        rtol=1e-7,
-        atol=1e-12,
-    )
-    with pytest.raises(InfluenceExplorerError, match="first_order"):
-        engine.influence_scores(X[test_rows], y[test_rows], estimate="corrected")
-
-
-def test_damping_margin_by_lanczos_for_the_iterative_solvers(make_network_problem):
-    network, X, y = make_network_problem(n=14, depth=2, width=2, seed=5)
-    objective = NetworkObjective(network, X, y, l2=0.0)
-    exact = spectrum_from_hessian(objective.hessian())
-    solver = make_solver(
-        objective, SolverConfig(method="cg", damping_margin=0.05, lanczos_iterations=200)
-    )
-    assert solver.spectrum is not None and solver.spectrum.method == "lanczos"
-    # With a full Krylov space Lanczos finds λ_min, so the damped Hessian's smallest eigenvalue
-    # is the margin.
-    assert solver.damping == pytest.approx(-exact.smallest + 0.05, rel=1e-6)
-
-
-def test_last_layer_scope_is_the_head_block_of_the_hessian(make_network_problem):
-    network, X, y = make_network_problem()
-    full = NetworkObjective(network, X, y, l2=0.01).hessian()
-    last = NetworkObjective(network, X, y, l2=0.01, scope="last")
-    p_head = last.n_params_
-    assert p_head == network.head.weight.numel() + network.head.bias.numel()
-    # The head's parameters come last in named_parameters order.
-    torch.testing.assert_close(last.hessian(), full[-p_head:, -p_head:], rtol=1e-9, atol=1e-11)
-    assert float(torch.linalg.eigvalsh(last.hessian())[0]) >= 0.01 - 1e-9  # convex + λ
-
-
-def test_lanczos_extreme_eigenvalues_match_eigvalsh(make_network_problem):
-    network, X, y = make_network_problem(depth=2, width=3, seed=3)
-    objective = NetworkObjective(network, X, y, l2=0.0)
-    exact = spectrum_from_hessian(objective.hessian())
-    assert exact.smallest < 0, "an untrained network's Hessian should be indefinite"
-    full = lanczos_spectrum(objective.hvp, objective.n_params_, objective.n_params_)
-    assert full.smallest == pytest.approx(exact.smallest, rel=1e-6, abs=1e-9)
-    assert full.largest == pytest.approx(exact.largest, rel=1e-6)
-    short = lanczos_spectrum(objective.hvp, objective.n_params_, 30)
-    # Ritz values lie inside the spectrum and the extremes converge first.
-    assert exact.smallest - 1e-9 <= short.smallest <= 0.5 * exact.smallest
-    assert short.largest == pytest.approx(exact.largest, rel=1e-3)
-
-
-def test_exact_cg_and_lissa_solve_the_damped_network_hessian(make_network_problem, report):
-    network, X, y = make_network_problem(n=24)
-    objective = NetworkObjective(network, X, y, l2=0.01)
-    smallest = spectrum_from_hessian(objective.hessian()).smallest
-    damping = max(0.0, -smallest) + 0.2
-    v = torch.randn(objective.n_params_, 2, dtype=torch.float64)
-    exact = ExactSolver(objective, damping).inverse_hvp(v)
-    damped = objective.hessian() + damping * torch.eye(objective.n_params_, dtype=torch.float64)
-    torch.testing.assert_close(damped @ exact, v, rtol=1e-9, atol=1e-10)
-    cg = CGSolver(objective, damping, tol=1e-10).inverse_hvp(v)
-    torch.testing.assert_close(cg, exact, rtol=1e-7, atol=1e-9)
-    lissa = LiSSASolver(objective, damping, depth=200, batch_size=16, repeats=2, seed=0)
-    error = float((lissa.inverse_hvp(v) - exact).norm() / exact.norm())
-    report(f"LiSSA vs exact on a tiny CNN (damping {damping:.3g}): relative error {error:.3f}")
-    # Converged in depth (contraction 0.85 per step); what is left is minibatch noise.
-    assert error < 0.2
-
-
-def test_batched_sgd_uses_common_random_numbers(make_network_problem):
-    network, X, y = make_network_problem(n=20)
-    theta0 = ParameterLayout(network).flatten(network, torch.float32)
-    weights = torch.ones(3, 20)
-    weights[2, 7] = 0.0
-    schedule = SGDSchedule(epochs=3, batch_size=5, learning_rate=0.1, momentum=0.9)
-    thetas = train_sgd(network, theta0[None].repeat(3, 1), X, y, weights, 0.01, schedule, seed=4)
-    again = train_sgd(network, theta0[None].repeat(3, 1), X, y, weights, 0.01, schedule, seed=4)
-    torch.testing.assert_close(thetas, again, rtol=0, atol=0)  # deterministic
-    torch.testing.assert_close(thetas[0], thetas[1], rtol=0, atol=1e-6)  # same weights, same run
-    assert float((thetas[2] - thetas[0]).norm()) > 1e-4  # removing a point changes the run
-    assert float((thetas[0] - theta0).norm()) > 1e-3
 
 
 def test_configs_check_their_fields():
@@ -245,15 +54,64 @@ def test_configs_check_their_fields():
         Architecture(0, 4)
     with pytest.raises(InfluenceExplorerError, match="activation"):
         Architecture(1, 4, "sigmoid")
+    with pytest.raises(InfluenceExplorerError, match="6k"):
+        Architecture.resnet(9, 4)
+    with pytest.raises(InfluenceExplorerError, match="family"):
+        Architecture(2, 4, family="vgg")
     with pytest.raises(InfluenceExplorerError, match="solvers"):
         SolverSettings(solvers=("newton",))
+    with pytest.raises(InfluenceExplorerError, match="damping_margin"):
+        SolverSettings(solver=SolverConfig())
     with pytest.raises(InfluenceExplorerError, match="retrain_fraction"):
         GroundTruthConfig(retrain_fraction=0.0)
+    with pytest.raises(InfluenceExplorerError, match="noise_seeds"):
+        GroundTruthConfig(noise_seeds=-1)
     with pytest.raises(InfluenceExplorerError, match="weight_decays"):
         FragilityConfig(weight_decays=(-1.0,))
+    with pytest.raises(InfluenceExplorerError, match="repeats"):
+        FragilityConfig(repeats=0)
     with pytest.raises(InfluenceExplorerError, match="architecture"):
         Setting("cnn", 1e-3)
+    with pytest.raises(InfluenceExplorerError, match="family"):
+        Setting("cnn", 1e-3, Architecture.lenet5())
+    assert Setting.network(Architecture.lenet5(), 0).model == "lenet"
     assert hash(FragilityConfig.quick()) == hash(FragilityConfig.quick())  # a cache key
+
+
+def test_the_study_holds_one_solver_config_and_only_its_own_choices():
+    """SolverSettings does not copy SolverConfig's fields: it holds one, and each solver's
+    configuration is that one with the method, the measured damping and the seed."""
+    own = {f.name for f in dataclasses.fields(SolverSettings)}
+    assert own == {"solvers", "exact_max_params", "float64_max_params", "solver"}
+    settings = SolverSettings(solver=dataclasses.replace(STUDY_SOLVER, cg_tol=1e-8))
+    config = settings.config_for("cg", damping=0.03, seed=4, float32=False)
+    assert isinstance(config, SolverConfig)
+    assert (config.method, config.damping, config.damping_margin, config.seed) == (
+        "cg",
+        0.03,
+        None,
+        4,
+    )
+    assert config.cg_tol == 1e-8 and config.lissa_depth == STUDY_SOLVER.lissa_depth
+    assert settings.config_for("cg", 0.03, 4, float32=True).cg_tol == 1e-5
+
+
+def test_cells_run_the_whole_grid_once_before_any_repeat():
+    config = FragilityConfig(
+        architectures=(Architecture(1, 2), Architecture(2, 2)),
+        weight_decays=(1e-3,),
+        convex_models=("logistic",),
+        repeats=2,
+    )
+    keys = [c.key for c in config.cells()]
+    assert keys == [
+        "Logistic regression (pixels) | wd 0.001 | repeat 0",
+        "CNN d1 w2 | wd 0.001 | repeat 0",
+        "CNN d2 w2 | wd 0.001 | repeat 0",
+        "CNN d1 w2 | wd 0.001 | repeat 1",
+        "CNN d2 w2 | wd 0.001 | repeat 1",
+    ]
+    assert config.training_seed(1) != config.training_seed(0)
 
 
 #: A grid small enough for the test run: 7x7 pixels, 200 images, two 2-channel CNNs.
@@ -263,18 +121,21 @@ TINY = FragilityConfig(
     architectures=(Architecture(1, 2), Architecture(2, 2)),
     weight_decays=(1e-2, 0.0),
     training=TrainingConfig(epochs=20),
-    ground_truth=GroundTruthConfig(top_k=8, seeds=2),
-    influence=SolverSettings(lissa_depth=100),
+    ground_truth=GroundTruthConfig(top_k=8, seeds=2, noise_seeds=2),
+    influence=SolverSettings(solver=dataclasses.replace(STUDY_SOLVER, lissa_depth=100)),
+    repeats=1,
 )
 
 
 @pytest.fixture(scope="module")
 def tiny_results():
     stages = []
-    results = run_fragility(TINY, lambda done, total, stage: stages.append((done, total)))
+    with torch_threads(1):
+        results = run_fragility(TINY, lambda done, total, stage: stages.append((done, total)))
     return results, stages
 
 
+@pytest.mark.slow
 def test_tiny_grid_table_has_the_papers_shape(tiny_results, report):
     results, stages = tiny_results
     table = results.table()
@@ -301,13 +162,16 @@ def test_tiny_grid_table_has_the_papers_shape(tiny_results, report):
         for cell in row.cells:
             assert math.isfinite(cell.pearson) and -1 <= cell.pearson <= 1
             assert math.isfinite(cell.spearman) and -1 <= cell.spearman <= 1
+            assert cell.repeats == 1 and cell.n == 8
     assert stages and all(0 <= d <= t for d, t in stages) and stages[-1][0] == stages[-1][1]
+    assert results.complete and results.load_average
 
 
-def test_tiny_grid_reports_damping_curvature_and_ground_truth(tiny_results):
+@pytest.mark.slow
+def test_tiny_grid_reports_damping_curvature_ground_truth_and_noise(tiny_results):
     results, _ = tiny_results
     for s in results.settings:
-        if s.model != "cnn":
+        if not s.is_network:
             continue
         curvature = s.curvature[0]
         assert curvature.method == "eigvalsh" and curvature.n_params == s.n_params
@@ -315,12 +179,26 @@ def test_tiny_grid_reports_damping_curvature_and_ground_truth(tiny_results):
             assert r.damping == pytest.approx(max(0.0, -curvature.smallest_eigenvalue) + 0.01)
             for p in r.points:
                 assert len(p.predicted) == len(p.actual) == 8
+                # The mean over seeds is what the correlation is computed against.
+                np.testing.assert_allclose(np.mean(p.actual_by_seed, 0), p.actual)
+                assert 0 <= p.noise.reliability <= 1
+                assert p.noise.pearson_ceiling == pytest.approx(math.sqrt(p.noise.reliability))
         assert s.solver("cg").points[0].relative_error < 1e-4
-        assert s.ground_truth.n_retrained >= 8 and len(s.ground_truth.seed_pearson) == 2
+        gt = s.ground_truth
+        assert gt.n_retrained >= 8 and len(gt.seed_pearson) == 2
+        # Two seeds with a control each, plus two noise seeds: four retrainings on every point.
+        assert [len(c) for c in gt.control_losses] == [4, 4]
+        assert all(v > 0 for v in gt.chance_std) and all(v > 0 for v in gt.effect_rms)
+        assert s.precision == "float64" and s.seed == TINY.training_seed(0)
     # The convex models without weight decay have no finite optimum on these pixels.
-    assert any(s.skipped for s in results.settings if s.model != "cnn")
+    assert any(s.skipped for s in results.settings if not s.is_network)
+    assert all(
+        p.noise is None for s in results.settings if not s.is_network for r in s.solvers
+        for p in r.points
+    )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_results_file_round_trips(tiny_results, tmp_path):
     results, _ = tiny_results
     path = save_results(results, tmp_path / "results.json")
@@ -328,14 +206,18 @@ def test_results_file_round_trips(tiny_results, tmp_path):
     assert loaded.config == results.config
     assert loaded.table().to_text() == results.table().to_text()
     assert results_to_dict(loaded) == results_to_dict(results)
+    assert loaded.settings[-1].solvers[0].points[0].noise == (
+        results.settings[-1].solvers[0].points[0].noise
+    )
     damaged = json.loads(path.read_text())
-    damaged["format_version"] = 99
+    damaged["format_version"] = FORMAT_VERSION - 1
     with pytest.raises(InfluenceExplorerError, match="format version"):
         results_from_dict(damaged)
     with pytest.raises(InfluenceExplorerError, match="No fragility results"):
         load_results(tmp_path / "missing.json")
 
 
+@pytest.mark.slow
 def test_trust_page_views(tiny_results):
     results, _ = tiny_results
     series = correlation_series(results, "depth", solver="exact", test_point="high_loss")
@@ -346,11 +228,63 @@ def test_trust_page_views(tiny_results):
     assert len(comparisons) == 2 * 2 * 2  # networks x weight decays x test points
     assert all(-1 <= c.score_pearson <= 1 for c in comparisons)
     records = results.records()
-    assert {"depth", "width", "solver", "test_point", "pearson"} <= set(records[0])
+    assert {"depth", "width", "solver", "test_point", "pearson", "pearson_ceiling"} <= set(
+        records[0]
+    )
+    floor = noise_floor(results)
+    assert len(floor) == 2 * 2 * 2 * 3  # networks x λ x test points x solvers
+    assert {r.verdict for r in floor} <= {"within noise", "below noise floor", "mixed"}
+    markdown = results.table().to_markdown(noise=True)
+    assert "(≤ " in markdown and markdown.count("\n") == 2 + 8 - 1
+
+
+@pytest.mark.slow
+def test_study_comparison_reads_each_number_against_its_counterpart(tiny_results):
+    results, _ = tiny_results
+    rows = study_comparison(results)
+    assert [r.study for r in rows] == list(STUDY_NUMBERS)
+    assert all(r.reading == "not run" for r in rows)  # the tiny grid has none of them
+    # Make the tiny CNN d2 w2 pose as the study's small CNN's counterpart (CNN d2 w8), its
+    # weight decay 0.01 as the study's 0.001.
+    posed = dataclasses.replace(
+        results,
+        settings=tuple(
+            dataclasses.replace(
+                s, width=8, label="CNN d2 w8", weight_decay=1e-3 if s.weight_decay else 0.0
+            )
+            if s.label == "CNN d2 w2"
+            else s
+            for s in results.settings
+        ),
+    )
+    small = [r for r in study_comparison(posed) if r.label == "CNN d2 w8"]
+    assert {r.study.finding for r in small} == {
+        "small CNN, with weight decay",
+        "small CNN, without weight decay",
+        "width: 8 channels",
+    }
+    for row in small:
+        if row.study.weight_decay == 0.0:
+            ours = next(s for s in posed.settings if s.label == "CNN d2 w8" and s.weight_decay == 0)
+            assert row.cg_pearson == ours.solver("cg").point("high_loss").pearson
+        differences = [
+            mine - theirs
+            for mine, theirs in (
+                (row.cg_pearson, row.study.pearson),
+                (row.cg_spearman, row.study.spearman),
+            )
+            if math.isfinite(theirs)
+        ]
+        if all(abs(d) <= 0.1 for d in differences):
+            assert row.reading == "matches"
+        else:
+            assert row.reading == ("higher here" if sum(differences) > 0 else "lower here")
 
 
 def test_run_setting_reports_progress():
-    config = dataclasses.replace(TINY, ground_truth=GroundTruthConfig(top_k=5, seeds=1))
+    config = dataclasses.replace(
+        TINY, ground_truth=GroundTruthConfig(top_k=5, seeds=1, noise_seeds=1)
+    )
     seen = []
     result = run_setting(
         Setting("cnn", 1e-2, Architecture(1, 2)),
@@ -359,75 +293,165 @@ def test_run_setting_reports_progress():
     )
     assert [s.solver for s in result.solvers] == ["exact"]
     assert seen[-1][0] == seen[-1][1] and any("training" in s for _, _, s in seen)
+    assert any("noise floor" in s for _, _, s in seen)
 
 
-def _tiny_cli_options(tmp_path):
-    return [
-        "--n-train", "100", "--image-size", "7", "--depths", "1", "--base-width", "2",
-        "--weight-decays", "0.01", "--epochs", "10", "--top-k", "5", "--seeds", "1",
-        "--lissa-depth", "50", "--quiet", "--output", str(tmp_path / "out.json"),
-    ]  # fmt: skip
-
-
-def test_cli_quick_json(tmp_path, capsys):
-    threads = torch.get_num_threads()
-    status = main(["fragility", "--quick", "--json", *_tiny_cli_options(tmp_path)])
-    assert torch.get_num_threads() == threads  # restored after the run
-    assert status == 0
-    payload = json.loads(capsys.readouterr().out)
-    assert payload["results_file"] == str(tmp_path / "out.json")
-    assert len(payload["table"]["columns"]) == 2
-    labels = [row["model"] for row in payload["table"]["rows"]]
-    assert labels[0] == "Logistic regression (pixels)" and "CNN d1 w2 · exact" in labels
-    assert load_results(tmp_path / "out.json").config.n_train == 100
-
-
-def test_cli_human_report(tmp_path, capsys):
-    options = _tiny_cli_options(tmp_path)
-    status = main(["fragility", "--quick", "--solvers", "exact", "--no-convex", *options])
-    assert status == 0
-    out = capsys.readouterr().out
-    assert "Pearson / Spearman" in out and "damping" in out and "CNN d1 w2 · exact" in out
-
-
-@pytest.mark.parametrize(
-    "options, message",
-    [
-        (["--solvers", "newton"], "solvers are"),
-        (["--weight-decays", "a,b"], "numbers"),
-        (["--depths", "x"], "integers"),
-        (["--classes", "Shirt"], "at least two"),
-    ],
+#: One tiny cell of the new families: 40 images, 3 epochs; 14x14 for LeNet-5 (it needs at least
+#: 12x12), 7x7 for the ResNet.
+NEW_FAMILIES = FragilityConfig(
+    n_train=40,
+    image_size=14,
+    architectures=(Architecture.lenet5(), Architecture.resnet(8, 2)),
+    weight_decays=(1e-3,),
+    convex_models=(),
+    training=TrainingConfig(epochs=3, batch_size=20),
+    ground_truth=GroundTruthConfig(top_k=5, seeds=2, noise_seeds=1, retrain_fraction=0.34),
+    influence=SolverSettings(
+        exact_max_params=200,  # both get the last layer's exact Hessian, not the full one
+        solver=dataclasses.replace(
+            STUDY_SOLVER,
+            damping_margin=0.1,
+            cg_tol=1e-4,
+            lanczos_iterations=20,
+            lissa_depth=30,
+            lissa_batch_size=20,
+        ),
+    ),
 )
-def test_cli_rejects_bad_options(options, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fragility", "--quick", *options])
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
-    "options, message",
-    [
-        (["--depths", "0"], "depth"),
-        (["--weight-decays", "-1"], "weight_decays"),
-        (["--classes", "Shirt,Nope"], "No class named"),
-        (["--threads", "0"], "threads"),
-    ],
+    "architecture, precision",
+    [(Architecture.lenet5(), "float32"), (Architecture.resnet(8, 2), "float64")],
+    ids=["lenet5", "resnet8"],
 )
-def test_cli_reports_bad_values_with_status_2(options, message, tmp_path, capsys):
-    status = main(["fragility", "--quick", "--output", str(tmp_path / "x.json"), *options])
-    assert status == 2
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / "x.json").exists()
+def test_a_cell_of_each_new_family_runs_end_to_end(architecture, precision, report):
+    """Train, CG and LiSSA on the whole network, the last layer's exact Hessian, retraining
+    with two seeds and the noise floor, correlations: one small cell per family."""
+    size = 14 if architecture.family == "lenet" else 7
+    config = dataclasses.replace(NEW_FAMILIES, image_size=size)
+    result = run_setting(Setting.network(architecture, 1e-3), config)
+    assert result.model == architecture.family and result.label == architecture.label
+    assert result.precision == precision  # LeNet-5 has 30k parameters: float32 products
+    assert [(r.label, r.scope) for r in result.solvers] == [
+        ("exact (last layer)", "last"),
+        ("CG", "all"),
+        ("LiSSA", "all"),
+    ]
+    assert [c.scope for c in result.curvature] == ["all", "last"]
+    assert result.curvature[0].method == "lanczos"
+    for r in result.solvers:
+        assert not r.error, r.error
+        for p in r.points:
+            assert len(p.predicted) == 5 and np.isfinite(p.actual).all()
+            assert math.isfinite(p.pearson) and -1 <= p.pearson <= 1
+            assert len(p.actual_by_seed) == 2 and p.noise is not None
+    cg, lissa = result.solver("cg"), result.solver("lissa")
+    assert "iterations" in cg.note and "slowest direction" in lissa.note
+    assert lissa.points[0].relative_error < 1.0  # compared with CG on the same parameters
+    assert result.ground_truth.n_retrained >= 5
+    report(
+        f"{result.label}: {result.n_params} parameters, "
+        + "; ".join(f"{r.label} {r.points[0].pearson:.2f}" for r in result.solvers)
+        + f" ({result.seconds:.1f} s)"
+    )
+
+
+# ---------------------------------------------------------------------------- long runs
+#: Two cells of one tiny CNN: enough to stop after the first and resume.
+TWO_CELLS = dataclasses.replace(
+    TINY,
+    architectures=(Architecture(1, 2),),
+    convex_models=(),
+    ground_truth=GroundTruthConfig(top_k=4, seeds=2, noise_seeds=1),
+    influence=SolverSettings(solvers=("exact",)),
+)
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_a_stopped_grid_resumes_from_its_last_finished_cell(tmp_path, monkeypatch):
+    progress_file = progress_path(tmp_path / "out.json")
+    assert progress_file.name == "out.json.progress"
+
+    def stop_after_first(result, index, total):
+        raise _Stop  # like a kill right after the first cell was written
+
+    with pytest.raises(_Stop):
+        run_fragility(TWO_CELLS, progress_file=progress_file, on_cell=stop_after_first)
+    saved = json.loads(progress_file.read_text())
+    assert [key for key, _ in saved["cells"]] == ["CNN d1 w2 | wd 0.01 | repeat 0"]
+    assert not list(tmp_path.glob(".out.json.progress.*"))  # no temporary file left behind
+
+    # A partial results file: the finished cell, the other marked as not run.
+    partial = results_from_progress(progress_file)
+    assert partial.missing == ("CNN d1 w2 | no weight decay | repeat 0",)
+    assert partial.table().rows[0].cells[1].note.startswith("not run")
+
+    ran = []
+    real = running_module.run_network_cell
+    monkeypatch.setattr(
+        running_module,
+        "run_network_cell",
+        lambda cell, *args: ran.append(cell.key) or real(cell, *args),
+    )
+    resumed = run_fragility(TWO_CELLS, progress_file=progress_file)
+    assert ran == ["CNN d1 w2 | no weight decay | repeat 0"]  # the first cell was not redone
+    assert resumed.complete and len(resumed.settings) == 2
+    # The resumed grid's first cell is the one read back from the progress file.
+    assert results_to_dict(resumed)["settings"][0] == results_to_dict(partial)["settings"][0]
+
+
+@pytest.mark.slow
+def test_a_progress_file_of_another_run_is_refused(tmp_path):
+    progress_file = tmp_path / "out.json.progress"
+    with pytest.raises(_Stop):
+        run_fragility(
+            TWO_CELLS,
+            progress_file=progress_file,
+            on_cell=lambda *args: (_ for _ in ()).throw(_Stop()),
+        )
+    other = dataclasses.replace(TWO_CELLS, n_train=100)
+    with pytest.raises(InfluenceExplorerError, match="another protocol"):
+        run_fragility(other, progress_file=progress_file)
+    progress_file.write_text("{not json")
+    with pytest.raises(InfluenceExplorerError, match="Cannot read"):
+        run_fragility(TWO_CELLS, progress_file=progress_file)
+
+
+@pytest.mark.slow
+def test_a_grid_can_be_narrowed_and_extended_keeping_its_finished_cells(tmp_path, monkeypatch):
+    """Same protocol, another grid: finished cells the new grid has are reused, not rerun."""
+    progress_file = tmp_path / "out.json.progress"
+    one = dataclasses.replace(TWO_CELLS, weight_decays=(0.0,))
+    first = run_fragility(one, progress_file=progress_file)
+    ran = []
+    real = running_module.run_network_cell
+    monkeypatch.setattr(
+        running_module,
+        "run_network_cell",
+        lambda cell, *args: ran.append(cell.key) or real(cell, *args),
+    )
+    both = run_fragility(TWO_CELLS, progress_file=progress_file)
+    assert ran == ["CNN d1 w2 | wd 0.01 | repeat 0"]
+    assert results_to_dict(both)["settings"][1] == results_to_dict(first)["settings"][0]
+    assert both.config == TWO_CELLS
+    # Narrowed again: nothing runs, and the file keeps the cell the narrow grid does not have.
+    again = run_fragility(one, progress_file=progress_file)
+    assert len(ran) == 1 and [s.weight_decay for s in again.settings] == [0.0]
+    assert len(json.loads(progress_file.read_text())["cells"]) == 2
+    assert results_from_progress(progress_file, TWO_CELLS).complete
 
 
 def test_bundled_results_load_when_present():
-    from core.fragility import bundled_results_path
-
     path = bundled_results_path()
     if not path.exists():
         pytest.skip("docs/fragility-results.json not generated yet")
     results = load_results(path)
     assert results.table().shape[1] == 2 * len(results.config.weight_decays)
     assert np.isfinite([r["pearson"] for r in results.records()]).any()
+    assert len(study_comparison(results)) == len(STUDY_NUMBERS)

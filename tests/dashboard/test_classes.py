@@ -125,11 +125,9 @@ def test_cancel_stops_a_preparation_at_its_next_report() -> None:
     reports: list[int] = []
     pause = threading.Event()
 
-    def build(progress: Callable[[str, int, int], None], cancelled: Callable[[], bool]) -> None:
+    def build(job: Preparation) -> None:
         for step in range(10_000):
-            if cancelled():
-                raise PreparationCancelled("Preparation was cancelled during 'counting'.")
-            progress("counting", step, 10_000)
+            job.report("counting", step, 10_000)  # raises once cancelled
             reports.append(step)
             pause.wait(0.01)
         raise AssertionError("never cancelled")
@@ -140,6 +138,7 @@ def test_cancel_stops_a_preparation_at_its_next_report() -> None:
     job.cancel()
     assert job.wait(30)
     assert job.cancelled and isinstance(job.error, PreparationCancelled)
+    assert "cancelled during 'counting'" in str(job.error)
     assert job.result is None and len(reports) < 10_000
 
 
@@ -187,7 +186,7 @@ def test_a_cancelled_preparation_says_so_and_offers_to_start_again(
     _no_errors(at)
     assert any("cancelled" in i.value for i in at.info)
     assert "Prepare 2 classes, 1,000 training images?" in _texts(at)
-    assert engines._started().get(settings.engine) is None
+    assert engines.preparations().peek(settings.engine) is None
 
 
 # ---------------------------------------------------------------- three classes, every page

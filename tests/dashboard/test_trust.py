@@ -3,6 +3,7 @@ setting live and remembers it, and each explanation on Explain links to its refe
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,7 +12,16 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from core.errors import InfluenceExplorerError
-from core.fragility import FragilityConfig, GroundTruthConfig, SolverSettings, TrainingConfig
+from core.fragility import (
+    STUDY_NUMBERS,
+    STUDY_SOLVER,
+    Architecture,
+    FragilityConfig,
+    GroundTruthConfig,
+    SolverSettings,
+    TrainingConfig,
+)
+from dashboard.components.study import STUDY_COLUMNS
 from dashboard.services import trust
 
 Factory = Callable[[], AppTest]
@@ -22,7 +32,9 @@ TINY = FragilityConfig.quick(
     n_train=40,
     training=TrainingConfig(epochs=4, batch_size=20),
     ground_truth=GroundTruthConfig(top_k=4, retrain_fraction=0.25, seeds=1),
-    influence=SolverSettings(lissa_depth=20, lissa_batch_size=20),
+    influence=SolverSettings(
+        solver=dataclasses.replace(STUDY_SOLVER, lissa_depth=20, lissa_batch_size=20)
+    ),
 )
 
 
@@ -45,28 +57,58 @@ def _trust_app(make_app: Factory) -> AppTest:
     return at.run()
 
 
-def test_the_table_has_basu_et_al_s_shape_and_the_charts_are_drawn(make_app: Factory) -> None:
+def test_the_study_s_numbers_the_noise_floor_and_the_table_are_shown(make_app: Factory) -> None:
     at = _trust_app(make_app)
     _no_errors(at)
-    table = trust.fragility_results().table()
+    results = trust.fragility_results()
+    # The study's Table 1 next to ours: one row per number the study reports, ours from core.
+    study = _frame(at, "study P / S")
+    comparison = trust.fragility_study_comparison(results)
+    assert list(study.columns) == list(STUDY_COLUMNS)
+    assert len(study) == len(STUDY_NUMBERS) == len(comparison)
+    assert list(study["study's network"]) == [n.network for n in STUDY_NUMBERS]
+    assert study["study P / S"].iloc[0] == "0.95 / 0.87"  # the small CNN with weight decay
+    assert list(study["ours"]) == [n.counterpart.label for n in STUDY_NUMBERS]
+    ran = [i for i, row in enumerate(comparison) if row.reading != "not run"]
+    assert ran, "the committed results compare with none of the study's numbers"
+    for i in ran:
+        row = comparison[i]
+        assert study["ours: CG P / S"].iloc[i] == f"{row.cg_pearson:.2f} / {row.cg_spearman:.2f}"
+        assert study["reading"].iloc[i] == row.reading
+    text = "\n".join(m.value for m in at.markdown)
+    assert "What reproduced and what did not" in text and "Why they differ" in text
+    first = comparison[ran[0]]
+    assert f"here {first.cg_pearson:.2f} / {first.cg_spearman:.2f} ({first.reading})" in text
+    # The noise floor: every network cell next to the best agreement noise allows.
+    floor = trust.fragility_noise_floor(results)
+    noise = _frame(at, "within noise from")
+    assert len(noise) == len(floor) > 0
+    assert list(noise["noise ceiling"]) == [f"{r.pearson_ceiling:.2f}" for r in floor]
+    assert list(noise["verdict"]) == [f"{r.verdict} ({r.within_noise}/{r.repeats})" for r in floor]
+    within = sum(1 for r in floor if r.verdict == "within noise")
+    assert f"{within} of {len(floor)}" in text
+    # Every cell of Basu et al.'s table shape, as core renders it.
+    table = results.table()
     frame = _frame(at, table.column_labels()[0])
     assert frame.shape == (table.shape[0], 1 + table.shape[1])
     assert list(frame.columns) == ["model", *table.column_labels()]
-    # Reference rows first, then one row per CNN and solver; cells read "Pearson / Spearman".
     assert list(frame["model"][:2]) == ["Logistic regression (pixels)", "RBF SVM (pixels)"]
-    assert frame["model"].str.startswith("CNN").sum() == table.shape[0] - 2
-    assert frame.iloc[0, 1] == table.rows[0].cells[0].text()
-    assert (frame.iloc[2:, 1:] != "—").all().all()
-    # Depth/width lines and exact vs LiSSA.
-    assert len(at.get("plotly_chart")) == 2
-    text = "\n".join(m.value for m in at.markdown)
-    assert "Not seen here" in text and "Width:" in text and "Weight decay:" in text
-    assert "lower than the exact solution's in" in text
+    for i, row in enumerate(table.rows):
+        assert list(frame.iloc[i, 1:]) == [cell.text() for cell in row.cells]
+    # A partial run says which cells it lacks.
+    if results.missing:
+        assert any("The committed run is partial" in w.value for w in at.warning)
+    # Depth/width lines where the grid has a series, and exact vs LiSSA.
+    series = [
+        trust.fragility_series(results, vary, "high_loss", results.config.weight_decays[0])[1]
+        for vary in ("depth", "width")
+    ]
+    assert len(at.get("plotly_chart")) == 1 + any(series)
+    assert "lower than the exact solution's (CG's for networks too large" in text
     # Another view of the chart keeps working.
     at.segmented_control(key="trust_chart_point").set_value("median_loss")
     at.segmented_control(key="trust_chart_metric").set_value("pearson").run()
     _no_errors(at)
-    assert len(at.get("plotly_chart")) == 2
 
 
 def test_a_live_run_shows_its_result_next_to_the_committed_row_and_is_remembered(
@@ -80,12 +122,16 @@ def test_a_live_run_shows_its_result_next_to_the_committed_row_and_is_remembered
     at.button(key="trust_run").click().run()
     _no_errors(at)
     assert any(s.value == "CNN d1 w4, no weight decay" for s in at.subheader)
-    live = _frame(at, "solver")
+    live = _frame(at, "high-loss: this run")
     assert list(live["solver"]) == ["exact", "CG", "LiSSA"]
     assert (live["high-loss: this run"] != "—").all()
     # d1 w4 is not in the committed grid: its closest network is, and the page says so.
     assert (live["high-loss: committed"] != "—").all()
-    assert any("closest committed network, CNN d1 w8" in c.value for c in at.caption)
+    closest, _ = trust.committed_counterpart(
+        trust.fragility_results(), trust.trust_setting(Architecture(1, 4), 0.0)
+    )
+    assert closest.model == "cnn" and closest.label != "CNN d1 w4"
+    assert any(f"closest committed network, {closest.label}" in c.value for c in at.caption)
     assert {m.label for m in at.metric} >= {"Test accuracy", "λ_min", "Damping δ", "Time"}
     # Elsewhere and back: the choice and its result are still there, without running again.
     at.switch_page("app_pages/method.py").run()

@@ -7,16 +7,22 @@ import base64
 import mimetypes
 import os
 import socket
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bench.load import streamlit_server
+from core.budget import resident_bytes
+from dashboard.services.housekeeping import SESSION_GRACE_S, UPLOADS_PER_SESSION
 from dashboard.services.uploads import MAX_UPLOAD_MB, UPLOAD_TYPES
-from tests.e2e.conftest import Server
+from tests.e2e.conftest import ARTIFACTS, Server
 from tests.e2e.test_dashboard_e2e import (
     READY_TIMEOUT,
     expect_both_models_explained,
@@ -25,6 +31,7 @@ from tests.e2e.test_dashboard_e2e import (
     screenshot,
     wait_idle,
 )
+from tests.prepared_cache import cache_dir, prepare_default_explainer
 from tests.upload_corpus import UploadCase, build_upload_corpus
 
 pytestmark = pytest.mark.e2e
@@ -186,3 +193,118 @@ def test_a_websocket_from_another_origin_is_refused(app_server: Server) -> None:
     # The page's own origin may connect; another site's page may not (a session is a websocket).
     assert _websocket_handshake_status(app_server, app_server.url) == 101
     assert _websocket_handshake_status(app_server, EVIL) != 101
+
+
+# ---------------------------------------------------------------- a server that protects itself
+
+
+def _rss_mib(pid: int) -> float:
+    return resident_bytes(pid) / 2**20
+
+
+@contextmanager
+def _own_server(name: str, cache: Path | None = None, **env: str) -> Iterator[Server]:
+    """A server of its own (its memory and CPU measured alone), with extra environment."""
+    directory = cache if cache is not None else cache_dir()
+    if cache is None:
+        prepare_default_explainer(directory)
+    with streamlit_server(directory, ARTIFACTS / f"e2e-{name}.log", env) as server:
+        yield server
+
+
+def _capture_upload(page: Any) -> tuple[str, dict[str, str]]:
+    """Upload one real file through the widget and return its request's URL and headers: what a
+    client holding its own session's token can replay."""
+    case = next(c for c in CORPUS if c.expect == "ok" and c.filename.endswith(".png"))
+    with page.expect_request(
+        lambda r: "/_stcore/upload_file/" in r.url and r.method == "PUT", timeout=READY_TIMEOUT
+    ) as captured:
+        _put_file(page, case)
+    request = captured.value
+    headers = {k: v for k, v in request.headers.items() if k.lower() == "x-xsrftoken"}
+    page.get_by_role("heading", name=f"Uploaded {case.filename}").wait_for(timeout=READY_TIMEOUT)
+    return request.url, headers
+
+
+#: Files posted to the upload endpoint without attaching them to the widget (the tester's 60).
+FLOOD_FILES = 60
+FLOOD_BYTES = int(9.9 * 2**20)
+
+
+def test_uploads_posted_past_the_widget_are_bounded_and_freed_when_the_session_ends(
+    browser: Any, report: Callable[[str], None]
+) -> None:
+    """One client posts 60 files of 9.9 MB to its own session's upload endpoint (with its XSRF
+    token, never attaching them to the widget): the server holds at most its bound, and after the
+    session ends its memory is back within 10% of what it held before."""
+
+    with _own_server("uploads") as server:
+        context = browser.new_context()
+        page = context.new_page()
+        open_app(page, server)
+        expect_both_models_explained(page)
+        url, headers = _capture_upload(page)
+        expect_both_models_explained(page)
+        wait_idle(page)
+        baseline = _rss_mib(server.pid)
+        base, _, _ = url.rpartition("/")
+        payload = os.urandom(FLOOD_BYTES)  # incompressible, all different below
+        statuses = []
+        peak = baseline
+        start = time.monotonic()
+        for i in range(FLOOD_FILES):
+            response = page.request.put(
+                f"{base}/flood-{i}",
+                headers=headers,
+                multipart={
+                    "file": {
+                        "name": f"f{i}.png",
+                        "mimeType": "image/png",
+                        "buffer": payload[i:] + payload[:i],
+                    }
+                },
+            )
+            statuses.append(response.status)
+            peak = max(peak, _rss_mib(server.pid))
+        seconds = time.monotonic() - start
+        assert set(statuses) == {204}, statuses  # accepted: the endpoint has no count limit
+        held = _rss_mib(server.pid)
+        # Without the bound the server held all 60 (590 MB); with it, two files per session.
+        bound = UPLOADS_PER_SESSION * FLOOD_BYTES / 2**20
+        assert held - baseline < bound + 0.1 * baseline + 100, (baseline, held)
+        context.close()  # the session ends
+        deadline = time.monotonic() + SESSION_GRACE_S + 60
+        after = _rss_mib(server.pid)
+        while time.monotonic() < deadline and after > 1.1 * baseline:
+            time.sleep(2)
+            after = _rss_mib(server.pid)
+        assert after <= 1.1 * baseline, (baseline, after)
+    report(
+        f"upload flood: {FLOOD_FILES} x {FLOOD_BYTES / 2**20:.1f} MB posted in {seconds:.1f} s; "
+        f"server RSS {baseline:.0f} MiB before, at most {peak:.0f} MiB during, {held:.0f} MiB "
+        f"after, {after:.0f} MiB once the session ended (load {os.getloadavg()[0]:.1f})"
+    )
+
+
+def test_work_beyond_the_memory_budget_is_refused_with_a_message_within_seconds(
+    browser: Any, report: Callable[[str], None]
+) -> None:
+    """A server whose budget (600 MiB) is below what preparing the models is estimated to need
+    (about 850 MiB for the demo) says so on the first page, at once, instead of starting the
+    work; the message names the need, the budget and what to change."""
+    with _own_server("budget", INFLUENCE_MEMORY_BUDGET="600M") as server:
+        page = browser.new_page()
+        page.set_default_timeout(READY_TIMEOUT)
+        start = time.monotonic()
+        open_app(page, server)
+        alert = page.get_by_role("alert").filter(has_text="Not enough memory on this server")
+        alert.wait_for(timeout=READY_TIMEOUT)
+        seconds = time.monotonic() - start
+        text = alert.inner_text()
+        for part in ("preparing the models", "600 MiB budget", "fewer training images"):
+            assert part in text, (part, text)
+        assert "INFLUENCE_MEMORY_BUDGET" in text
+        no_exception(page)
+        screenshot(page, "budget-refusal")
+        page.close()
+    report(f"memory budget refusal shown {seconds:.1f} s after opening the app")

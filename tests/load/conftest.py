@@ -1,6 +1,6 @@
 """The load test runs on its own (``pytest -m load tests/load``), not in every ``make test``.
 
-It starts its own server and ten browser sessions and takes minutes on a small machine; the
+It starts its own server and twenty browser sessions and takes minutes on a small machine; the
 marker is registered here so that ``--strict-markers`` accepts it, and the tests are skipped
 unless the run selects them with ``-m load``.
 """

@@ -58,6 +58,11 @@ _PUBLIC: dict[str, str] = {
     "ExplainerConfig": "core.explainer",
     "FittedModel": "core.explainer",
     "Explanation": "core.explainer",
+    # your own network and data
+    "NetworkSpec": "core.user_network",
+    "NetworkUploads": "core.user_network",
+    "DatasetUploads": "core.archive",
+    "UploadLimits": "core.archive",
     # applications
     "groups": "core.groups",
     "mislabel": "core.mislabel",

@@ -59,6 +59,15 @@ class ClusterError(InfluenceExplorerError):
     lost mid-job that Dask could not recover from (the message names the stage)."""
 
 
+class NetworkError(InfluenceExplorerError):
+    """A user's network could not be used: unknown architecture, weights that do not fit it, a
+    file that is not a state dict or a safe ``torch.export`` program, no final linear layer."""
+
+
+class UploadError(InfluenceExplorerError):
+    """An uploaded archive or weights file was refused (too large, unsafe, wrong layout)."""
+
+
 class PreparationCancelled(InfluenceExplorerError):
     """Preparing an explainer was stopped on request (its ``cancel`` callback returned True)."""
 

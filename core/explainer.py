@@ -5,7 +5,10 @@ influence engines.
 classes of a dataset it holds :attr:`Explainer.models`, key -> :class:`FittedModel`, today
 
 - ``"svm"``: the RBF-kernel SVM on raw pixels (smooth hinge), and
-- ``"logreg"``: L2 logistic regression on frozen ImageNet-backbone features,
+- ``"logreg"``: L2 logistic regression on frozen ImageNet-backbone features, and, when the
+  user gives a network (:class:`~core.user_network.NetworkSpec`),
+- ``"network"``: the network's last layer, a logistic regression on its penultimate features
+  initialised from its own head and refitted to convergence (lower layers frozen),
 
 each with an :class:`~core.influence.InfluenceEngine`, and answers ``explain`` (scores of every
 training image for one test image, top-k helpful and harmful), ``heatmap`` (per-pixel perturbation
@@ -31,6 +34,7 @@ from core.budget import ModelShape, WorkEstimate, preparation_estimate
 from core.data import Dataset
 from core.errors import (
     InfluenceExplorerError,
+    NetworkError,
     NotFittedError,
     PreparationCancelled,
     SolverDivergedError,
@@ -62,6 +66,7 @@ from core.selection import (  # LOGREG_L2_GRID: still importable from here
     curve_from_values,
 )
 from core.store import ArtifactStore, CacheKey
+from core.user_network import NetworkFeaturizer, NetworkInfo, NetworkSpec, head_initialisation
 from core.validation import Verification
 
 #: Stage-aware progress: progress(stage, done, total).
@@ -122,6 +127,10 @@ class ExplainerConfig:
         solver: how H⁻¹ is applied for every model.
         max_train_per_class: subsample larger training sets (seeded); ``None`` keeps all.
         seed: subsampling and cross-validation seed (the λ curve's :class:`SelectionConfig`).
+        network: the user's own classification network; adds the model "network", its last layer
+            refitted on its penultimate features. Its outputs must be the dataset's classes in
+            order (for an ImageFolder: sorted folder names, as torchvision numbers them).
+        network_l2: weight decay of that last layer; ``None`` = chosen like ``logreg_l2``.
     """
 
     classes: tuple[int | str, ...] | None = None
@@ -134,6 +143,8 @@ class ExplainerConfig:
     solver: SolverConfig = field(default_factory=SolverConfig)
     max_train_per_class: int | None = None
     seed: int = 0
+    network: NetworkSpec | None = None
+    network_l2: float | None = None
 
     def __post_init__(self) -> None:
         if self.classes is not None:
@@ -148,8 +159,12 @@ class ExplainerConfig:
             raise InfluenceExplorerError(
                 "backbone must be an ImageNet backbone (the SVM already uses raw pixels)."
             )
-        if self.logreg_l2 is not None and not self.logreg_l2 > 0:
-            raise InfluenceExplorerError(f"logreg_l2 must be > 0 or None; got {self.logreg_l2!r}.")
+        for name in ("logreg_l2", "network_l2"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise InfluenceExplorerError(f"{name} must be > 0 or None; got {value!r}.")
+        if self.network is not None and not isinstance(self.network, NetworkSpec):
+            raise InfluenceExplorerError("network must be a core.user_network.NetworkSpec or None.")
         for name in ("svm_l2", "svm_temperature"):
             if not getattr(self, name) > 0:
                 raise InfluenceExplorerError(f"{name} must be > 0; got {getattr(self, name)!r}.")
@@ -164,6 +179,32 @@ class ExplainerConfig:
             )
         if self.max_train_per_class is not None and self.max_train_per_class < 2:
             raise InfluenceExplorerError("max_train_per_class must be at least 2 or None.")
+
+
+@dataclass(frozen=True)
+class HeadComparison:
+    """The refitted last layer against the network's own head, on the test images of the chosen
+    classes: what is being explained.
+
+    Attributes:
+        agreement: fraction of those test images on which the refitted layer predicts the class
+            the network's own head ranks highest among the chosen classes.
+        original_accuracy: accuracy of the network's own head there (highest of the chosen
+            classes' logits against the true label).
+        outside_chosen: fraction on which the network's own head, over all its classes, ranks a
+            class outside the chosen ones highest.
+        parameter_change: ‖θ̂ − θ_head‖ / ‖θ_head‖, how far refitting moved the head's weights
+            (bias included).
+        n_test: number of those test images.
+        network: what was loaded, with its preprocessing.
+    """
+
+    agreement: float
+    original_accuracy: float
+    outside_chosen: float
+    parameter_change: float
+    n_test: int
+    network: NetworkInfo
 
 
 @dataclass(frozen=True)
@@ -227,7 +268,7 @@ class ModelSummary:
     """One fitted model, for reports.
 
     Attributes:
-        key: "svm" or "logreg".
+        key: "svm", "logreg" or "network".
         label: e.g. "RBF SVM on pixels".
         features: what the model sees, e.g. "EfficientNet-Lite0 (ImageNet) features, 1280-d".
         train_accuracy, test_accuracy: on the selected classes.
@@ -235,6 +276,7 @@ class ModelSummary:
         lambda_curve: for a model whose λ was chosen by cross-validation, the whole curve
             (mean and standard error per λ, the best and the chosen λ); else ``None``.
         fit_seconds: wall time of the final fit; iterations and gradient norm of its Newton run.
+        original_head: for the user's network, the refitted layer against its own head.
     """
 
     key: str
@@ -247,6 +289,7 @@ class ModelSummary:
     fit_seconds: float
     iterations: int
     gradient_norm: float
+    original_head: HeadComparison | None = None
 
 
 @dataclass(frozen=True)
@@ -446,11 +489,24 @@ class Explainer:
         self.test_labels = self.dataset.test_labels
         self.pixels = PixelFeaturizer()
         self.backbone = get_featurizer(self.config.backbone, **self._backbone_options())
+        #: The user's network's featurizer (loaded at the start of :meth:`prepare`), or None.
+        self.network = (
+            NetworkFeaturizer(self.config.network) if self.config.network is not None else None
+        )
         #: (key, label, short label) of every model :meth:`prepare` fits, in display order.
         self.model_specs: tuple[tuple[str, str, str], ...] = (
             ("svm", "RBF SVM on pixels", "SVM"),
             ("logreg", f"Logistic regression on {self.backbone.label} features", "LR"),
         )
+        if self.config.network is not None:
+            self.model_specs += (
+                (
+                    "network",
+                    f"Your network's last layer ({self.config.network.short_name})",
+                    "Your net",
+                ),
+            )
+        self._head_comparisons: dict[str, HeadComparison] = {}
         self.models: dict[str, FittedModel] = {}
         self.warnings: tuple[str, ...] = ()
         self.seconds: float | None = None
@@ -657,6 +713,9 @@ class Explainer:
         return self
 
     def _prepare(self) -> None:
+        if self.network is not None:
+            # First, so that a wrong network file fails in seconds, not after the features.
+            self._load_network()
         pixels_train = self.pixels.transform(self.dataset.train_images)
         pixels_test = self.pixels.transform(self.dataset.test_images)
         features_train = (
@@ -671,10 +730,12 @@ class Explainer:
         svm = self._fit_svm(pixels_train)
         logreg, curve = self._fit_logreg(features_train)
         names = {key: (label, short) for key, label, short in self.model_specs}
-        specs = (
+        specs: tuple[tuple[Any, ...], ...] = (
             ("svm", *names["svm"], self.pixels, svm, pixels_test, None),
             ("logreg", *names["logreg"], self.backbone, logreg, features_test, curve),
         )
+        if self.network is not None:
+            specs += (self._fit_network_head(*names["network"]),)
         models: dict[str, FittedModel] = {}
         for key, label, short, featurizer, model, test_inputs, chosen in specs:
             stage = f"{label}: Hessian ({model.n_params_:,} parameters) and its factorisation"
@@ -709,10 +770,20 @@ class Explainer:
         }
         # Why scores may be inaccurate although nothing failed (e.g. LiSSA too short to have
         # converged), each naming its model and what to change; empty when all is well.
-        self.warnings = self._small_class_warnings() + tuple(
-            f"{fitted.label}: {message}"
-            for fitted in models.values()
-            for message in fitted.engine.solver.convergence_warnings
+        self.warnings = (
+            self._small_class_warnings()
+            + tuple(
+                f"{fitted.label}: {message}"
+                for fitted in models.values()
+                for message in fitted.engine.solver.convergence_warnings
+            )
+            + tuple(
+                f"{models[key].label}: your network's own head classifies only "
+                f"{comparison.original_accuracy:.0%} of these test images correctly; are its outputs "
+                "in the dataset's class order (for an ImageFolder: sorted folder names)?"
+                for key, comparison in self._head_comparisons.items()
+                if comparison.original_accuracy < 0.5
+            )
         )
         self.models = models
 
@@ -740,26 +811,27 @@ class Explainer:
             return {"weights_path": self.config.inception_weights}
         return {}
 
-    def _backbone_features(self, split: str) -> np.ndarray:
-        """Backbone features of a split's images, cached per original class of the full dataset
-        (:meth:`_feature_parts`)."""
+    def _backbone_features(self, split: str, featurizer: Featurizer | None = None) -> np.ndarray:
+        """Backbone (or ``featurizer``) features of a split's images, cached per original class of
+        the full dataset (:meth:`_feature_parts`)."""
+        backbone = self.backbone if featurizer is None else featurizer
         images = getattr(self.dataset, f"{split}_images")
         source_images = getattr(self.source, f"{split}_images")
-        out = np.empty((len(images), self.backbone.output_dim(images.shape[1:])), dtype=np.float64)
+        out = np.empty((len(images), backbone.output_dim(images.shape[1:])), dtype=np.float64)
         for (mine, rows, part), name in zip(
             self._feature_parts(split), self.class_names, strict=True
         ):
-            stage = f"{self.backbone.label} features: {split} '{name}'"
+            stage = f"{backbone.label} features: {split} '{name}'"
             out[mine] = cached_features(
                 self.store,
-                self.backbone,
+                backbone,
                 source_images[rows],
                 dataset_hash=self.source.content_hash,
                 part=part,
                 progress=lambda done, total, stage=stage: self._progress(stage, done, total),
             )
         # cached_features never returns non-finite values; this guards the assembly above.
-        check_finite_features(out, self.backbone, f"{split} split")
+        check_finite_features(out, backbone, f"{split} split")
         return out
 
     def _fit_key(self, kind: str, **fields: Any) -> CacheKey:
@@ -831,22 +903,36 @@ class Explainer:
         self._progress("Fitting the logistic regression", 1, 1)
         return model, curve
 
-    def _choose_logreg_l2(self, features: np.ndarray) -> LambdaCurve:
+    def _choose_logreg_l2(
+        self,
+        features: np.ndarray,
+        featurizer: Featurizer | None = None,
+        fit_intercept: bool = False,
+    ) -> LambdaCurve:
         """λ by repeated stratified cross-validation and the one-standard-error rule
-        (:mod:`core.selection`). The per-example held-out values are cached; the rule is applied
-        to them on every load."""
+        (:mod:`core.selection`), for a logistic regression on ``featurizer``'s features (default:
+        the backbone's). The per-example held-out values are cached; the rule is applied to them
+        on every load. With ``fit_intercept`` the bias is a regularised weight of a constant
+        feature 1, so the same selection runs on the features with a column of ones."""
+        featurizer = self.backbone if featurizer is None else featurizer
         selection = SelectionConfig(seed=self.config.seed)
         key = self._fit_key(
             "select-logreg-l2",
-            backbone=self.backbone.name,
-            weights=self.backbone.weights_id,
+            backbone=featurizer.name,
+            weights=featurizer.weights_id,
             **selection.cache_fields,
+            # The backbone's key stays as it was; the network's also names its features.
+            **({"features": featurizer.version, "intercept": True} if fit_intercept else {}),
         )
-        stage = "Choosing the logistic regression's λ"
+        whose = "your network's last layer" if fit_intercept else "the logistic regression"
+        stage = f"Choosing {whose}'s λ"
 
         def build() -> dict[str, np.ndarray]:
+            inputs = features
+            if fit_intercept:  # the network's features, always in this process
+                inputs = np.hstack([features, np.ones((len(features), 1), dtype=features.dtype)])
             values = backend.held_out_values(  # fitted on the shards for shards
-                features,
+                inputs,
                 self.train_labels,
                 selection,
                 progress=lambda done, total: self._progress(stage, done, total),
@@ -866,7 +952,62 @@ class Explainer:
             if isinstance(model, NystroemSVM):
                 kernel += f"; Nyström, {model.features_.shape[1]} landmarks"
             return f"raw pixels ({h}x{w}x{c}) through an RBF kernel ({kernel})"
+        if isinstance(featurizer, NetworkFeaturizer):
+            return (
+                f"penultimate features of {featurizer.label} (the input of its final linear "
+                f"layer), {featurizer.dim}-d, and a constant 1 for its bias"
+            )
         return f"{featurizer.label} features, {model.n_params_ // model.n_outputs_}-d"
+
+    # ------------------------------------------------------------------ the user's network
+    def _load_network(self) -> None:
+        assert self.network is not None
+        info = self.network.load().info
+        if info.n_classes != self.source.n_classes:
+            names = ", ".join(self.source.class_names)
+            raise NetworkError(
+                f"Your network has {info.n_classes} outputs but the dataset has "
+                f"{self.source.n_classes} classes ({names}). Its outputs must be the dataset's "
+                "classes in this order (for an ImageFolder: sorted folder names, as torchvision's "
+                "ImageFolder numbers them)."
+            )
+
+    def _fit_network_head(self, label: str, short: str) -> tuple[Any, ...]:
+        """The network's last layer on the chosen classes: features, λ, fit from its own head,
+        and how the refit compares with the head (kept for :meth:`summaries`)."""
+        assert self.network is not None
+        network = self.network.load()
+        features_train = self._backbone_features("train", self.network)
+        features_test = self._backbone_features("test", self.network)
+        curve = None
+        l2 = self.config.network_l2
+        if l2 is None:
+            curve = self._choose_logreg_l2(
+                features_train, featurizer=self.network, fit_intercept=True
+            )
+            l2 = curve.chosen
+        self._progress("Refitting your network's last layer", 0, 1)
+        theta0 = head_initialisation(network.head_weight, network.head_bias, self.class_indices)
+        # The head only warm-starts Newton: with λ > 0 the objective is strictly convex, so the
+        # refit is its unique minimiser wherever it starts.
+        model = LogisticRegression(l2=l2, fit_intercept=True)
+        model.fit(features_train, self.train_labels, theta0=theta0)
+        self._progress("Refitting your network's last layer", 1, 1)
+
+        logits = network.logits(torch.as_tensor(features_test)).numpy()
+        chosen = logits[:, list(self.class_indices)].argmax(1)
+        self._head_comparisons["network"] = HeadComparison(
+            agreement=float(np.mean(model.predict(features_test) == chosen)),
+            original_accuracy=float(np.mean(chosen == self.test_labels)),
+            outside_chosen=float(np.mean(~np.isin(logits.argmax(1), self.class_indices))),
+            parameter_change=float(
+                torch.linalg.norm(model.theta_ - theta0)
+                / torch.linalg.norm(theta0).clamp_min(1e-12)
+            ),
+            n_test=len(self.test_labels),
+            network=network.info,
+        )
+        return ("network", label, short, self.network, model, features_test, curve)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -901,6 +1042,7 @@ class Explainer:
                 fit_seconds=model.fit_info_.seconds,
                 iterations=model.fit_info_.iterations,
                 gradient_norm=model.fit_info_.gradient_norm,
+                original_head=self._head_comparisons.get(key),
             )
         return out
 

@@ -41,6 +41,9 @@ SECTIONS: dict[str, tuple[PageSpec, ...]] = {
         PageSpec("app_pages/compare.py", "Compare", ":material/compare:", "compare"),
         PageSpec("app_pages/verify.py", "Verify", ":material/fact_check:", "verify"),
     ),
+    "Your data": (
+        PageSpec("app_pages/your_data.py", "Your data", ":material/upload_file:", "your-data"),
+    ),
     "Training data": (
         PageSpec("app_pages/groups.py", "Groups", ":material/workspaces:", "groups"),
         PageSpec(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard.services import InfluenceExplorerError
+from dashboard.services import InfluenceExplorerError, your_data
 from dashboard.services.settings import (
     ALL_OPTION,
     DAMPING_CHOICES,
@@ -43,6 +43,9 @@ from dashboard.services.widgets import initial_value
 
 def render() -> Settings:
     defaults = Settings()
+    # A link naming an uploaded dataset (?data=<hash>) makes it this session's, before the
+    # dataset picker is drawn.
+    link_notice = your_data.read_link()
     # First values through Session State rather than the widgets' defaults: a link (see
     # services/links.py) sets them there before the widgets are drawn, and a widget with a
     # default as well would make Streamlit warn.
@@ -53,6 +56,8 @@ def render() -> Settings:
     initial_value("side_max_train_all", False)
     initial_value("side_image_size", defaults.image_size)
     with st.sidebar:
+        if link_notice:
+            st.warning(link_notice)
         st.header("Data and models")
         dataset_spec, dataset = _dataset_picker()
         classes = _class_choice(dataset, dataset_spec)
@@ -93,7 +98,9 @@ def render() -> Settings:
             )
             image_size = defaults.image_size
             max_train = _per_class_cap(dataset)
-            if dataset_is_directory(dataset_spec):
+            if your_data.network_sets_size(dataset_spec):
+                st.caption("Images are read at your network's input size.")
+            elif dataset_is_directory(dataset_spec):
                 image_size = st.selectbox(
                     "Image size for directory datasets (pixels)",
                     options=list(IMAGE_SIZE_CHOICES),
@@ -110,6 +117,9 @@ def render() -> Settings:
         damping=float(damping),
         max_train_per_class=max_train,
     )
+    # With this session's uploaded network, its dataset gets the third model at its input size.
+    settings = your_data.apply_to_settings(settings)
+    your_data.publish_link(settings)
     store_settings(settings)
     return settings
 
@@ -117,6 +127,9 @@ def render() -> Settings:
 def _dataset_picker() -> tuple[str, Dataset]:
     choices = dataset_choices()
     labels = {choice.spec: choice.label for choice in choices}
+    own = your_data.dataset_option()
+    if own is not None:
+        labels[own[0]] = own[1]
     spec = st.selectbox(
         "Dataset",
         options=list(labels),

@@ -47,8 +47,9 @@ def add_dataset_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--image-size",
         type=int,
-        default=64,
-        help="side length ImageFolder images are resized to (default 64; idx data keeps 28)",
+        default=None,
+        help="side length ImageFolder images are resized to (default 64, or with --network the "
+        "network's input size; idx data keeps 28)",
     )
     parser.add_argument(
         "--data-root",
@@ -183,6 +184,147 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--solver", default="exact", choices=("exact", "cg", "lissa"), help="inverse-HVP solver"
     )
     group.add_argument("--damping", type=float, default=0.0, help="added to the Hessian's diagonal")
+    add_network_options(parser)
+
+
+def add_network_options(parser: argparse.ArgumentParser) -> None:
+    """--network and its weights and preprocessing: the third model, your network's last layer."""
+    group = parser.add_argument_group(
+        "your network",
+        "Add a third model: your classification network's last layer, refitted on its "
+        "penultimate features (lower layers frozen). Its outputs must be the dataset's classes "
+        "in order (for an ImageFolder: sorted folder names).",
+    )
+    group.add_argument(
+        "--network",
+        default=None,
+        metavar="ARCH|PATH.pt2",
+        help="a torchvision architecture name (e.g. resnet18) with --network-weights, or a "
+        "torch.export program saved as .pt2",
+    )
+    group.add_argument(
+        "--network-weights",
+        default=None,
+        metavar="PATH",
+        help="the architecture's state dict (torch.save(model.state_dict(), PATH)); read with "
+        "torch.load(weights_only=True)",
+    )
+    group.add_argument(
+        "--network-input-size",
+        type=int,
+        default=None,
+        help="side of the square input (default: torchvision's metadata for the architecture, "
+        "the program's input shape, or 224)",
+    )
+    group.add_argument(
+        "--network-mean",
+        default=None,
+        metavar="R,G,B",
+        help="normalisation mean of pixels in [0, 1] (default: torchvision's metadata, else "
+        "ImageNet's 0.485,0.456,0.406)",
+    )
+    group.add_argument(
+        "--network-std",
+        default=None,
+        metavar="R,G,B",
+        help="normalisation std (default: torchvision's metadata, else 0.229,0.224,0.225)",
+    )
+    group.add_argument(
+        "--network-l2",
+        type=float,
+        default=None,
+        help="weight decay of the refitted last layer (default: chosen by cross-validation)",
+    )
+
+
+def network_spec(args: argparse.Namespace) -> Any:
+    """The :class:`core.user_network.NetworkSpec` the options describe, or ``None``."""
+    from core.errors import InfluenceExplorerError
+    from core.user_network import NetworkSpec
+
+    network = getattr(args, "network", None)
+    if network is None:
+        for option in ("weights", "input_size", "mean", "std", "l2"):
+            if getattr(args, f"network_{option}", None) is not None:
+                flag = "--network-" + option.replace("_", "-")
+                raise InfluenceExplorerError(f"{flag} needs --network.")
+        return None
+
+    def triple(option: str) -> tuple[float, ...] | None:
+        text = getattr(args, f"network_{option}")
+        if text is None:
+            return None
+        try:
+            values = tuple(float(v) for v in text.split(","))
+        except ValueError:
+            values = ()
+        if len(values) != 3:
+            raise InfluenceExplorerError(
+                f"--network-{option} takes three numbers, R,G,B (e.g. 0.485,0.456,0.406); got "
+                f"{text!r}."
+            )
+        return values
+
+    return NetworkSpec(
+        network=network,
+        weights=args.network_weights,
+        input_size=args.network_input_size,
+        mean=triple("mean"),  # type: ignore[arg-type]
+        std=triple("std"),  # type: ignore[arg-type]
+    )
+
+
+def network_report(explainer: Any) -> dict[str, Any] | None:
+    """What the user's network is and how its refitted last layer compares with its own head
+    (for --json), or ``None`` without a network."""
+    from core.user_network import WHAT_IS_EXPLAINED
+
+    for key, summary in explainer.summaries().items():
+        head = summary.original_head
+        if head is None:
+            continue
+        info = head.network
+        return {
+            "model": key,
+            "label": summary.label,
+            "kind": info.kind,
+            "architecture": info.architecture,
+            "file": info.file,
+            "sha256": info.sha256,
+            "n_classes": info.n_classes,
+            "feature_dim": info.feature_dim,
+            "head": info.head,
+            "preprocessing": {
+                "input_size": list(info.preprocessing.input_size),
+                "mean": list(info.preprocessing.mean),
+                "std": list(info.preprocessing.std),
+                "source": info.preprocessing.source,
+                "description": info.preprocessing.describe(),
+            },
+            "refitted_head": {
+                "agreement_with_your_head": head.agreement,
+                "your_head_test_accuracy": head.original_accuracy,
+                "refitted_test_accuracy": summary.test_accuracy,
+                "your_head_predicts_other_classes": head.outside_chosen,
+                "relative_parameter_change": head.parameter_change,
+                "n_test": head.n_test,
+                "l2": summary.hyperparameters.get("l2"),
+            },
+            "what_is_explained": WHAT_IS_EXPLAINED,
+        }
+    return None
+
+
+def network_line(report: dict[str, Any]) -> str:
+    """One line about the user's network for a human report or stderr."""
+    head = report["refitted_head"]
+    return (
+        f"{report['label']}: {report['n_classes']} classes, {report['feature_dim']}-d features; "
+        f"{report['preprocessing']['description']}. The refitted last layer agrees with your "
+        f"network's own head on {head['agreement_with_your_head']:.1%} of {head['n_test']} test "
+        f"images (your head's accuracy there {head['your_head_test_accuracy']:.1%}, the refit's "
+        f"{head['refitted_test_accuracy']:.1%})."
+    )
 
 
 def _gamma(text: str) -> float | str:
@@ -254,7 +396,18 @@ def build_explainer(args: argparse.Namespace) -> Any:
     from core.influence import LiSSAWarning, SolverConfig
     from core.store import ArtifactStore
 
-    dataset = open_dataset_from_args(args)
+    spec = network_spec(args)
+    image_size = args.image_size
+    if spec is not None:
+        from core.user_network import load_network
+
+        # Loaded before the dataset: a wrong file fails in seconds, and the dataset's images
+        # default to the network's input size (the load is cached for the explainer).
+        preprocessing = load_network(spec).info.preprocessing
+        if image_size is None:
+            image_size = max(preprocessing.input_size)
+    image_size = 64 if image_size is None else image_size
+    dataset = open_dataset_from_args(args, image_size=image_size)
     config = ExplainerConfig(
         classes=parse_classes(args.classes),
         backbone=args.backbone,
@@ -265,6 +418,8 @@ def build_explainer(args: argparse.Namespace) -> Any:
         svm_temperature=args.svm_temperature,
         solver=SolverConfig(method=args.solver, damping=args.damping),
         max_train_per_class=args.max_train_per_class,
+        network=spec,
+        network_l2=args.network_l2,
     )
     cluster = connect_cluster(args)
     with warnings.catch_warnings():
@@ -277,11 +432,19 @@ def build_explainer(args: argparse.Namespace) -> Any:
         explainer.prepare(StageBars(enabled=not args.quiet))
     for message in explainer.warnings:
         print(f"influence {args.command}: warning: {message}", file=sys.stderr)
+    report = network_report(explainer)
+    if report is not None and not args.quiet:
+        print(f"influence {args.command}: {network_line(report)}", file=sys.stderr)
     return explainer
 
 
-def open_dataset_from_args(args: argparse.Namespace) -> Any:
+def open_dataset_from_args(args: argparse.Namespace, image_size: int | None = None) -> Any:
     """The dataset of --dataset, --image-size and --data-root.
+
+    Args:
+        args: parsed options.
+        image_size: side length to use instead of --image-size (e.g. a network's input size
+            when --image-size was not given); ``None`` takes --image-size, else 64.
 
     Raises:
         DatasetError: as :func:`core.data.open_dataset`; for links leading out of the dataset,
@@ -291,10 +454,10 @@ def open_dataset_from_args(args: argparse.Namespace) -> Any:
     from core.errors import OutsideRootsError
 
     roots = getattr(args, "data_root", None)
+    if image_size is None:
+        image_size = 64 if args.image_size is None else args.image_size
     try:
-        return open_dataset(
-            args.dataset, image_size=(args.image_size, args.image_size), roots=roots or None
-        )
+        return open_dataset(args.dataset, image_size=(image_size, image_size), roots=roots or None)
     except OutsideRootsError as error:
         if roots:
             raise

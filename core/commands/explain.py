@@ -6,7 +6,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from core.commands.common import add_common_options, add_estimate_option, build_explainer, emit
+from core.commands.common import (
+    add_common_options,
+    add_estimate_option,
+    build_explainer,
+    emit,
+    network_line,
+    network_report,
+)
 from core.errors import InfluenceExplorerError
 from core.labels import ESTIMATE_DESCRIPTIONS
 
@@ -142,6 +149,9 @@ def run(args: argparse.Namespace) -> int:
             *(m["scale"]["message"] for m in models.values() if m["scale"]["message"]),
         ],
         "outputs": [str(path) for path in args.output or ()],
+        # The user's network (--network): what it is, its preprocessing, and how its refitted
+        # last layer agrees with its own head; None without one.
+        "network": network_report(explainer),
     }
     emit(payload, args, _report)
     return 0
@@ -154,6 +164,8 @@ def _report(payload: dict[str, Any]) -> str:
         else f"image {payload['image']}"
     )
     lines = [f"{payload['dataset']}: {what}", f"Sign: {payload['sign_convention']}.", ""]
+    if payload["network"] is not None:
+        lines[-1:-1] = [network_line(payload["network"]), payload["network"]["what_is_explained"]]
     for model in payload["models"].values():
         kind = f", {model['probability_kind']}" if model["probability_kind"] else ""
         lines.append(

@@ -17,8 +17,9 @@ def add_model_choice(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default="all",
-        help="which models, by key (e.g. svm: the RBF SVM on pixels; logreg: the logistic "
-        "regression on backbone features), comma-separated, or all (default; 'both' also works)",
+        help="which models, by key (svm: the RBF SVM on pixels; logreg: the logistic regression "
+        "on backbone features; network: your network's last layer, with --network), "
+        "comma-separated, or all (default; 'both' also works)",
     )
 
 

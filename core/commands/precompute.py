@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from core.commands.common import add_common_options, build_explainer, emit, to_jsonable
+from core.commands.common import (
+    add_common_options,
+    build_explainer,
+    emit,
+    network_report,
+    to_jsonable,
+)
 
 
 def register(subparsers: Any) -> None:
@@ -40,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
         },
         # Why the scores may be inaccurate (e.g. LiSSA too short); also printed on stderr.
         "warnings": list(explainer.warnings),
+        # The user's network (--network): what it is, its preprocessing, and how its refitted
+        # last layer agrees with its own head; None without one.
+        "network": network_report(explainer),
     }
     emit(payload, args, _report)
     return 0
@@ -74,5 +83,20 @@ def _report(payload: dict[str, Any]) -> str:
             f"  fit:             {summary['iterations']} Newton steps, gradient norm "
             f"{summary['gradient_norm']:.1e}, {summary['fit_seconds']:.2f} s"
         )
+        head = summary.original_head
+        if head is not None:
+            info = head.network
+            lines.append(
+                f"  your network:    {info.architecture}, {info.file} (sha256 {info.sha256[:12]}), "
+                f"{info.n_classes} classes, final layer {info.head}"
+            )
+            lines.append(f"  preprocessing:   {info.preprocessing.describe()}")
+            lines.append(
+                f"  vs your head:    the refit agrees with it on {head.agreement:.1%} of "
+                f"{head.n_test} test images (its accuracy {head.original_accuracy:.3f}); "
+                f"parameters moved by {head.parameter_change:.1%}"
+            )
         lines.append("")
+    if payload["network"] is not None:
+        lines.append(payload["network"]["what_is_explained"])
     return "\n".join(lines)

@@ -6,7 +6,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from core.commands.common import StageBars, add_common_options, build_explainer, emit
+from core.commands.common import (
+    StageBars,
+    add_common_options,
+    build_explainer,
+    emit,
+    network_line,
+    network_report,
+)
 from core.commands.explain import add_query_options, query_from_args
 from core.errors import InfluenceExplorerError
 from core.labels import ESTIMATE_DESCRIPTIONS
@@ -113,6 +120,9 @@ def run(args: argparse.Namespace) -> int:
         ],
         # Why the scores may be inaccurate (e.g. LiSSA too short); also printed on stderr.
         "warnings": list(explainer.warnings),
+        # The user's network (--network): what it is, its preprocessing, and how its refitted
+        # last layer agrees with its own head; None without one.
+        "network": network_report(explainer),
     }
     emit(payload, args, _report)
     return 0
@@ -120,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _report(payload: dict[str, Any]) -> str:
     lines = [f"{payload['dataset']}: leave-one-out check of the top {payload['k']} by |score|", ""]
+    if payload["network"] is not None:
+        lines[-1:-1] = [network_line(payload["network"])]
     for item in payload["results"]:
         index = item["test_index"]
         lines.append("uploaded image" if index is None else f"test image {index}")

@@ -8,7 +8,7 @@ import streamlit as st
 
 from dashboard.components.classes import lambda_curve
 from dashboard.components.figures import plotly_config
-from dashboard.services import engines, facts, links
+from dashboard.services import engines, facts, links, your_data
 from dashboard.services.explanations import SIGN_CONVENTION
 from dashboard.services.settings import current_settings
 
@@ -108,6 +108,27 @@ st.markdown(
     "Both are convex and fitted to convergence in float64 by Newton's method, so the Hessian "
     "is exact and the influence function's assumptions hold; retraining for ground truth uses "
     "the same objective and solver, warm-started."
+)
+
+st.header("Your network's last layer (the third model)")
+st.markdown(
+    "With a network uploaded on **Your data**, a third model joins these two: a logistic "
+    "regression (softmax for more than two classes) on your network's penultimate features — "
+    "the input of its final linear layer — started from your network's own head and refitted to "
+    "convergence in float64, with λ chosen by the same cross-validation. **Your network's lower "
+    "layers are frozen**, as Koh & Liang froze Inception v3: the features do not change when a "
+    "training image is removed, so the scores describe the refitted last layer, and they are "
+    "checked against retraining that layer exactly like the other models' scores."
+)
+st.info(
+    your_data.WHAT_IS_EXPLAINED.replace(
+        "What these scores explain.", "**What these scores explain.**"
+    )
+)
+st.page_link(
+    "app_pages/trust.py",
+    label="How far influence through a whole network is from this: the Trust page",
+    icon="🔎",
 )
 
 explainer = engines.explainer_if_ready()

@@ -32,6 +32,15 @@ st.markdown(
     "against retraining without each of its 40 most influential training images, as in the "
     "study."
 )
+st.markdown(
+    "**Your network (Your data).** Its scores describe only its last layer, refitted with every "
+    "lower layer frozen; they are checked against retraining that layer, and hold like the convex "
+    "models'. What retraining the *whole* network without an image would do is what this page "
+    "measures for small CNNs: there influence is less reliable, and influence through the last "
+    "layer alone (the *last layer* rows below) agrees worst with retraining the whole network. "
+    "So read your network's scores as what its last layer learned from each image, not as what "
+    "the whole network did."
+)
 
 try:
     results = trust.fragility_results()

@@ -26,6 +26,7 @@ One module per concern:
 - :mod:`.facts`: what pages read of a prepared explainer (sizes, names, images, predictions).
 - :mod:`.query`: what is being explained (a test image or an upload), and the gallery.
 - :mod:`.uploads`: decoding an uploaded file, safely.
+- :mod:`.your_data`: an uploaded dataset (zip) and network, owned by the session or its link.
 - :mod:`.explanations`: explanations, heatmaps, the models compared, verification.
 - :mod:`.experiments`: the Training data pages' groups, data cleaning and attack.
 - :mod:`.trust`: the Trust page's fragility study and live runs.

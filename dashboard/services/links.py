@@ -38,7 +38,7 @@ from urllib.parse import urlencode
 import streamlit as st
 
 from core.influence import ESTIMATES
-from dashboard.services import InfluenceExplorerError
+from dashboard.services import InfluenceExplorerError, your_data
 from dashboard.services.link_params import (
     PAGE_PARAMS,
     QUERY_PAGES,
@@ -66,6 +66,7 @@ from dashboard.services.settings import (
     IMAGE_SIZE_CHOICES,
     MAX_TRAIN_PER_CLASS,
     SOLVER_LABELS,
+    UPLOAD_PREFIX,
     Settings,
     backbone_choices,
     data_roots,
@@ -135,6 +136,14 @@ def _apply_sidebar(given: dict[str, str]) -> None:
     defaults = Settings()
     # dataset first: the classes are checked against it.
     spec = DEMO_SPEC
+    # An uploaded dataset and network (?data=<hash>&net=<hash>) are adopted by the sidebar
+    # (your_data.read_link, which also says when this server does not have them); the classes
+    # are checked against that dataset.
+    data = given.pop(your_data.DATA_PARAM, None)
+    given.pop(your_data.NETWORK_PARAM, None)
+    if data and your_data.stored_dataset_exists(data):
+        spec = UPLOAD_PREFIX + data
+        given.pop("dataset", None)
     if "dataset" in given:
         text = given.pop("dataset")
         offered = {choice.spec for choice in dataset_choices()}
@@ -256,8 +265,10 @@ def current_params(
     """
     page = st.session_state.get(_PAGE, "explain")
     defaults = Settings()
+    uploaded = your_data.link_query(settings)
     params: dict[str, str] = {
-        "dataset": settings.dataset,
+        # An uploaded dataset is named by its content hash (``data``), not its store path.
+        **(uploaded or {"dataset": settings.dataset}),
         "classes": _classes_text(settings),
         "backbone": settings.backbone,
         "estimate": settings.estimate,

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
+from core.archive import DatasetUploads
 from core.data import DEBIAN_FASHION_MNIST_DIR, Dataset, open_dataset, resolve_under_roots
 from core.errors import InfluenceExplorerError
 from core.explainer import ExplainerConfig, default_classes
@@ -22,12 +23,15 @@ from core.features import DEFAULT_BACKBONE, available_backbones
 from core.files import printable
 from core.influence import ESTIMATES, SolverConfig
 from core.labels import ESTIMATE_LABELS, SOLVER_LABELS
+from core.user_network import NetworkSpec, NetworkUploads
 
 #: Directories the server allows datasets to be read from, separated by os.pathsep.
 DATA_ROOTS_ENV = "INFLUENCE_DATA_ROOTS"
 
 DEMO_SPEC = "demo"
 FASHION_MNIST_SPEC = "fashion-mnist"
+#: A dataset uploaded on the "Your data" page is the spec "upload:<its content hash>".
+UPLOAD_PREFIX = "upload:"
 
 #: What to expect from the iterative solvers on these small models (measured on the demo pair).
 SOLVER_CAUTIONS = {
@@ -63,6 +67,7 @@ __all__ = [
     "MAX_TRAIN_PER_CLASS",
     "SOLVER_CAUTIONS",
     "SOLVER_LABELS",
+    "UPLOAD_PREFIX",
     "BackboneChoice",
     "Dataset",
     "DatasetChoice",
@@ -75,9 +80,12 @@ __all__ = [
     "dataset_choices",
     "dataset_is_directory",
     "default_pair",
+    "forget_loaded_datasets",
     "largest_class",
     "load_dataset",
     "store_settings",
+    "uploaded_dataset_hash",
+    "uploaded_network_spec",
 ]
 
 
@@ -107,9 +115,11 @@ class EngineSpec:
     alone (heatmaps, experiments), in ``st.cache_*`` and in session state.
 
     Attributes:
-        dataset: "demo", "fashion-mnist" or a directory under the data roots.
+        dataset: "demo", "fashion-mnist", a directory under the data roots, or
+            "upload:<content hash>" (a dataset uploaded on the "Your data" page).
         image_size: side in pixels directory datasets are read at (ignored by the others).
-        config: core's frozen configuration of the explainer built on it.
+        config: core's frozen configuration of the explainer built on it (with the uploaded
+            network, if any, as ``config.network``).
     """
 
     dataset: str
@@ -143,6 +153,8 @@ class Settings:
     solver: str = "exact"
     damping: float = 0.0
     max_train_per_class: int | None = DEFAULT_MAX_TRAIN_PER_CLASS
+    #: sha256 of a network file uploaded on the "Your data" page: adds the third model.
+    network: str | None = None
 
     def __post_init__(self) -> None:
         cap = self.max_train_per_class
@@ -172,6 +184,7 @@ class Settings:
             backbone=self.backbone,
             solver=SolverConfig(method=self.solver, damping=self.damping),
             max_train_per_class=self.max_train_per_class,
+            network=None if self.network is None else uploaded_network_spec(self.network),
         )
 
     @property
@@ -228,21 +241,46 @@ def dataset_choices() -> list[DatasetChoice]:
     return choices
 
 
+def uploaded_dataset_hash(spec: str) -> str | None:
+    """The content hash in an "upload:<hash>" spec, else None."""
+    return spec[len(UPLOAD_PREFIX) :] if str(spec).startswith(UPLOAD_PREFIX) else None
+
+
+@st.cache_resource(max_entries=16, show_spinner=False)
+def uploaded_network_spec(content_hash: str) -> NetworkSpec:
+    """Core's reference to an uploaded network file (checked when it was stored).
+
+    Raises:
+        NetworkError: no such network in the store.
+    """
+    return NetworkUploads().get(content_hash).spec
+
+
 @st.cache_resource(max_entries=4, show_spinner="Loading the dataset…")
 def _load_dataset(spec: str, image_size: int) -> Dataset:
     if spec in (DEMO_SPEC, FASHION_MNIST_SPEC):
         return open_dataset(spec)
+    uploaded = uploaded_dataset_hash(spec)
+    if uploaded is not None:
+        # The store checked the files when they were unpacked; the loader checks them again.
+        return DatasetUploads().get(uploaded).open((image_size, image_size))
     # Every file read must lie under the roots (a link leading out of them is refused).
     return open_dataset(spec, image_size=(image_size, image_size), roots=data_roots())
 
 
+def forget_loaded_datasets() -> None:
+    """Drop every loaded dataset (e.g. after an uploaded one is deleted); others reload."""
+    _load_dataset.clear()
+
+
 def load_dataset(spec: str, image_size: int) -> Dataset:
-    """A dataset by spec: "demo", "fashion-mnist" or a directory under the data roots.
+    """A dataset by spec: "demo", "fashion-mnist", a directory under the data roots or an
+    uploaded dataset ("upload:<content hash>").
 
     Raises:
         InfluenceExplorerError: the path is outside the roots, missing or not a dataset.
     """
-    if spec not in (DEMO_SPEC, FASHION_MNIST_SPEC):
+    if spec not in (DEMO_SPEC, FASHION_MNIST_SPEC) and uploaded_dataset_hash(spec) is None:
         # Cached by the resolved path, not the text typed: "./pets" and "pets/" are one dataset.
         spec = str(resolve_under_roots(spec, data_roots()))
     return _load_dataset(spec, int(image_size))

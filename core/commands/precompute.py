@@ -83,18 +83,20 @@ def _report(payload: dict[str, Any]) -> str:
             f"  fit:             {summary['iterations']} Newton steps, gradient norm "
             f"{summary['gradient_norm']:.1e}, {summary['fit_seconds']:.2f} s"
         )
-        head = summary.original_head
-        if head is not None:
-            info = head.network
+        network = payload["network"]
+        if network is not None and network["label"] == summary["label"]:
+            refit = network["refitted_head"]
             lines.append(
-                f"  your network:    {info.architecture}, {info.file} (sha256 {info.sha256[:12]}), "
-                f"{info.n_classes} classes, final layer {info.head}"
+                f"  your network:    {network['architecture']}, {network['file']} (sha256 "
+                f"{network['sha256'][:12]}), {network['n_classes']} classes, final layer "
+                f"{network['head']}"
             )
-            lines.append(f"  preprocessing:   {info.preprocessing.describe()}")
+            lines.append(f"  preprocessing:   {network['preprocessing']['description']}")
             lines.append(
-                f"  vs your head:    the refit agrees with it on {head.agreement:.1%} of "
-                f"{head.n_test} test images (its accuracy {head.original_accuracy:.3f}); "
-                f"parameters moved by {head.parameter_change:.1%}"
+                f"  vs your head:    the refit agrees with it on "
+                f"{refit['agreement_with_your_head']:.1%} of {refit['n_test']} test images (its "
+                f"accuracy {refit['your_head_test_accuracy']:.3f}); parameters moved by "
+                f"{refit['relative_parameter_change']:.1%}"
             )
         lines.append("")
     if payload["network"] is not None:

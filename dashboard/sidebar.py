@@ -1,9 +1,12 @@
-"""The shared sidebar: dataset, class pair, backbone, k, estimate and (under Advanced) the solver.
+"""The shared sidebar: dataset, classes, backbone, k, estimate and (under Advanced) the solver.
 
 Drawn by the entrypoint on every page, so its widgets (keys ``side_*``) keep their values while the
 user moves between pages. Returns the :class:`~dashboard.services.settings.Settings` they
 describe; problems (an unreadable directory, an unavailable backbone, the same class twice) are
 shown here with ``st.error`` and a working fallback is used, so the pages keep working.
+
+The classes are a multiselect of the dataset's classes plus "all classes"; the choice is kept
+sorted, so one set of classes is one shared engine whatever order it was clicked in.
 """
 
 from __future__ import annotations
@@ -12,14 +15,15 @@ import streamlit as st
 
 from dashboard.services import InfluenceExplorerError, your_data
 from dashboard.services.settings import (
+    ALL_OPTION,
     DAMPING_CHOICES,
     DATA_ROOTS_ENV,
     DEFAULT_BACKBONE,
     DEMO_SPEC,
     ESTIMATE_LABELS,
     ESTIMATES,
-    FASHION_MNIST_SPEC,
     IMAGE_SIZE_CHOICES,
+    MAX_TRAIN_PER_CLASS,
     SOLVER_CAUTIONS,
     SOLVER_LABELS,
     Dataset,
@@ -30,6 +34,7 @@ from dashboard.services.settings import (
     dataset_choices,
     dataset_is_directory,
     default_pair,
+    largest_class,
     load_dataset,
     store_settings,
 )
@@ -48,13 +53,14 @@ def render() -> Settings:
     initial_value("side_estimate", defaults.estimate)
     initial_value("side_damping", defaults.damping)
     initial_value("side_max_train", defaults.max_train_per_class)
+    initial_value("side_max_train_all", False)
     initial_value("side_image_size", defaults.image_size)
     with st.sidebar:
         if link_notice:
             st.warning(link_notice)
         st.header("Data and models")
         dataset_spec, dataset = _dataset_picker()
-        classes = _class_pair(dataset, dataset_spec)
+        classes = _class_choice(dataset, dataset_spec)
         backbone = _backbone_picker()
         k = st.slider(
             "Images per list (k)",
@@ -69,8 +75,9 @@ def render() -> Settings:
             required=True,
             format_func=ESTIMATE_LABELS.get,
             key="side_estimate",
-            help="Newton-corrected (default) uses the Hessian without the removed image and "
-            "matches retraining closely; first order is Koh & Liang's original formula.",
+            help="Exact in the margin (default) evaluates the test loss at the outputs one "
+            "Newton step without the image predicts; Newton-corrected takes the loss's tangent "
+            "there; first order is Koh & Liang's original formula. Method explains all three.",
         )
         with st.expander("Advanced"):
             solver = st.selectbox(
@@ -90,18 +97,7 @@ def render() -> Settings:
                 key="side_damping",
             )
             image_size = defaults.image_size
-            max_train = defaults.max_train_per_class
-            if dataset_is_directory(dataset_spec) or dataset_spec == FASHION_MNIST_SPEC:
-                max_train = int(
-                    st.number_input(
-                        "Max training images per class",
-                        min_value=10,
-                        max_value=5000,
-                        step=100,
-                        key="side_max_train",
-                        help="Larger sets are subsampled (seeded): the SVM's kernel is n × n.",
-                    )
-                )
+            max_train = _per_class_cap(dataset)
             if your_data.network_sets_size(dataset_spec):
                 st.caption("Images are read at your network's input size.")
             elif dataset_is_directory(dataset_spec):
@@ -161,25 +157,74 @@ def _dataset_picker() -> tuple[str, Dataset]:
         return DEMO_SPEC, load_dataset(DEMO_SPEC, image_size)
 
 
-def _class_pair(dataset: Dataset, spec: str) -> tuple[int, int]:
+def _class_choice(dataset: Dataset, spec: str) -> tuple[int, ...]:
     names = class_names(dataset)
-    first, second = default_pair(dataset)
-    options = list(range(len(names)))
-    # The pair belongs to a dataset: when the dataset changes, start from its default pair.
-    if st.session_state.get("side_pair_dataset") != spec:
-        st.session_state["side_pair_dataset"] = spec
-        st.session_state["side_class_a"] = first
-        st.session_state["side_class_b"] = second
-    col_a, col_b = st.columns(2)
-    a = col_a.selectbox("Class A", options, format_func=names.__getitem__, key="side_class_a")
-    b = col_b.selectbox("Class B", options, format_func=names.__getitem__, key="side_class_b")
-    if a == b:
+    default = default_pair(dataset)
+    # The choice belongs to a dataset: when the dataset changes, start from its default pair.
+    if st.session_state.get("side_classes_dataset") != spec:
+        st.session_state["side_classes_dataset"] = spec
+        st.session_state["side_classes"] = list(default)
+        st.session_state[_CLASSES_BEFORE] = list(default)
+    chosen = st.multiselect(
+        "Classes",
+        options=[ALL_OPTION, *range(len(names))],
+        format_func=lambda c: f"All {len(names)} classes" if c == ALL_OPTION else names[c],
+        key="side_classes",
+        on_change=_tidy_all_option,
+        help="Any two or more of the dataset's classes, or all of them. Both models tell apart "
+        "exactly these classes; a choice not prepared before is prepared in the background "
+        "(features are computed once per image and reused for every choice).",
+    )
+    if ALL_OPTION in chosen:
+        return tuple(range(len(names)))
+    picked = sorted({int(c) for c in chosen})
+    if len(picked) < 2:
         st.error(
-            f"Pick two different classes (both are {names[a]!r}); "
-            f"showing {names[first]} vs {names[second]}."
+            "Pick at least two classes (or all of them); showing "
+            f"{' vs '.join(names[c] for c in default)}."
         )
-        return first, second
-    return int(a), int(b)
+        return default
+    return tuple(picked)
+
+
+_CLASSES_BEFORE = "state_classes_before"
+
+
+def _tidy_all_option() -> None:
+    """Make "all classes" and single classes exclude each other: the one picked last wins."""
+    now = list(st.session_state.get("side_classes", []))
+    before = st.session_state.get(_CLASSES_BEFORE, [])
+    if ALL_OPTION in now and len(now) > 1:
+        # Picked "all" just now: it replaces the classes; picked a class while "all" was on: the
+        # class replaces "all".
+        now = [c for c in now if c != ALL_OPTION] if ALL_OPTION in before else [ALL_OPTION]
+        st.session_state["side_classes"] = now
+    st.session_state[_CLASSES_BEFORE] = now
+
+
+def _per_class_cap(dataset: Dataset) -> int | None:
+    """The per-class cap on training images; where the dataset has more images per class than
+    the default cap, "every training image" is offered too and gives ``None`` (no cap: e.g. the
+    full 60k Fashion-MNIST)."""
+    largest = largest_class(dataset)
+    if largest > Settings().max_train_per_class and st.checkbox(
+        f"Every training image (up to {largest:,} per class)",
+        key="side_max_train_all",
+        help="No cap: the models are fitted on the whole training set of the chosen classes. "
+        "What that costs is shown before preparing starts.",
+    ):
+        return None
+    return int(
+        st.number_input(
+            "Max training images per class",
+            min_value=10,
+            max_value=MAX_TRAIN_PER_CLASS,
+            step=100,
+            key="side_max_train",
+            help="Larger sets are subsampled (seeded): the SVM's kernel is n × n. This dataset "
+            f"has up to {largest:,} per class; a smaller cap prepares many classes faster.",
+        )
+    )
 
 
 def _backbone_picker() -> str:

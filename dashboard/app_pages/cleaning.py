@@ -199,7 +199,8 @@ if ranking:
 # ---------------------------------------------------------------- the experiment
 st.header("Would it find flipped labels?", anchor=False)
 st.markdown(
-    "Flip a share of the training labels on purpose (seeded), refit each model to the noisy "
+    "Flip a share of the training labels on purpose (seeded; each to another of the chosen "
+    "classes at random), refit each model to the noisy "
     "labels, and check the training images in order of self-influence, of training loss, or at "
     "random. The curves show how many of the flipped labels each order finds; at each marked "
     "checkpoint the labels found are fixed and the model refitted to measure test accuracy."

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
+from dashboard.components.classes import label_makeup
 from dashboard.components.figures import influence_vs_distance, plotly_config
 from dashboard.components.images import upscale
 from dashboard.services import engines, explanations, facts, links, query
@@ -18,6 +19,7 @@ explainer = engines.require_explainer(settings)
 chosen = query.current_query(explainer)
 explanation = explanations.explain(explainer, chosen, settings)
 labels = facts.model_labels(explainer)
+short = facts.model_short_labels(explainer)
 
 image_col, text_col = st.columns([1, 5])
 image_col.image(upscale(chosen.image, 112), width=112)
@@ -55,7 +57,7 @@ st.caption(
     "How to read it. In Koh & Liang's Figure 2, the RBF SVM's influential images are the ones "
     "closest in pixel space (its kernel only sees pixel similarity), mostly of the test image's own "
     "class; the logistic regression on ImageNet features draws influence from images far away in "
-    "pixels, including the other class, because it compares learned features. Points ringed in "
+    "pixels, including other classes, because it compares learned features. Points ringed in "
     "black are the top-k lists shown on Explain."
 )
 
@@ -88,13 +90,28 @@ rows = [
     for key, makeup in comparison.label_makeup.items()
     for kind in ("helpful", "harmful")
 ]
+with st.container(key="compare_makeup_figure"):
+    st.plotly_chart(
+        label_makeup(
+            [
+                (f"{short[key]} · most {kind}", getattr(makeup, kind))
+                for key, makeup in comparison.label_makeup.items()
+                for kind in ("helpful", "harmful")
+            ],
+            facts.class_names(explainer),
+        ),
+        key="compare_makeup_chart",
+        config=plotly_config(f"label-makeup-{chosen.key.replace(':', '-')[:20]}"),
+    )
 st.dataframe(pd.DataFrame(rows), hide_index=True, key="compare_makeup")
 st.caption(
-    f"Counts of each training label among the top {settings.k}. Explained label per model: "
+    f"Counts of each training label among the top {settings.k}, one colour per class as in the "
+    "scatter above. Explained label per model: "
     + "; ".join(
         f"{label}: {explanation.models[key].explained_label_name}" for key, label in labels.items()
     )
     + ". A model whose helpful images all share the explained label is reasoning by similarity to "
-    "that class; helpful images of the other class mean it uses features the classes share."
+    "that class; helpful images of other classes mean it uses features the classes share, and "
+    "harmful ones show which classes pull the prediction away."
 )
 links.publish(settings, explainer)

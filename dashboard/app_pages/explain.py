@@ -293,7 +293,8 @@ for column, (key, label) in zip(columns, model_labels.items(), strict=True):
             verdict = " ✓" if model.predicted == explanation.true_label else " ✗ (wrong)"
         st.markdown(
             f"Predicts **{model.predicted_name}** "
-            f"({explanations.probability_text(explainer, key, probability)}){verdict}. "
+            f"({explanations.probability_text(explainer, key, probability)}){verdict}."
+            f"{facts.runners_up(model.probabilities, facts.class_names(explainer))} "
             f"Explaining the loss of **{model.explained_label_name}** "
             f"(loss {model.loss:.3g})."
         )

@@ -183,13 +183,15 @@ else:
             )
     st.caption(
         "Points on the dashed y = x line are predicted exactly. Spearman measures whether the "
-        "ranking is right; the slope whether the scale is (1 means the score is the actual change "
-        "in test loss). First-order estimates typically under-estimate high-leverage points, "
-        "which shows as a slope above 1. Both estimates linearise the test loss in the "
-        "parameters; the loss is convex, so the actual change lies a little above that line "
-        "whenever the parameters move. That shows where the loss is nearly zero and sharply "
-        "curved (the SVM sure of an image well beyond its margin): changes of a millionth, all "
-        "shifted up, ranked right but with a slope away from 1."
+        "ranking is right; the slope (least squares through the origin, Σ predicted·actual / "
+        "Σ predicted²) whether the scale is: 1 means the score is the actual change in test "
+        "loss. First order under-estimates high-leverage images, which shows as a slope above 1. "
+        "The Newton-corrected estimate takes the test loss's tangent in the outputs; the loss is "
+        "convex, so the actual change lies above the tangent whenever the outputs move, most "
+        "where the loss is nearly zero and sharply curved (the SVM sure of an image beyond its "
+        "margin). Exact in the margin, the default, evaluates the loss at the predicted outputs "
+        "instead, so it stays near 1 there; it is off only where the Newton step itself is "
+        "(Method says when)."
     )
 
 earlier = explanations.verified_queries(settings)

@@ -8,17 +8,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-#: Colours per class (colour-blind safe, Okabe-Ito), cycled for more classes.
-CLASS_COLOURS: tuple[str, ...] = (
-    "#0072B2",
-    "#E69F00",
-    "#009E73",
-    "#CC79A7",
-    "#56B4E9",
-    "#D55E00",
-    "#F0E442",
-    "#000000",
-)
+from dashboard.components.classes import class_colours
+
 ESTIMATE_COLOURS = {"margin": "#D55E00", "corrected": "#2563eb", "first_order": "#E69F00"}
 # Above this many points a panel uses WebGL; SVG makes one DOM node per point.
 _WEBGL_FROM = 5000
@@ -57,6 +48,7 @@ def influence_vs_distance(
     )
     index = np.arange(len(labels))
     scatter = go.Scattergl if len(labels) >= _WEBGL_FROM else go.Scatter
+    colours = class_colours(len(class_names))
     for col, (title, scores, distances) in enumerate(panels, start=1):
         for label, name in enumerate(class_names):
             rows = np.flatnonzero(labels == label)
@@ -71,7 +63,7 @@ def influence_vs_distance(
                     legendgroup=name,
                     showlegend=col == 1,
                     marker={
-                        "color": CLASS_COLOURS[label % len(CLASS_COLOURS)],
+                        "color": colours[label],
                         "size": 5,
                         "opacity": 0.65,
                     },

@@ -22,6 +22,7 @@ One module per concern:
 
 - :mod:`.settings`: the sidebar's :class:`~.settings.Settings`, dataset and backbone choices.
 - :mod:`.engines`: the shared explainer's preparation, and domain errors as messages.
+- :mod:`.preparing`: what a large choice costs before it starts, progress and Cancel.
 - :mod:`.facts`: what pages read of a prepared explainer (sizes, names, images, predictions).
 - :mod:`.query`: what is being explained (a test image or an upload), and the gallery.
 - :mod:`.uploads`: decoding an uploaded file, safely.

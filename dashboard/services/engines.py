@@ -23,11 +23,13 @@ from core.errors import (
     InfluenceExplorerError,
     NonFiniteFeaturesError,
     NotPositiveDefiniteError,
+    PreparationCancelled,
     ServerBusyError,
     SolverDivergedError,
 )
 from core.explainer import Explainer
 from core.store import ArtifactStore
+from dashboard.services import preparing
 from dashboard.services.capacity import Ticket, WorkQueue, work_queue
 from dashboard.services.settings import (
     DAMPING_CHOICES,
@@ -96,6 +98,7 @@ class Preparation:
     ) -> None:
         self._lock = threading.Lock()
         self._finished = threading.Event()
+        self._cancel = threading.Event()
         self._stage, self._done, self._total = "Starting", 0, 0
         self._started = time.monotonic()
         self._watched = self._started
@@ -121,6 +124,11 @@ class Preparation:
 
     def report(self, stage: str, done: int, total: int) -> None:
         """The build's progress callback; raises :class:`Abandoned` when nobody watches."""
+        if self._cancel.is_set():
+            raise PreparationCancelled(
+                f"Preparation was cancelled during '{self._stage}'; what was computed so far is "
+                "cached, so preparing again resumes from there."
+            )
         if self.unwatched_for > self.abandon_after:
             raise Abandoned(f"nobody watched for {self.abandon_after:.0f} s")
         with self._lock:
@@ -154,6 +162,18 @@ class Preparation:
     @property
     def finished(self) -> bool:
         return self._finished.is_set()
+
+    def cancel(self) -> None:
+        """Ask the build to stop at its next progress report (the page's Cancel)."""
+        self._cancel.set()
+
+    @property
+    def cancelling(self) -> bool:
+        return self._cancel.is_set() and not self.finished
+
+    @property
+    def cancelled(self) -> bool:
+        return self.finished and isinstance(self.error, PreparationCancelled)
 
     @property
     def abandoned(self) -> bool:
@@ -283,12 +303,15 @@ def require_explainer(settings: Settings | None = None) -> Explainer:
     settings = settings or current_settings()
     for _ in range(2):
         try:
+            _ask_first(settings)
             job = preparation(settings)
         except InfluenceExplorerError as exc:
             st.error(error_message(exc, settings))
             st.stop()
         if not job.finished:
-            _watch(job)
+            preparing.watch(job, settings)
+        if job.cancelled:
+            _ask_first(settings)
         # Abandoned just before this session came to watch it: the second call starts anew.
         if not job.abandoned:
             break
@@ -307,25 +330,23 @@ def require_explainer(settings: Settings | None = None) -> Explainer:
     return job.result
 
 
-def _watch(job: Preparation) -> None:
-    """Show the preparation's progress until it finishes."""
-    with st.status("Preparing the models (first launch only)…", expanded=True) as status:
-        st.caption(
-            "Features are computed once and cached on disk; fitting the models and their "
-            "influence engines follows. Later launches take seconds."
-        )
-        bar = st.progress(0.0, text="Starting…")
-        while not job.wait(0.3):
-            job.touch()
-            snap = job.snapshot()
-            detail = f" ({snap.done}/{snap.total})" if snap.total else ""
-            bar.progress(snap.fraction, text=f"{snap.stage}{detail} · {snap.elapsed:.0f} s")
-        failed = job.error is not None
-        status.update(
-            label="Preparation failed" if failed else f"Models ready ({job.seconds:.0f} s)",
-            state="error" if failed else "complete",
-            expanded=False,
-        )
+def _ask_first(settings: Settings) -> None:
+    """Before starting (or restarting) a preparation: after a cancelled one, say so and offer it
+    again; for a large choice nobody has confirmed, show its cost and wait (both stop the page).
+
+    Raises:
+        InfluenceExplorerError: the dataset cannot be opened or the settings are invalid.
+    """
+    engine = settings.engine
+    job = preparations().peek(engine)
+    if job is not None and job.cancelled:
+        # The cancelled job is dropped, so Prepare starts afresh.
+        preparations().forget(engine)
+        preparing.forget(engine)
+        st.info(f"{job.error}", icon="⏹️")
+        preparing.ask(settings)
+    if job is None and preparing.needs_confirmation(settings):
+        preparing.ask(settings)
 
 
 _SOLVER_FIX = (

@@ -110,3 +110,18 @@ def test_prediction(explainer: Explainer, model_key: str, index: int) -> Predict
 def test_predictions(explainer: Explainer) -> dict[str, np.ndarray]:
     """Model key -> (n_test,) its predicted class of every test image, in the engine's order."""
     return {key: explainer.test_probabilities(key).argmax(1) for key in explainer.models}
+
+
+def runners_up(probabilities: np.ndarray, class_names: tuple[str, ...], *, most: int = 3) -> str:
+    """With three or more classes, the next most probable classes after the prediction, e.g.
+    " Next: Shirt 0.21, Pullover 0.08, Coat 0.05." (empty for two classes, where the other class
+    has the rest).
+
+    Args:
+        probabilities: (C,) one model's probabilities for one image.
+    """
+    if len(probabilities) <= 2:
+        return ""
+    order = np.argsort(-np.asarray(probabilities), kind="stable")[1 : 1 + most]
+    listed = ", ".join(f"{class_names[i]} {float(probabilities[i]):.2f}" for i in order)
+    return f" Next: {listed}."

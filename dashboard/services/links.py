@@ -2,9 +2,10 @@
 
 The address is the page's path (``/verify``) and query parameters (``st.query_params``) for
 
-- the sidebar, on every page: ``dataset``, ``classes`` (two class indices), ``backbone``,
-  ``estimate``, ``k``, and, when not at their defaults, ``solver``, ``damping``, ``max_train``
-  and ``size`` (directory datasets);
+- the sidebar, on every page: ``dataset``, ``classes`` (two or more class indices separated by
+  commas, or ``all``), ``backbone``, ``estimate``, ``k``, and, when not at their defaults,
+  ``solver``, ``damping``, ``max_train`` (a number, or ``all`` for every training image) and
+  ``size`` (directory datasets);
 - what Explain, Compare and Verify explain: ``test`` (a test index) or ``upload`` (the sha256 of
   an upload's decoded pixels, kept on the server by :mod:`.uploads`);
 - each page's own controls, listed in :data:`PAGE_PARAMS` (e.g. Verify's ``vk``, Attack's
@@ -60,8 +61,10 @@ from dashboard.services.query import (
     query_link,
 )
 from dashboard.services.settings import (
+    ALL_OPTION,
     DEMO_SPEC,
     IMAGE_SIZE_CHOICES,
+    MAX_TRAIN_PER_CLASS,
     SOLVER_LABELS,
     UPLOAD_PREFIX,
     Settings,
@@ -71,6 +74,9 @@ from dashboard.services.settings import (
     default_pair,
     load_dataset,
 )
+
+#: A link's value for every class (``classes=all``) or every training image (``max_train=all``).
+ALL = ALL_OPTION
 
 # Session-state keys owned by this module.
 _APPLIED = "state_link_applied"
@@ -166,13 +172,16 @@ def _apply_sidebar(given: dict[str, str]) -> None:
     if "classes" in given:
         text = given.pop("classes")
         _apply_classes(text, spec, image_size)
+    if given.get("max_train") == ALL:
+        given.pop("max_train")
+        st.session_state["side_max_train_all"] = True
     simple = {
         "backbone": ("side_backbone", choice([c.name for c in backbone_choices()])),
         "estimate": ("side_estimate", choice(ESTIMATES)),
         "k": ("side_k", whole(1, 30)),
         "solver": ("side_solver", choice(list(SOLVER_LABELS))),
         "damping": ("side_damping", damping),
-        "max_train": ("side_max_train", whole(10, 5000)),
+        "max_train": ("side_max_train", whole(10, MAX_TRAIN_PER_CLASS)),
     }
     for name, (key, parse) in simple.items():
         if name not in given:
@@ -190,23 +199,31 @@ def _apply_classes(text: str, spec: str, image_size: int) -> None:
     except InfluenceExplorerError:
         return  # the sidebar says why the dataset cannot be opened, and uses the demo
     names = list(dataset.class_names)
-    first, second = default_pair(dataset)
-    parts = text.split(",")
     try:
-        if len(parts) != 2:
-            raise LinkValueError("two class indices separated by a comma are expected")
-        a, b = (whole(0, len(names) - 1)(part) for part in parts)
-        if a == b:
-            raise LinkValueError("the two classes must differ")
+        chosen = _parse_classes(text, len(names))
     except LinkValueError as exc:
         notice(
             f"The link's classes={_quote(text)} were ignored: {exc} (this dataset has classes "
-            f"0 to {len(names) - 1}); showing {names[first]} vs {names[second]}."
+            f"0 to {len(names) - 1}); showing "
+            f"{' vs '.join(names[c] for c in default_pair(dataset))}."
         )
         return
-    st.session_state["side_pair_dataset"] = spec
-    st.session_state["side_class_a"] = a
-    st.session_state["side_class_b"] = b
+    st.session_state["side_classes_dataset"] = spec
+    st.session_state["side_classes"] = chosen
+    st.session_state["state_classes_before"] = chosen
+
+
+def _parse_classes(text: str, n_classes: int) -> list[int | str]:
+    """``all``, or two or more different class indices separated by commas (sorted)."""
+    if text.strip() == ALL:
+        return [ALL]
+    parts = text.split(",")
+    if len(parts) < 2:
+        raise LinkValueError("two or more class indices separated by commas, or all, are expected")
+    indices = [whole(0, n_classes - 1)(part) for part in parts]
+    if len(set(indices)) != len(indices):
+        raise LinkValueError("a class is listed twice")
+    return sorted(indices)
 
 
 def _apply_query(given: dict[str, str]) -> None:
@@ -252,7 +269,7 @@ def current_params(
     params: dict[str, str] = {
         # An uploaded dataset is named by its content hash (``data``), not its store path.
         **(uploaded or {"dataset": settings.dataset}),
-        "classes": f"{settings.classes[0]},{settings.classes[1]}",
+        "classes": _classes_text(settings),
         "backbone": settings.backbone,
         "estimate": settings.estimate,
         "k": str(settings.k),
@@ -262,7 +279,8 @@ def current_params(
     if settings.damping != defaults.damping:
         params["damping"] = f"{settings.damping:g}"
     if settings.max_train_per_class != defaults.max_train_per_class:
-        params["max_train"] = str(settings.max_train_per_class)
+        cap = settings.max_train_per_class
+        params["max_train"] = ALL if cap is None else str(cap)
     if settings.image_size != defaults.image_size:
         params["size"] = str(settings.image_size)
     if page in QUERY_PAGES:
@@ -279,6 +297,17 @@ def current_params(
             continue
         params[param.name] = shown(value)
     return params
+
+
+def _classes_text(settings: Settings) -> str:
+    """``all`` for every class of the dataset, else the indices separated by commas."""
+    try:
+        every = load_dataset(settings.dataset, settings.image_size).n_classes
+    except InfluenceExplorerError:
+        every = None
+    if len(settings.classes) == every and sorted(settings.classes) == list(range(every)):
+        return ALL
+    return ",".join(str(c) for c in settings.classes)
 
 
 def publish(settings: Settings, explainer: Any | None = None) -> None:

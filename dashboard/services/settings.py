@@ -12,10 +12,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import streamlit as st
 
 from core.archive import DatasetUploads
 from core.data import DEBIAN_FASHION_MNIST_DIR, Dataset, open_dataset, resolve_under_roots
+from core.errors import InfluenceExplorerError
 from core.explainer import ExplainerConfig, default_classes
 from core.features import DEFAULT_BACKBONE, available_backbones
 from core.files import printable
@@ -44,11 +46,16 @@ SOLVER_CAUTIONS = {
 DAMPING_CHOICES: tuple[float, ...] = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 IMAGE_SIZE_CHOICES: tuple[int, ...] = (28, 32, 48, 64, 96)
 DEFAULT_MAX_TRAIN_PER_CLASS = 1000
+#: Largest per-class cap the sidebar (and a link) accepts.
+MAX_TRAIN_PER_CLASS = 60_000
+#: The class choice's option (and a link's value) for every class; a link's ``max_train`` too.
+ALL_OPTION = "all"
 
 # Session-state key owned by this module.
 _SETTINGS = "state_settings"
 
 __all__ = [
+    "ALL_OPTION",
     "DAMPING_CHOICES",
     "DATA_ROOTS_ENV",
     "DEFAULT_BACKBONE",
@@ -57,6 +64,7 @@ __all__ = [
     "ESTIMATE_LABELS",
     "FASHION_MNIST_SPEC",
     "IMAGE_SIZE_CHOICES",
+    "MAX_TRAIN_PER_CLASS",
     "SOLVER_CAUTIONS",
     "SOLVER_LABELS",
     "UPLOAD_PREFIX",
@@ -73,6 +81,7 @@ __all__ = [
     "dataset_is_directory",
     "default_pair",
     "forget_loaded_datasets",
+    "largest_class",
     "load_dataset",
     "store_settings",
     "uploaded_dataset_hash",
@@ -124,31 +133,45 @@ class Settings:
 
     Values are normalised on creation (ints stay ints, damping is a float, classes a tuple), so
     settings that compare equal also hash equal in Streamlit's caches, which tell 0 from 0.0.
+
+    Attributes:
+        classes: indices into the dataset's class names, at least two, in the order the models
+            number them (the sidebar gives them sorted, so one choice is one engine).
+        max_train_per_class: at most this many training images per class (seeded subsample);
+            ``None`` keeps every image.
+
+    Raises:
+        InfluenceExplorerError: fewer than two classes, or one class twice.
     """
 
     dataset: str = DEMO_SPEC
     image_size: int = 64
-    classes: tuple[int, int] = (0, 6)
+    classes: tuple[int, ...] = (0, 6)
     backbone: str = DEFAULT_BACKBONE
     k: int = 10
     estimate: str = ESTIMATES[0]
     solver: str = "exact"
     damping: float = 0.0
-    max_train_per_class: int = DEFAULT_MAX_TRAIN_PER_CLASS
+    max_train_per_class: int | None = DEFAULT_MAX_TRAIN_PER_CLASS
     #: sha256 of a network file uploaded on the "Your data" page: adds the third model.
     network: str | None = None
 
     def __post_init__(self) -> None:
+        cap = self.max_train_per_class
         normal = {
             "dataset": str(self.dataset),
             "image_size": int(self.image_size),
             "classes": tuple(int(c) for c in self.classes),
             "k": int(self.k),
             "damping": float(self.damping),
-            "max_train_per_class": int(self.max_train_per_class),
+            "max_train_per_class": None if cap is None else int(cap),
         }
         for name, value in normal.items():
             object.__setattr__(self, name, value)
+        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
+            raise InfluenceExplorerError(
+                f"classes must list at least two different class indices; got {self.classes!r}."
+            )
 
     def config(self) -> ExplainerConfig:
         """Core's configuration of the explainer these settings ask for.
@@ -196,7 +219,9 @@ def dataset_choices() -> list[DatasetChoice]:
     :func:`core.data.resolve_under_roots`)."""
     choices = [DatasetChoice(DEMO_SPEC, "Bundled demo (Fashion-MNIST subset)")]
     if DEBIAN_FASHION_MNIST_DIR.is_dir():
-        choices.append(DatasetChoice(FASHION_MNIST_SPEC, "Fashion-MNIST (full, Debian package)"))
+        choices.append(
+            DatasetChoice(FASHION_MNIST_SPEC, "Fashion-MNIST (full, 60k; Debian package)")
+        )
     for root in data_roots():
         try:
             resolved_root = root.resolve()
@@ -268,6 +293,12 @@ def class_names(dataset: Dataset) -> tuple[str, ...]:
 def default_pair(dataset: Dataset) -> tuple[int, int]:
     first, second = default_classes(dataset)
     return int(first), int(second)
+
+
+def largest_class(dataset: Dataset) -> int:
+    """Training images in the dataset's largest class: above the per-class cap, the sidebar
+    offers every image as a choice."""
+    return int(np.bincount(np.asarray(dataset.train_labels)).max())
 
 
 def dataset_is_directory(spec: str) -> bool:

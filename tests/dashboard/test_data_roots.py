@@ -147,8 +147,8 @@ def test_class_and_file_names_that_are_not_utf8_are_shown_not_crashed_on(
     assert not at.exception, at.exception
     assert not _sidebar_errors(at)
     assert at.session_state["state_settings"].dataset == "latin1"
-    options = at.selectbox(key="side_class_a").options
-    assert sorted(options) == ["caf\\xe9", "cr\\xe8me"]
+    options = at.multiselect(key="side_classes").options
+    assert sorted(options) == ["All 2 classes", "caf\\xe9", "cr\\xe8me"]
 
 
 def _png(pixels: np.ndarray) -> bytes:

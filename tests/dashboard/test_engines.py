@@ -61,7 +61,7 @@ def test_a_directory_under_a_data_root_is_offered_and_explained(
     assert not at.error, [e.value for e in at.error]
     settings = at.session_state["state_settings"]
     assert settings.dataset == str(data_root / "shapes")
-    assert [at.selectbox(key=k).value for k in ("side_class_a", "side_class_b")] == [0, 1]
+    assert at.multiselect(key="side_classes").value == [0, 1]
     assert any(m.value.startswith("**Most helpful**") for m in at.markdown)
 
 

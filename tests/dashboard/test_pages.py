@@ -108,27 +108,40 @@ def test_gallery_settings_survive_another_page_without_a_state_warning(
     assert not warned, warned
 
 
-def test_class_pair_picker(make_app: Factory) -> None:
+def test_class_choice(make_app: Factory) -> None:
     at = make_app().run()
-    # Swapping the pair reuses the cached features of both classes (per class), so this is quick.
-    at.selectbox(key="side_class_a").set_value(6)
-    at.selectbox(key="side_class_b").set_value(0).run()
+    # Another pair reuses the cached features of both classes (per class), so this is quick;
+    # the choice is kept sorted, whatever order it was clicked in.
+    at.multiselect(key="side_classes").set_value([6, 2]).run()
+    if any(b.key == "state_prepare_confirm" for b in at.button):
+        at.button(key="state_prepare_confirm").click().run()
     _no_errors(at)
-    assert at.session_state["state_settings"].classes == (6, 0)
+    assert at.session_state["state_settings"].classes == (2, 6)
     for model in ("svm", "logreg"):
         assert len(_keys(at, f"explain_inspect_{model}_helpful_")) == 10
     at.switch_page("app_pages/method.py").run()
     _no_errors(at)
-    assert any("[Shirt vs T-shirt/top]" in s.value for s in at.subheader)
+    assert any("[Pullover vs Shirt]" in s.value for s in at.subheader)
 
 
-def test_the_same_class_twice_is_refused_with_a_message(make_app: Factory) -> None:
+def test_fewer_than_two_classes_are_refused_with_a_message(make_app: Factory) -> None:
     at = make_app().run()
-    at.selectbox(key="side_class_b").set_value(0).run()
+    at.multiselect(key="side_classes").set_value([0]).run()
     assert not at.exception
-    assert any("two different classes" in e.value for e in at.sidebar.error)
+    assert any("at least two classes" in e.value for e in at.sidebar.error)
     assert at.session_state["state_settings"].classes == (0, 6)
     assert len(_keys(at, "explain_inspect_svm_helpful_")) == 10
+
+
+def test_all_classes_and_single_classes_exclude_each_other(make_app: Factory) -> None:
+    at = make_app().run()
+    choice = at.multiselect(key="side_classes")
+    choice.set_value([0, 6, "all"]).run()
+    assert at.multiselect(key="side_classes").value == ["all"]
+    assert at.session_state["state_settings"].classes == tuple(range(10))
+    at.multiselect(key="side_classes").set_value(["all", 3]).run()
+    assert at.multiselect(key="side_classes").value == [3]
+    assert any("at least two classes" in e.value for e in at.sidebar.error)
 
 
 def test_an_unavailable_backbone_is_explained_and_the_default_used(make_app: Factory) -> None:

@@ -831,6 +831,7 @@ def verification_from_arrays(
                 pearson=float(a["pearson"]),
                 spearman=float(a["spearman"]),
                 slope=float(a["slope"]),
+                affine_slope=float(a["affine_slope"]),
                 intercept=float(a["intercept"]),
                 n=int(a["n"]),
             )

@@ -278,7 +278,7 @@ _VERIFICATIONS: SessionRuns[VerifyRun, dict[str, Verification]] = SessionRuns(
 
 
 #: Bump when what a kept verification holds changes; kept ones of another version are not read.
-_KEPT_VERSION = 1
+_KEPT_VERSION = 2
 # Session-state key: the runs this session read back from the server.
 _FROM_SERVER = "state_verifications_from_server"
 
@@ -305,7 +305,8 @@ def _keep(explainer: Explainer, run: VerifyRun, result: dict[str, Verification])
     meta: dict[str, Any] = {"models": list(result)}
     for key, check in result.items():
         model_arrays, model_meta = core_report.verification_arrays(check)
-        arrays.update({f"{key}.{name}": values for name, values in model_arrays.items()})
+        # The store names arrays by Python identifiers: "<model key>__<array>".
+        arrays.update({f"{key}__{name}": values for name, values in model_arrays.items()})
         meta[key] = model_meta
     try:
         ArtifactStore().save(_kept_key(explainer, run), arrays, meta)
@@ -321,9 +322,9 @@ def _kept(explainer: Explainer, run: VerifyRun) -> dict[str, Verification] | Non
         out = {}
         for key in artifact.meta["models"]:
             arrays = {
-                name.split(".", 1)[1]: values
+                name.split("__", 1)[1]: values
                 for name, values in artifact.arrays.items()
-                if name.split(".", 1)[0] == key
+                if name.split("__", 1)[0] == key
             }
             out[key] = core_report.verification_from_arrays(arrays, artifact.meta[key])
     except (KeyError, TypeError, InfluenceExplorerError):

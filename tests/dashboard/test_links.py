@@ -159,3 +159,20 @@ def test_negligible_scores_are_said_and_the_svm_probability_is_labelled(
     assert "(Platt-scaled p = " in text
     assert "no row for logistic regression on ImageNet features" in text
     assert "Reference row *RBF SVM (pixels)*" in text
+
+
+def test_a_verification_is_kept_on_the_server_for_whoever_opens_the_view_next(
+    make_app: Factory,
+) -> None:
+    at = make_app().run()
+    at.switch_page("app_pages/verify.py").run()
+    at.number_input(key="verify_k").set_value(4).run()
+    at.button(key="verify_run").click().run()
+    _no_errors(at)
+    assert len(at.get("plotly_chart")) == 1
+    # Another session (a colleague following the link) is shown it without retraining.
+    other = make_app().run()
+    other.switch_page("app_pages/verify.py").run()
+    other.number_input(key="verify_k").set_value(4).run()
+    _no_errors(other)
+    assert len(other.get("plotly_chart")) == 1

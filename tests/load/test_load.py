@@ -23,7 +23,7 @@ from bench.load import ACTIONS, markdown_report, nearest_rank, run_load_test
 pytestmark = pytest.mark.load
 
 #: Sessions at once. 20 is the goal (issue 19), but with 20 the work queue left 5 verifications
-#: waiting for good on an otherwise idle server (bench/results/load.md, 20:20 UTC); until that is
+#: waiting for good on an otherwise idle server (bench/results/load.md, 21:10 UTC); until that is
 #: found, CI runs 10 and `INFLUENCE_LOAD_SESSIONS=20 make test-load` reproduces the stall.
 SESSIONS = int(os.environ.get("INFLUENCE_LOAD_SESSIONS", "10"))
 #: The server's memory budget in this test: well above what 20 sessions were measured to need,

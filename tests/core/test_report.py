@@ -17,6 +17,7 @@ from core.attack import lowest_margin_correct
 from core.data import open_dataset
 from core.errors import InfluenceExplorerError
 from core.explainer import Explainer
+from core.influence import ESTIMATES
 from core.mislabel import MislabelConfig, best_ranking, model_mislabel_experiment, refit_without
 from core.models import KernelSVM, LogisticRegression
 from core.store import ArtifactStore
@@ -63,7 +64,7 @@ def test_the_three_documents_of_one_explanation_agree(explainer: Explainer) -> N
     built = report.build_report(explainer, test_index=1, k=3, link="http://host/?test=1")
     document = json.loads(report.report_json(built))
     assert document["format"] == report.REPORT_FORMAT and document["test_index"] == 1
-    assert document["estimates"] == ["corrected", "first_order"]
+    assert document["estimates"] == list(ESTIMATES)
     n = explainer.n_train
     rows = list(csv.DictReader(io.StringIO(report.report_csv(built))))
     assert len(rows) == n * len(explainer.models)
@@ -143,7 +144,7 @@ def test_a_verification_survives_the_store_and_its_documents_agree(explainer, tm
         assert float(row["predicted_corrected"]) == point["predicted_corrected"]
     stats = list(csv.DictReader(io.StringIO(report.verification_statistics_csv(queries))))
     assert {(r["model"], r["estimate"]) for r in stats} == {
-        (k, e) for k in checks for e in ("corrected", "first_order")
+        (k, e) for k in checks for e in ESTIMATES
     }
 
 
@@ -160,7 +161,9 @@ def test_cli_writes_the_same_documents(run_cli, capsys, tmp_path) -> None:
             i["train_index"] for i in document["models"][key]["helpful"]
         ]
     assert "<!DOCTYPE html>" in paths[0].read_text()
-    assert paths[2].read_text().startswith("model,train_index,id,label,score_corrected")
+    assert paths[2].read_text().startswith(
+        "model,train_index,id,label," + ",".join(f"score_{e}" for e in ESTIMATES)
+    )
     status, _, err = run_cli("explain", "--test-index", "1", "--output", "r.pdf", capsys=capsys)
     assert status == 2 and ".pdf" in err
 

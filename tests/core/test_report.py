@@ -161,9 +161,8 @@ def test_cli_writes_the_same_documents(run_cli, capsys, tmp_path) -> None:
             i["train_index"] for i in document["models"][key]["helpful"]
         ]
     assert "<!DOCTYPE html>" in paths[0].read_text()
-    assert paths[2].read_text().startswith(
-        "model,train_index,id,label," + ",".join(f"score_{e}" for e in ESTIMATES)
-    )
+    header = "model,train_index,id,label," + ",".join(f"score_{e}" for e in ESTIMATES)
+    assert paths[2].read_text().startswith(header)
     status, _, err = run_cli("explain", "--test-index", "1", "--output", "r.pdf", capsys=capsys)
     assert status == 2 and ".pdf" in err
 

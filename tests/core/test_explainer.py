@@ -347,9 +347,14 @@ def test_two_processes_preparing_one_cache_at_once(tmp_path, explainer):
         assert worker.exitcode == 0
     # Each feature chunk was computed by one of them (the lock), and both got the same answer.
     assert sorted(count for count, _ in outputs) in ([0, 4], [1, 3], [2, 2])
+    # Both read the same stored features, so their fits and scores agree to float64 rounding.
+    np.testing.assert_allclose(outputs[0][1], outputs[1][1], rtol=1e-9, atol=1e-14)
+    # This process's explainer featurised the images itself; float32 convolutions in another
+    # process need not round alike (seen in a full run under load: 6e-5 relative in the scores),
+    # so against it the scores agree to what float32 features allow.
     expected = explainer.explain(test_index=1).models["logreg"].scores
     for _, scores in outputs:
-        np.testing.assert_allclose(scores, expected, rtol=1e-6, atol=1e-12)
+        np.testing.assert_allclose(scores, expected, rtol=1e-3, atol=1e-6)
     assert not list(root.glob("*.tmp")) and not list(root.glob(".*.tmp"))
     shared = ArtifactStore(root)
     for path in root.glob("*.artifact"):

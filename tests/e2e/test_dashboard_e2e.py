@@ -100,7 +100,10 @@ def test_explain_pick_a_test_image_and_inspect(page: Any, app_server: Server) ->
     expect(dialog.get_by_text("Per-pixel influence, on the training image")).to_be_visible(
         timeout=120_000
     )
-    expect(dialog.get_by_test_id("stImage")).to_have_count(3)
+    # The test image, the training image, its overlay, and the overlay's colour bar.
+    expect(dialog.get_by_test_id("stImage")).to_have_count(4)
+    for caption in ("Training image #", "Per-pixel influence, on the training image"):
+        expect(dialog.get_by_text(caption).first).to_be_visible()
     screenshot(page, "inspect")
     dialog.get_by_label("Close").click()
     expect(page.get_by_role("dialog")).to_have_count(0)
@@ -159,8 +162,11 @@ def test_verify_shows_the_correlation_figures(page: Any, app_server: Server) -> 
     k_input.press("Enter")
     wait_idle(page)
     page.get_by_role("button", name="Retrain to verify").click()
-    chart = page.get_by_test_id("stPlotlyChart")
-    expect(chart).to_have_count(1, timeout=READY_TIMEOUT)
+    # The scatter of both models' scores, then the label make-up of the top-k lists.
+    expect(page.get_by_test_id("stPlotlyChart")).to_have_count(2, timeout=READY_TIMEOUT)
+    chart = page.get_by_test_id("stPlotlyChart").first
+    makeup = page.locator(".st-key-compare_makeup_figure").get_by_test_id("stPlotlyChart")
+    expect(makeup.locator(".barlayer .bars").first).to_be_visible()
     wait_idle(page)
     for title in ("RBF SVM on pixels", "Logistic regression on"):
         expect(chart.get_by_text(title)).to_be_visible()
@@ -177,8 +183,11 @@ def test_compare_shows_both_scatter_panels(page: Any, app_server: Server) -> Non
     from playwright.sync_api import expect
 
     open_app(page, app_server, "compare")
-    chart = page.get_by_test_id("stPlotlyChart")
-    expect(chart).to_have_count(1, timeout=READY_TIMEOUT)
+    # The scatter of both models' scores, then the label make-up of the top-k lists.
+    expect(page.get_by_test_id("stPlotlyChart")).to_have_count(2, timeout=READY_TIMEOUT)
+    chart = page.get_by_test_id("stPlotlyChart").first
+    makeup = page.locator(".st-key-compare_makeup_figure").get_by_test_id("stPlotlyChart")
+    expect(makeup.locator(".barlayer .bars").first).to_be_visible()
     expect(chart.locator(".cartesianlayer .subplot")).to_have_count(2)
     for title in ("RBF SVM on pixels", "Logistic regression on"):
         expect(chart.get_by_text(title)).to_be_visible()

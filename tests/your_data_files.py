@@ -2,8 +2,8 @@
 state dict of a small torchvision network for its classes.
 
 Kept tiny so that the dashboard prepares all three models in seconds: two classes, 16 training
-and 4 test images each, 32x32 pixels; a ``shufflenet_v2_x0_5`` (about 1.4 MB of weights, under
-the server's 10 MB per-file limit, which a resnet18's 45 MB is not) with two outputs, its
+and 4 test images each, 32x32 pixels; a ``shufflenet_v2_x0_5`` (about 1.4 MB of weights; a resnet18's
+45 MB upload as well, within the server's 200 MB, but take longer) with two outputs, its
 BatchNorm statistics set on these images so that it is a network in eval mode as a user would
 save it.
 """

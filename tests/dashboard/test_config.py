@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from core.archive import UploadLimits
 from core.images import DEFAULT_MAX_BYTES
+from dashboard.services import uploads
+from dashboard.services.housekeeping import DEFAULT_UPLOAD_MEMORY
 from tests.prepared_cache import REPO
 
 tomllib = pytest.importorskip("tomllib")
@@ -28,10 +31,15 @@ def test_cross_site_protections_are_on_and_nothing_is_opened(config: dict) -> No
     assert server.get("enableStaticServing", False) is False
 
 
-def test_uploads_are_bounded_by_the_decoders_limit(config: dict) -> None:
-    # Streamlit counts maxUploadSize in MiB; a larger value would let the server receive files
-    # the decoder refuses anyway.
-    assert config["server"]["maxUploadSize"] * 2**20 == DEFAULT_MAX_BYTES
+def test_uploads_are_bounded_by_the_largest_file_a_page_takes(config: dict) -> None:
+    # Streamlit counts maxUploadSize in MiB. The largest file a page takes is a network's weights;
+    # a larger server limit would let it receive files every page refuses anyway.
+    assert config["server"]["maxUploadSize"] * 2**20 == UploadLimits().max_weights_bytes
+    # Everything posted past a widget is held in memory until the housekeeping drops it, so the
+    # server's own limit must fit in the default bound across sessions.
+    assert config["server"]["maxUploadSize"] * 2**20 <= DEFAULT_UPLOAD_MEMORY
+    # The Explain page's image widget keeps the decoder's own limit.
+    assert uploads.MAX_UPLOAD_MB * 2**20 == DEFAULT_MAX_BYTES
 
 
 def test_no_tracebacks_reach_the_browser_and_no_usage_stats_leave(config: dict) -> None:

@@ -276,6 +276,9 @@ class SessionResult:
     queued_ahead: int | None = None
     #: How often "Retrain to verify" had to be pressed again (the page idle, nothing started).
     clicks_repeated: int = 0
+    #: What the page said when the session failed: its error, warning and info boxes, so that a
+    #: refusal (the memory budget, a full queue) is told apart from a click that started nothing.
+    page_messages: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -424,6 +427,9 @@ async def run_session(
     except Exception as error:  # recorded per session; the run goes on for the others
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         result.error = f"{action}: {first_line[:300]}"
+        with contextlib.suppress(Exception):  # the page may be gone
+            shown = await page.locator('[data-testid^="stAlertContent"]').all_inner_texts()
+            result.page_messages = tuple(" ".join(t.split())[:300] for t in shown if t.strip())
         ARTIFACTS.mkdir(exist_ok=True)
         with contextlib.suppress(Exception):  # a screenshot is best effort
             await page.screenshot(path=str(ARTIFACTS / f"load-w{wave}-s{plan.number}.png"))
@@ -476,6 +482,11 @@ class LoadResult:
     def failures(self) -> list[str]:
         return [
             f"wave {r.wave} session {r.plan.number}: {r.error or 'incomplete'}"
+            + (
+                "; the page said: " + " | ".join(f"“{m}”" for m in r.page_messages)
+                if r.page_messages
+                else "; no message on the page"
+            )
             for r in self.results
             if not r.ok
         ]

@@ -61,37 +61,33 @@ def _class_features(
 
 def train_features(explainer: Any, cluster: Any) -> ShardedData:
     """The explainer's training features as shards on the cluster, in the explainer's row order
-    (as :meth:`core.explainer.Explainer._backbone_features` assembles them in-process)."""
+    (as :meth:`core.explainer.Explainer._backbone_features` assembles them in-process), each class
+    featurised under the same cache part as in-process: only its images in use."""
     runner = cluster.runner
     dataset, source = explainer.dataset, explainer.source
     backbone = explainer.backbone
     options = tuple(sorted(explainer._backbone_options().items()))
-    position_of = {image_id: i for i, image_id in enumerate(source.train_ids)}
     handles, order = [], np.empty(dataset.n_train, dtype=np.int64)
     offset = 0
     stage = f"{backbone.label} features on the cluster"
     explainer._progress(stage, 0, 1)
     with runner.stage(stage):
-        for new_label, original in enumerate(explainer.class_indices):
-            chunk_rows = np.flatnonzero(source.train_labels == original)
+        for new_label, (mine, rows, part) in enumerate(explainer._feature_parts("train")):
             handles.append(
                 runner.submit(
                     _class_features,
                     explainer.store,
                     backbone.name,
                     options,
-                    np.ascontiguousarray(source.train_images[chunk_rows]),
+                    np.ascontiguousarray(source.train_images[rows]),
                     source.content_hash,
-                    f"train/class{original}",
+                    part,
                     new_label,
                 )
             )
-            row_of_chunk = {int(row): i for i, row in enumerate(chunk_rows)}
-            mine = np.flatnonzero(dataset.train_labels == new_label)
-            order[mine] = [
-                offset + row_of_chunk[position_of[image_id]] for image_id in dataset.train_ids[mine]
-            ]
-            offset += len(chunk_rows)
+            # The part's k-th image is this explainer's training row mine[k].
+            order[mine] = offset + np.arange(len(mine))
+            offset += len(mine)
         chunks = ShardedData.from_handles(runner, handles)
         shards = chunks.take(order, n_shards=default_n_shards(len(order), runner.n_workers))
     explainer._progress(stage, 1, 1)

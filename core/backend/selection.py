@@ -61,7 +61,7 @@ def held_out_values(
     log_loss = np.empty((config.repeats, n, len(grid)))
     correct = np.empty((config.repeats, n, len(grid)))
     total, done = config.repeats * config.folds * len(grid), 0
-    labels_t = torch.from_numpy(y)
+    labels_t = torch.tensor(y)  # a copy: y may be a read-only view of the stored labels
     for r in range(config.repeats):
         fold_of = stratified_folds(y, config.folds, np.random.default_rng([config.seed, r]))
         for fold in range(config.folds):

@@ -208,6 +208,57 @@ def test_cli_explain_on_a_local_cluster_gives_the_same_scores(demo_cache, capsys
         ]
 
 
+def test_three_classes_on_a_local_cluster_explain_and_verify_as_in_process(tmp_path, capsys):
+    """Three classes end to end through the command line: the cluster's softmax logistic
+    regression and multi-class SVM give the same scores, lists and leave-one-out results."""
+    from core.cli import main
+
+    common = ["--classes", "0,2,6", "--max-train-per-class", "60", "--quiet"]
+    common += ["--cache-dir", str(tmp_path / "cache")]
+    env = {k: v for k, v in os.environ.items() if k != ENV_CLUSTER}
+
+    def both(command: list[str], name: str) -> tuple[dict, dict]:
+        """The same command in this process, then in another one on a 2-worker LocalCluster;
+        their --output documents."""
+        local, remote = tmp_path / f"{name}-local.json", tmp_path / f"{name}-remote.json"
+        capsys.readouterr()
+        assert main([*command, *common, "--output", str(local)]) == 0
+        result = subprocess.run(
+            [sys.executable, "-m", "core", *command, *common, "--output", str(remote)],
+            cwd=REPO,
+            env={**env, ENV_CLUSTER: "local:2"},
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(local.read_text()), json.loads(remote.read_text())
+
+    local, remote = both(["explain", "--test-index", "7", "--k", "5"], "explain")
+    assert len(local["models"]) == 2
+    for key, model in local["models"].items():
+        other = remote["models"][key]
+        for estimate, scores in model["scores"].items():
+            assert_close(other["scores"][estimate], scores, f"3 classes {key} {estimate}")
+        for kind in ("helpful", "harmful"):
+            assert [i["train_index"] for i in other[kind]] == [
+                i["train_index"] for i in model[kind]
+            ]
+
+    local, remote = both(["verify", "--test-index", "7", "--k", "4"], "verify")
+    for key, model in local["results"][0]["models"].items():
+        other = remote["results"][0]["models"][key]
+        assert model["converged"] and other["converged"]
+        assert [p["train_index"] for p in other["points"]] == [
+            p["train_index"] for p in model["points"]
+        ]
+        assert_close(
+            [p["actual"] for p in other["points"]],
+            [p["actual"] for p in model["points"]],
+            f"3 classes {key} leave-one-out",
+        )
+
+
 # ----------------------------------------------------------------------------- failures
 def test_version_mismatch_is_refused_before_work_starts(cluster):
     from core.backend.cluster import check_cluster

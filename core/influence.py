@@ -297,15 +297,16 @@ class ExactSolver(InverseHVPSolver):
 
     Two forms, the same operator to rounding:
 
-    - **primal**: H + δI = L Lᵀ, p x p. H is built by symmetric rank-k updates
-      (:func:`core.linalg.weighted_gram`, n·d² flops per class block) and factorised by LAPACK
+    - **primal**: H + δI = L Lᵀ, p x p. H is built from lower triangles
+      (:func:`core.linalg.weighted_gram`, about n·d² flops per class block) and factorised
       (p³/3); a query costs two triangular solves, 2p² flops per vector.
     - **dual**: for models with per-example curvature factors (:class:`ExampleCurvature`) whose
       data term has lower rank than the parameter count, n·r < p (the demo: 1000 images of
       1280-d features). Then H + δI = λ'I + UUᵀ with λ' = λ + δ and U = [√(w_j/n) φ_j ⊗ B_j]_j
       (p x n·r), and Woodbury gives (H + δI)⁻¹v = (v - U M⁻¹ Uᵀ v)/λ' with the n·r x n·r matrix
       M = λ'I + UᵀU = L_M L_Mᵀ, whose entries a_j a_k (φ_jᵀφ_k) (B_jᵀB_k) come from the row Gram
-      matrix ΦΦᵀ (n²·d flops by one syrk) instead of the p x p Hessian (n·d²); factorising it
+      matrix ΦΦᵀ (about n²·d flops, :func:`core.linalg.row_gram`) instead of the p x p Hessian
+      (n·d²); factorising it
       costs (n·r)³/3 instead of p³/3. Projections onto the training features, which every score
       needs, come from the same Gram matrix (:meth:`project`), so no p-vector is formed.
 
@@ -392,7 +393,9 @@ class ExactSolver(InverseHVPSolver):
         lam = float(model.l2) + self.damping
         # a_j B_j (n, C, r): the columns of U are φ_j ⊗ (a_j B_j), a_j = √(w_j / n).
         coefficients = (model.sample_weight_ / n).sqrt()[:, None, None] * derivs.factor
-        with self.stages.stage("Gram matrix ΦΦᵀ (n x n), syrk", n * n * d, 8 * (n * d + n * n)):
+        with self.stages.stage(
+            "Gram matrix ΦΦᵀ (n x n), lower triangle", n * n * d, 8 * (n * d + n * n)
+        ):
             gram = row_gram(features)
         size = n * r
         with self.stages.stage("dual matrix M = λ'I + UᵀU", 2 * size * size, 8 * 2 * size * size):

@@ -13,10 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from scipy.linalg import blas as _blas
-from scipy.linalg import lapack as _lapack
 
 DTYPE = torch.float64
 
@@ -38,122 +35,95 @@ def cholesky_solve(chol: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return x[:, 0] if b.ndim == 1 else x
 
 
-#: Columns per strip of :func:`quadratic_forms`: large enough for efficient GEMMs, small enough
-#: that skipping the strict upper triangle saves most of its half.
+#: Columns per strip of the symmetric products below: large enough for efficient GEMMs, small
+#: enough that skipping the strict upper triangle saves most of its half.
 STRIP = 256
 
-#: Rows per symmetric rank-k update in :func:`weighted_gram`: bounds its temporary (the scaled
-#: rows) to ROWS x d while each update stays a large, efficient one.
+#: Rows per pass of :func:`weighted_gram`: bounds its temporary (the weighted rows) to ROWS x d.
 ROWS = 8192
 
+# Every dense step here runs in torch's BLAS and LAPACK (MKL) on torch's threads. scipy's
+# OpenBLAS has a true syrk and a faster Cholesky on this project's AMD machine (single-threaded,
+# by thread CPU time: 33 GFLOP/s against 23 for the strips below; 27 against 15 for potrf), but
+# its own thread pool spins after each call and fights torch's: measured on the shared 2-core
+# machine, the demo's exact first-order scores took 0.29-0.93 s with OpenBLAS on two threads
+# against 0.14-0.16 s all in torch (0.11-0.14 s with OpenBLAS on one thread, which a library
+# cannot choose for its caller).
 
-def _symmetric_from(triangle: torch.Tensor, *, upper: bool) -> torch.Tensor:
-    """The symmetric matrix whose upper (or lower) triangle, diagonal included, is that of the
-    row-major ``triangle``; its other half is ignored. Exactly symmetric: that half is a copy.
-    Returns a new row-major (d, d)."""
-    if upper:
-        return torch.triu(triangle).add_(torch.triu(triangle, 1).mT)
-    return torch.tril(triangle).add_(torch.tril(triangle, -1).mT)
+
+def _mirror_lower(matrix: torch.Tensor) -> torch.Tensor:
+    """``matrix`` made exactly symmetric from its lower triangle (the upper one is ignored and
+    overwritten by a copy). Returns a new row-major tensor."""
+    return torch.tril(matrix).add_(torch.tril(matrix, -1).mT)
 
 
 def weighted_gram(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Φᵀ diag(w) Φ, exactly symmetric, by symmetric rank-k updates (BLAS syrk).
+    """Φᵀ diag(w) Φ, exactly symmetric, computing only its lower triangle (then mirrored).
 
-    syrk forms only one triangle of a product AᵀA, n·d² flops instead of a general product's
-    2·n·d², at the machine's GEMM rate. torch does not expose it, so this calls the LAPACK/BLAS
-    that scipy ships (OpenBLAS): measured on this project's 2-core machine single-threaded, 33
-    GFLOP/s on the n·d² count for the demo's n = 1000, d = 1280, against 23 for the earlier
-    strips of general products (which also did 20% more work) and 35 for torch's full product
-    (twice the work). Rows with w > 0 enter as √w·φ, rows with w < 0 are subtracted the same
-    way, rows with w = 0 are skipped; ``ROWS`` rows at a time bound the temporary.
+    A symmetric rank-k update: the lower triangle is formed one strip of rows at a time, rows
+    i0:i1 against columns 0:i1, as one GEMM each: about n·d²·(1 + STRIP/d) flops instead of a
+    general product's 2·n·d² (BLAS syrk does n·d², but torch does not expose it; see above). The
+    weights may have any sign; rows with w = 0 are skipped; ``ROWS`` rows at a time bound the
+    temporary Φ∘w.
 
     Args:
-        features: (n, d) Φ, float64 (or float32).
-        weights: (n,) w, any sign.
+        features: (n, d) Φ.
+        weights: (n,) w.
     Returns:
         (d, d), a new tensor.
     """
-    n, d = features.shape
-    dtype = features.dtype
-    syrk = _blas.get_blas_funcs("syrk", dtype=_numpy_dtype(dtype))
-    weights = weights.to(dtype)
-    upper = None
-    for sign, rows in ((1.0, weights > 0), (-1.0, weights < 0)):
-        index = torch.nonzero(rows)[:, 0]
-        for start in range(0, len(index), ROWS):
-            chunk = index[start : start + ROWS] if len(index) < n else slice(start, start + ROWS)
-            scaled = (features[chunk] * weights[chunk].abs().sqrt()[:, None]).contiguous()
-            # scaled (k, d) in row-major order is scaledᵀ (d, k) in column-major order, which
-            # BLAS takes without a copy: syrk(trans=0) then forms scaledᵀ·scaled.
-            upper = syrk(
-                sign,
-                scaled.numpy().T,
-                beta=0.0 if upper is None else 1.0,
-                c=upper,
-                trans=0,
-                lower=1,
-                overwrite_c=1,
-            )
-    if upper is None:
-        return torch.zeros(d, d, dtype=dtype)
-    # The column-major lower triangle BLAS filled is the row-major upper one of its transpose.
-    return _symmetric_from(torch.from_numpy(upper.T), upper=True)
+    d = features.shape[1]
+    weights = weights.to(features.dtype)
+    nonzero = weights != 0
+    if not bool(nonzero.all()):
+        features, weights = features[nonzero], weights[nonzero]
+    out = torch.zeros(d, d, dtype=features.dtype)
+    for r0 in range(0, features.shape[0], ROWS):
+        rows = features[r0 : r0 + ROWS]
+        weighted = rows * weights[r0 : r0 + ROWS, None]
+        for i0 in range(0, d, STRIP):
+            i1 = min(i0 + STRIP, d)
+            out[i0:i1, :i1].addmm_(weighted[:, i0:i1].T, rows[:, :i1])
+    return _mirror_lower(out)
 
 
 def row_gram(features: torch.Tensor) -> torch.Tensor:
-    """ΦΦᵀ, the (n, n) Gram matrix of the rows, exactly symmetric, by one syrk (n²·d flops; Φ is
-    read in place). Args: features (n, d). Returns: (n, n), a new tensor."""
-    features = features.contiguous()
-    syrk = _blas.get_blas_funcs("syrk", dtype=_numpy_dtype(features.dtype))
-    # Φ (n, d) row-major is Φᵀ (d, n) column-major; syrk(trans=1) forms (Φᵀ)ᵀΦᵀ = ΦΦᵀ.
-    upper = syrk(1.0, features.numpy().T, trans=1, lower=1)
-    return _symmetric_from(torch.from_numpy(upper.T), upper=True)
+    """ΦΦᵀ, the (n, n) Gram matrix of the rows, exactly symmetric, from its lower triangle in
+    strips as :func:`weighted_gram` (about n²·d·(1 + STRIP/n) flops; Φ is read in place).
+
+    Args:
+        features: (n, d) Φ.
+    Returns:
+        (n, n), a new tensor.
+    """
+    n = features.shape[0]
+    out = torch.empty(n, n, dtype=features.dtype)
+    for i0 in range(0, n, STRIP):
+        i1 = min(i0 + STRIP, n)
+        torch.mm(features[i0:i1], features[:i1].T, out=out[i0:i1, :i1])
+    return _mirror_lower(out)
 
 
 def cholesky(matrix: torch.Tensor, *, overwrite: bool = False) -> tuple[torch.Tensor, int]:
-    """Lower Cholesky factor L (L Lᵀ = A, zeros above the diagonal) by LAPACK potrf, reading A's
-    lower triangle.
-
-    scipy's LAPACK (OpenBLAS) rather than ``torch.linalg.cholesky``: measured single-threaded on
-    this project's 2-core AMD machine at 27 GFLOP/s for the demo's 1280 x 1280 Hessian against
-    15 for torch's (MKL).
+    """Lower Cholesky factor L (L Lᵀ = A) of a symmetric matrix, from its lower triangle.
 
     Args:
-        matrix: (p, p) symmetric A, float64 or float32.
-        overwrite: factorise in A's own memory (A is then destroyed), saving a p x p copy.
+        matrix: (p, p) symmetric A.
+        overwrite: A may be destroyed (the factor may then share its memory).
     Returns:
-        (L, info): info > 0 means A is not (numerically) positive definite, and L is then not a
-        factor; a non-finite A gives info > 0 or a non-finite diagonal, which is reported the
-        same way.
+        (L, info): info > 0 means A is not (numerically) positive definite, or not finite (NaN
+        or inf in A reaches the diagonal of its factor), and L is then not a factor.
     """
-    a = matrix.contiguous().numpy()
-    potrf = _lapack.get_lapack_funcs("potrf", dtype=_numpy_dtype(matrix.dtype))
-    # A row-major is Aᵀ column-major: its column-major upper triangle is A's lower one, and the
-    # upper factor U (UᵀU = A) LAPACK returns there is L = Uᵀ in row-major order.
-    upper, info = potrf(a.T, lower=0, clean=1, overwrite_a=int(overwrite))
-    factor = torch.from_numpy(upper.T)
-    if info == 0 and not bool(torch.isfinite(factor.diagonal()).all()):
-        info = 1  # NaN or inf in A reaches the diagonal of its factor
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    if int(info) == 0 and not bool(torch.isfinite(factor.diagonal()).all()):
+        return factor, 1
     return factor, int(info)
 
 
 def cholesky_inverse(chol: torch.Tensor) -> torch.Tensor:
-    """(L Lᵀ)⁻¹ from a lower Cholesky factor, exactly symmetric, by LAPACK potri (2p³/3 flops).
-
-    scipy's LAPACK (OpenBLAS) rather than ``torch.cholesky_inverse`` (MKL), which measured
-    several times slower on this project's 2-core AMD machine. Args: chol (p, p). Returns: (p, p).
-    """
-    potri = _lapack.get_lapack_funcs("potri", dtype=_numpy_dtype(chol.dtype))
-    # L row-major is U = Lᵀ column-major (upper); potri then fills the upper triangle of the
-    # inverse in column-major order, which is the lower one in row-major order.
-    inverse, info = potri(chol.contiguous().numpy().T, lower=0)
-    if info != 0:
-        raise ValueError(f"cholesky_inverse: LAPACK potri failed (info {info}).")
-    return _symmetric_from(torch.from_numpy(inverse.T), upper=False)
-
-
-def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
-    return np.dtype({torch.float64: "float64", torch.float32: "float32"}[dtype])
+    """(L Lᵀ)⁻¹ from a lower Cholesky factor, made exactly symmetric (2p³/3 flops).
+    Args: chol (p, p). Returns: (p, p)."""
+    return _mirror_lower(torch.cholesky_inverse(chol))
 
 
 def quadratic_forms(
@@ -225,7 +195,8 @@ class StageCost:
     Attributes:
         name: what the step computes.
         seconds: wall time.
-        flops: floating-point operations of the algorithm used (a multiply-add counts two).
+        flops: floating-point operations the step needs (a multiply-add counts two; a
+            symmetric product counts one triangle, what BLAS syrk does).
         bytes: the least memory traffic it needs: every operand read once and every result
             written once, 8 bytes per float64 entry.
     """

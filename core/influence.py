@@ -400,8 +400,7 @@ class ExactSolver(InverseHVPSolver):
         size = n * r
         with self.stages.stage("dual matrix M = λ'I + UᵀU", 2 * size * size, 8 * 2 * size * size):
             if c == 1 and r == 1:
-                a = coefficients[:, 0, 0]
-                small = gram * a[:, None] * a[None, :]
+                small = torch.outer(coefficients[:, 0, 0], coefficients[:, 0, 0]).mul_(gram)
             else:
                 cross = torch.einsum("jcr,kcs->jrks", coefficients, coefficients)
                 small = (gram[:, None, :, None] * cross).reshape(size, size)
@@ -486,7 +485,7 @@ class ExactSolver(InverseHVPSolver):
             "Gram matrix times weights", 2 * n * n * c * k, 8 * (n * n + 3 * n * c * k)
         ):
             back = (dual.gram @ weights.reshape(n, c * k)).reshape(n, c, k)
-            return ((projected - back) / dual.lam).permute(2, 0, 1)
+            return back.sub_(projected).mul_(-1.0 / dual.lam).permute(2, 0, 1)
 
     def inverse_hvp(self, vectors: torch.Tensor) -> torch.Tensor:
         v = as_float64(vectors)

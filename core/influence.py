@@ -306,9 +306,9 @@ class ExactSolver(InverseHVPSolver):
       (p x n·r), and Woodbury gives (H + δI)⁻¹v = (v - U M⁻¹ Uᵀ v)/λ' with the n·r x n·r matrix
       M = λ'I + UᵀU = L_M L_Mᵀ, whose entries a_j a_k (φ_jᵀφ_k) (B_jᵀB_k) come from the row Gram
       matrix ΦΦᵀ (about n²·d flops, :func:`core.linalg.row_gram`) instead of the p x p Hessian
-      (n·d²); factorising it
-      costs (n·r)³/3 instead of p³/3. Projections onto the training features, which every score
-      needs, come from the same Gram matrix (:meth:`project`), so no p-vector is formed.
+      (n·d²); factorising it costs (n·r)³/3 instead of p³/3. Projections onto the training
+      features, which every score needs, come from the same Gram matrix (:meth:`project`), so
+      no p-vector is formed.
 
     ``form="auto"`` (the default) takes the dual when it applies and its build and factorisation
     cost fewer flops; the primal factor is still available as :attr:`cholesky` (formed on first

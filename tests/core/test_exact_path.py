@@ -197,6 +197,13 @@ def test_dual_form_is_refused_where_it_does_not_apply():
     torch.testing.assert_close(
         solver.inverse_hvp(v), torch.linalg.solve(hessian, v), rtol=1e-10, atol=1e-12
     )
+    # Every dense step was timed with the work it needs (what bench.peers sets against the
+    # machine's limits): the dual's Gram matrix n²·d and factor n³/3, then the primal's on demand.
+    costs = {stage.name: stage for stage in solver.stages.entries}
+    assert costs["Gram matrix ΦΦᵀ (n x n), lower triangle"].flops == 40 * 40 * 60
+    assert costs["Cholesky factor of M (n·r x n·r)"].flops == pytest.approx(40**3 / 3)
+    assert costs["Cholesky factor of H (p x p)"].flops == pytest.approx(60**3 / 3)
+    assert all(stage.seconds >= 0 and stage.bytes > 0 for stage in solver.stages.entries)
 
 
 def test_linear_algebra_pieces_against_torch():

@@ -36,15 +36,17 @@ def cholesky_solve(chol: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 #: Columns per strip of the symmetric products below: large enough for efficient GEMMs, small
-#: enough that skipping the strict upper triangle saves most of its half.
-STRIP = 256
+#: enough that skipping the strict upper triangle saves most of its half. Measured by thread CPU
+#: time on one core (1000 x 1280 features): 128 formed ΦΦᵀ in 47-50 ms and ΦᵀWΦ in 64-68 ms,
+#: 256 in 54-59 and 76-82 ms, halving recursively to blocks of 160-320 no faster than 256.
+STRIP = 128
 
 #: Rows per pass of :func:`weighted_gram`: bounds its temporary (the weighted rows) to ROWS x d.
 ROWS = 8192
 
 # Every dense step here runs in torch's BLAS and LAPACK (MKL) on torch's threads. scipy's
 # OpenBLAS has a true syrk and a faster Cholesky on this project's AMD machine (single-threaded,
-# by thread CPU time: 33 GFLOP/s against 23 for the strips below; 27 against 15 for potrf), but
+# by thread CPU time: 33 GFLOP/s against 26 for the strips below; 27 against 15 for potrf), but
 # its own thread pool spins after each call and fights torch's: measured on the shared 2-core
 # machine, the demo's exact first-order scores took 0.29-0.93 s with OpenBLAS on two threads
 # against 0.14-0.16 s all in torch (0.11-0.14 s with OpenBLAS on one thread, which a library

@@ -118,12 +118,17 @@ def cholesky(matrix: torch.Tensor, *, overwrite: bool = False) -> tuple[torch.Te
 
     Args:
         matrix: (p, p) symmetric A.
-        overwrite: A may be destroyed (the factor may then share its memory).
+        overwrite: factorise in A's own memory (A is destroyed): no second p x p matrix, which
+            for the ten-class Hessian (p = 12,800) is 1.3 GB.
     Returns:
         (L, info): info > 0 means A is not (numerically) positive definite, or not finite (NaN
         or inf in A reaches the diagonal of its factor), and L is then not a factor.
     """
-    factor, info = torch.linalg.cholesky_ex(matrix)
+    if overwrite and matrix.is_contiguous():
+        info_out = torch.empty((), dtype=torch.int32)
+        factor, info = torch.linalg.cholesky_ex(matrix, out=(matrix, info_out))
+    else:
+        factor, info = torch.linalg.cholesky_ex(matrix)
     if int(info) == 0 and not bool(torch.isfinite(factor.diagonal()).all()):
         return factor, 1
     return factor, int(info)

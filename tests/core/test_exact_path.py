@@ -221,6 +221,9 @@ def test_linear_algebra_pieces_against_torch():
     factor, info = cholesky(spd)
     assert info == 0 and torch.equal(factor, factor.tril())
     torch.testing.assert_close(factor, torch.linalg.cholesky(spd))
+    in_place = spd.clone()
+    assert torch.equal(cholesky(in_place, overwrite=True)[0], factor)
+    assert torch.equal(in_place, factor)  # factorised in the matrix's own memory
     torch.testing.assert_close(cholesky_inverse(factor), torch.linalg.inv(spd))
     broken = spd.clone()
     broken[29, 3] = float("nan")

@@ -18,6 +18,7 @@ library casts internally (dattri's LiSSA batches are cast to float32).
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,9 @@ Tensor = torch.Tensor
 #: Facts about the problem a method may use, set by the benchmark before it runs a method
 #: (e.g. "cg_iterations": how many CG steps our solver needed to reach 1e-10).
 HINTS: dict[str, float] = {}
+#: Our last run's dense steps as its solver timed them (``core.linalg.StageCost`` as dicts), for
+#: the benchmark's FLOP-limit table; empty after a peer's run.
+LAST_STAGES: list[dict] = []
 # (X, y, X_test, y_test, theta, l2) -> (m, n) scores in our convention
 MethodFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, float], np.ndarray]
 
@@ -83,7 +87,7 @@ def _checkpoint(model: nn.Module, directory: Path) -> str:
 
 
 # ----------------------------------------------------------------------------- ours
-def _ours(method: str, estimate: str) -> MethodFn:
+def _ours(method: str, estimate: str, form: str = "auto") -> MethodFn:
     def run(X, y, Xt, yt, theta, l2):
         from core.influence import InfluenceEngine, SolverConfig
         from core.models import LogisticRegression
@@ -91,10 +95,41 @@ def _ours(method: str, estimate: str) -> MethodFn:
         # Warm start at θ̂: zero Newton steps, it only stores the data and derivatives (the
         # peers get the same fitted θ̂ as a state dict).
         model = LogisticRegression(l2=l2).fit(X, y, theta0=theta)
-        engine = InfluenceEngine(model, SolverConfig(method=method))
-        return engine.influence_scores(Xt, yt, estimate=estimate)
+        engine = InfluenceEngine(model, SolverConfig(method=method, exact_form=form))
+        scores = engine.influence_scores(Xt, yt, estimate=estimate)
+        stages = getattr(engine.solver, "stages", None)
+        LAST_STAGES[:] = [dataclasses.asdict(s) for s in stages.entries] if stages else []
+        return scores
 
     return run
+
+
+def _ours_float32(X, y, Xt, yt, theta, l2):
+    """Our exact first-order algebra with every dense step in float32 (benchmark only: what
+    float32 would save and what it costs in accuracy). The loss derivatives come from our float64
+    model; the Gram or Hessian matrix, its Cholesky factor and the solves are float32, in the
+    dual form when n < d as the engine's exact solver does."""
+    from core.models import LogisticRegression
+
+    model = LogisticRegression(l2=l2).fit(X, y, theta0=theta)
+    derivs = model.training_derivatives()
+    n, d = X.shape
+    a = (derivs.factor[:, 0, 0] / n**0.5).float()  # √(c_j / n)
+    r = derivs.d1[:, 0].float()
+    test = model.loss_.derivatives(model.scores(model.transform(Xt)), torch.as_tensor(yt)).d1
+    Xf, G = X.float(), (Xt * test).float()  # G: test gradients (m, d), binary model
+    if n < d:
+        gram = Xf @ Xf.T
+        small = gram * a[:, None] * a[None, :] + l2 * torch.eye(n)
+        chol = torch.linalg.cholesky(small)
+        projected = Xf @ G.T  # (n, m)
+        z = a[:, None] * torch.cholesky_solve(a[:, None] * projected, chol)
+        solved = (projected - gram @ z) / l2  # Φ H⁻¹ g_t
+    else:
+        hessian = (Xf * (a * a)[:, None]).T @ Xf + l2 * torch.eye(d)
+        solved = Xf @ torch.cholesky_solve(G.T, torch.linalg.cholesky(hessian))
+    LAST_STAGES.clear()
+    return (solved.T * r[None, :] / n).double().numpy()
 
 
 # ----------------------------------------------------------------------------- Captum
@@ -365,14 +400,28 @@ METHODS: tuple[Method, ...] = (
     Method(
         "ours-exact",
         "ours",
-        "exact (Cholesky), first order",
+        "exact (Cholesky; dual form when n < d), first order",
         "first order",
         _ours("exact", "first_order"),
     ),
     Method(
+        "ours-exact-primal",
+        "ours",
+        "exact (Cholesky of the p x p Hessian, primal form forced), first order",
+        "first order",
+        _ours("exact", "first_order", form="primal"),
+    ),
+    Method(
+        "ours-exact-float32",
+        "ours",
+        "exact algebra with float32 dense steps (benchmark only), first order",
+        "first order",
+        _ours_float32,
+    ),
+    Method(
         "ours-exact-corrected",
         "ours",
-        "exact (Cholesky), Newton-corrected",
+        "exact (Cholesky; dual form when n < d), Newton-corrected",
         "corrected",
         _ours("exact", "corrected"),
     ),

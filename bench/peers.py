@@ -26,6 +26,7 @@ import gc
 import importlib.util
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -54,6 +55,21 @@ SKIP_ON_LARGER = {
     "pydvl-arnoldi": "about 90 s on the demo",
     "dattri-cg": "about 70 s and 1 GiB on the demo",
     "dattri-lissa": "ran out of memory on the demo (killed at 19.7 GB resident)",
+}
+
+#: Methods not run at all, and why (their earlier runs are recorded in bench/RESULTS.md's notes).
+SKIP_ALWAYS = {
+    "dattri-lissa": (
+        "float32 throughout, so it cannot reach an error below 1e-6; on the demo one run was "
+        "killed at 19.7 GB resident, the next did not finish in 600 s"
+    ),
+}
+
+#: Short names of our methods in the FLOP-limit tables.
+METHOD_LABELS = {
+    "ours-exact": "ours exact, first order",
+    "ours-exact-primal": "ours exact, primal form forced, first order",
+    "ours-exact-corrected": "ours exact, Newton-corrected",
 }
 
 # A run slower than this is not repeated (its single time is reported as such).
@@ -152,6 +168,9 @@ def worker(key: str, problem_path: str, out_path: str) -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
     from bench import peer_methods
 
+    if key in SKIP_ALWAYS:
+        print(f"skipped: {SKIP_ALWAYS[key]}", file=sys.stderr)
+        sys.exit(3)
     if Path(problem_path).stem != "demo" and key in SKIP_ON_LARGER:
         print(
             f"skipped on the larger problem to keep the run under an hour: {SKIP_ON_LARGER[key]}",
@@ -173,12 +192,31 @@ def worker(key: str, problem_path: str, out_path: str) -> None:
     gc.collect()
     reset_peak_rss()
     baseline = current_rss_bytes()
+    cpu_start = _cpu_seconds()
     start = time.perf_counter()
     scores = method.run(X, y, Xt, yt, theta, l2)
     seconds = time.perf_counter() - start
+    cpu_seconds = _cpu_seconds() - cpu_start
     peak = peak_rss_bytes()
     np.save(out_path, np.asarray(scores, dtype=np.float64))
-    print(json.dumps({"seconds": seconds, "peak_bytes": peak - baseline, "baseline": baseline}))
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "cpu_seconds": cpu_seconds,
+                "peak_bytes": peak - baseline,
+                "baseline": baseline,
+                "stages": peer_methods.LAST_STAGES,
+            }
+        )
+    )
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process so far, every thread (user + system): on a shared machine it
+    grows with the work done, not with the time other processes take the cores away."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_worker(key: str, problem_path: Path, timeout: float) -> dict:
@@ -255,7 +293,10 @@ def loo_pearsons(
 # ----------------------------------------------------------------------------- driver
 def benchmark(problem: Problem, model, methods, args, workdir: Path) -> tuple[str, dict]:
     from core.influence import CGSolver, InfluenceEngine
+    from core.linalg import gemm_rate, memory_bandwidth
 
+    # The machine's limits now, in this run: what every dense step of ours is set against.
+    limits = {"gemm_gflops": gemm_rate(), "bandwidth_gbs": memory_bandwidth()}
     engine = InfluenceEngine(model)
     reference = engine.influence_scores(problem.X_test, problem.y_test, estimate="first_order")
     cg = CGSolver(model, tol=1e-10)
@@ -265,7 +306,9 @@ def benchmark(problem: Problem, model, methods, args, workdir: Path) -> tuple[st
     problem.save(path, hints)
 
     times: dict[str, list[float]] = {m.key: [] for m in methods}
+    cpu: dict[str, list[float]] = {m.key: [] for m in methods}
     peaks: dict[str, list[float]] = {m.key: [] for m in methods}
+    stages: dict[str, list[list[dict]]] = {m.key: [] for m in methods}
     scores: dict[str, np.ndarray] = {}
     errors: dict[str, str] = {}
     for repeat in range(args.repeats):
@@ -281,17 +324,21 @@ def benchmark(problem: Problem, model, methods, args, workdir: Path) -> tuple[st
                 print(f"[{problem.name}] {method.key}: {result['error']}", flush=True)
                 continue
             times[method.key].append(result["seconds"])
+            cpu[method.key].append(result["cpu_seconds"])
             peaks[method.key].append(result["peak_bytes"])
+            if result.get("stages"):
+                stages[method.key].append(result["stages"])
             scores.setdefault(method.key, result["scores"])
             print(
-                f"[{problem.name}] round {repeat + 1} {method.key}: {result['seconds']:.3f} s, "
-                f"peak +{result['peak_bytes'] / 2**20:.0f} MiB",
+                f"[{problem.name}] round {repeat + 1} {method.key}: {result['seconds']:.3f} s "
+                f"(CPU {result['cpu_seconds']:.3f} s), peak +{result['peak_bytes'] / 2**20:.0f} MiB",
                 flush=True,
             )
 
     tests = np.arange(min(args.loo_tests, len(problem.y_test)))
     pearsons = loo_pearsons(model, problem, scores, tests, args.k) if scores else {}
     ours_time = statistics.median(times["ours-exact"]) if times.get("ours-exact") else None
+    ours_cpu = statistics.median(cpu["ours-exact"]) if cpu.get("ours-exact") else None
 
     rows = []
     summary = {}
@@ -300,7 +347,7 @@ def benchmark(problem: Problem, model, methods, args, workdir: Path) -> tuple[st
         if key not in scores:
             rows.append(
                 [method.library, method.label, method.quantity, errors.get(key, "not run")]
-                + [""] * 6
+                + [""] * 8
             )
             continue
         seconds = statistics.median(times[key])
@@ -308,8 +355,12 @@ def benchmark(problem: Problem, model, methods, args, workdir: Path) -> tuple[st
         spearman = median_spearman(scores[key], reference)
         pearson = pearsons.get(key, [])
         ratio = seconds / ours_time if ours_time else float("nan")
+        cpu_seconds = statistics.median(cpu[key])
+        cpu_ratio = cpu_seconds / ours_cpu if ours_cpu else float("nan")
         summary[key] = {
             "seconds": seconds,
+            "cpu_seconds": cpu_seconds,
+            "cpu_ratio": cpu_ratio,
             "runs": len(times[key]),
             "error": error,
             "ratio": ratio,
@@ -324,6 +375,8 @@ def benchmark(problem: Problem, model, methods, args, workdir: Path) -> tuple[st
                 method.quantity,
                 f"{seconds:.3g}" + ("" if len(times[key]) > 1 else " (1 run)"),
                 f"{ratio:.3g}x",
+                f"{cpu_seconds:.3g}",
+                f"{cpu_ratio:.3g}x",
                 f"{statistics.median(peaks[key]) / 2**20:.0f}",
                 error_cell,
                 f"{spearman:.4f}",
@@ -336,41 +389,224 @@ def benchmark(problem: Problem, model, methods, args, workdir: Path) -> tuple[st
         "quantity",
         "time s (median)",
         "time / ours exact",
+        "CPU s (median)",
+        "CPU / ours exact",
         "peak MiB",
         "max rel. error vs ours exact",
         "Spearman vs ours exact (median row)",
         f"LOO Pearson, own top {args.k}, test points {', '.join(str(int(t)) for t in tests)}",
     ]
+    limits_after = {"gemm_gflops": gemm_rate(), "bandwidth_gbs": memory_bandwidth()}
     text = f"### {problem.description}\n\n" + markdown_table(headers, rows) + "\n"
+    text += (
+        f"\nMachine limits measured in this run, before and after this problem's methods: float64 "
+        f"GEMM {limits['gemm_gflops']:.0f} and {limits_after['gemm_gflops']:.0f} GFLOP/s "
+        f"(`core.linalg.gemm_rate`), memory bandwidth {limits['bandwidth_gbs']:.1f} and "
+        f"{limits_after['bandwidth_gbs']:.1f} GB/s (`core.linalg.memory_bandwidth`, a 256 MiB "
+        "copy). The limit of each step below uses the better of the two.\n"
+    )
+    best = {k: max(limits[k], limits_after[k]) for k in limits}
+    for key in ("ours-exact", "ours-exact-primal", "ours-exact-corrected"):
+        if stages.get(key) and key in summary:
+            table, limit = flop_limit_table(
+                stages[key], times[key], best, problem, METHOD_LABELS.get(key, key)
+            )
+            summary[key]["limit_seconds"] = limit
+            summary[key]["stages"] = stage_summary(stages[key])
+            text += "\n" + table
+    summary["_limits"] = best
     return text, summary
+
+
+def stage_summary(runs: list[list[dict]]) -> list[dict]:
+    """Each step's median time over the runs, with its flops and bytes (the same every run)."""
+    return [
+        {**run_stages[0], "seconds": statistics.median(s["seconds"] for s in run_stages)}
+        for run_stages in zip(*runs, strict=True)
+    ]
+
+
+def flop_limit_table(
+    runs: list[list[dict]], totals: list[float], limits: dict, problem: Problem, label: str
+) -> tuple[str, float]:
+    """Every dense step of one of our methods next to the least time the machine allows for it:
+    its flops at the measured GEMM rate or its bytes at the measured bandwidth, whichever is
+    longer. Returns the Markdown and the total of the limits (seconds)."""
+    gemm, bandwidth = limits["gemm_gflops"] * 1e9, limits["bandwidth_gbs"] * 1e9
+    rows = []
+    limit_total = 0.0
+    measured_dense = 0.0
+    for stage in stage_summary(runs):
+        compute, memory = stage["flops"] / gemm, stage["bytes"] / bandwidth
+        limit = max(compute, memory)
+        limit_total += limit
+        measured_dense += stage["seconds"]
+        rows.append(
+            [
+                stage["name"],
+                f"{stage['flops'] / 1e9:.3g}",
+                f"{stage['bytes'] / 1e6:.3g}",
+                f"{stage['seconds'] * 1e3:.1f}",
+                f"{compute * 1e3:.1f}",
+                f"{memory * 1e3:.1f}",
+                "FLOPs" if compute >= memory else "memory",
+                f"{stage['seconds'] / limit:.1f}x" if limit > 0 else "",
+            ]
+        )
+    total = statistics.median(totals)
+    # What is not a dense step: the fit at θ̂ (a finiteness check of X and the loss derivatives,
+    # O(n·d)), the test points' features and derivatives, forming the (m, n) scores. Its floor
+    # is reading X twice and writing the scores once.
+    n, d = problem.X.shape
+    m = problem.X_test.shape[0]
+    rest_bytes = 8 * (2 * n * d + 2 * m * n)
+    rest_limit = rest_bytes / bandwidth
+    limit_total += rest_limit
+    rest = total - measured_dense
+    rows.append(
+        [
+            "rest: fit at θ̂ (finiteness check, loss derivatives), test features, forming scores",
+            "",
+            f"{rest_bytes / 1e6:.3g}",
+            f"{rest * 1e3:.1f}",
+            "",
+            f"{rest_limit * 1e3:.1f}",
+            "memory",
+            f"{rest / rest_limit:.1f}x",
+        ]
+    )
+    rows.append(
+        [
+            "**total**",
+            "",
+            "",
+            f"**{total * 1e3:.1f}**",
+            "",
+            "",
+            "",
+            f"**{total / limit_total:.1f}x** (limit {limit_total * 1e3:.1f} ms)",
+        ]
+    )
+    headers = [
+        "step",
+        "GFLOP",
+        "MB moved (least)",
+        "measured ms (median)",
+        "at GEMM rate ms",
+        "at bandwidth ms",
+        "bound by",
+        "measured / limit",
+    ]
+    text = (
+        f"FLOP limit of **{label}** ({len(runs)} runs; each dense step timed inside the solver, "
+        "`core.linalg.StageCost`; 'limit' = the longer of the GEMM-rate and bandwidth times):\n\n"
+        + markdown_table(headers, rows)
+        + "\n"
+    )
+    return text, limit_total
+
+
+def _peers(summary: dict) -> dict[str, dict]:
+    return {k: v for k, v in summary.items() if not k.startswith(("ours", "_"))}
+
+
+def _fastest_accurate(summary: dict) -> str | None:
+    accurate = {k: v for k, v in _peers(summary).items() if v["error"] < 1e-6}
+    return min(accurate, key=lambda k: accurate[k]["seconds"]) if accurate else None
 
 
 def headline(summary: dict, problem: str) -> str:
     ours = summary.get("ours-exact")
     if not ours:
         return ""
-    accurate = {
-        key: s for key, s in summary.items() if not key.startswith("ours") and s["error"] < 1e-6
-    }
     lines = [f"**{problem}**: ours exact {ours['seconds']:.3g} s."]
-    if accurate:
-        fastest = min(accurate, key=lambda key: accurate[key]["seconds"])
-        ratio = accurate[fastest]["ratio"]
+    fastest = _fastest_accurate(summary)
+    if fastest:
+        ratio = summary[fastest]["ratio"]
         verdict = "met" if ratio >= 10 else "missed"
         lines.append(
             f"Fastest peer at equal accuracy (error < 1e-6): {fastest}, "
-            f"{accurate[fastest]['seconds']:.3g} s = {ratio:.3g}x ours (goal >= 10x: {verdict})."
+            f"{summary[fastest]['seconds']:.3g} s = {ratio:.3g}x ours (goal >= 10x: {verdict})."
         )
     else:
         lines.append("No peer reached a relative error below 1e-6.")
-    inexact = {k: s for k, s in summary.items() if not k.startswith("ours") and k not in accurate}
+    inexact = {k: v for k, v in _peers(summary).items() if v["error"] >= 1e-6}
     if inexact:
-        fastest = min(inexact, key=lambda key: inexact[key]["seconds"])
+        fastest_inexact = min(inexact, key=lambda key: inexact[key]["seconds"])
         lines.append(
-            f"Fastest less accurate peer: {fastest}, {inexact[fastest]['ratio']:.3g}x ours, with "
-            f"error {inexact[fastest]['error']:.2g}."
+            f"Fastest less accurate peer: {fastest_inexact}, {inexact[fastest_inexact]['ratio']:.3g}x "
+            f"ours, with error {inexact[fastest_inexact]['error']:.2g}."
         )
     return " ".join(lines)
+
+
+def side_by_side(summaries: dict[str, dict]) -> str:
+    """The goal on every problem in one table: ours, its FLOP limit, the fastest accurate peer."""
+    names = list(summaries)
+    rows: list[list[str]] = []
+
+    def row(label: str, cell) -> None:
+        rows.append([label] + [cell(summaries[name]) for name in names])
+
+    def ours(summary: dict, field: str, fmt: str = "{:.3g}") -> str:
+        value = summary.get("ours-exact", {}).get(field)
+        return fmt.format(value) if value is not None else "n/a"
+
+    def peer_cell(summary: dict) -> str:
+        fastest = _fastest_accurate(summary)
+        if not fastest:
+            return "none below 1e-6"
+        return f"{fastest}, {summary[fastest]['seconds']:.3g} s"
+
+    def ratio_cell(summary: dict) -> str:
+        fastest = _fastest_accurate(summary)
+        if not fastest:
+            return "n/a"
+        ratio = summary[fastest]["ratio"]
+        return f"**{ratio:.3g}x** ({'met' if ratio >= 10 else 'missed'})"
+
+    def worst_stage(summary: dict) -> str:
+        stages = summary.get("ours-exact", {}).get("stages")
+        if not stages:
+            return "n/a"
+        limits = summary["_limits"]
+        gemm, bandwidth = limits["gemm_gflops"] * 1e9, limits["bandwidth_gbs"] * 1e9
+
+        def over(stage: dict) -> float:
+            return stage["seconds"] - max(stage["flops"] / gemm, stage["bytes"] / bandwidth)
+
+        stage = max(stages, key=over)
+        limit = max(stage["flops"] / gemm, stage["bytes"] / bandwidth)
+        return (
+            f"{stage['name']}: {stage['seconds'] * 1e3:.1f} ms, "
+            f"{stage['seconds'] / limit:.1f}x its limit"
+        )
+
+    row("ours exact, first order: s (median)", lambda s: ours(s, "seconds"))
+    row(
+        "its limit: every step at the measured GEMM rate or bandwidth, s",
+        lambda s: ours(s, "limit_seconds"),
+    )
+    row(
+        "ours / its limit",
+        lambda s: (
+            f"{s['ours-exact']['seconds'] / s['ours-exact']['limit_seconds']:.1f}x"
+            if s.get("ours-exact", {}).get("limit_seconds")
+            else "n/a"
+        ),
+    )
+    row("step furthest above its limit (ms over it)", worst_stage)
+    row("fastest peer with error < 1e-6", peer_cell)
+    row("that peer's time / ours (goal >= 10x)", ratio_cell)
+    row(
+        "that peer's CPU time / ours (both threads; what the load does not change)",
+        lambda s: f"{s[_fastest_accurate(s)]['cpu_ratio']:.3g}x" if _fastest_accurate(s) else "n/a",
+    )
+    row(
+        "machine: f64 GEMM GFLOP/s, bandwidth GB/s",
+        lambda s: f"{s['_limits']['gemm_gflops']:.0f}, {s['_limits']['bandwidth_gbs']:.1f}",
+    )
+    return markdown_table(["", *names], rows) + "\n"
 
 
 #: The module each peer library is imported as.
@@ -422,6 +658,7 @@ def main() -> None:
         )
     load_before = os.getloadavg()
     sections, headlines = [], []
+    summaries: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         demo, demo_model = demo_problem(args.tests, args.seed)
         problems = {"demo": (demo, demo_model)}
@@ -432,6 +669,8 @@ def main() -> None:
             text, summary = benchmark(problem, model, methods, args, Path(tmp))
             sections.append(text)
             headlines.append(headline(summary, problem.description.split(":")[0]))
+            n_train = problem.X.shape[0]
+            summaries[f"{name} (n = {n_train}, d = {problem.X.shape[1]})"] = summary
             print(text, flush=True)
     load_after = os.getloadavg()
     body = (
@@ -440,6 +679,8 @@ def main() -> None:
         + f"Load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1-minute). "
         + f"{args.repeats} rounds (runs over {REPEAT_ONLY_UNDER_SECONDS:.0f} s are not repeated).\n\n"
         + "## Headline\n\n"
+        + side_by_side(summaries)
+        + "\n"
         + "\n\n".join(h for h in headlines if h)
         + "\n\n## Results\n\n"
         + "\n".join(sections)

@@ -54,11 +54,16 @@ from core.errors import (
 )
 from core.linalg import (
     DTYPE,
+    STRIP,
     Spectrum,
+    StageLog,
+    cholesky,
+    cholesky_inverse,
     cholesky_solve,
     conjugate_gradient,
     lanczos_spectrum,
     quadratic_forms,
+    row_gram,
     spectrum_from_hessian,
 )
 from core.losses import Loss, LossDerivatives
@@ -71,6 +76,9 @@ ESTIMATES: tuple[str, ...] = ("margin", "corrected", "first_order")
 LINEAR_ESTIMATES: tuple[str, ...] = ("corrected", "first_order")
 
 SOLVERS: tuple[str, ...] = ("exact", "cg", "lissa")
+#: How the exact solver factorises (``SolverConfig.exact_form``): "auto" takes the dual form when
+#: it applies and costs fewer flops, else the primal.
+EXACT_FORMS: tuple[str, ...] = ("auto", "primal", "dual")
 
 
 class LiSSAWarning(UserWarning):
@@ -108,6 +116,9 @@ class SolverConfig:
         lissa_repeats: independent LiSSA runs averaged.
         lissa_batch_size: training points per stochastic Hessian-vector product.
         seed: LiSSA's minibatch sampling and Lanczos' start vector seed.
+        exact_form: the exact solver's factorisation: "auto" (default: the dual, n·r x n·r, when
+            the data term has lower rank than the parameters and that costs fewer flops, else
+            the primal p x p), "primal" or "dual" (see :class:`ExactSolver`).
     """
 
     method: str = "exact"
@@ -121,6 +132,7 @@ class SolverConfig:
     lissa_repeats: int = 1
     lissa_batch_size: int = 64
     seed: int = 0
+    exact_form: str = "auto"
 
     def __post_init__(self) -> None:
         if self.method not in SOLVERS:
@@ -151,6 +163,10 @@ class SolverConfig:
         if self.lissa_scale is not None and not (self.lissa_scale > 0):
             raise InfluenceExplorerError(
                 f"lissa_scale must be > 0 or None; got {self.lissa_scale!r}."
+            )
+        if self.exact_form not in EXACT_FORMS:
+            raise InfluenceExplorerError(
+                f"exact_form must be one of {', '.join(EXACT_FORMS)}; got {self.exact_form!r}."
             )
 
 
@@ -268,11 +284,40 @@ class InverseHVPSolver(ABC):
         return self.model.hvp(vectors, indices) + self.damping * vectors
 
 
+#: The dual form is refused when the data term's largest diagonal entry exceeds this multiple of
+#: λ + damping: Woodbury's result divides by λ + damping, so its rounding grows with that ratio.
+DUAL_CONDITION_LIMIT = 1e8
+
+#: Entries of the temporaries the exact solver and the engine form per chunk (128 MiB of float64).
+CHUNK_ENTRIES = 2**24
+
+
 class ExactSolver(InverseHVPSolver):
-    """Cholesky factorisation of H + damping·I, computed once and reused for every query.
+    """(H + damping·I)⁻¹ by a Cholesky factorisation computed once and reused for every query.
+
+    Two forms, the same operator to rounding:
+
+    - **primal**: H + δI = L Lᵀ, p x p. H is built from lower triangles
+      (:func:`core.linalg.weighted_gram`, about n·d² flops per class block) and factorised
+      (p³/3); a query costs two triangular solves, 2p² flops per vector.
+    - **dual**: for models with per-example curvature factors (:class:`ExampleCurvature`) whose
+      data term has lower rank than the parameter count, n·r < p (the demo: 1000 images of
+      1280-d features). Then H + δI = λ'I + UUᵀ with λ' = λ + δ and U = [√(w_j/n) φ_j ⊗ B_j]_j
+      (p x n·r), and Woodbury gives (H + δI)⁻¹v = (v - U M⁻¹ Uᵀ v)/λ' with the n·r x n·r matrix
+      M = λ'I + UᵀU = L_M L_Mᵀ, whose entries a_j a_k (φ_jᵀφ_k) (B_jᵀB_k) come from the row Gram
+      matrix ΦΦᵀ (about n²·d flops, :func:`core.linalg.row_gram`) instead of the p x p Hessian
+      (n·d²); factorising it costs (n·r)³/3 instead of p³/3. Projections onto the training
+      features, which every score needs, come from the same Gram matrix (:meth:`project`), so
+      no p-vector is formed.
+
+    ``form="auto"`` (the default) takes the dual when it applies and its build and factorisation
+    cost fewer flops; the primal factor is still available as :attr:`cholesky` (formed on first
+    use). Every dense step is timed into :attr:`stages` with its flops and bytes.
 
     Args:
-        hessian: the model's Hessian if the caller already has it (it is modified in place).
+        hessian: the model's Hessian if the caller already has it (it is modified in place);
+            implies the primal form.
+        form: "auto", "primal" or "dual" (an error if the dual does not apply).
     """
 
     def __init__(
@@ -281,13 +326,37 @@ class ExactSolver(InverseHVPSolver):
         damping: float = 0.0,
         *,
         hessian: torch.Tensor | None = None,
+        form: str = "auto",
     ) -> None:
         super().__init__(model, damping)
-        hessian = model.hessian() if hessian is None else hessian
-        self._check_damping(float(hessian.diagonal().sum()), int(hessian.shape[0]))
+        if form not in EXACT_FORMS:
+            raise InfluenceExplorerError(
+                f"form must be one of {', '.join(EXACT_FORMS)}; got {form!r}."
+            )
+        #: The dense steps as they ran (factorisation here, queries as they come).
+        self.stages = StageLog()
+        self._cholesky: torch.Tensor | None = None
+        self._dual: _DualFactor | None = None
+        if form != "primal" and hessian is None:
+            self._dual = self._factor_dual(required=form == "dual")
+        if self._dual is None:
+            self._cholesky = self._factor_primal(hessian)
+        self.form = "dual" if self._dual is not None else "primal"
+
+    # ----------------------------------------------------------------- primal
+    def _factor_primal(self, hessian: torch.Tensor | None) -> torch.Tensor:
+        model = self.model
+        p = model.n_params_
+        with self.stages.stage("Hessian H, symmetric rank-k updates", *_hessian_cost(model)):
+            hessian = model.hessian() if hessian is None else hessian
+        self._check_damping(float(hessian.diagonal().sum()), p)
         hessian.diagonal().add_(self.damping)
-        chol, info = torch.linalg.cholesky_ex(hessian)
-        if int(info) != 0 or not torch.isfinite(chol).all():
+        with self.stages.stage("Cholesky factor of H (p x p)", p**3 / 3, 2 * 8 * p * p):
+            chol, info = cholesky(hessian, overwrite=True)
+        if info != 0:
+            # The factorisation overwrote the Hessian; form it again for the message.
+            hessian = model.hessian()
+            hessian.diagonal().add_(self.damping)
             smallest = float(torch.linalg.eigvalsh(hessian)[0])
             suggestion = max(1e-6, 1.1 * abs(smallest) + 1e-6)
             raise NotPositiveDefiniteError(
@@ -297,10 +366,265 @@ class ExactSolver(InverseHVPSolver):
                 # Damping adds to every eigenvalue, so this total makes the smallest positive.
                 suggested_damping=self.damping + suggestion,
             )
-        self.cholesky = chol
+        return chol
+
+    @property
+    def cholesky(self) -> torch.Tensor:
+        """The lower Cholesky factor L of H + δI (p x p), formed on first use in the dual form."""
+        if self._cholesky is None:
+            self._cholesky = self._factor_primal(None)
+        return self._cholesky
+
+    # ----------------------------------------------------------------- dual
+    def _factor_dual(self, *, required: bool) -> _DualFactor | None:
+        """The dual factorisation, or None (primal) when it does not apply or costs more."""
+        model = self.model
+        why = _dual_refusal(model, self.damping)
+        if why is None and not required and _dual_cost(model) >= _primal_cost(model):
+            why = "it would cost more flops than the primal form"
+        if why is not None:
+            if required:
+                raise InfluenceExplorerError(f"The dual form of the exact solver needs {why}.")
+            return None
+        features = model.features_
+        derivs = model.training_derivatives()
+        n, d = features.shape
+        c, r = derivs.factor.shape[1], derivs.factor.shape[2]
+        lam = float(model.l2) + self.damping
+        # a_j B_j (n, C, r): the columns of U are φ_j ⊗ (a_j B_j), a_j = √(w_j / n).
+        coefficients = (model.sample_weight_ / n).sqrt()[:, None, None] * derivs.factor
+        with self.stages.stage(
+            "Gram matrix ΦΦᵀ (n x n), lower triangle", n * n * d, 8 * (n * d + n * n)
+        ):
+            gram = row_gram(features)
+        size = n * r
+        with self.stages.stage("dual matrix M = λ'I + UᵀU", 2 * size * size, 8 * 2 * size * size):
+            if c == 1 and r == 1:
+                small = torch.outer(coefficients[:, 0, 0], coefficients[:, 0, 0]).mul_(gram)
+            else:
+                cross = torch.einsum("jcr,kcs->jrks", coefficients, coefficients)
+                small = (gram[:, None, :, None] * cross).reshape(size, size)
+            trace = float(small.diagonal().sum())
+            if float(small.diagonal().max()) > DUAL_CONDITION_LIMIT * lam:
+                if required:
+                    raise InfluenceExplorerError(
+                        "The dual form of the exact solver needs λ + damping of at least "
+                        f"1/{DUAL_CONDITION_LIMIT:g} of the data term's largest diagonal entry; "
+                        "use the primal form."
+                    )
+                return None
+            small.diagonal().add_(lam)
+        self._check_damping(trace + float(model.l2) * model.n_params_, model.n_params_)
+        with self.stages.stage(
+            "Cholesky factor of M (n·r x n·r)", size**3 / 3, 2 * 8 * size * size
+        ):
+            factor, info = cholesky(small, overwrite=True)
+        if info != 0:
+            if required:
+                raise InfluenceExplorerError(
+                    "The dual form of the exact solver could not factorise λ'I + UᵀU (rounding); "
+                    "use the primal form."
+                )
+            return None
+        return _DualFactor(gram, factor, coefficients, lam)
+
+    def _dual_solve(self, projected: torch.Tensor) -> torch.Tensor:
+        """W = a_j B_j z_j with M z = Uᵀv, from P = (Φ ⊗ I)ᵀv (n, C, k): the training-point
+        weights of U M⁻¹ Uᵀ v = Σ_j φ_j ⊗ W_j. Returns: (n, C, k)."""
+        dual = self._dual
+        assert dual is not None
+        coefficients = dual.coefficients
+        n, c, r = coefficients.shape
+        k = projected.shape[2]
+        size = n * r
+        with self.stages.stage(
+            "triangular solves with M", 2 * size * size * k, 8 * (size * size + 4 * size * k)
+        ):
+            if c == 1 and r == 1:
+                a = coefficients[:, 0, :]  # (n, 1)
+                z = cholesky_solve(dual.factor, a * projected[:, 0, :])
+                return (a * z)[:, None, :]
+            rhs = (coefficients.transpose(1, 2) @ projected).reshape(size, k)
+            z = cholesky_solve(dual.factor, rhs).reshape(n, r, k)
+            return coefficients @ z
+
+    def _features_times(self, vectors: torch.Tensor) -> torch.Tensor:
+        """(Φ ⊗ I_C)ᵀ v for (p, k) vectors: each training point's features against each of the
+        C blocks of v. Returns: (n, C, k)."""
+        features = self.model.features_
+        n, d = features.shape
+        k = vectors.shape[1]
+        c = vectors.shape[0] // d
+        with self.stages.stage(
+            "training features times vectors", 2 * n * d * c * k, 8 * (n * d + (d + n) * c * k)
+        ):
+            return (features @ vectors.reshape(d, c * k)).reshape(n, c, k)
+
+    def project(self, vectors: torch.Tensor) -> torch.Tensor:
+        """(Φ ⊗ I_C)ᵀ (H + δI)⁻¹ v: each training point's features against each of the C blocks
+        of the solution, what every score is made of.
+
+        Primal: the solve, then one product with Φ (2·n·d·C·k flops). Dual: with P = (Φ ⊗ I)ᵀv,
+        (Φ ⊗ I)ᵀ(H + δI)⁻¹v = (P - ΦΦᵀ W)/λ' (:meth:`_dual_solve`), products with the n x n Gram
+        matrix instead of going back to p-vectors.
+
+        Args:
+            vectors: (p, k).
+        Returns:
+            (k, n, C).
+        """
+        v = as_float64(vectors)
+        v = v[:, None] if v.ndim == 1 else v
+        if self._dual is None:
+            return self._features_times(self.inverse_hvp(v)).permute(2, 0, 1)
+        dual = self._dual
+        projected = self._features_times(v)
+        weights = self._dual_solve(projected)
+        n, c, k = weights.shape
+        with self.stages.stage(
+            "Gram matrix times weights", 2 * n * n * c * k, 8 * (n * n + 3 * n * c * k)
+        ):
+            back = (dual.gram @ weights.reshape(n, c * k)).reshape(n, c, k)
+            return back.sub_(projected).mul_(-1.0 / dual.lam).permute(2, 0, 1)
 
     def inverse_hvp(self, vectors: torch.Tensor) -> torch.Tensor:
-        return cholesky_solve(self.cholesky, as_float64(vectors))
+        v = as_float64(vectors)
+        if self._dual is None:
+            p = v.shape[0]
+            k = 1 if v.ndim == 1 else v.shape[1]
+            with self.stages.stage(
+                "triangular solves with L", 2 * p * p * k, 8 * (p * p + 4 * p * k)
+            ):
+                return cholesky_solve(self.cholesky, v)
+        squeeze = v.ndim == 1
+        columns = v[:, None] if squeeze else v
+        features = self.model.features_
+        n, d = features.shape
+        weights = self._dual_solve(self._features_times(columns))
+        c, k = weights.shape[1], weights.shape[2]
+        with self.stages.stage(
+            "training features times weights", 2 * n * d * c * k, 8 * (n * d + (d + n) * c * k)
+        ):
+            back = (features.T @ weights.reshape(n, c * k)).reshape(d * c, k)
+        out = (columns - back) / self._dual.lam
+        return out[:, 0] if squeeze else out
+
+    # ----------------------------------------------------------------- quadratic forms
+    def unit_quadratic_forms(self) -> torch.Tensor:
+        """Q_j = (φ_j ⊗ I_C)ᵀ (H + δI)⁻¹ (φ_j ⊗ I_C) for every training point. Returns: (n, C, C).
+
+        - dual: Q_j[a, b] = (φ_jᵀφ_j δ_ab - R_jaᵀ M⁻¹ R_jb)/λ' with R_ja = Uᵀ(φ_j ⊗ e_a), whose
+          entries a_l B_l[a, :] φ_lᵀφ_j come from the Gram matrix: one triangular solve with L_M
+          for all of them, (n·r)²·n·C flops.
+        - primal, one output: Q_j = ‖L⁻¹φ_j‖², one triangular solve for all points (d²·n flops,
+          against 2d³/3 + n·d² for forming H⁻¹ and its quadratic forms).
+        - primal, C outputs: from the blocks of S = (H + δI)⁻¹ (2p³/3), the C(C+1)/2 batches of
+          quadratic forms of :func:`core.linalg.quadratic_forms` (n·d² each).
+        """
+        features = self.model.features_
+        n, d = features.shape
+        c = self.model.n_outputs_
+        if self._dual is not None:
+            return self._dual_quadratic_forms()
+        if c == 1:
+            out = torch.empty(n, 1, 1, dtype=DTYPE)
+            chunk = max(1, CHUNK_ENTRIES // d)
+            with self.stages.stage("quadratic forms ‖L⁻¹φ_j‖²", d * d * n, 8 * (d * d + 2 * n * d)):
+                for start in range(0, n, chunk):
+                    block = features[start : start + chunk].T
+                    solved = torch.linalg.solve_triangular(self.cholesky, block, upper=False)
+                    out[start : start + chunk, 0, 0] = (solved * solved).sum(0)
+            return out
+        p = d * c
+        with self.stages.stage("inverse Hessian from L", 2 * p**3 / 3, 2 * 8 * p * p):
+            blocks = cholesky_inverse(self.cholesky).view(d, c, d, c)
+        out = torch.empty(n, c, c, dtype=DTYPE)
+        pairs = c * (c + 1) // 2
+        with self.stages.stage(
+            "quadratic forms from the inverse's blocks",
+            pairs * n * d * d * (1 + min(STRIP, d) / d),
+            8 * pairs * (d * d + n * d),
+        ):
+            for a in range(c):
+                for b in range(a, c):
+                    block = blocks[:, a, :, b]
+                    forms = quadratic_forms(features, 0.5 * (block + block.T))
+                    out[:, a, b] = forms
+                    out[:, b, a] = forms
+        return out
+
+    def _dual_quadratic_forms(self) -> torch.Tensor:
+        dual = self._dual
+        assert dual is not None
+        coefficients, gram = dual.coefficients, dual.gram
+        n, c, r = coefficients.shape
+        size = n * r
+        out = torch.empty(n, c, c, dtype=DTYPE)
+        chunk = max(1, CHUNK_ENTRIES // (size * c))
+        eye = torch.eye(c, dtype=DTYPE)
+        with self.stages.stage(
+            "quadratic forms through L_M", size * size * n * c, 8 * (size * size + 2 * size * n * c)
+        ):
+            for start in range(0, n, chunk):
+                stop = min(start + chunk, n)
+                # R[(l, ρ), (j, a)] = a_l B_l[a, ρ] φ_lᵀφ_j for the chunk's points j.
+                rhs = torch.einsum("lar,lj->lrja", coefficients, gram[:, start:stop])
+                solved = torch.linalg.solve_triangular(
+                    dual.factor, rhs.reshape(size, (stop - start) * c), upper=False
+                ).reshape(size, stop - start, c)
+                products = torch.einsum("xja,xjb->jab", solved, solved)
+                diagonal = gram.diagonal()[start:stop]
+                out[start:stop] = (diagonal[:, None, None] * eye - products) / dual.lam
+        return out
+
+
+@dataclass(frozen=True)
+class _DualFactor:
+    """The dual form's pieces: the Gram matrix ΦΦᵀ (n, n), the Cholesky factor L_M of
+    M = λ'I + UᵀU (n·r, n·r), the columns' coefficients a_j B_j (n, C, r) and λ' = λ + δ."""
+
+    gram: torch.Tensor
+    factor: torch.Tensor
+    coefficients: torch.Tensor
+    lam: float
+
+
+def _dual_refusal(model: Any, damping: float) -> str | None:
+    """Why the dual form does not apply to this model (None: it does)."""
+    if not (isinstance(model, LinearModel) and isinstance(model, ExampleCurvature)):
+        return "a convex model with per-example curvature factors (LogisticRegression, KernelSVM)"
+    if not isinstance(getattr(model, "features_", None), torch.Tensor):
+        return "the training features in this process"
+    if not float(model.l2) + damping > 0:
+        return "λ + damping > 0"
+    n, r = model.features_.shape[0], model.training_derivatives().factor.shape[2]
+    if n * r >= model.n_params_:
+        return f"fewer data-term columns than parameters (n·r = {n * r} >= p = {model.n_params_})"
+    return None
+
+
+def _hessian_cost(model: Any) -> tuple[float, float]:
+    """Flops and bytes of building the Hessian: C(C+1)/2 symmetric rank-k updates of n·d² each
+    (NaN for models without fixed features, whose Hessian is built some other way)."""
+    features = getattr(model, "features_", None)
+    if not isinstance(features, torch.Tensor) or not isinstance(model, LinearModel):
+        return math.nan, math.nan
+    n, d = features.shape
+    c = model.n_outputs_
+    pairs = c * (c + 1) // 2
+    return pairs * n * d * d, 8 * (pairs * (2 * n * d) + (d * c) ** 2)
+
+
+def _primal_cost(model: Any) -> float:
+    """Flops of the primal form's build and factorisation."""
+    return _hessian_cost(model)[0] + model.n_params_**3 / 3
+
+
+def _dual_cost(model: Any) -> float:
+    """Flops of the dual form's build and factorisation."""
+    n, d = model.features_.shape
+    r = model.training_derivatives().factor.shape[2]
+    return n * n * d + 2 * (n * r) ** 2 + (n * r) ** 3 / 3
 
 
 class CGSolver(InverseHVPSolver):
@@ -456,7 +780,9 @@ def make_solver(model: TwiceDifferentiable, config: SolverConfig) -> InverseHVPS
             )
         damping += max(0.0, -spectrum.smallest) + config.damping_margin
     if config.method == "exact":
-        solver: InverseHVPSolver = ExactSolver(model, damping, hessian=hessian)
+        solver: InverseHVPSolver = ExactSolver(
+            model, damping, hessian=hessian, form=config.exact_form
+        )
     elif config.method == "cg":
         solver = CGSolver(model, damping, config.cg_tol, config.cg_max_iter)
     else:
@@ -636,18 +962,20 @@ class InfluenceEngine:
     def _unit_quadratic_forms(self, chunk: int = 256) -> torch.Tensor:
         """Q_j = (φ_j ⊗ I_C)ᵀ H⁻¹ (φ_j ⊗ I_C) for every training point. Returns: (n, C, C).
 
-        With S = (H + δI)⁻¹ and S_ab its (a, b) block of d x d (θ[k·C + c] = W[k, c]),
-        Q_j[a, b] = φ_jᵀ S_ab φ_j: for each of the C(C+1)/2 pairs a <= b (Q_j is symmetric) one
-        batch of quadratic forms over all training points from the lower triangle of S_ab's
-        symmetric part (:func:`core.linalg.quadratic_forms`), about n·d²·C(C+1)/2 flops in GEMMs,
-        after forming S once from the exact solver's Cholesky factor (2p³/3). Solving for the
-        n·C columns φ_j ⊗ e_a instead costs 2p²·n·C, about 4n/d times more, and is kept only for
-        solvers without a factor when p > n·C. No p x p matrix per point is ever formed.
+        The exact solver forms them from its factor (:meth:`ExactSolver.unit_quadratic_forms`).
+        Other solvers: with S = (H + δI)⁻¹ and S_ab its (a, b) block of d x d
+        (θ[k·C + c] = W[k, c]), Q_j[a, b] = φ_jᵀ S_ab φ_j: for each of the C(C+1)/2 pairs a <= b
+        (Q_j is symmetric) one batch of quadratic forms over all training points from the lower
+        triangle of S_ab's symmetric part (:func:`core.linalg.quadratic_forms`), about
+        n·d²·C(C+1)/2 flops in GEMMs, after forming S by p unit solves when d <= n; else by
+        solving for the n·C columns φ_j ⊗ e_a. No p x p matrix per point is ever formed.
         """
+        if isinstance(self.solver, ExactSolver):
+            return self.solver.unit_quadratic_forms()
         features = self.model.features_
         n, d = features.shape
         c = self.model.n_outputs_
-        if isinstance(self.solver, ExactSolver) or d <= n:
+        if d <= n:
             inverse = self._inverse_hessian(chunk)
             blocks = inverse.view(d, c, d, c)
             out = torch.empty(n, c, c, dtype=DTYPE)
@@ -672,7 +1000,7 @@ class InfluenceEngine:
     def _inverse_hessian(self, chunk: int) -> torch.Tensor:
         """S = (H + δI)⁻¹ (p, p): from the Cholesky factor, else one solve per unit vector."""
         if isinstance(self.solver, ExactSolver):
-            return torch.cholesky_inverse(self.solver.cholesky)
+            return cholesky_inverse(self.solver.cholesky)
         p = self.model.n_params_
         inverse = torch.empty(p, p, dtype=DTYPE)
         for start in range(0, p, chunk):
@@ -725,6 +1053,9 @@ class InfluenceEngine:
     ) -> dict[str, np.ndarray]:
         """Several estimates of the same scores at once, sharing the inverse-Hessian solves.
 
+        All test points' right-hand sides go through one batched solve (in chunks of at most
+        :data:`CHUNK_ENTRIES` projections).
+
         Args:
             X_test: (m, D) test inputs; y_test: (m,) labels whose loss is explained.
             estimates: which (default: all of :attr:`estimates`).
@@ -734,30 +1065,30 @@ class InfluenceEngine:
         estimates = self.estimates if estimates is None else tuple(estimates)
         for estimate in estimates:
             self._check_estimate(estimate)
-        if "margin" not in estimates:
+        if not self.structured:
             s_test = self.inverse_hvp_test(X_test, y_test)
             return {e: self.scores_from_stest(s_test, estimate=e) for e in estimates}
         model = self.model
         features = model.transform(X_test)
         labels = as_labels(y_test).reshape(-1)
         outputs = model.scores(features)
-        solves = self._unit_output_solves(features)
-        out = {}
+        # ∇ℓ(z_test) = φ_test ⊗ ∂ℓ/∂s: the linear estimates' s_test is this combination of the
+        # C unit output solves (with C = 1, the one solve itself).
+        d1 = model.loss_.derivatives(outputs, labels).d1
         linear = [e for e in estimates if e != "margin"]
-        if linear:
-            # ∇ℓ(z_test) = φ_test ⊗ ∂ℓ/∂s, so s_test is the same combination of the unit solves.
-            d1 = model.loss_.derivatives(outputs, labels).d1
-            s_test = torch.einsum("tc,tcp->tp", d1, solves)
-            out.update({e: self.scores_from_stest(s_test, estimate=e) for e in linear})
-        changes = self._output_changes(solves, "corrected")
+        if "margin" not in estimates:
+            projected = self._projected_test_solves(features, d1)
+            return {e: self._linear_scores(projected, e) for e in estimates}
+        changes, projected = self._output_changes(features, "corrected", d1 if linear else None)
+        out = {e: self._linear_scores(projected, e) for e in linear}
         out["margin"] = loss_change(model.loss_, outputs, changes, labels).numpy()
         return {e: out[e] for e in estimates}
 
     def scores_from_stest(
         self, s_test: torch.Tensor, *, estimate: Estimate = "corrected"
     ) -> np.ndarray:
-        """Linearised scores from precomputed s_test = (H + damping)⁻¹ ∇ℓ(z_test) (m, p). The one
-        place a "corrected" or "first_order" score is formed. Returns: (m, n_train)."""
+        """Linearised scores from precomputed s_test = (H + damping)⁻¹ ∇ℓ(z_test) (m, p).
+        Returns: (m, n_train)."""
         self._check_estimate(estimate)
         if estimate not in LINEAR_ESTIMATES:
             raise InfluenceExplorerError(
@@ -766,39 +1097,96 @@ class InfluenceEngine:
             )
         if not self.structured:
             return (self.model.training_gradient_products(s_test.T) / self.n_train).numpy()
-        residuals = self._residuals(estimate)
         features = self.model.features_
         d, c = features.shape[1], self.model.n_outputs_
-        # (1/n) s_tᵀ (φ_j ⊗ e_j) = (1/n) Σ_c (φ_jᵀ S_t)[c] e_j[c], with S_t the (d, C) reshape.
-        projected = torch.einsum("jd,tdc->tjc", features, s_test.reshape(-1, d, c))
+        m = s_test.shape[0]
+        # (φ_jᵀ S_t)[c] with S_t the (d, C) reshape of s_test's row t: one product for all t.
+        stacked = as_float64(s_test).reshape(m, d, c).permute(1, 0, 2).reshape(d, m * c)
+        projected = (features @ stacked).reshape(-1, m, c).permute(1, 0, 2)
+        return self._linear_scores(projected, estimate)
+
+    def _linear_scores(self, projected: torch.Tensor, estimate: str) -> np.ndarray:
+        """The one place a "corrected" or "first_order" score is formed:
+        (1/n) s_tᵀ (φ_j ⊗ e_j) = (1/n) Σ_c (φ_jᵀ S_t)[c] e_j[c], from the projections
+        (φ_jᵀ S_t)[c] (m, n, C) of the solves S_t. Returns: (m, n_train)."""
+        residuals = self._residuals(estimate)
+        if projected.shape[2] == 1:
+            return (projected[:, :, 0] * (residuals[:, 0] / self.n_train)).numpy()
         return ((projected * residuals[None]).sum(-1) / self.n_train).numpy()
+
+    def _unit_right_hand_sides(self, features: torch.Tensor) -> torch.Tensor:
+        """The columns φ_t ⊗ e_c, for each test point t and output c, in the layout
+        θ[k·C + a]. Returns: (p, m·C), column t·C + c."""
+        m, d = features.shape
+        c = self.model.n_outputs_
+        if c == 1:
+            return features.T
+        eye = torch.eye(c, dtype=DTYPE)
+        rhs = (features[:, :, None, None] * eye[None, None, :, :]).reshape(m, d * c, c)
+        return rhs.permute(1, 0, 2).reshape(d * c, m * c)
+
+    def _project(self, vectors: torch.Tensor) -> torch.Tensor:
+        """(Φ ⊗ I_C)ᵀ (H + δI)⁻¹ v for (p, k) vectors. Returns: (k, n, C)."""
+        if isinstance(self.solver, ExactSolver):
+            return self.solver.project(vectors)
+        features = self.model.features_
+        n, d = features.shape
+        solved = self.solver.inverse_hvp(vectors)
+        k = solved.shape[1]
+        c = solved.shape[0] // d
+        return (features @ solved.reshape(d, c * k)).reshape(n, c, k).permute(2, 0, 1)
+
+    def _projected_test_solves(self, features: torch.Tensor, d1: torch.Tensor) -> torch.Tensor:
+        """(φ_jᵀ S_t)[c] for s_test = (H + δI)⁻¹ (φ_t ⊗ ∂ℓ/∂s_t) of each test point.
+        Returns: (m, n, C)."""
+        m = features.shape[0]
+        gradients = (features[:, :, None] * d1[:, None, :]).reshape(m, -1)
+        step = max(1, CHUNK_ENTRIES // (self.n_train * self.model.n_outputs_))
+        return torch.cat(
+            [self._project(gradients[start : start + step].T) for start in range(0, m, step)]
+        )
+
+    def _output_changes(
+        self, features: torch.Tensor, estimate: str, d1: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Δs[t, j] = (φ_t ⊗ I_C)ᵀ Δθ_j, the predicted change of test point t's outputs when z_j
+        is removed, and optionally the projections of the linear estimates' s_test (the same
+        unit solves combined by ``d1``, the test losses' ∂ℓ/∂s (m, C)).
+
+        Δθ_j = (1/n) H⁻¹ (φ_j ⊗ e_j) (Woodbury folded into e_j), so output b changes by
+        (1/n) Σ_a (φ_jᵀ U_b)[a] e_j[a], U_b the (d, C) reshape of the solve for output b; the
+        projections φ_jᵀ U_b come from one batched solve of all the chunk's φ_t ⊗ e_b.
+
+        Returns:
+            ((m, n_train, C) changes, (m, n_train, C) projections or None).
+        """
+        residuals = self._residuals(estimate)
+        n, c = self.n_train, self.model.n_outputs_
+        m = features.shape[0]
+        changes = torch.empty(m, n, c, dtype=DTYPE)
+        projected = None if d1 is None else torch.empty(m, n, c, dtype=DTYPE)
+        # Test points per batched solve, so that their (C x C per point) projections fit.
+        step = max(1, CHUNK_ENTRIES // (n * c * c))
+        for start in range(0, m, step):
+            block = features[start : start + step]
+            stop = start + block.shape[0]
+            units = self._project(self._unit_right_hand_sides(block))  # (t·C + b, j, a)
+            units = units.reshape(stop - start, c, n, c)
+            if c == 1:
+                changes[start:stop] = units[:, 0] * (residuals / n)
+            else:
+                changes[start:stop] = (units * residuals).sum(-1).transpose(1, 2) / n
+            if projected is not None and d1 is not None:
+                projected[start:stop] = torch.einsum("tb,tbja->tja", d1[start:stop], units)
+        return changes, projected
 
     def _unit_output_solves(self, features: torch.Tensor) -> torch.Tensor:
         """(H + damping)⁻¹ (φ_t ⊗ e_c) for each test point's features and each output c, in one
         batched solve: how θ must move to change output c. Returns: (m, C, p)."""
-        m, d = features.shape
+        m = features.shape[0]
         c = self.model.n_outputs_
-        eye = torch.eye(c, dtype=DTYPE)
-        # Column (t, c) is φ_t ⊗ e_c in the layout θ[k·C + a].
-        rhs = (features[:, :, None, None] * eye[None, None, :, :]).reshape(m, d * c, c)
-        solved = self.solver.inverse_hvp(rhs.permute(1, 0, 2).reshape(d * c, m * c))
-        return solved.T.reshape(m, c, d * c)
-
-    def _output_changes(self, solves: torch.Tensor, estimate: str) -> torch.Tensor:
-        """Δs[t, j] = (φ_t ⊗ I_C)ᵀ Δθ_j, the predicted change of test point t's outputs when z_j
-        is removed, from :meth:`_unit_output_solves`. Returns: (m, n_train, C)."""
-        residuals = self._residuals(estimate)
-        features = self.model.features_
-        n, d = features.shape
-        m, c = solves.shape[0], self.model.n_outputs_
-        out = torch.empty(m, n, c, dtype=DTYPE)
-        for t in range(m):
-            # Δθ_j = (1/n) H⁻¹ (φ_j ⊗ e_j) (Woodbury folded into e_j), so output b changes by
-            # (1/n) Σ_a (φ_jᵀ U_b)[a] e_j[a], U_b the (d, C) reshape of the solve for output b.
-            units = solves[t].reshape(c, d, c).permute(1, 0, 2).reshape(d, c * c)
-            projected = (features @ units).reshape(n, c, c)
-            out[t] = (projected * residuals[:, None, :]).sum(-1) / n
-        return out
+        solved = self.solver.inverse_hvp(self._unit_right_hand_sides(features))
+        return solved.T.reshape(m, c, -1)
 
     def predicted_output_changes(
         self, X_test: Any, *, estimate: Estimate = "corrected"
@@ -813,8 +1201,7 @@ class InfluenceEngine:
         self._check_estimate(estimate)
         self._require_structured("Predicted output changes")
         features = self.model.transform(X_test)
-        solves = self._unit_output_solves(features)
-        return self._output_changes(solves, _parameter_estimate(estimate)).numpy()
+        return self._output_changes(features, _parameter_estimate(estimate))[0].numpy()
 
     def self_influence(self, estimate: Estimate | None = None) -> np.ndarray:
         """Each training point's influence on its own loss (the diagonal of the score matrix):

@@ -9,7 +9,8 @@ reports it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -35,34 +36,108 @@ def cholesky_solve(chol: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 #: Columns per strip of the symmetric products below: large enough for efficient GEMMs, small
-#: enough that skipping the strict upper triangle saves most of its half.
-STRIP = 256
+#: enough that skipping the strict upper triangle saves most of its half. Measured by thread CPU
+#: time on one core (1000 x 1280 features): 128 formed ΦΦᵀ in 47-50 ms and ΦᵀWΦ in 64-68 ms,
+#: 256 in 54-59 and 76-82 ms, halving recursively to blocks of 160-320 no faster than 256.
+STRIP = 128
+
+#: Rows per pass of :func:`weighted_gram`: bounds its temporary (the weighted rows) to ROWS x d.
+ROWS = 8192
+
+# Every dense step here runs in torch's BLAS and LAPACK (MKL) on torch's threads. scipy's
+# OpenBLAS has a true syrk and a faster Cholesky on this project's AMD machine (single-threaded,
+# by thread CPU time: 33 GFLOP/s against 26 for the strips below; 27 against 15 for potrf), but
+# its own thread pool spins after each call and fights torch's: measured on the shared 2-core
+# machine, the demo's exact first-order scores took 0.29-0.93 s with OpenBLAS on two threads
+# against 0.14-0.16 s all in torch (0.11-0.14 s with OpenBLAS on one thread, which a library
+# cannot choose for its caller).
+
+
+def _mirror_lower(matrix: torch.Tensor) -> torch.Tensor:
+    """Make a square ``matrix`` exactly symmetric from its lower triangle, in place (the upper
+    one is overwritten by a copy), one STRIP-wide block at a time: a quarter of the memory
+    traffic of adding its two triangles. Returns ``matrix``."""
+    size = matrix.shape[0]
+    for i0 in range(0, size, STRIP):
+        i1 = min(i0 + STRIP, size)
+        tile = matrix[i0:i1, i0:i1]
+        tile.copy_(tile.tril() + tile.tril(-1).mT)
+        matrix[:i0, i0:i1].copy_(matrix[i0:i1, :i0].mT)
+    return matrix
 
 
 def weighted_gram(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Φᵀ diag(w) Φ, symmetric, computing only its lower triangle (then mirrored).
+    """Φᵀ diag(w) Φ, exactly symmetric, computing only its lower triangle (then mirrored).
 
-    The lower triangle is formed one strip of rows at a time, rows i0:i1 against columns 0:i1,
-    as one GEMM each: about n·d²·(1 + STRIP/d) flops instead of a full product's 2·n·d²; the
-    weights may have any sign. A symmetric rank-k update (BLAS syrk) does the same work, but
-    torch does not expose it, and the strips keep the temporary Φ∘w to n x STRIP.
+    A symmetric rank-k update: the lower triangle is formed one strip of rows at a time, rows
+    i0:i1 against columns 0:i1, as one GEMM each: about n·d²·(1 + STRIP/d) flops instead of a
+    general product's 2·n·d² (BLAS syrk does n·d², but torch does not expose it; see above). The
+    weights may have any sign; rows with w = 0 are skipped; ``ROWS`` rows at a time bound the
+    temporary Φ∘w.
 
     Args:
         features: (n, d) Φ.
         weights: (n,) w.
     Returns:
-        (d, d).
+        (d, d), a new tensor.
     """
     d = features.shape[1]
-    out = torch.empty(d, d, dtype=features.dtype)
-    for i0 in range(0, d, STRIP):
-        i1 = min(i0 + STRIP, d)
-        scaled = features[:, i0:i1] * weights[:, None]
-        out[i0:i1, :i1] = scaled.T @ features[:, :i1]
-        tile = out[i0:i1, i0:i1]
-        tile.copy_(tile.tril() + tile.tril(-1).T)  # exactly symmetric, from its lower half
-        out[:i0, i0:i1] = out[i0:i1, :i0].T
-    return out
+    weights = weights.to(features.dtype)
+    nonzero = weights != 0
+    if not bool(nonzero.all()):
+        features, weights = features[nonzero], weights[nonzero]
+    out = torch.zeros(d, d, dtype=features.dtype)
+    for r0 in range(0, features.shape[0], ROWS):
+        rows = features[r0 : r0 + ROWS]
+        weighted = rows * weights[r0 : r0 + ROWS, None]
+        for i0 in range(0, d, STRIP):
+            i1 = min(i0 + STRIP, d)
+            out[i0:i1, :i1].addmm_(weighted[:, i0:i1].T, rows[:, :i1])
+    return _mirror_lower(out)
+
+
+def row_gram(features: torch.Tensor) -> torch.Tensor:
+    """ΦΦᵀ, the (n, n) Gram matrix of the rows, exactly symmetric, from its lower triangle in
+    strips as :func:`weighted_gram` (about n²·d·(1 + STRIP/n) flops; Φ is read in place).
+
+    Args:
+        features: (n, d) Φ.
+    Returns:
+        (n, n), a new tensor.
+    """
+    n = features.shape[0]
+    out = torch.empty(n, n, dtype=features.dtype)
+    for i0 in range(0, n, STRIP):
+        i1 = min(i0 + STRIP, n)
+        out[i0:i1, :i1] = features[i0:i1] @ features[:i1].T
+    return _mirror_lower(out)
+
+
+def cholesky(matrix: torch.Tensor, *, overwrite: bool = False) -> tuple[torch.Tensor, int]:
+    """Lower Cholesky factor L (L Lᵀ = A) of a symmetric matrix, from its lower triangle.
+
+    Args:
+        matrix: (p, p) symmetric A.
+        overwrite: factorise in A's own memory (A is destroyed): no second p x p matrix, which
+            for the ten-class Hessian (p = 12,800) is 1.3 GB.
+    Returns:
+        (L, info): info > 0 means A is not (numerically) positive definite, or not finite (NaN
+        or inf in A reaches the diagonal of its factor), and L is then not a factor.
+    """
+    if overwrite and matrix.is_contiguous():
+        info_out = torch.empty((), dtype=torch.int32)
+        factor, info = torch.linalg.cholesky_ex(matrix, out=(matrix, info_out))
+    else:
+        factor, info = torch.linalg.cholesky_ex(matrix)
+    if int(info) == 0 and not bool(torch.isfinite(factor.diagonal()).all()):
+        return factor, 1
+    return factor, int(info)
+
+
+def cholesky_inverse(chol: torch.Tensor) -> torch.Tensor:
+    """(L Lᵀ)⁻¹ from a lower Cholesky factor, made exactly symmetric (2p³/3 flops).
+    Args: chol (p, p). Returns: (p, p)."""
+    return _mirror_lower(torch.cholesky_inverse(chol).contiguous())
 
 
 def quadratic_forms(
@@ -107,6 +182,57 @@ def gemm_rate(size: int = 2048, repeats: int = 3) -> float:
         _ = a @ b
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best / 1e9
+
+
+def memory_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
+    """This machine's memory bandwidth now, in GB/s: the best of ``repeats`` copies of a
+    ``megabytes`` float64 array (far larger than the caches) into another, counting the bytes
+    read and written: what the stages that stream large matrices are limited by."""
+    size = megabytes * 2**20 // 8
+    source = torch.ones(size, dtype=DTYPE)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        target.copy_(source)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size * 8 / best / 1e9
+
+
+@dataclass(frozen=True)
+class StageCost:
+    """One dense step as it ran: its measured time next to the work it had to do, so that a
+    benchmark can set it against the machine's limits (:func:`gemm_rate`,
+    :func:`memory_bandwidth`).
+
+    Attributes:
+        name: what the step computes.
+        seconds: wall time.
+        flops: floating-point operations the step needs (a multiply-add counts two; a
+            symmetric product counts one triangle, what BLAS syrk does).
+        bytes: the least memory traffic it needs: every operand read once and every result
+            written once, 8 bytes per float64 entry.
+    """
+
+    name: str
+    seconds: float
+    flops: float
+    bytes: float
+
+
+class StageLog:
+    """Where the time of a computation went, one :class:`StageCost` per dense step, in order."""
+
+    def __init__(self) -> None:
+        self.entries: list[StageCost] = []
+
+    @contextmanager
+    def stage(self, name: str, flops: float, nbytes: float) -> Iterator[None]:
+        """Time the block as one step doing ``flops`` operations over ``nbytes`` bytes."""
+        start = time.perf_counter()
+        yield
+        self.entries.append(StageCost(name, time.perf_counter() - start, flops, nbytes))
 
 
 @dataclass(frozen=True)
@@ -258,11 +384,17 @@ def lanczos_spectrum(hvp: MatVec, n_params: int, iterations: int = 80, seed: int
 __all__ = [
     "CGResult",
     "Spectrum",
+    "StageCost",
+    "StageLog",
+    "cholesky",
+    "cholesky_inverse",
     "cholesky_solve",
     "conjugate_gradient",
     "gemm_rate",
     "lanczos_spectrum",
+    "memory_bandwidth",
     "quadratic_forms",
+    "row_gram",
     "spectrum_from_hessian",
     "weighted_gram",
 ]

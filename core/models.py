@@ -155,7 +155,9 @@ class LinearModel:
             )
         if X.shape[0] < 2:
             raise InfluenceExplorerError("At least two training points are needed to fit.")
-        if not torch.isfinite(X).all():
+        # A finite sum has no NaN or inf in it (both propagate); only when the sum is not finite
+        # (that, or overflow) is every entry checked: 0.3 ms instead of 6.6 for 1000 x 1280.
+        if not (torch.isfinite(X.sum()) or torch.isfinite(X).all()):
             raise InfluenceExplorerError(
                 "The training inputs contain NaN or infinite values; check the features "
                 "(a damaged cache file or a broken image) and recompute them."

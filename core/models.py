@@ -25,9 +25,9 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -80,6 +80,39 @@ class FitInfo:
     converged: bool
     seconds: float
     cg_iterations: int = 0
+
+
+#: Most columns (points removed x rank of a point's loss Hessian) of the exact removal
+#: correction in :meth:`LinearModel.refit_without`'s preconditioner; a larger group is
+#: preconditioned by the full-data Hessian alone.
+REMOVAL_CORRECTION_MAX_RANK = 64
+
+#: Memory :meth:`LinearModel.refit_without` may use for its per-refit temporaries at once; the
+#: refits are solved in blocks of columns that fit.
+BATCH_REFIT_MEMORY = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class BatchRefit:
+    """Refits of one model without each of several groups of training points, solved together
+    (:meth:`LinearModel.refit_without`).
+
+    Attributes:
+        parameters: (G, p) each refit's θ (its last iterate where it did not converge).
+        iterations: (G,) Newton iterations each took.
+        gradient_norms: (G,) each one's final ‖∇R‖.
+        converged: (G,) which reached the tolerance.
+        cg_iterations: conjugate-gradient iterations over all Newton steps; each one is a
+            Hessian-vector product for every refit of a block at once.
+        seconds: wall time.
+    """
+
+    parameters: torch.Tensor
+    iterations: np.ndarray
+    gradient_norms: np.ndarray
+    converged: np.ndarray
+    cg_iterations: int
+    seconds: float
 
 
 class LinearModel:
@@ -211,6 +244,190 @@ class LinearModel:
         finally:
             other._preconditioner = None
         return other
+
+    # ------------------------------------------------------------------ batched refits
+    #: Whether :meth:`refit_without` can solve refits together (it needs the training features
+    #: in this process; the sharded models of :mod:`core.backend` refit one at a time).
+    supports_batched_refit = True
+
+    def refit_without(
+        self,
+        groups: Sequence[Any],
+        *,
+        tol: float | None = None,
+        preconditioner: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        max_iter: int = 30,
+        progress: Callable[[int], None] | None = None,
+    ) -> BatchRefit:
+        """Refit without each group of training points, all groups solved together.
+
+        Each column solves exactly the problem of ``refit(sample_weight=w)`` with ``w`` this
+        fit's weights and the group's rows set to zero: damped Newton with the same backtracking
+        line search from θ̂, to ‖∇R‖ <= ``tol``. What is shared is the work: the G parameter
+        vectors form a p x G block, so gradients, Hessian-vector products and the
+        preconditioner are matrix products over all refits at once instead of G passes over
+        the data.
+
+        Each Newton step is solved by conjugate gradients preconditioned with the Hessian at θ̂
+        *without the group*, H_{-g}(θ̂) = H(θ̂) - U_g U_gᵀ (U_g = [√(w_j/n) φ_j ⊗ B_j], one
+        column per removed point and rank of its loss Hessian), applied through Woodbury from
+        ``preconditioner`` ≈ H(θ̂)⁻¹: M⁻¹v = Pv + Z (I - U_gᵀZ)⁻¹ Zᵀv with Z = P U_g. At θ̂ that
+        is the exact Hessian, so the first step is the Newton-corrected influence estimate's
+        θ̂ + (1/n) H_{-g}⁻¹ Σ_{j∈g} ∇ℓ_j, solved in one iteration; later steps need a few, as
+        the curvature moves with θ.
+
+        Args:
+            groups: index arrays of training rows, one refit each (an empty one refits with
+                every point).
+            tol: gradient-norm tolerance (default: the model's).
+            preconditioner: v (p, k) -> P v with P ≈ H(θ̂)⁻¹ (e.g. the exact influence solver's
+                ``inverse_hvp``). Without one it is the Cholesky factor of H(θ̂) when p <=
+                :data:`DENSE_NEWTON_MAX_PARAMS`, else plain conjugate gradients.
+            max_iter: Newton iterations before a refit is given up as not converged.
+            progress: called with the number of refits finished so far as they finish.
+
+        Returns:
+            A :class:`BatchRefit`; refits that did not reach ``tol`` are marked there (the
+            caller decides what to do with them, e.g. :func:`core.validation.retrain_without`
+            refits them one at a time).
+        """
+        self._require_fitted()
+        start = time.perf_counter()
+        n = self.n_train_
+        tol = self.tol if tol is None else float(tol)
+        removed = []
+        for group in groups:
+            rows = torch.as_tensor(np.unique(np.asarray(group, dtype=np.int64).reshape(-1)))
+            if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n):
+                raise InfluenceExplorerError(
+                    f"Training indices must be in [0, {n}); got {rows.numpy()}."
+                )
+            removed.append(rows)
+        if preconditioner is None:
+            preconditioner = self._dense_preconditioner()
+        p = self.n_params_
+        count = len(removed)
+        parameters = torch.empty(count, p, dtype=DTYPE)
+        iterations = np.zeros(count, dtype=np.int64)
+        norms = np.zeros(count)
+        converged = np.zeros(count, dtype=bool)
+        cg_total = 0
+        finished = 0
+        width = self._batch_width()
+        for first in range(0, count, width):
+            block = removed[first : first + width]
+
+            def report(done: int, base: int = finished) -> None:
+                if progress is not None:
+                    progress(base + done)
+
+            solved = _BatchNewton(self, block, tol, preconditioner, max_iter).run(report)
+            cols = slice(first, first + len(block))
+            parameters[cols] = solved.theta.T
+            iterations[cols] = solved.iterations
+            norms[cols] = solved.gradient_norms
+            converged[cols] = solved.gradient_norms <= tol
+            cg_total += solved.cg_iterations
+            finished += int(converged[cols].sum())
+        return BatchRefit(
+            parameters=parameters,
+            iterations=iterations,
+            gradient_norms=norms,
+            converged=converged,
+            cg_iterations=cg_total,
+            seconds=time.perf_counter() - start,
+        )
+
+    def _dense_preconditioner(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """v -> H(θ̂)⁻¹v from a Cholesky factor of the Hessian, when it is small enough to form."""
+        if self.n_params_ > DENSE_NEWTON_MAX_PARAMS:
+            return None
+        chol, info = torch.linalg.cholesky_ex(self.hessian())
+        if int(info) != 0:
+            return None
+        return lambda v: cholesky_solve(chol, v)
+
+    def _batch_width(self) -> int:
+        """Refits per block, so that one block's temporaries fit :data:`BATCH_REFIT_MEMORY`."""
+        n, d = self.features_.shape
+        c = self.n_outputs_
+        # Per refit: scores, derivatives and curvature over the training points (n·C² each for
+        # the softmax), a few parameter vectors, the removal correction's columns.
+        per_refit = 8 * (n * (4 * c + 3 * c * c) + 12 * d * c + REMOVAL_CORRECTION_MAX_RANK * d * c)
+        return max(1, min(256, BATCH_REFIT_MEMORY // per_refit))
+
+    def _batch_terms(
+        self, theta: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Objective, gradient and weighted loss curvature of k refits at once.
+
+        Args:
+            theta: (p, k) parameters, one column per refit.
+            weights: (n, k) sample weights of each refit.
+        Returns:
+            values (k,), gradients (p, k), and the curvature w_i A_i / n of every training point
+            for each refit: (n, k) for one output column, else (n, k, C, C).
+        """
+        features = self.features_
+        n, d = features.shape
+        c, k = self.n_outputs_, theta.shape[1]
+        scores = (features @ theta.reshape(d, c * k)).view(n, c, k)
+        flat = scores.permute(0, 2, 1).reshape(n * k, c)
+        derivs = self.loss_.derivatives(flat, self.labels_.repeat_interleave(k))
+        scaled = weights / n
+        values = (scaled * derivs.loss.view(n, k)).sum(0) + 0.5 * self.l2 * (theta * theta).sum(0)
+        d1 = derivs.d1.view(n, k, c) * scaled[:, :, None]
+        gradient = features.T @ d1.permute(0, 2, 1).reshape(n, c * k)
+        grads = gradient.view(d * c, k) + self.l2 * theta
+        if c == 1:
+            curvature = derivs.d2.view(n, k) * scaled
+        else:
+            curvature = derivs.d2.view(n, k, c, c) * scaled[:, :, None, None]
+        return values, grads, curvature
+
+    def _batch_terms_at_optimum(
+        self, removed: list[torch.Tensor], weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_batch_terms` with θ̂ in every column, from the fit's own derivatives at θ̂:
+        the full objective less each group's terms, touching only the removed rows.
+
+        Args:
+            removed: each refit's removed training rows.
+            weights: (n, k) the refits' sample weights (the fit's, zero on the removed rows).
+        """
+        features = self.features_
+        n, d = features.shape
+        c, k = self.n_outputs_, len(removed)
+        value, grad, derivs = self._objective_terms(self.theta_)
+        values = torch.full((k,), value, dtype=DTYPE)
+        grads = grad[:, None].repeat(1, k)
+        sizes = torch.tensor([len(rows) for rows in removed])
+        if int(sizes.sum()):
+            rows = torch.cat(removed)
+            owner = torch.repeat_interleave(torch.arange(k), sizes)
+            scale = self.sample_weight_[rows] / n
+            values.index_add_(0, owner, -scale * derivs.loss[rows])
+            terms = features[rows][:, :, None] * (scale[:, None] * derivs.d1[rows])[:, None, :]
+            grads.index_add_(1, owner, -terms.reshape(len(rows), d * c).T)
+        scaled = weights / n
+        if c == 1:
+            curvature = derivs.d2[:, 0, 0, None] * scaled
+        else:
+            curvature = derivs.d2[:, None] * scaled[:, :, None, None]
+        return values, grads, curvature
+
+    def _batch_hvp(self, curvature: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        """H_i v_i for each refit i's Hessian (curvature from :meth:`_batch_terms`) and its own
+        column v_i of ``vectors`` (p, k), as two matrix products over the block."""
+        features = self.features_
+        n, d = features.shape
+        c, k = self.n_outputs_, vectors.shape[1]
+        s = features @ vectors.reshape(d, c * k)
+        if c == 1:
+            t = curvature * s
+        else:
+            t = torch.einsum("nkce,nek->nck", curvature, s.view(n, c, k)).reshape(n, c * k)
+        return (features.T @ t).view(d * c, k) + self.l2 * vectors
 
     def _infer_n_classes(self, labels: torch.Tensor) -> int:
         if labels.numel() and int(labels.min()) < 0:
@@ -549,6 +766,193 @@ class LinearModel:
     def accuracy(self, X: Any, y: Any) -> float:
         """Fraction of X classified as y."""
         return float(np.mean(self.predict(X) == np.asarray(y)))
+
+
+class _BlockSolution(NamedTuple):
+    theta: torch.Tensor
+    iterations: np.ndarray
+    gradient_norms: np.ndarray
+    cg_iterations: int
+
+
+def _forcing(gradient_norm: float, tol: float) -> float:
+    """Relative residual at which conjugate gradients stop in a batched refit's Newton step.
+
+    min(0.1, ‖∇R‖) keeps Newton's quadratic convergence; past what the tolerance needs it is
+    wasted work, since the next gradient is about the step's residual plus the quadratic term:
+    a residual of 1e-3·tol suffices (so the forcing is never below 1e-3·tol/‖∇R‖). The stopping
+    rule is the exact gradient, so this changes the iterations, not what a converged refit is.
+    """
+    return max(min(0.1, gradient_norm), 1e-3 * tol / gradient_norm)
+
+
+class _BatchNewton:
+    """Damped Newton for k refits of one model at once (see :meth:`LinearModel.refit_without`).
+
+    Each column follows :meth:`LinearModel._newton` for its own objective: the same Armijo
+    backtracking and the same acceptance of a flat step that shrinks the gradient, the same
+    stopping rule, its own step lengths and iteration count; only the arithmetic is shared.
+    """
+
+    def __init__(
+        self,
+        model: LinearModel,
+        removed: list[torch.Tensor],
+        tol: float,
+        preconditioner: Callable[[torch.Tensor], torch.Tensor] | None,
+        max_iter: int,
+    ) -> None:
+        self.model = model
+        self.removed = removed
+        self.tol = tol
+        self.max_iter = max_iter
+        k = len(removed)
+        self.weights = model.sample_weight_[:, None].repeat(1, k)
+        for i, rows in enumerate(removed):
+            self.weights[rows, i] = 0.0
+        self.correction = (
+            None if preconditioner is None else _RemovalCorrection(model, removed, preconditioner)
+        )
+
+    def run(self, report: Callable[[int], None]) -> _BlockSolution:
+        model, tol = self.model, self.tol
+        k = self.weights.shape[1]
+        theta = model.theta_[:, None].repeat(1, k)
+        values, grads, curvature = model._batch_terms_at_optimum(self.removed, self.weights)
+        gnorm = grads.norm(dim=0)
+        iterations = torch.zeros(k, dtype=torch.int64)
+        failed = torch.zeros(k, dtype=torch.bool)
+        cg_iterations = 0
+        reported = 0
+        while True:
+            done = int((gnorm <= tol).sum())
+            if done > reported:
+                report(done)
+                reported = done
+            active = (gnorm > tol) & ~failed & (iterations < self.max_iter)
+            if not bool(active.any()):
+                break
+            idx = active.nonzero()[:, 0]
+            g = grads[:, idx]
+            precondition = None if self.correction is None else self.correction.restricted(idx)
+            first = iterations[idx] == 0
+            iterations[idx] += 1
+            if precondition is not None and bool(first.all()):
+                # At θ̂ the preconditioner is the Hessian without the group, so its step is the
+                # Newton step (the Newton-corrected influence estimate's parameter change).
+                step = precondition(g)
+            else:
+                block_curvature = curvature[:, idx]
+                run = conjugate_gradient(
+                    lambda v, curvature=block_curvature: model._batch_hvp(curvature, v),
+                    g,
+                    rtol=_forcing(float(gnorm[idx].max()), tol),
+                    max_iter=50 if precondition is not None else 500,
+                    preconditioner=precondition,
+                )
+                cg_iterations += run.iterations
+                if run.nonpositive_curvature:
+                    failed[idx] = True
+                    continue
+                step = run.solution
+            slope = (g * step).sum(0)
+            t = torch.ones(len(idx), dtype=DTYPE)
+            pending = torch.arange(len(idx))
+            while pending.numel():
+                cols = idx[pending]
+                candidate = theta[:, cols] - t[pending] * step[:, pending]
+                c_values, c_grads, c_curvature = model._batch_terms(
+                    candidate, self.weights[:, cols]
+                )
+                c_gnorm = c_grads.norm(dim=0)
+                value = values[cols]
+                decreased = c_values <= value - 1e-4 * t[pending] * slope[pending]
+                # As in _newton: near the optimum the objective changes below float64
+                # resolution, and a step that shrinks the gradient is then the right one.
+                flat = (c_values - value).abs() <= 1e-12 * value.abs().clamp_min(1.0)
+                accepted = decreased | (flat & (c_gnorm < gnorm[cols]))
+                taken = cols[accepted]
+                theta[:, taken] = candidate[:, accepted]
+                values[taken] = c_values[accepted]
+                grads[:, taken] = c_grads[:, accepted]
+                gnorm[taken] = c_gnorm[accepted]
+                curvature[:, taken] = c_curvature[:, accepted]
+                pending = pending[~accepted]
+                t[pending] *= 0.5
+                gave_up = t[pending] < 1e-12
+                failed[idx[pending[gave_up]]] = True
+                pending = pending[~gave_up]
+        return _BlockSolution(
+            theta=theta,
+            iterations=iterations.numpy(),
+            gradient_norms=gnorm.numpy().copy(),
+            cg_iterations=cg_iterations,
+        )
+
+
+class _RemovalCorrection:
+    """The preconditioner M_g⁻¹ = H_{-g}(θ̂)⁻¹ for each refit g, from P ≈ H(θ̂)⁻¹ by Woodbury.
+
+    H_{-g} = H - U_g U_gᵀ with U_g = [√(w_j/n) φ_j ⊗ B_j]_{j∈g} (p x |g|·r), so
+    M_g⁻¹ v = P v + Z_g S_g⁻¹ Z_gᵀ v with Z_g = P U_g and S_g = I - U_gᵀ Z_g: one application of P
+    to every removed point's columns up front, then per application a product with P and
+    |g|·r-dimensional corrections. A group over :data:`REMOVAL_CORRECTION_MAX_RANK` columns, or
+    one whose S_g is not positive definite (P far from H⁻¹), is preconditioned by P alone.
+    """
+
+    def __init__(
+        self,
+        model: LinearModel,
+        removed: list[torch.Tensor],
+        preconditioner: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
+        self.preconditioner = preconditioner
+        features = model.features_
+        n, d = features.shape
+        c = model.n_outputs_
+        factor = model.training_derivatives().factor
+        r = factor.shape[2]
+        weights = model.sample_weight_
+        kept = [rows[weights[rows] > 0] for rows in removed]
+        ranks = [
+            len(rows) * r if len(rows) * r <= REMOVAL_CORRECTION_MAX_RANK else 0 for rows in kept
+        ]
+        width = max(ranks, default=0)
+        self.z: torch.Tensor | None = None
+        if width == 0:
+            return
+        rows = torch.cat([rows for rows, rank in zip(kept, ranks, strict=True) if rank])
+        scaled = factor[rows] * (weights[rows] / n).sqrt()[:, None, None]
+        U = torch.einsum("md,mcr->dcmr", features[rows], scaled).reshape(d * c, -1)
+        Z = preconditioner(U)
+        k = len(removed)
+        self.z = torch.zeros(k, d * c, width, dtype=DTYPE)
+        self.inner = torch.zeros(k, width, width, dtype=DTYPE)
+        offset = 0
+        for g, rank in enumerate(ranks):
+            if not rank:
+                continue
+            u, z = U[:, offset : offset + rank], Z[:, offset : offset + rank]
+            offset += rank
+            small = torch.eye(rank, dtype=DTYPE) - u.T @ z
+            chol, info = torch.linalg.cholesky_ex(0.5 * (small + small.T))
+            if int(info) != 0:
+                continue
+            self.z[g, :, :rank] = z
+            self.inner[g, :rank, :rank] = torch.cholesky_inverse(chol)
+
+    def restricted(self, idx: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """r (p, len(idx)) -> M_g⁻¹ r for the refits ``idx`` in order."""
+        if self.z is None:
+            return self.preconditioner
+        z, inner = self.z[idx], self.inner[idx]
+
+        def apply(r: torch.Tensor) -> torch.Tensor:
+            coefficients = torch.einsum("apr,pa->ar", z, r)
+            coefficients = torch.einsum("ars,as->ar", inner, coefficients)
+            return self.preconditioner(r) + torch.einsum("apr,ar->pa", z, coefficients)
+
+        return apply
 
 
 class LogisticRegression(LinearModel):

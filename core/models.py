@@ -99,7 +99,7 @@ class BatchRefit:
 
     Attributes:
         parameters: (G, p) each refit's θ (its last iterate where it did not converge).
-        iterations: (G,) Newton iterations each took.
+        iterations: (G,) steps (quasi-Newton, then Newton) each took.
         gradient_norms: (G,) each one's final ‖∇R‖.
         converged: (G,) which reached the tolerance.
         cg_iterations: conjugate-gradient iterations of the Newton steps (taken only by refits
@@ -276,9 +276,9 @@ class LinearModel:
         H_{-g}(θ̂) = H(θ̂) - U_g U_gᵀ (U_g = [√(w_j/n) φ_j ⊗ B_j], one column per removed point
         and rank of its loss Hessian), applied through Woodbury from ``preconditioner`` ≈
         H(θ̂)⁻¹: M_g⁻¹v = Pv + Z (I - U_gᵀZ)⁻¹ Zᵀv with Z = P U_g. At θ̂ that is the exact
-        Hessian, so the first step is the Newton step, θ̂ + (1/n) H_{-g}⁻¹ Σ_{j∈g} w_j ∇ℓ_j (the
-        Newton-corrected influence estimate's parameter change); the curvature pairs of the
-        steps taken then correct for the curvature that moves with θ. A refit not converged
+        Hessian, so the first step is the Newton step, θ̂ + (1/n) H_{-g}⁻¹ Σ_{j∈g} w_j ∇ℓ_j up
+        to θ̂'s own gradient (the Newton-corrected influence estimate's parameter change); the
+        curvature pairs of the steps taken then correct for the curvature that moves with θ. A refit not converged
         after :data:`QUASI_NEWTON_STEPS` steps continues with Newton steps by conjugate
         gradients on exact Hessian-vector products, preconditioned with M_g⁻¹.
 

@@ -41,7 +41,8 @@ class RetrainResult:
         groups: the removed training indices, one array per retrain.
         actual: (n_groups, m) ℓ(z_test, θ̂_{-group}) - ℓ(z_test, θ̂) for each test point.
         base_loss: (m,) test losses of the original model.
-        iterations: (n_groups,) Newton iterations each retrain took.
+        iterations: (n_groups,) Newton (or, solved together, quasi-Newton) steps each retrain
+            took.
         gradient_norms: (n_groups,) final ‖∇R‖ of each retrain.
         seconds: wall time of all retrains.
         batched: (n_groups,) True where the retrain was solved with the others

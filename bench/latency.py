@@ -27,10 +27,11 @@ Usage: ``python -m bench.latency [--uploads 50] [--skip-cold] [--skip-large] [--
   page calls (both models, each retrained without each of its top 50 by |score| to
   ‖∇R‖ <= 1e-11), for test images of every kind (by the SVM's margin: the most confident, the
   nearest the boundary, the most confidently wrong, then random ones), the median of 3 runs each
-  after one warm-up. Then the same work stage by stage per model: scores and the top k, the
-  preconditioners' set-up (the Hessian without each point, ``BatchRefit.setup_seconds``), the
-  batched quasi-Newton steps, the test losses and agreement; and, on the first images, the
-  one-at-a-time path it replaced (``retrain_without(batched=False)``) with the largest difference.
+  after one warm-up. Then the same work stage by stage per model (median of 3 runs each): scores
+  and the top k, the preconditioners' set-up (the Hessian without each point,
+  ``BatchRefit.setup_seconds``), the batched quasi-Newton steps, the test losses and agreement;
+  and, on the first images, the one-at-a-time path it replaced (``retrain_without(batched=False)``)
+  with the largest difference.
 """
 
 from __future__ import annotations
@@ -224,34 +225,39 @@ def time_verify(k: int, count: int, repeats: int, compare: int) -> dict:
             engine, model = fitted.engine, fitted.engine.model
             x = fitted.test_inputs[index : index + 1]
             y = explainer.test_labels[index : index + 1]
-            # The stages of core.validation.verify, one by one.
-            start = time.perf_counter()
-            scores = engine.score_estimates(x, y)
-            chosen = top_k_by_magnitude(scores[engine.default_estimate][0], k)
-            scored = time.perf_counter()
-            solved = model.refit_without(
-                [[int(j)] for j in chosen], tol=RETRAIN_TOL, preconditioner=engine.preconditioner
-            )
-            retrained = time.perf_counter()
-            features = model.transform(x)
-            labels = as_labels(y)
-            base = model.per_example_losses(features, labels)
-            d, c = features.shape[1], model.n_outputs_
-            actual = np.array(
-                [
-                    float(model.loss_.value(features @ theta.reshape(d, c), labels)[0] - base[0])
-                    for theta in solved.parameters
-                ]
-            )
-            for estimate in engine.estimates:
-                agreement(scores[estimate][0, chosen], actual)
-            compared = time.perf_counter()
+            # The stages of core.validation.verify, one by one (median of the repeats).
+            times: dict[str, list[float]] = {"scores": [], "setup": [], "steps": [], "losses": []}
+            for _ in range(repeats):
+                start = time.perf_counter()
+                scores = engine.score_estimates(x, y)
+                chosen = top_k_by_magnitude(scores[engine.default_estimate][0], k)
+                scored = time.perf_counter()
+                solved = model.refit_without(
+                    [[int(j)] for j in chosen],
+                    tol=RETRAIN_TOL,
+                    preconditioner=engine.preconditioner,
+                )
+                retrained = time.perf_counter()
+                features = model.transform(x)
+                labels = as_labels(y)
+                base = model.per_example_losses(features, labels)
+                d, c = features.shape[1], model.n_outputs_
+                actual = np.array(
+                    [
+                        float(model.loss_.value(features @ w.reshape(d, c), labels)[0] - base[0])
+                        for w in solved.parameters
+                    ]
+                )
+                for estimate in engine.estimates:
+                    agreement(scores[estimate][0, chosen], actual)
+                compared = time.perf_counter()
+                times["scores"].append(scored - start)
+                times["setup"].append(solved.setup_seconds)
+                times["steps"].append(solved.seconds - solved.setup_seconds)
+                times["losses"].append(compared - retrained)
             models[key] = {
                 "label": fitted.label,
-                "scores_s": scored - start,
-                "setup_s": solved.setup_seconds,
-                "steps_s": solved.seconds - solved.setup_seconds,
-                "losses_s": compared - retrained,
+                **{f"{stage}_s": statistics.median(values) for stage, values in times.items()},
                 "steps_max": int(solved.iterations.max()),
                 "steps_median": float(np.median(solved.iterations)),
                 "gradient_norm_max": float(solved.gradient_norms.max()),

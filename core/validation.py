@@ -236,12 +236,15 @@ def verify(
     k: int = 50,
     select_by: Estimate | None = None,
     progress: Progress | None = None,
+    batched: bool = True,
 ) -> list[Verification]:
     """Check influence against leave-one-out retraining for the top k points of each test point.
 
     The points are the k largest by |score| under ``select_by`` (default: the engine's default
     estimate); every estimate the engine offers is compared on the same retrained points. Each
-    point is retrained once even if several test points share it.
+    point is retrained once even if several test points share it. ``batched``: as
+    :func:`retrain_without` (False retrains one at a time, e.g. to compare with the sharded
+    engine, whose retrains are such refits).
 
     Returns:
         One :class:`Verification` per test point.
@@ -257,7 +260,13 @@ def verify(
     chosen = [top_k_by_magnitude(row, k) for row in scores[select_by]]
     union = np.unique(np.concatenate(chosen))
     retrained = loo_retrain(
-        model, union, X_test, y_test, progress=progress, preconditioner=engine.preconditioner
+        model,
+        union,
+        X_test,
+        y_test,
+        progress=progress,
+        preconditioner=engine.preconditioner,
+        batched=batched,
     )
     position = {int(j): i for i, j in enumerate(union)}
     results = []

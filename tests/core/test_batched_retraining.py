@@ -10,8 +10,10 @@ point's loss changes by as little as 1e-177 for some removals, far below what an
 tolerance determines.
 
 Both paths stop at a gradient-norm tolerance, so each is exact only to what that tolerance
-leaves: ‖θ - θ*‖ <= ‖∇R‖/λ. At tol = 1e-13 they agree to 1e-9 of the scale; at the default
-RETRAIN_TOL = 1e-11 both are within 2e-8 of a reference retrained to 1e-14.
+leaves: ‖θ - θ*‖ <= ‖∇R‖/λ. At tol = 1e-13 they agree to 1e-10 of the scale (measured:
+1e-12 to 1e-11); at the default RETRAIN_TOL = 1e-11 to 5e-9 (measured: up to 1.5e-9), the
+one-at-a-time path within 2e-8 of a reference retrained to 1e-14 (measured on other problems: up
+to 1e-8) and the batched one, which takes one step past the tolerance, within 3e-9 (up to 9e-10).
 """
 
 from __future__ import annotations
@@ -115,7 +117,7 @@ def test_batched_equals_one_at_a_time(case):
     assert batched.batched.all() and not alone.batched.any()
     _assert_converged(batched, TIGHT)
     _assert_converged(alone, TIGHT)
-    assert _scaled_error(batched.actual, alone.actual) <= 1e-9
+    assert _scaled_error(batched.actual, alone.actual) <= 1e-10
     np.testing.assert_array_equal(batched.base_loss, alone.base_loss)
 
 
@@ -136,8 +138,11 @@ def test_both_paths_are_as_exact_as_the_default_tolerance_allows(case):
     batched, alone = _both(model, problem, removed, RETRAIN_TOL)
     _assert_converged(batched, RETRAIN_TOL)
     assert batched.batched.all()
-    assert _scaled_error(batched.actual, reference.actual) <= 2e-8
+    # The batched refits take one step past the tolerance (core.models.POLISH), so they are
+    # closer to the reference than the one-at-a-time ones need be.
+    assert _scaled_error(batched.actual, reference.actual) <= 3e-9
     assert _scaled_error(alone.actual, reference.actual) <= 2e-8
+    assert _scaled_error(batched.actual, alone.actual) <= 5e-9
 
 
 def test_groups_of_every_size(make_logreg_problem):
@@ -159,7 +164,7 @@ def test_groups_of_every_size(make_logreg_problem):
     alone = retrain_without(model, groups, problem.X_test, problem.y_test, batched=False, **kwargs)
     assert batched.batched.all()
     _assert_converged(batched, TIGHT)
-    assert _scaled_error(batched.actual, alone.actual) <= 1e-9
+    assert _scaled_error(batched.actual, alone.actual) <= 1e-10
     # The empty group refits the full data: θ̂ was fitted to 1e-10, so its loss barely moves.
     assert np.abs(batched.actual[0]).max() < 1e-8
 

@@ -827,7 +827,7 @@ class _BlockSolution(NamedTuple):
 
 #: Quasi-Newton steps a batched refit takes before it switches to Newton steps by conjugate
 #: gradients (see :class:`_BatchNewton`). Measured on the demo (k = 50, test images 0, 5 and
-#: 49, both models): every refit converged to 1e-11 within 7 quasi-Newton steps, each one
+#: 49, both models, before :data:`POLISH`): every refit converged to 1e-11 within 7 quasi-Newton steps, each one
 #: gradient and one preconditioner application for the block, 230-290 ms of CPU per model;
 #: Newton steps by preconditioned conjugate gradients took 3-4 steps with 5-14 Hessian-vector
 #: products and 9-19 preconditioner applications, 390-550 ms; fixed-matrix (chord) steps

@@ -1,6 +1,8 @@
 """Interactive latency: from an uploaded image to both models' explanations; start-up and memory.
 
-Usage: ``python -m bench.latency [--uploads 50] [--skip-cold] [--skip-large] [--app PATH]``
+Usage: ``python -m bench.latency [--uploads 50] [--skip-cold] [--skip-large] [--skip-verify]
+[--app PATH]``; ``python -m bench.latency --verify-only`` measures Verify alone and writes
+``bench/results/latency_verify.md``.
 
 - **Uploads**: 50 PNG files made from demo test images the way a user's photo would arrive:
   upscaled 10x to 280x280, RGB, dark garment on a light background (so ``decode_upload`` must
@@ -21,6 +23,15 @@ Usage: ``python -m bench.latency [--uploads 50] [--skip-cold] [--skip-large] [--
 - **Memory**: peak resident memory of a process holding the demo explainer and serving the
   uploads, and of the dashboard app (``--app``, run headless through Streamlit's AppTest, plus the
   resident size of an idle ``streamlit run`` server).
+- **Verify**: ``Explainer.verify(test_index=i, k=50)`` on the demo, what the dashboard's Verify
+  page calls (both models, each retrained without each of its top 50 by |score| to
+  ‖∇R‖ <= 1e-11), for test images of every kind (by the SVM's margin: the most confident, the
+  nearest the boundary, the most confidently wrong, then random ones), the median of 3 runs each
+  after one warm-up. Then the same work stage by stage per model (median of 3 runs each): scores
+  and the top k, the preconditioners' set-up (the Hessian without each point,
+  ``BatchRefit.setup_seconds``), the batched quasi-Newton steps, the test losses and agreement;
+  and, on the first images, the one-at-a-time path it replaced (``retrain_without(batched=False)``)
+  with the largest difference.
 """
 
 from __future__ import annotations
@@ -159,6 +170,185 @@ def time_large_uploads(count: int, landmarks: int) -> dict:
     return {"n_train": len(y), "prepare_s": prepare, "totals": totals}
 
 
+def verify_test_images(explainer, count: int) -> list[tuple[int, str]]:
+    """Test images of every kind Verify meets, by the SVM's margin on its true label: the most
+    confidently right, the nearest the boundary, the most confidently wrong, then random ones
+    (seed 0) up to ``count``."""
+    key = next(iter(explainer.models))
+    fitted = explainer.models[key]
+    scores = np.asarray(fitted.model.decision_function(fitted.test_inputs))
+    labels = np.asarray(explainer.test_labels)
+    if scores.ndim == 1:
+        margin = scores * (2 * labels - 1)
+    else:
+        own = scores[np.arange(len(labels)), labels]
+        rest = np.where(np.eye(scores.shape[1], dtype=bool)[labels], -np.inf, scores).max(1)
+        margin = own - rest
+    chosen = [
+        (int(np.argmax(margin)), "confident"),
+        (int(np.argmin(np.abs(margin))), "near the boundary"),
+        (int(np.argmin(margin)), "wrong" if margin.min() < 0 else "least confident"),
+    ]
+    rng = np.random.default_rng(0)
+    for index in rng.permutation(len(labels)):
+        if len(chosen) >= count:
+            break
+        if int(index) not in {i for i, _ in chosen}:
+            chosen.append((int(index), "random"))
+    return chosen[:count]
+
+
+def time_verify(k: int, count: int, repeats: int, compare: int) -> dict:
+    """Verify with k retrains per model on the demo, as the dashboard's Verify page runs it
+    (``Explainer.verify``), then the same work stage by stage, and the one-at-a-time path."""
+    from core.data import load_demo
+    from core.explainer import Explainer
+    from core.influence import top_k_by_magnitude
+    from core.models import as_labels
+    from core.validation import RETRAIN_TOL, agreement, retrain_without
+
+    explainer = Explainer(load_demo()).prepare()
+    images = verify_test_images(explainer, count)
+    explainer.verify(test_index=images[0][0], k=k)  # warm-up: first calls allocate
+    rows = []
+    for index, kind in images:
+        walls, cpus, loads = [], [], []
+        for _ in range(repeats):
+            loads.append(os.getloadavg()[0])
+            cpu_start, start = time.process_time(), time.perf_counter()
+            result = explainer.verify(test_index=index, k=k)
+            walls.append(time.perf_counter() - start)
+            cpus.append(time.process_time() - cpu_start)
+            assert all(v.converged for v in result.values())
+        models = {}
+        for key, fitted in explainer.models.items():
+            engine, model = fitted.engine, fitted.engine.model
+            x = fitted.test_inputs[index : index + 1]
+            y = explainer.test_labels[index : index + 1]
+            # The stages of core.validation.verify, one by one (median of the repeats).
+            times: dict[str, list[float]] = {"scores": [], "setup": [], "steps": [], "losses": []}
+            for _ in range(repeats):
+                start = time.perf_counter()
+                scores = engine.score_estimates(x, y)
+                chosen = top_k_by_magnitude(scores[engine.default_estimate][0], k)
+                scored = time.perf_counter()
+                solved = model.refit_without(
+                    [[int(j)] for j in chosen],
+                    tol=RETRAIN_TOL,
+                    preconditioner=engine.preconditioner,
+                )
+                retrained = time.perf_counter()
+                features = model.transform(x)
+                labels = as_labels(y)
+                base = model.per_example_losses(features, labels)
+                d, c = features.shape[1], model.n_outputs_
+                actual = np.array(
+                    [
+                        float(model.loss_.value(features @ w.reshape(d, c), labels)[0] - base[0])
+                        for w in solved.parameters
+                    ]
+                )
+                for estimate in engine.estimates:
+                    agreement(scores[estimate][0, chosen], actual)
+                compared = time.perf_counter()
+                times["scores"].append(scored - start)
+                times["setup"].append(solved.setup_seconds)
+                times["steps"].append(solved.seconds - solved.setup_seconds)
+                times["losses"].append(compared - retrained)
+            models[key] = {
+                "label": fitted.label,
+                **{f"{stage}_s": statistics.median(values) for stage, values in times.items()},
+                "steps_max": int(solved.iterations.max()),
+                "steps_median": float(np.median(solved.iterations)),
+                "gradient_norm_max": float(solved.gradient_norms.max()),
+                "not_converged": int((~solved.converged).sum()),
+                "retrains": len(chosen),
+                "slope": float(result[key].agreement[engine.default_estimate].slope),
+            }
+            if len(rows) < compare:
+                start = time.perf_counter()
+                alone = retrain_without(
+                    model,
+                    [[int(j)] for j in chosen],
+                    x,
+                    y,
+                    preconditioner=engine.preconditioner,
+                    batched=False,
+                )
+                models[key]["one_at_a_time_s"] = time.perf_counter() - start
+                scale = float(np.abs(alone.actual[:, 0]).max())
+                models[key]["difference"] = float(np.abs(actual - alone.actual[:, 0]).max()) / scale
+        rows.append(
+            {
+                "test": index,
+                "kind": kind,
+                "wall_s": statistics.median(walls),
+                "cpu_s": statistics.median(cpus),
+                "load": statistics.median(loads),
+                "models": models,
+            }
+        )
+    return {"k": k, "repeats": repeats, "rows": rows}
+
+
+def verify_report(result: dict) -> tuple[str, list[str]]:
+    """The Verify stage as a Markdown table and summary lines."""
+    if "error" in result:
+        return "", [f"- Verify: failed: {result['error']}."]
+    k, rows = result["k"], result["rows"]
+    keys = list(rows[0]["models"])
+    headers = ["test image", "kind", "Verify wall ms", "CPU ms", "load (1 min)"]
+    for key in keys:
+        headers += [f"{key}: scores ms", "set-up ms", "quasi-Newton ms (steps max)", "losses ms"]
+    table = []
+    for row in rows:
+        line = [
+            row["test"],
+            row["kind"],
+            f"{row['wall_s'] * 1000:.0f}",
+            f"{row['cpu_s'] * 1000:.0f}",
+            f"{row['load']:.2f}",
+        ]
+        for key in keys:
+            m = row["models"][key]
+            line += [
+                f"{m['scores_s'] * 1000:.1f}",
+                f"{m['setup_s'] * 1000:.1f}",
+                f"{m['steps_s'] * 1000:.0f} ({m['steps_max']})",
+                f"{m['losses_s'] * 1000:.1f}",
+            ]
+        table.append(line)
+    walls = [row["wall_s"] for row in rows]
+    p50 = statistics.median(walls)
+    lines = [
+        f"- Goal Verify k = {k}, both models, < 1 s: median {p50 * 1000:.0f} ms, worst "
+        f"{max(walls) * 1000:.0f} ms over {len(rows)} test images ({result['repeats']} runs each,"
+        f" median), load average (1 min) {min(r['load'] for r in rows):.2f}-"
+        f"{max(r['load'] for r in rows):.2f}: {'met' if max(walls) < 1 else 'missed'}.",
+    ]
+    for key in keys:
+        models = [row["models"][key] for row in rows]
+        lines.append(
+            f"- {models[0]['label']}: {k} retrains per image, quasi-Newton steps median "
+            f"{statistics.median(m['steps_median'] for m in models):.0f}, at most "
+            f"{max(m['steps_max'] for m in models)}; largest final ‖∇R‖ "
+            f"{max(m['gradient_norm_max'] for m in models):.1e}; not converged together (so "
+            f"refitted one at a time): {sum(m['not_converged'] for m in models)}."
+        )
+        timed = [m for m in models if "one_at_a_time_s" in m]
+        if timed:
+            alone = statistics.median(m["one_at_a_time_s"] for m in timed)
+            together = statistics.median(m["setup_s"] + m["steps_s"] for m in timed)
+            lines.append(
+                f"  The one-at-a-time path (`retrain_without(batched=False)`, each retrain "
+                f"`model.refit` preconditioned by the exact factor) on the first {len(timed)} "
+                f"images: median {alone * 1000:.0f} ms against {together * 1000:.0f} ms together;"
+                f" largest difference in the actual changes "
+                f"{max(m['difference'] for m in timed):.1e} of each image's largest change."
+            )
+    return markdown_table(headers, table), lines
+
+
 def cold_precompute() -> dict:
     """``influence precompute`` on the demo with an empty cache directory, timed end to end."""
     cache = Path(tempfile.mkdtemp(prefix="ie-cold-"))
@@ -255,7 +445,13 @@ def main() -> None:
     parser.add_argument("--skip-large", action="store_true")
     parser.add_argument("--skip-app", action="store_true")
     parser.add_argument("--app", type=Path, default=ROOT / "dashboard" / "streamlit_app.py")
-    parser.add_argument("--worker", choices=("demo", "large"), help=argparse.SUPPRESS)
+    parser.add_argument("--skip-verify", action="store_true")
+    parser.add_argument("--verify-only", action="store_true")
+    parser.add_argument("--verify-k", type=int, default=50)
+    parser.add_argument("--verify-images", type=int, default=10)
+    parser.add_argument("--verify-repeats", type=int, default=3)
+    parser.add_argument("--verify-compare", type=int, default=3)
+    parser.add_argument("--worker", choices=("demo", "large", "verify"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.worker == "demo":
@@ -264,10 +460,17 @@ def main() -> None:
     if args.worker == "large":
         print(json.dumps(time_large_uploads(args.uploads, args.landmarks)))
         return
+    if args.worker == "verify":
+        verify_args = (args.verify_k, args.verify_images, args.verify_repeats)
+        print(json.dumps(time_verify(*verify_args, args.verify_compare)))
+        return
 
     def child(kind: str) -> dict:
         command = [sys.executable, "-m", "bench.latency", "--worker", kind]
         command += ["--uploads", str(args.uploads), "--landmarks", str(args.landmarks)]
+        command += ["--verify-k", str(args.verify_k), "--verify-images", str(args.verify_images)]
+        command += ["--verify-repeats", str(args.verify_repeats)]
+        command += ["--verify-compare", str(args.verify_compare)]
         env = dict(os.environ)
         env["PYTHONPATH"] = f"{ROOT}{os.pathsep}" + env.get("PYTHONPATH", "")
         done = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -275,6 +478,21 @@ def main() -> None:
             return {"error": done.stderr.strip().splitlines()[-1:]}
         return json.loads(done.stdout.strip().splitlines()[-1])
 
+    if args.verify_only:
+        load_before = os.getloadavg()[0]
+        verified = child("verify")
+        load_after = os.getloadavg()[0]
+        table, lines = verify_report(verified)
+        body = (
+            ("- **Verify**" + __doc__.split("- **Verify**", 1)[1]).strip()
+            + f"\n\nLoad average (1-minute) before {load_before:.2f}, after {load_after:.2f}.\n\n"
+            + table
+            + "\n\n"
+            + "\n".join(lines)
+            + "\n"
+        )
+        print(write_results("latency_verify", "Verify latency", body, module="latency"))
+        return
     load_before = os.getloadavg()[0]
     cold = None if args.skip_cold else cold_precompute()
     print("cold", cold, flush=True)
@@ -285,6 +503,7 @@ def main() -> None:
         print("large", {k: v for k, v in large.items() if not isinstance(v, list)}, flush=True)
     app = None if args.skip_app else app_memory(args.app.resolve())
     print("app", app, flush=True)
+    verified = None if args.skip_verify else child("verify")
     load_after = os.getloadavg()[0]
 
     rows, lines = [], []
@@ -349,12 +568,17 @@ def main() -> None:
             )
         else:
             lines.append(f"- Dashboard app memory: failed: {app.get('error')}.")
+    verify_table = ""
+    if verified:
+        verify_table, verify_lines = verify_report(verified)
+        lines += verify_lines
     body = (
         __doc__.split("\n\n", 2)[2].strip()
         + f"\n\nLoad average (1-minute) before {load_before:.2f}, after {load_after:.2f}.\n\n"
         + markdown_table(["problem", "n_train", "p50 ms", "p95 ms", "uploads timed"], rows)
         + "\n\n"
         + "\n".join(lines)
+        + ("\n\nVerify, stage by stage:\n\n" + verify_table if verify_table else "")
         + "\n"
     )
     print(write_results("latency", "Interactive latency, start-up and memory", body))

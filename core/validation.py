@@ -2,8 +2,13 @@
 
 Removing training points follows the paper's definition: their loss terms are dropped while the
 1/n and λ stay, i.e. the model is refitted with zero sample weights. Every retrain is warm-started
-from θ̂ with the same Newton solver and a tight tolerance, so the actual change in test loss is
-accurate to far below the scores being checked (never SGD for the convex models).
+from θ̂ with the same damped Newton method and a tight tolerance, so the actual change in test loss
+is accurate to far below the scores being checked (never SGD for the convex models).
+
+The retrains of one call are solved together (:meth:`core.models.LinearModel.refit_without`: one
+Newton iteration over a p x G block of parameters, each step by conjugate gradients preconditioned
+with the Hessian without the removed points); any that does not reach the tolerance there is
+retrained again on its own by ``model.refit``, the one-at-a-time path.
 """
 
 from __future__ import annotations
@@ -36,9 +41,13 @@ class RetrainResult:
         groups: the removed training indices, one array per retrain.
         actual: (n_groups, m) ℓ(z_test, θ̂_{-group}) - ℓ(z_test, θ̂) for each test point.
         base_loss: (m,) test losses of the original model.
-        iterations: (n_groups,) Newton iterations each retrain took.
+        iterations: (n_groups,) Newton (or, solved together, quasi-Newton) steps each retrain
+            took.
         gradient_norms: (n_groups,) final ‖∇R‖ of each retrain.
         seconds: wall time of all retrains.
+        batched: (n_groups,) True where the retrain was solved with the others
+            (:meth:`~core.models.LinearModel.refit_without`), False where it was refitted on its
+            own; None when the caller did not say (e.g. the sharded engine's retraining tasks).
     """
 
     groups: tuple[np.ndarray, ...]
@@ -47,6 +56,7 @@ class RetrainResult:
     iterations: np.ndarray
     gradient_norms: np.ndarray
     seconds: float
+    batched: np.ndarray | None = None
 
     @property
     def converged(self) -> bool:
@@ -62,6 +72,7 @@ def retrain_without(
     tol: float = RETRAIN_TOL,
     progress: Progress | None = None,
     preconditioner: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    batched: bool = True,
 ) -> RetrainResult:
     """Refit without each group of training points and measure the change in test loss.
 
@@ -70,9 +81,13 @@ def retrain_without(
         groups: sequence of index arrays; each is removed in its own retrain.
         X_test: (m, D) test inputs; y_test: (m,) labels whose loss is measured.
         tol: gradient-norm tolerance of each retrain.
-        progress: called as progress(done, total) after each retrain.
+        progress: called as progress(done, total) as retrains finish.
         preconditioner: optional (H + damping)⁻¹ at θ̂ to speed up the Newton steps (see
+            :meth:`~core.models.LinearModel.refit_without` and
             :meth:`~core.models.LinearModel.refit`); the result does not depend on it.
+        batched: solve the retrains together (:meth:`~core.models.LinearModel.refit_without`),
+            refitting one at a time only those that do not converge there; False refits every
+            one on its own (``model.refit``), the path the batched one is tested against.
     """
     model._require_fitted()
     start = time.perf_counter()
@@ -80,21 +95,41 @@ def retrain_without(
     labels = as_labels(y_test)
     base = model.per_example_losses(features, labels)
     groups = tuple(np.unique(np.asarray(g, dtype=np.int64).reshape(-1)) for g in groups)
-    actual = np.empty((len(groups), features.shape[0]))
-    iterations = np.empty(len(groups), dtype=np.int64)
-    norms = np.empty(len(groups))
     n = model.n_train_
-    for i, group in enumerate(groups):
+    for group in groups:
         if group.size and (group.min() < 0 or group.max() >= n):
             raise InfluenceExplorerError(f"Training indices must be in [0, {n}); got {group}.")
+    count = len(groups)
+    actual = np.empty((count, features.shape[0]))
+    iterations = np.zeros(count, dtype=np.int64)
+    norms = np.full(count, np.inf)
+    together = np.zeros(count, dtype=bool)
+    if batched and getattr(model, "supports_batched_refit", False) and count:
+        solved = model.refit_without(
+            groups,
+            tol=tol,
+            preconditioner=preconditioner,
+            progress=None if progress is None else (lambda done: progress(done, count)),
+        )
+        together = solved.converged.copy()
+        iterations[together] = solved.iterations[together]
+        norms[together] = solved.gradient_norms[together]
+        d, c = features.shape[1], model.n_outputs_
+        for i in np.flatnonzero(together):
+            # The same expression as per_example_losses of a refitted model.
+            scores = features @ solved.parameters[i].reshape(d, c)
+            actual[i] = (model.loss_.value(scores, labels) - base).numpy()
+    done = int(together.sum())
+    for i in np.flatnonzero(~together):
         weights = model.sample_weight_.clone()
-        weights[torch.as_tensor(group)] = 0.0
+        weights[torch.as_tensor(groups[i])] = 0.0
         refitted = model.refit(sample_weight=weights, tol=tol, preconditioner=preconditioner)
         actual[i] = (refitted.per_example_losses(features, labels) - base).numpy()
         iterations[i] = refitted.fit_info_.iterations
         norms[i] = refitted.fit_info_.gradient_norm
+        done += 1
         if progress is not None:
-            progress(i + 1, len(groups))
+            progress(done, count)
     return RetrainResult(
         groups=groups,
         actual=actual,
@@ -102,6 +137,7 @@ def retrain_without(
         iterations=iterations,
         gradient_norms=norms,
         seconds=time.perf_counter() - start,
+        batched=together,
     )
 
 
@@ -200,12 +236,15 @@ def verify(
     k: int = 50,
     select_by: Estimate | None = None,
     progress: Progress | None = None,
+    batched: bool = True,
 ) -> list[Verification]:
     """Check influence against leave-one-out retraining for the top k points of each test point.
 
     The points are the k largest by |score| under ``select_by`` (default: the engine's default
     estimate); every estimate the engine offers is compared on the same retrained points. Each
-    point is retrained once even if several test points share it.
+    point is retrained once even if several test points share it. ``batched``: as
+    :func:`retrain_without` (False retrains one at a time, e.g. to compare with the sharded
+    engine, whose retrains are such refits).
 
     Returns:
         One :class:`Verification` per test point.
@@ -221,7 +260,13 @@ def verify(
     chosen = [top_k_by_magnitude(row, k) for row in scores[select_by]]
     union = np.unique(np.concatenate(chosen))
     retrained = loo_retrain(
-        model, union, X_test, y_test, progress=progress, preconditioner=engine.preconditioner
+        model,
+        union,
+        X_test,
+        y_test,
+        progress=progress,
+        preconditioner=engine.preconditioner,
+        batched=batched,
     )
     position = {int(j): i for i, j in enumerate(union)}
     results = []

@@ -73,6 +73,10 @@ class ShardedLinearModel(LinearModel):
     data_: ShardedData
     inputs_: ShardedData
 
+    # The batched refit (LinearModel.refit_without) works on the features in this process; on
+    # shards each retrain is its own fit (ShardedInfluenceEngine.loo_retrain maps them to tasks).
+    supports_batched_refit = False
+
     # ------------------------------------------------------------------ subclass hook
     def _sharded_feature_map(self, data: ShardedData) -> ShardedData:
         """Set up the feature map from the training inputs; return the feature shards."""

@@ -328,7 +328,7 @@ def test_worker_killed_mid_job_is_recovered(cluster):
             os.kill(pid, signal.SIGKILL)
             killed.set()
 
-    expected = verify(reference, X_test[:2], y_test[:2], k=6)
+    expected = verify(reference, X_test[:2], y_test[:2], k=6, batched=False)  # one refit each
     found = sharded.verify(X_test[:2], y_test[:2], k=6, progress=progress, mode="tasks")
     assert killed.is_set() and progress_seen[0][0] < progress_seen[0][1]
     for a, b in zip(found, expected, strict=True):

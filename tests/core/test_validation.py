@@ -72,12 +72,19 @@ def test_loo_progress_and_each_point_retrained_once(make_logreg_problem, monkeyp
     model = LogisticRegression(l2=1e-2).fit(problem.X, problem.y)
     calls = []
     original = LogisticRegression.refit
+    original_batch = LogisticRegression.refit_without
 
     def counting_refit(self, **kwargs):
         calls.append(1)
         return original(self, **kwargs)
 
+    def counting_batch(self, groups, **kwargs):
+        calls.extend([1] * len(groups))
+        return original_batch(self, groups, **kwargs)
+
+    # Retrains are solved together (refit_without), one at a time only where that fails.
     monkeypatch.setattr(LogisticRegression, "refit", counting_refit)
+    monkeypatch.setattr(LogisticRegression, "refit_without", counting_batch)
     seen = []
     results = verify(
         InfluenceEngine(model),

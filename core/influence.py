@@ -205,6 +205,28 @@ class TwiceDifferentiable(Protocol):
     def training_gradient_products(self, vectors: torch.Tensor) -> torch.Tensor: ...
 
 
+def block_quadratic_forms(features: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """Q_j[a, b] = φ_jᵀ S_ab φ_j for every training point, from S's d x d blocks.
+
+    Args:
+        features: (n, d) training features φ_j.
+        blocks: (d, C, d, C) a symmetric p x p matrix S viewed as blocks (θ[k·C + c] = W[k, c]).
+
+    Returns:
+        (n, C, C) symmetric: one batch of quadratic forms per pair a <= b, each over the lower
+        triangle of S_ab's symmetric part (:func:`core.linalg.quadratic_forms`).
+    """
+    n, c = features.shape[0], blocks.shape[1]
+    out = torch.empty(n, c, c, dtype=DTYPE)
+    for a in range(c):
+        for b in range(a, c):
+            block = blocks[:, a, :, b]
+            forms = quadratic_forms(features, 0.5 * (block + block.T))
+            out[:, a, b] = forms
+            out[:, b, a] = forms
+    return out
+
+
 @runtime_checkable
 class ExampleCurvature(Protocol):
     """Objectives whose per-example derivatives factor through fixed features φ (n, d):
@@ -538,20 +560,13 @@ class ExactSolver(InverseHVPSolver):
         p = d * c
         with self.stages.stage("inverse Hessian from L", 2 * p**3 / 3, 2 * 8 * p * p):
             blocks = cholesky_inverse(self.cholesky).view(d, c, d, c)
-        out = torch.empty(n, c, c, dtype=DTYPE)
         pairs = c * (c + 1) // 2
         with self.stages.stage(
             "quadratic forms from the inverse's blocks",
             pairs * n * d * d * (1 + min(STRIP, d) / d),
             8 * pairs * (d * d + n * d),
         ):
-            for a in range(c):
-                for b in range(a, c):
-                    block = blocks[:, a, :, b]
-                    forms = quadratic_forms(features, 0.5 * (block + block.T))
-                    out[:, a, b] = forms
-                    out[:, b, a] = forms
-        return out
+            return block_quadratic_forms(features, blocks)
 
     def _dual_quadratic_forms(self) -> torch.Tensor:
         dual = self._dual
@@ -977,15 +992,7 @@ class InfluenceEngine:
         c = self.model.n_outputs_
         if d <= n:
             inverse = self._inverse_hessian(chunk)
-            blocks = inverse.view(d, c, d, c)
-            out = torch.empty(n, c, c, dtype=DTYPE)
-            for a in range(c):
-                for b in range(a, c):
-                    block = blocks[:, a, :, b]
-                    forms = quadratic_forms(features, 0.5 * (block + block.T))
-                    out[:, a, b] = forms
-                    out[:, b, a] = forms
-            return out
+            return block_quadratic_forms(features, inverse.view(d, c, d, c))
         eye = torch.eye(c, dtype=DTYPE)
         out = torch.empty(n, c, c, dtype=DTYPE)
         for start in range(0, n, chunk):

@@ -268,19 +268,45 @@ def verify(
         preconditioner=engine.preconditioner,
         batched=batched,
     )
+    return verifications(
+        chosen,
+        union,
+        retrained,
+        lambda t, indices, rows: {e: scores[e][t, indices] for e in engine.estimates},
+        select_by,
+    )
+
+
+def verifications(
+    chosen: list[np.ndarray],
+    union: np.ndarray,
+    retrained: RetrainResult,
+    predicted: Callable[[int, np.ndarray, np.ndarray], dict[str, np.ndarray]],
+    select_by: str,
+) -> list[Verification]:
+    """One Verification per test point from retrainings of the union of their top k.
+
+    Args:
+        chosen: per test point t, the k training indices it verifies.
+        union: the sorted distinct indices retrained (``retrained.actual`` rows in this order).
+        retrained: the leave-one-out result over ``union`` (actual changes (len(union), m)).
+        predicted: (t, indices, rows) -> estimate name -> the k predicted changes, where
+            ``rows`` are the positions of ``indices`` in ``union``.
+        select_by: the estimate the top k was chosen by.
+    """
     position = {int(j): i for i, j in enumerate(union)}
     results = []
     for t, indices in enumerate(chosen):
         rows = np.array([position[int(j)] for j in indices])
         actual = retrained.actual[rows, t]
-        predicted = {e: scores[e][t, indices] for e in engine.estimates}
+        by_estimate = predicted(t, indices, rows)
         results.append(
             Verification(
                 test_position=t,
                 train_indices=indices,
-                predicted=predicted,
+                predicted=by_estimate,
                 actual=actual,
-                agreement={e: agreement(predicted[e], actual) for e in engine.estimates},
+                agreement={e: agreement(v, actual) for e, v in by_estimate.items()},
                 selected_by=select_by,
                 seconds=retrained.seconds,
                 converged=retrained.converged,
@@ -297,5 +323,6 @@ __all__ = [
     "agreement",
     "loo_retrain",
     "retrain_without",
+    "verifications",
     "verify",
 ]

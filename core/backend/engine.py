@@ -51,7 +51,7 @@ from core.influence import (
 )
 from core.linalg import cholesky_solve
 from core.models import as_float64, as_labels
-from core.validation import RETRAIN_TOL, RetrainResult, Verification, agreement
+from core.validation import RETRAIN_TOL, RetrainResult, Verification, verifications
 
 Progress = Callable[[int, int], None]
 
@@ -592,25 +592,13 @@ class ShardedInfluenceEngine(InfluenceEngine):
         queries = self._queries(X_test, labels, self.estimates)
         predicted_all = {e: self._scores_at(queries[e], union, e) for e in self.estimates}
         retrained = self.loo_retrain(union, X_test, labels, progress=progress, mode=mode)
-        position = {int(j): i for i, j in enumerate(union)}
-        results = []
-        for t, indices in enumerate(chosen):
-            rows = np.array([position[int(j)] for j in indices])
-            actual = retrained.actual[rows, t]
-            predicted = {e: predicted_all[e][t, rows] for e in self.estimates}
-            results.append(
-                Verification(
-                    test_position=t,
-                    train_indices=indices,
-                    predicted=predicted,
-                    actual=actual,
-                    agreement={e: agreement(predicted[e], actual) for e in self.estimates},
-                    selected_by=select_by,
-                    seconds=retrained.seconds,
-                    converged=retrained.converged,
-                )
-            )
-        return results
+        return verifications(
+            chosen,
+            union,
+            retrained,
+            lambda t, indices, rows: {e: predicted_all[e][t, rows] for e in self.estimates},
+            select_by,
+        )
 
 
 def _retrain_one(

@@ -6,11 +6,10 @@ import streamlit as st
 
 from dashboard.components.figures import loss_history, plotly_config
 from dashboard.components.images import upscale
-from dashboard.components.runs import remembered_or_run
+from dashboard.components.runs import remembered_or_run, retraining_test_image
 from dashboard.services import (
     InfluenceExplorerError,
     engines,
-    explanations,
     facts,
     links,
     measured,
@@ -83,19 +82,12 @@ with image_col:
             "confident correctly classified test image (where an attack can succeed).",
         )
     )
-    if query.current_query(explainer).upload is not None:
-        st.caption(
-            "Explain is showing your upload. This page retrains against a labelled test image, "
-            "so it uses one of the test images."
-        )
-    prediction = facts.test_prediction(explainer, model_key, test_index)
-    true_name = facts.test_label_name(explainer, test_index)
-    st.image(upscale(facts.test_image(explainer, test_index), 112), width=112)
-    probability = explanations.probability_text(explainer, model_key, prediction.probability)
-    st.caption(
-        f"True label **{true_name}**; the {labels[model_key]} predicts "
-        f"**{prediction.label_name}** ({probability}). The attack raises the loss of the "
-        "predicted label."
+    prediction, true_name = retraining_test_image(
+        explainer,
+        model_key,
+        test_index,
+        labels[model_key],
+        "The attack raises the loss of the predicted label.",
     )
     if prediction.label_name != true_name:
         st.caption(

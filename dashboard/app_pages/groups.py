@@ -12,9 +12,8 @@ from dashboard.components.figures import (
     plotly_config,
     ratio_by_group_size,
 )
-from dashboard.components.images import upscale
-from dashboard.components.runs import remembered_or_run
-from dashboard.services import InfluenceExplorerError, engines, explanations, facts, links, query
+from dashboard.components.runs import remembered_or_run, retraining_test_image
+from dashboard.services import InfluenceExplorerError, engines, facts, links
 from dashboard.services import experiments as ex
 from dashboard.services.settings import current_settings
 from dashboard.services.widgets import forget_out_of_range, forget_unless_among, initial_value
@@ -69,19 +68,12 @@ with image_col:
             "model gets wrong (a mistake has a large loss, so group effects are easy to see).",
         )
     )
-    if query.current_query(explainer).upload is not None:
-        st.caption(
-            "Explain is showing your upload. This page retrains against a labelled test image, "
-            "so it uses one of the test images."
-        )
-    prediction = facts.test_prediction(explainer, model_key, test_index)
-    true_name = facts.test_label_name(explainer, test_index)
-    st.image(upscale(facts.test_image(explainer, test_index), 112), width=112)
-    st.caption(
-        f"True label **{true_name}**; the {labels[model_key]} predicts "
-        f"**{prediction.label_name}** "
-        f"({explanations.probability_text(explainer, model_key, prediction.probability)}). The "
-        "loss explained is that of the true label."
+    retraining_test_image(
+        explainer,
+        model_key,
+        test_index,
+        labels[model_key],
+        "The loss explained is that of the true label.",
     )
 
 with settings_col:

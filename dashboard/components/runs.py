@@ -1,4 +1,5 @@
-"""The button-run-remember flow of the pages that run an experiment (Groups, Data cleaning, Attack).
+"""The button-run-remember flow of the pages that run an experiment (Groups, Data cleaning, Attack),
+and the labelled test image those that retrain against one show.
 
 Each shows the result remembered for its settings, or a button that runs it; a domain error
 appears as the dashboard's message (with the control that fixes it) and the page goes on.
@@ -11,7 +12,8 @@ from typing import Any, TypeVar
 
 import streamlit as st
 
-from dashboard.services import InfluenceExplorerError
+from dashboard.components.images import upscale
+from dashboard.services import InfluenceExplorerError, explanations, facts, query
 from dashboard.services.engines import error_message
 from dashboard.services.runs import SessionRuns
 from dashboard.services.settings import Settings
@@ -65,3 +67,36 @@ def remembered_or_run(
             st.info(f"Not run yet for these settings. {idle}")
         st.stop()
     return result
+
+
+def retraining_test_image(
+    explainer: Any, model_key: str, test_index: int, model_label: str, loss_sentence: str
+) -> tuple[Any, str]:
+    """Show the labelled test image a page retrains against, with its true and predicted labels.
+
+    Says so when Explain is showing an upload (these pages need a labelled test image).
+
+    Args:
+        explainer: the session's explainer.
+        model_key: the model whose prediction is shown.
+        test_index: the test image.
+        model_label: the model's display name.
+        loss_sentence: what loss the page explains, appended to the caption.
+
+    Returns:
+        The model's prediction (``facts.test_prediction``) and the true label's name.
+    """
+    if query.current_query(explainer).upload is not None:
+        st.caption(
+            "Explain is showing your upload. This page retrains against a labelled test image, "
+            "so it uses one of the test images."
+        )
+    prediction = facts.test_prediction(explainer, model_key, test_index)
+    true_name = facts.test_label_name(explainer, test_index)
+    st.image(upscale(facts.test_image(explainer, test_index), 112), width=112)
+    probability = explanations.probability_text(explainer, model_key, prediction.probability)
+    st.caption(
+        f"True label **{true_name}**; the {model_label} predicts "
+        f"**{prediction.label_name}** ({probability}). {loss_sentence}"
+    )
+    return prediction, true_name

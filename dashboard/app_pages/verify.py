@@ -198,7 +198,12 @@ earlier = explanations.verified_queries(settings)
 if earlier:
     st.caption(
         "Verified in this session: "
-        + ", ".join(f"{title} (k = {n})" for title, n in earlier)
+        + ", ".join(
+            f"{title} (k = {n}, read back from an earlier run)"
+            if read_back
+            else f"{title} (k = {n})"
+            for title, n, read_back in earlier
+        )
         + ". Results are kept on this server by content, so this page's link shows them to "
         "anyone who opens it, without retraining."
     )

@@ -356,15 +356,19 @@ def verified_earlier(settings: Settings, query: Query, k: int) -> bool:
     return run in st.session_state.get(_FROM_SERVER, ())
 
 
-def verified_queries(settings: Settings) -> list[tuple[str, int]]:
-    """(what, k) verified in this session for the current engine, oldest first."""
+def verified_queries(settings: Settings) -> list[tuple[str, int, bool]]:
+    """(what, k, read back) for the verifications this session has seen on the current engine,
+    oldest first; ``read back`` when it was kept on the server from an earlier run (this or
+    another session's) rather than run here."""
     out = []
     engine = settings.engine
+    from_server = st.session_state.get(_FROM_SERVER, ())
     for run in _VERIFICATIONS.remembered_keys():
         if run.engine != engine:
             continue
         kind, _, value = run.query_key.partition(":")
-        out.append((f"test image #{value}" if kind == "test" else f"upload {value[:8]}", run.k))
+        what = f"test image #{value}" if kind == "test" else f"upload {value[:8]}"
+        out.append((what, run.k, run in from_server))
     return out
 
 

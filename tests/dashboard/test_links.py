@@ -170,9 +170,12 @@ def test_a_verification_is_kept_on_the_server_for_whoever_opens_the_view_next(
     at.button(key="verify_run").click().run()
     _no_errors(at)
     assert len(at.get("plotly_chart")) == 1
-    # Another session (a colleague following the link) is shown it without retraining.
+    assert "Verified in this session: test image #0 (k = 4)." in _texts(at)
+    # Another session (a colleague following the link) is shown it without retraining, and told
+    # it was not run there.
     other = make_app().run()
     other.switch_page("app_pages/verify.py").run()
     other.number_input(key="verify_k").set_value(4).run()
     _no_errors(other)
     assert len(other.get("plotly_chart")) == 1
+    assert "test image #0 (k = 4, read back from an earlier run)" in _texts(other)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
+import core.influence
 from core import explainer as explainer_module
 from core.features import EfficientNetLite0Featurizer
 from core.influence import InfluenceEngine, SolverConfig
@@ -49,6 +50,11 @@ def test_a_hessian_that_is_not_positive_definite_names_the_damping_that_fixes_it
         return hessian
 
     monkeypatch.setattr(LogisticRegression, "hessian", indefinite)
+    # The exact solver would otherwise take the dual form here (1000 images < 1280 features),
+    # which never forms H; an indefinite Hessian is the primal form's case.
+    monkeypatch.setattr(
+        core.influence, "_dual_refusal", lambda model, damping: "an indefinite Hessian (test)"
+    )
     at = make_app().run()
     assert not at.exception
     (message,) = _errors(at)

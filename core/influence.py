@@ -1041,7 +1041,12 @@ class InfluenceEngine:
 
     # ----------------------------------------------------------------- quantities
     def influence_scores(
-        self, X_test: Any, y_test: Any, *, estimate: Estimate | None = None
+        self,
+        X_test: Any,
+        y_test: Any,
+        *,
+        estimate: Estimate | None = None,
+        features: torch.Tensor | None = None,
     ) -> np.ndarray:
         """Influence of every training point on each test point's loss.
 
@@ -1053,14 +1058,20 @@ class InfluenceEngine:
             y_test: (m,) labels whose loss is explained (usually the predicted or true label).
             estimate: one of :attr:`estimates`; ``None`` is :attr:`default_estimate` ("margin"
                 for models with :class:`ExampleCurvature`, else "first_order").
+            features: as :meth:`score_estimates`.
         Returns:
             (m, n_train) scores in units of test loss.
         """
         estimate = self.default_estimate if estimate is None else estimate
-        return self.score_estimates(X_test, y_test, (estimate,))[estimate]
+        return self.score_estimates(X_test, y_test, (estimate,), features=features)[estimate]
 
     def score_estimates(
-        self, X_test: Any, y_test: Any, estimates: tuple[str, ...] | None = None
+        self,
+        X_test: Any,
+        y_test: Any,
+        estimates: tuple[str, ...] | None = None,
+        *,
+        features: torch.Tensor | None = None,
     ) -> dict[str, np.ndarray]:
         """Several estimates of the same scores at once, sharing the inverse-Hessian solves.
 
@@ -1070,6 +1081,9 @@ class InfluenceEngine:
         Args:
             X_test: (m, D) test inputs; y_test: (m,) labels whose loss is explained.
             estimates: which (default: all of :attr:`estimates`).
+            features: ``model.transform(X_test)`` (m, d) when the caller has it already, so it
+                is not formed again (for the exact kernel SVM a triangular solve with the n x n
+                factor); only models with :class:`ExampleCurvature` use it.
         Returns:
             estimate -> (m, n_train) scores.
         """
@@ -1080,7 +1094,7 @@ class InfluenceEngine:
             s_test = self.inverse_hvp_test(X_test, y_test)
             return {e: self.scores_from_stest(s_test, estimate=e) for e in estimates}
         model = self.model
-        features = model.transform(X_test)
+        features = model.transform(X_test) if features is None else as_float64(features)
         labels = as_labels(y_test).reshape(-1)
         outputs = model.scores(features)
         # ∇ℓ(z_test) = φ_test ⊗ ∂ℓ/∂s: the linear estimates' s_test is this combination of the

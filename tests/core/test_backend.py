@@ -313,8 +313,10 @@ def test_every_estimate_on_shards_equals_in_process(kind, n_classes):
     assert sharded.default_estimate == "margin"
     expected = local.score_estimates(X_test, y_test)
     found = sharded.score_estimates(X_test, y_test)
+    given = sharded.score_estimates(X_test, y_test, features=reference.transform(X_test))
     for estimate in local.estimates:
         _assert_within(found[estimate], expected[estimate], 1e-10, estimate)
+        _assert_within(given[estimate], expected[estimate], 1e-10, f"{estimate}, features given")
         alone = sharded.influence_scores(X_test, y_test, estimate=estimate)
         _assert_within(alone, expected[estimate], 1e-10, f"{estimate} alone")
         _assert_within(

@@ -1375,11 +1375,11 @@ def exact_pixel_distances(
     PIXEL_STEP² ‖x_j - x‖² is then the integer Σ (k_j - k)². It comes from the expansion
     ‖x_j‖² + ‖x‖² - 2 x_jᵀx, one product with the training pixels (no n x D temporary), whose
     rounding error is at most (D + 2)·ε·(‖x_j‖² + ‖x‖²) (the dot product's bound; doubled here
-    for the pixels' own rounding), at most 1.5e-11·D² of that integer unit (3e-6 for 28 x 28
-    images, 1e-3 for 64 x 64 RGB), so rounding to the nearest integer restores it exactly,
-    exact zeros for duplicates included, and the distance is its square root over PIXEL_STEP.
-    Where the bound reaches half a unit (images of more than about 180,000 values) every row is
-    formed directly, ‖x_j - x‖, a block of rows at a time.
+    for the pixels' own rounding), with pixels in [-1, 1] at most 1.5e-11·D² of that integer
+    unit (1e-5 for 28 x 28 images, 2e-3 for 64 x 64 RGB), so rounding to the nearest integer
+    restores it exactly, exact zeros for duplicates included, and the distance is its square
+    root over PIXEL_STEP. Where the bound reaches half a unit (images of more than about 180,000
+    values) every row is formed directly, ‖x_j - x‖, a block of rows at a time.
 
     Args:
         train: (n, D) training pixels; train_sq: (n,) their squared norms
@@ -1387,11 +1387,12 @@ def exact_pixel_distances(
     Returns:
         (n,).
     """
-    query_sq = float(query @ query)
-    eps = torch.finfo(train.dtype).eps
+    size = train.shape[1]
     units = PIXEL_STEP**2
-    bound = 2 * (train.shape[1] + 2) * eps * (float(train_sq.max()) + query_sq) * units
+    # ‖x‖² <= D for pixels in [-1, 1].
+    bound = 2 * (size + 2) * torch.finfo(train.dtype).eps * (2 * size) * units
     if bound < 0.5:
+        query_sq = float(query @ query)
         squared = (train_sq + query_sq).sub_(train @ query, alpha=2.0)
         steps = squared.mul_(units).round_().clamp_min_(0.0).numpy()
         # numpy's division, correctly rounded (torch divides by a scalar through its reciprocal).

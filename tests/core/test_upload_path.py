@@ -143,9 +143,9 @@ def test_pixel_distances_are_the_direct_formulas_at_every_image_size(shape):
     rng = np.random.default_rng(0)
     size = int(np.prod(shape))
     intensities = rng.integers(0, 256, size=(300 if size < 20_000 else 12, size))
-    intensities[5, :] = 0  # the query, at the largest norm (as is row 10), to reach the bound
+    intensities[5, :] = 0  # the query, black, and the farthest image from it
     intensities[7] = intensities[5]  # a duplicate
-    intensities[10, :] = 255
+    intensities[10, :] = 255  # white
     query_intensities = intensities[5].copy()
     train = torch.as_tensor(intensities / PIXEL_STEP - 1.0)
     query = torch.as_tensor(query_intensities / PIXEL_STEP - 1.0)

@@ -29,6 +29,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from core import linalg
 from core.backend import explainer as backend
 from core.budget import ModelShape, WorkEstimate, preparation_estimate
 from core.data import Dataset
@@ -48,6 +49,7 @@ from core.features import (
     get_featurizer,
 )
 from core.influence import Estimate, InfluenceEngine, SolverConfig, top_k
+from core.linalg import StageLog
 from core.models import (
     DEFAULT_GAMMA,
     GAMMA_RULES,
@@ -93,6 +95,13 @@ ALL_CLASSES: tuple[str] = ("all",)
 
 #: Below this many training images in a class, prepare() warns that scores mean little there.
 MIN_TRAIN_PER_CLASS = 5
+
+#: :class:`~core.features.PixelFeaturizer` maps an intensity k to k / PIXEL_STEP - 1, so
+#: PIXEL_STEP² times a squared pixel distance is an integer (see :meth:`Explainer.pixel_distances`).
+PIXEL_STEP = 127.5
+
+#: Training rows per block where a pass over the training pixels needs a temporary.
+ROWS_PER_BLOCK = 4096
 
 
 def default_classes(dataset: Dataset) -> tuple[int, int]:
@@ -359,6 +368,8 @@ class Explanation:
         true_label, true_label_name: ``None`` for an upload.
         models: key -> :class:`ModelExplanation`.
         seconds: time taken.
+        stages: where that time went, one :class:`~core.linalg.StageCost` per step in order
+            (FLOPs and least bytes moved where they are known, else NaN).
     """
 
     image: np.ndarray
@@ -367,6 +378,7 @@ class Explanation:
     true_label_name: str | None
     models: dict[str, ModelExplanation]
     seconds: float
+    stages: tuple[linalg.StageCost, ...] = ()
 
     @property
     def warnings(self) -> tuple[str, ...]:
@@ -726,6 +738,7 @@ class Explainer:
         features_test = self._backbone_features("test")
         self._pixels_train = torch.as_tensor(pixels_train, dtype=torch.float64)
         self._pixels_test = torch.as_tensor(pixels_test, dtype=torch.float64)
+        self._pixels_train_sq = squared_norms(self._pixels_train)  # for pixel_distances
 
         svm = self._fit_svm(pixels_train)
         logreg, curve = self._fit_logreg(features_train)
@@ -1072,9 +1085,10 @@ class Explainer:
         return image
 
     def _query(
-        self, test_index: int | None, image: np.ndarray | None
+        self, test_index: int | None, image: np.ndarray | None, stages: StageLog | None = None
     ) -> tuple[np.ndarray, int | None, dict[str, torch.Tensor]]:
-        """The image, its true label (if a test image) and each model's input for it."""
+        """The image, its true label (if a test image) and each model's input for it (each
+        featurizer's pass timed into ``stages`` if given)."""
         self._require_prepared()
         if (test_index is None) == (image is None):
             raise InfluenceExplorerError("Give exactly one of test_index or image.")
@@ -1089,19 +1103,20 @@ class Explainer:
             }
             return self.dataset.test_images[index], int(self.test_labels[index]), inputs
         image = self._check_image(image)
-        inputs = {
-            key: fitted.inputs(image[None], "the uploaded image")
-            for key, fitted in self.models.items()
-        }
+        stages = StageLog() if stages is None else stages
+        inputs = {}
+        for key, fitted in self.models.items():
+            with stages.stage(
+                f"{fitted.short_label}: {fitted.featurizer.label} of the upload", *_NA
+            ):
+                inputs[key] = fitted.inputs(image[None], "the uploaded image")
         return image, None, inputs
 
     def pixel_distances(
         self, *, test_index: int | None = None, image: np.ndarray | None = None
     ) -> np.ndarray:
-        """Euclidean distance from the query to every training image, pixels scaled to [-1, 1].
-
-        Returns: (n_train,).
-        """
+        """Euclidean distance from the query to every training image, pixels scaled to [-1, 1],
+        exactly (:func:`exact_pixel_distances`). Returns: (n_train,)."""
         self._require_prepared()
         if test_index is not None:
             query = self._pixels_test[int(test_index)]
@@ -1109,11 +1124,18 @@ class Explainer:
             query = torch.as_tensor(
                 self.pixels.transform(self._check_image(image)[None])[0], dtype=torch.float64
             )
-        return torch.linalg.norm(self._pixels_train - query, dim=1).numpy()
+        return exact_pixel_distances(self._pixels_train, self._pixels_train_sq, query)
 
     def _target(
-        self, key: str, true_label: int | None, inputs: torch.Tensor, target: Target
+        self,
+        key: str,
+        true_label: int | None,
+        inputs: torch.Tensor,
+        target: Target,
+        prediction: int | None = None,
     ) -> int:
+        """The label whose loss is explained; ``prediction`` is the model's on ``inputs`` if
+        the caller has it."""
         if target not in ("auto", "true", "predicted"):
             raise InfluenceExplorerError("target must be 'auto', 'true' or 'predicted'.")
         if target == "true" or (target == "auto" and true_label is not None):
@@ -1122,6 +1144,8 @@ class Explainer:
                     "An uploaded image has no true label; use target='predicted'."
                 )
             return true_label
+        if prediction is not None:
+            return prediction
         return int(self.models[key].model.predict(inputs)[0])
 
     def explain(
@@ -1145,21 +1169,48 @@ class Explainer:
                 model's own prediction), or "auto" (true label when known, else predicted).
         """
         start = time.perf_counter()
-        query_image, true_label, inputs = self._query(test_index, image)
-        pixel_distances = self.pixel_distances(
-            test_index=test_index, image=None if test_index is not None else query_image
-        )
+        stages = StageLog()
+        query_image, true_label, inputs = self._query(test_index, image, stages)
+        n, pixels = self.n_train, self._pixels_train.shape[1]
+        with stages.stage(
+            "pixel distances to every training image", 2 * n * pixels, 8 * n * pixels
+        ):
+            pixel_distances = self.pixel_distances(
+                test_index=test_index, image=None if test_index is not None else query_image
+            )
         models = {}
         for key, fitted in self.models.items():
             model, engine = fitted.model, fitted.engine
-            label = self._target(key, true_label, inputs[key], target)
+            name = fitted.short_label
+            # The model's features of the query, once: everything below starts from them (for
+            # the exact kernel SVM each transform is a triangular solve with the n x n factor).
+            with stages.stage(f"{name}: model features and outputs", *_NA):
+                query_features = model.transform(inputs[key])
+                outputs = model.scores(query_features)
+            prediction = int(model.predict_from_scores(outputs)[0])
+            label = self._target(key, true_label, inputs[key], target, prediction)
             used = engine.default_estimate if estimate is None else estimate
-            scores = engine.influence_scores(inputs[key], [label], estimate=used)[0]
+            d, c = query_features.shape[1], model.n_outputs_
+            with stages.stage(
+                f"{name}: influence of every training image ({used})",
+                2 * n * d * c,
+                8 * n * d,
+            ):
+                scores = engine.influence_scores(
+                    inputs[key], [label], estimate=used, features=query_features
+                )[0]
             _check_finite_scores(scores, fitted.label)
-            probabilities = model.predict_proba(inputs[key])[0]
-            query_features = model.transform(inputs[key])
-            feature_distances = backend.feature_distances(model, query_features)
-            best = top_k(scores, k)
+            probabilities = model.predict_proba_from_scores(outputs)[0]
+            loss = float(model.per_example_losses(query_features, [label])[0])
+            with stages.stage(
+                f"{name}: feature distances to every training image and familiarity",
+                2 * n * d,
+                8 * n * d,
+            ):
+                neighbourhood = fitted.familiarity.query(query_features)
+            feature_distances = neighbourhood.distances
+            with stages.stage(f"{name}: top {k} helpful and harmful", *_NA):
+                best = top_k(scores, k)
 
             predicted = int(np.argmax(probabilities))
             models[key] = ModelExplanation(
@@ -1170,14 +1221,14 @@ class Explainer:
                 probabilities=probabilities,
                 explained_label=label,
                 explained_label_name=self.class_names[label],
-                loss=float(model.per_example_losses(model.transform(inputs[key]), [label])[0]),
+                loss=loss,
                 estimate=used,
                 scores=scores,
                 pixel_distances=pixel_distances,
                 feature_distances=feature_distances,
                 helpful=self._influential(best.helpful, scores, pixel_distances, feature_distances),
                 harmful=self._influential(best.harmful, scores, pixel_distances, feature_distances),
-                familiarity=fitted.familiarity.check(query_features)[0],
+                familiarity=neighbourhood.familiarity,
             )
         return Explanation(
             image=query_image,
@@ -1186,6 +1237,7 @@ class Explainer:
             true_label_name=None if true_label is None else self.class_names[true_label],
             models=models,
             seconds=time.perf_counter() - start,
+            stages=tuple(stages.entries),
         )
 
     def _influential(
@@ -1308,6 +1360,57 @@ class Explainer:
                 progress=lambda done, total, stage=stage: report(stage, done, total),
             )
         return out
+
+
+#: FLOPs and bytes of a stage that are not counted.
+_NA = (float("nan"), float("nan"))
+
+
+def exact_pixel_distances(
+    train: torch.Tensor, train_sq: torch.Tensor, query: torch.Tensor
+) -> np.ndarray:
+    """‖x_j - x‖ for every row x_j of ``train``, exactly, for pixels of the form k / PIXEL_STEP - 1
+    with integer intensities k (:class:`~core.features.PixelFeaturizer`'s).
+
+    PIXEL_STEP² ‖x_j - x‖² is then the integer Σ (k_j - k)². It comes from the expansion
+    ‖x_j‖² + ‖x‖² - 2 x_jᵀx, one product with the training pixels (no n x D temporary), whose
+    rounding error is at most (D + 2)·ε·(‖x_j‖² + ‖x‖²) (the dot product's bound; doubled here
+    for the pixels' own rounding), with pixels in [-1, 1] at most 1.5e-11·D² of that integer
+    unit (1e-5 for 28 x 28 images, 2e-3 for 64 x 64 RGB), so rounding to the nearest integer
+    restores it exactly, exact zeros for duplicates included, and the distance is its square
+    root over PIXEL_STEP. Where the bound reaches half a unit (images of more than about 180,000
+    values) every row is formed directly, ‖x_j - x‖, a block of rows at a time.
+
+    Args:
+        train: (n, D) training pixels; train_sq: (n,) their squared norms
+            (:func:`squared_norms`); query: (D,).
+    Returns:
+        (n,).
+    """
+    size = train.shape[1]
+    units = PIXEL_STEP**2
+    # ‖x‖² <= D for pixels in [-1, 1].
+    bound = 2 * (size + 2) * torch.finfo(train.dtype).eps * (2 * size) * units
+    if bound < 0.5:
+        query_sq = float(query @ query)
+        squared = (train_sq + query_sq).sub_(train @ query, alpha=2.0)
+        steps = squared.mul_(units).round_().clamp_min_(0.0).numpy()
+        # numpy's division, correctly rounded (torch divides by a scalar through its reciprocal).
+        return np.sqrt(steps) / PIXEL_STEP
+    out = torch.empty(train.shape[0], dtype=train.dtype)
+    for start in range(0, train.shape[0], ROWS_PER_BLOCK):
+        rows = train[start : start + ROWS_PER_BLOCK]
+        out[start : start + ROWS_PER_BLOCK] = torch.linalg.norm(rows - query, dim=1)
+    return out.numpy()
+
+
+def squared_norms(rows: torch.Tensor) -> torch.Tensor:
+    """‖x_j‖² of every row, a block of rows at a time (no n x D temporary). Returns: (n,)."""
+    out = torch.empty(rows.shape[0], dtype=rows.dtype)
+    for start in range(0, rows.shape[0], ROWS_PER_BLOCK):
+        block = rows[start : start + ROWS_PER_BLOCK]
+        out[start : start + ROWS_PER_BLOCK] = (block * block).sum(1)
+    return out
 
 
 def _check_finite_scores(scores: np.ndarray, label: str) -> None:

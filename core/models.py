@@ -802,14 +802,23 @@ class LinearModel:
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities. Returns: (m, n_classes)."""
-        return self._probabilities(self.scores(self.transform(X))).numpy()
+        return self.predict_proba_from_scores(self.scores(self.transform(X)))
+
+    def predict_proba_from_scores(self, scores: torch.Tensor) -> np.ndarray:
+        """:meth:`predict_proba` of the inputs whose raw scores (m, C) :meth:`scores` gave, for a
+        caller that has them already. Returns: (m, n_classes)."""
+        return self._probabilities(scores).numpy()
 
     def predict(self, X: Any) -> np.ndarray:
         """Predicted class indices. Returns: (m,)."""
-        s = self.scores(self.transform(X))
+        return self.predict_from_scores(self.scores(self.transform(X)))
+
+    def predict_from_scores(self, scores: torch.Tensor) -> np.ndarray:
+        """:meth:`predict` of the inputs whose raw scores (m, C) :meth:`scores` gave.
+        Returns: (m,)."""
         if self.n_outputs_ == 1:
-            return (s[:, 0] > 0).to(torch.int64).numpy()
-        return s.argmax(dim=1).numpy()
+            return (scores[:, 0] > 0).to(torch.int64).numpy()
+        return scores.argmax(dim=1).numpy()
 
     def loss(self, X: Any, y: Any) -> np.ndarray:
         """Per-example loss on inputs X. Returns: (m,)."""

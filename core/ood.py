@@ -32,6 +32,11 @@ DEFAULT_NEIGHBOUR = 10
 #: Held-out images the reference distribution uses at most (a seeded sample beyond that).
 MAX_REFERENCE = 2000
 
+#: Largest relative error :meth:`NeighbourDistance.query` allows in a distance computed from
+#: the expansion ‖a‖² + ‖b‖² - 2aᵀb; rows where cancellation could exceed it are recomputed as
+#: ‖a - b‖ directly.
+DISTANCE_RTOL = 1e-8
+
 
 @dataclass(frozen=True)
 class Familiarity:
@@ -80,6 +85,19 @@ class Familiarity:
         }
 
 
+@dataclass(frozen=True)
+class Neighbourhood:
+    """One point among the training data in a model's feature space.
+
+    Attributes:
+        distances: (n,) Euclidean distance from its features to every training point's.
+        familiarity: its :class:`Familiarity`.
+    """
+
+    distances: np.ndarray
+    familiarity: Familiarity
+
+
 def _nth(k: int) -> str:
     suffix = "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
     return f"{k}{suffix}"
@@ -126,40 +144,72 @@ class NeighbourDistance:
             reference = reference[torch.as_tensor(np.sort(rows))]
         self.reference = np.sort(self.statistics(reference))
 
+    def _squared_distances(self, block: torch.Tensor) -> torch.Tensor:
+        """‖φ_j - x‖² for each row x of ``block`` (b, d) and every training φ_j, by the expansion
+        ‖x‖² + ‖φ_j‖² - 2 xᵀφ_j (one product with the training features), clamped at 0.
+        Returns: (b, n)."""
+        squared = (
+            (block * block).sum(1)[:, None] + self._train_sq[None, :] - 2.0 * block @ self.train.T
+        )
+        return squared.clamp_min(0.0)
+
     def statistics(self, features: Any) -> np.ndarray:
         """Distance to the k-th nearest training feature vector. Returns: (q,)."""
         queries = as_float64(features)
         out = np.empty(queries.shape[0])
         for start in range(0, queries.shape[0], self.chunk):
             block = queries[start : start + self.chunk]
-            squared = (
-                (block * block).sum(1)[:, None]
-                + self._train_sq[None, :]
-                - 2.0 * block @ self.train.T
-            )
-            kth = torch.kthvalue(squared.clamp_min(0.0), self.k, dim=1).values
+            kth = torch.kthvalue(self._squared_distances(block), self.k, dim=1).values
             out[start : start + len(block)] = kth.sqrt().numpy()
         return out
 
+    def query(self, features: Any) -> Neighbourhood:
+        """One point's distance to every training point's features, and its :class:`Familiarity`,
+        from one pass over the training features (what an explanation shows for an image).
+
+        The familiarity is :meth:`check`'s, from the same squared distances. The distances come
+        from the expansion too, whose rounding error is at most about (d + 2)·ε·(‖φ_j‖² + ‖x‖²)
+        (the dot product's bound); on rows where that could exceed :data:`DISTANCE_RTOL` of the
+        squared distance (near-duplicates of the point) they are recomputed as ‖φ_j - x‖, so
+        every distance is within DISTANCE_RTOL / 2 (relative) of the direct formula's.
+
+        Args:
+            features: (1, d) or (d,).
+        """
+        point = as_float64(features).reshape(1, -1)
+        squared = self._squared_distances(point)[0]
+        kth = float(torch.kthvalue(squared, self.k).values.sqrt())
+        d = point.shape[1]
+        bound = (d + 2) * torch.finfo(squared.dtype).eps * (self._train_sq + (point * point).sum())
+        close = torch.nonzero(squared <= bound / DISTANCE_RTOL).flatten()
+        if len(close):
+            squared = squared.clone()
+            squared[close] = (self.train[close] - point).square().sum(1)
+        return Neighbourhood(squared.sqrt().numpy(), self._familiarity(kth))
+
     def check(self, features: Any) -> list[Familiarity]:
         """:class:`Familiarity` of each row of ``features`` (q, d)."""
+        return [self._familiarity(float(value)) for value in self.statistics(features)]
+
+    def _familiarity(self, value: float) -> Familiarity:
         threshold = float(self.reference[-1])
-        results = []
-        for value in self.statistics(features):
-            percentile = 100.0 * np.searchsorted(self.reference, value, side="right")
-            percentile /= len(self.reference)
-            ratio = float(value) / threshold if threshold > 0 else float("inf")
-            results.append(
-                Familiarity(
-                    statistic=float(value),
-                    percentile=float(percentile),
-                    threshold=threshold,
-                    ratio=ratio,
-                    unusual=bool(value > threshold),
-                    k=self.k,
-                )
-            )
-        return results
+        percentile = 100.0 * np.searchsorted(self.reference, value, side="right")
+        percentile /= len(self.reference)
+        ratio = value / threshold if threshold > 0 else float("inf")
+        return Familiarity(
+            statistic=value,
+            percentile=float(percentile),
+            threshold=threshold,
+            ratio=ratio,
+            unusual=bool(value > threshold),
+            k=self.k,
+        )
 
 
-__all__ = ["DEFAULT_NEIGHBOUR", "Familiarity", "NeighbourDistance"]
+__all__ = [
+    "DEFAULT_NEIGHBOUR",
+    "DISTANCE_RTOL",
+    "Familiarity",
+    "NeighbourDistance",
+    "Neighbourhood",
+]

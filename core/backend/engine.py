@@ -220,7 +220,13 @@ class ShardedInfluenceEngine(InfluenceEngine):
         return self._curvature
 
     # ----------------------------------------------------------------- scores
-    def _queries(self, X_test: Any, y_test: Any, estimates: tuple[str, ...]) -> dict[str, Query]:
+    def _queries(
+        self,
+        X_test: Any,
+        y_test: Any,
+        estimates: tuple[str, ...],
+        features: torch.Tensor | None = None,
+    ) -> dict[str, Query]:
         """What the workers need per estimate for these test points, sharing the solves as
         :meth:`core.influence.InfluenceEngine.score_estimates` does: with "margin", the C unit
         output solves per test point, and s_test as their combination by ∂ℓ/∂s; without it,
@@ -231,7 +237,7 @@ class ShardedInfluenceEngine(InfluenceEngine):
             s_test = self.inverse_hvp_test(X_test, labels).numpy()
             return {e: s_test for e in estimates}
         model = self.model
-        features = model.transform(X_test)
+        features = model.transform(X_test) if features is None else as_float64(features)
         outputs = model.scores(features)
         with self.runner.stage("Solving for the test outputs' directions"):
             solves = self._unit_output_solves(features)
@@ -262,14 +268,19 @@ class ShardedInfluenceEngine(InfluenceEngine):
         return np.concatenate(blocks, axis=1)
 
     def score_estimates(
-        self, X_test: Any, y_test: Any, estimates: tuple[str, ...] | None = None
+        self,
+        X_test: Any,
+        y_test: Any,
+        estimates: tuple[str, ...] | None = None,
+        *,
+        features: torch.Tensor | None = None,
     ) -> dict[str, np.ndarray]:
         """Several estimates of the same scores, whole rows formed shard by shard and sharing
-        the solves (see :meth:`core.influence.InfluenceEngine.score_estimates`); for a few test
-        points. Returns: estimate -> (m, n_train)."""
+        the solves (see :meth:`core.influence.InfluenceEngine.score_estimates`, also for
+        ``features``); for a few test points. Returns: estimate -> (m, n_train)."""
         estimates = self.estimates if estimates is None else tuple(estimates)
         estimates = tuple(self._check_estimate(e) for e in estimates)
-        queries = self._queries(X_test, y_test, estimates)
+        queries = self._queries(X_test, y_test, estimates, features)
         return {e: self._score_matrix(queries[e], e) for e in estimates}
 
     def scores_from_stest(

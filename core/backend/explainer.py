@@ -33,7 +33,7 @@ from core.backend.shards import ShardedData, default_n_shards, make_shard
 from core.errors import InfluenceExplorerError
 from core.influence import InfluenceEngine, SolverConfig
 from core.models import LinearModel, LogisticRegression, as_float64
-from core.ood import DEFAULT_NEIGHBOUR, MAX_REFERENCE, NeighbourDistance
+from core.ood import DEFAULT_NEIGHBOUR, MAX_REFERENCE, NeighbourDistance, Neighbourhood
 from core.selection import SelectionConfig
 from core.store import ArtifactStore
 from core.validation import verify
@@ -171,6 +171,16 @@ class ShardedNeighbourDistance(NeighbourDistance):
             )
         merged = np.concatenate(parts, axis=1)
         return np.sqrt(np.partition(merged, self.k - 1, axis=1)[:, self.k - 1])
+
+    def query(self, features: Any) -> Neighbourhood:
+        """:meth:`core.ood.NeighbourDistance.query` over the shards: the distances shard by
+        shard (as ``ShardedLinearModel.training_feature_distances``), the familiarity by
+        :meth:`check`."""
+        point = as_float64(features).reshape(-1).numpy()
+        runner = self.data.runner
+        with runner.stage("Feature distances"):
+            parts = runner.gather(runner.map(kernels.distances, [self.data.shards], point))
+        return Neighbourhood(np.concatenate(parts), self.check(point[None])[0])
 
 
 def neighbour_distance(model: LinearModel, reference_features: Any, *, seed: int) -> Any:

@@ -313,8 +313,10 @@ def test_every_estimate_on_shards_equals_in_process(kind, n_classes):
     assert sharded.default_estimate == "margin"
     expected = local.score_estimates(X_test, y_test)
     found = sharded.score_estimates(X_test, y_test)
+    given = sharded.score_estimates(X_test, y_test, features=reference.transform(X_test))
     for estimate in local.estimates:
         _assert_within(found[estimate], expected[estimate], 1e-10, estimate)
+        _assert_within(given[estimate], expected[estimate], 1e-10, f"{estimate}, features given")
         alone = sharded.influence_scores(X_test, y_test, estimate=estimate)
         _assert_within(alone, expected[estimate], 1e-10, f"{estimate} alone")
         _assert_within(
@@ -463,6 +465,11 @@ def test_neighbour_distance_merged_from_shards_equals_in_process():
     for a, b in zip(found.check(queries), expected.check(queries), strict=True):
         assert a.statistic == pytest.approx(b.statistic, rel=1e-12)
         assert (a.percentile, a.unusual) == (b.percentile, b.unusual)
+    # One query's distances to every training point, and its familiarity, as in-process.
+    near, far = found.query(queries[:1]), expected.query(queries[:1])
+    np.testing.assert_allclose(near.distances, far.distances, rtol=1e-8)
+    assert near.familiarity == found.check(queries[:1])[0]
+    assert near.familiarity.statistic == pytest.approx(far.familiarity.statistic, rel=1e-12)
 
 
 @pytest.mark.parametrize("n_classes", [2, 3])

@@ -22,6 +22,7 @@ from core.influence import (
     LiSSAWarning,
     SolverConfig,
     top_k,
+    top_k_by_magnitude,
 )
 from core.models import KernelSVM, LogisticRegression
 from core.validation import verify
@@ -283,6 +284,30 @@ def test_top_k_orders_and_signs():
     assert list(few.helpful) == [0] and list(few.harmful) == [1]
     with pytest.raises(InfluenceExplorerError, match="k must be"):
         top_k(scores, 0)
+
+
+@pytest.mark.parametrize("kind", ["distinct", "ties", "signed zeros", "infinities", "nan"])
+def test_top_k_lists_are_those_of_a_full_stable_sort(kind):
+    # The partial selection must give exactly the lists a full stable sort gives, ties broken by
+    # the lower training index, for every k.
+    rng = np.random.default_rng(5)
+    n = 257
+    values = {
+        "distinct": rng.normal(size=n),
+        "ties": rng.integers(-3, 4, size=n).astype(float),
+        "signed zeros": np.where(rng.random(n) < 0.5, 0.0, -0.0) + (rng.random(n) < 0.1),
+        "infinities": rng.choice([np.inf, -np.inf, 1.0, 0.0, -2.0], size=n),
+        "nan": np.where(rng.random(n) < 0.1, np.nan, rng.normal(size=n)),
+    }[kind]
+    for k in (1, 2, 7, 64, n - 1, n, n + 3):
+        helpful = np.argsort(-values, kind="stable")[:k]
+        harmful = np.argsort(values, kind="stable")[:k]
+        best = top_k(values, k)
+        np.testing.assert_array_equal(best.helpful, helpful[values[helpful] > 0])
+        np.testing.assert_array_equal(best.harmful, harmful[values[harmful] < 0])
+        np.testing.assert_array_equal(
+            top_k_by_magnitude(values, k), np.argsort(-np.abs(values), kind="stable")[:k]
+        )
 
 
 def test_singular_hessian_asks_for_damping(make_logreg_problem):

@@ -125,3 +125,21 @@ def test_demo_does_not_flag_clothes(demo_explainer):
             for upload in (_png(Image.fromarray(image[..., 0])), _jpeg(image[..., 0], 112)):
                 flags = _flags(demo_explainer, _decoded(demo_explainer, upload))
                 assert not any(flags.values()), (label, flags)
+
+
+def test_query_gives_every_distance_and_the_checks_familiarity():
+    # Features far from the origin (norm ~1e4) and a near-duplicate 1e-3 away, where the
+    # expansion ‖a‖² + ‖b‖² - 2aᵀb cancels to ~1e-8 relative of the terms: those rows must come
+    # out of the direct formula, the rest stay within DISTANCE_RTOL of it.
+    from core.ood import DISTANCE_RTOL
+
+    rng = np.random.default_rng(3)
+    train = 1e4 + rng.normal(size=(400, 16))
+    point = train[7] + 1e-3 * rng.normal(size=16)
+    train[9] = point  # an exact duplicate
+    check = NeighbourDistance(train, 1e4 + rng.normal(size=(50, 16)), k=5, chunk=64)
+    result = check.query(point[None])
+    direct = np.linalg.norm(train - point, axis=1)
+    assert result.distances[9] == 0.0
+    np.testing.assert_allclose(result.distances, direct, rtol=DISTANCE_RTOL / 2, atol=0)
+    assert result.familiarity == check.check(point[None])[0]

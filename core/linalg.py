@@ -222,9 +222,16 @@ class StageCost:
 
 
 class StageLog:
-    """Where the time of a computation went, one :class:`StageCost` per dense step, in order."""
+    """Where the time of a computation went, one :class:`StageCost` per dense step, in order.
 
-    def __init__(self) -> None:
+    A solver keeps its log for as long as it serves queries (a server's lifetime), so only the
+    latest ``limit`` entries are kept.
+    """
+
+    def __init__(self, limit: int = 1024) -> None:
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1; got {limit}.")
+        self.limit = limit
         self.entries: list[StageCost] = []
 
     @contextmanager
@@ -233,6 +240,8 @@ class StageLog:
         start = time.perf_counter()
         yield
         self.entries.append(StageCost(name, time.perf_counter() - start, flops, nbytes))
+        if len(self.entries) > self.limit:
+            del self.entries[: len(self.entries) - self.limit]
 
 
 @dataclass(frozen=True)

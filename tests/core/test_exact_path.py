@@ -229,3 +229,17 @@ def test_linear_algebra_pieces_against_torch():
     broken[29, 3] = float("nan")
     assert cholesky(broken)[1] != 0
     assert cholesky(spd - 1e3 * torch.eye(30, dtype=torch.float64))[1] != 0
+
+
+def test_a_serving_solvers_stage_log_keeps_only_its_latest_entries() -> None:
+    # A server's solver answers queries for its lifetime; its log must not grow with them.
+    generator = torch.Generator().manual_seed(3)
+    X = torch.randn(60, 8, generator=generator, dtype=torch.float64)
+    y = (X[:, 0] > 0).long()
+    engine = InfluenceEngine(LogisticRegression(l2=0.1).fit(X, y))
+    log = engine.solver.stages
+    log.limit = 5
+    for i in range(10):
+        engine.influence_scores(X[i : i + 1], y[i : i + 1])
+    assert len(log.entries) == 5
+    assert all(entry.seconds >= 0 for entry in log.entries)

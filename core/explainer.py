@@ -836,6 +836,7 @@ class Explainer:
                 part=part,
                 progress=lambda done, total, stage=stage: self._progress(stage, done, total),
             )
+            self._progress(stage, len(rows), len(rows))  # also when the cache had them
         # cached_features never returns non-finite values; this guards the assembly above.
         check_finite_features(out, backbone, f"{split} split")
         return out

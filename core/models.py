@@ -638,10 +638,11 @@ class LinearModel:
                 f"{tuple(gram.shape)}."
             )
         self._dual_gram = (features, gram)
-        cross = torch.einsum("ick,jcl->ikjl", factor, factor)
-        small = (gram[:, None, :, None] * cross) * (
-            scale[:, None, None, None] * scale[None, None, :, None]
-        )
+        # (UᵀU)[(i, k), (j, l)] = G_ij Σ_c (s_i B_i)[c, k] (s_j B_j)[c, l]: one product and one
+        # pass over the (n·r)² matrix (cross-validation takes several of these per fit).
+        weighted = factor * scale[:, None, None]
+        small = torch.einsum("ick,jcl->ikjl", weighted, weighted)
+        small.mul_(gram[:, None, :, None])
         small = small.reshape(n * r, n * r)
         if float(small.diagonal().max()) > 1e8 * self.l2:
             return None

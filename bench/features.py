@@ -1,11 +1,13 @@
 """Featurizer throughput on this machine (not part of the test run).
 
 Usage: ``python -m bench.features [--images 1200] [--batch-sizes 4,8,16,64] [--input-sizes 224]
-[--repeats 2] [--backbone efficientnet-lite0]``
+[--heap on|off|both] [--repeats 2] [--backbone efficientnet-lite0]``
 
 Feeds the bundled demo's 28x28 grayscale training images (Fashion-MNIST), which the ImageNet
 backbones upsample to their input size, so the cost is that of full-resolution inference. For every
-batch size and input size (interleaved, ``--repeats`` rounds, so that a change in the machine's
+batch size, input size and way of allocating the activations (``--heap``: from malloc's heap
+while featurising, as the featurizer does, or mapped and unmapped per allocation, glibc's default
+for large ones; see ``core.features._activations_from_the_heap``) (interleaved, ``--repeats`` rounds, so that a change in the machine's
 load hits every setting alike) it prints the wall and CPU time per image, the load average, and
 the largest difference of the features from the first batch size's at the same input size (0 means
 bit-identical).
@@ -34,6 +36,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1200)
     parser.add_argument("--batch-sizes", default="4,8,16,64")
     parser.add_argument("--input-sizes", default="224")
+    parser.add_argument("--heap", choices=("on", "off", "both"), default="on")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--backbone", default="efficientnet-lite0")
     args = parser.parse_args()
@@ -51,33 +54,39 @@ def main() -> None:
         featurizer.transform(images[:2])  # load weights and warm up oneDNN kernels
     warmup = time.perf_counter() - started
 
-    settings = [(size, batch) for size in input_sizes for batch in batch_sizes]
-    walls: dict[tuple[int, int], list[float]] = {s: [] for s in settings}
-    cpus: dict[tuple[int, int], list[float]] = {s: [] for s in settings}
+    heaps = {"on": [True], "off": [False], "both": [True, False]}[args.heap]
+    settings = [(s, b, h) for s in input_sizes for b in batch_sizes for h in heaps]
+    walls: dict[tuple[int, int, bool], list[float]] = {s: [] for s in settings}
+    cpus: dict[tuple[int, int, bool], list[float]] = {s: [] for s in settings}
     loads: list[float] = []
-    differences: dict[tuple[int, int], float] = {}
+    differences: dict[tuple[int, int, bool], float] = {}
     reference: dict[int, np.ndarray] = {}
     for _ in range(args.repeats):
-        for size, batch in settings:
+        for size, batch, heap in settings:
             featurizer = featurizers[size]
+            featurizer.reuses_activations = heap
             loads.append(os.getloadavg()[0])
             cpu, start = time.process_time(), time.perf_counter()
             features = featurizer.transform(images, batch_size=batch)
-            walls[size, batch].append(time.perf_counter() - start)
-            cpus[size, batch].append(time.process_time() - cpu)
+            walls[size, batch, heap].append(time.perf_counter() - start)
+            cpus[size, batch, heap].append(time.process_time() - cpu)
             first = reference.setdefault(size, features)
-            differences[size, batch] = float(np.abs(features - first).max())
+            differences[size, batch, heap] = float(np.abs(features - first).max())
 
     print(f"backbone          {featurizers[input_sizes[0]].label}")
     print(f"torch threads     {torch.get_num_threads()} (cpu count {os.cpu_count()})")
     print(f"load + warm-up    {warmup:.2f} s")
     print(f"images            {len(images)} of 28x28x1 (demo training images)")
     print(f"load average      {min(loads):.2f}-{max(loads):.2f} (1 min) while timing")
-    print("input  batch  wall ms/image (median)  CPU ms/image (median)  max |diff| vs first batch")
-    for size, batch in settings:
-        wall = statistics.median(walls[size, batch]) / len(images) * 1000
-        cpu = statistics.median(cpus[size, batch]) / len(images) * 1000
-        print(f"{size:5d}  {batch:5d}  {wall:21.1f}  {cpu:21.1f}  {differences[size, batch]:.1e}")
+    print("input  batch  heap  wall ms/image (median)  CPU ms/image (median)  max |diff| vs first")
+    for key in settings:
+        size, batch, heap = key
+        wall = statistics.median(walls[key]) / len(images) * 1000
+        cpu = statistics.median(cpus[key]) / len(images) * 1000
+        print(
+            f"{size:5d}  {batch:5d}  {'on ' if heap else 'off'}  {wall:21.1f}  {cpu:21.1f}  "
+            f"{differences[key]:.1e}"
+        )
 
 
 if __name__ == "__main__":

@@ -25,13 +25,17 @@ torch's default intra-op thread count already uses every physical core.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import functools
 import hashlib
 import importlib.util
 import logging
 import os
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +73,62 @@ def numpy_dtype(dtype: torch.dtype) -> np.dtype:
     return torch.empty((), dtype=dtype).numpy().dtype
 
 
+# glibc's mallopt parameters (malloc.h) and the largest values its dynamic thresholds reach
+# on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX, and twice that for trimming).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_DYNAMIC_MMAP_MAX, _DYNAMIC_TRIM_MAX = 32 * 2**20, 64 * 2**20
+_heap_lock = threading.Lock()
+_heap_users = 0
+
+
+@functools.cache
+def _libc() -> Any | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        return None
+    return libc
+
+
+@contextlib.contextmanager
+def _activations_from_the_heap() -> Iterator[None]:
+    """Serve a backbone's large activations from malloc's heap while featurising many images.
+
+    torch allocates each layer's output anew; glibc maps allocations above its threshold (at
+    most 32 MiB) straight from the kernel and unmaps them when freed, so every batch pays page
+    faults (zeroed pages) for every large activation again, and trims the heap it grew. With
+    mapping and trimming off for the duration, freed activations are reused: on the demo's
+    images at 224x224, batches of 8, 2 cores, about 1.3x less time per image (``python -m
+    bench.features --heap both``), the same features. Afterwards the thresholds are set to the
+    values glibc's own dynamic ones reach and the freed memory is returned (``malloc_trim``).
+    glibc only; elsewhere a no-op. Process-wide, so nested and concurrent uses count.
+    """
+    global _heap_users
+    libc = _libc()
+    if libc is None:
+        yield
+        return
+    with _heap_lock:
+        _heap_users += 1
+        if _heap_users == 1:
+            libc.mallopt(_M_MMAP_THRESHOLD, 2**30)
+            libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    try:
+        yield
+    finally:
+        with _heap_lock:
+            _heap_users -= 1
+            if _heap_users == 0:
+                libc.mallopt(_M_TRIM_THRESHOLD, _DYNAMIC_TRIM_MAX)
+                libc.mallopt(_M_MMAP_THRESHOLD, _DYNAMIC_MMAP_MAX)
+                libc.malloc_trim(0)
+
+
 def _file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -99,6 +159,9 @@ class Featurizer(ABC):
     version: str
     dtype: torch.dtype = torch.float32
     batch_size: int = 64
+    #: Whether :meth:`transform` serves large activations from the heap (see
+    #: :func:`_activations_from_the_heap`); measured for EfficientNet-Lite0 only.
+    reuses_activations: bool = False
 
     def output_dim(self, image_shape: Sequence[int]) -> int:
         """Feature dimension for images of shape (H, W, C)."""
@@ -165,8 +228,14 @@ class Featurizer(ABC):
         self._before_transform()
         target = torch.device(device) if device is not None else torch.device("cpu")
         self._move_to(target)
+        # One image (an upload) allocates little; a dataset's batches reuse their activations.
+        heap = (
+            _activations_from_the_heap()
+            if self.reuses_activations and total > batch_size and target.type == "cpu"
+            else contextlib.nullcontext()
+        )
         try:
-            with torch.inference_mode():
+            with heap, torch.inference_mode():
                 for start in range(0, total, batch_size):
                     # torch.tensor copies, so read-only arrays (e.g. from PIL) are fine.
                     batch = torch.tensor(images[start : start + batch_size], dtype=self.dtype)
@@ -432,6 +501,7 @@ class EfficientNetLite0Featurizer(_ImageNetFeaturizer):
     #: of 64 (4 and 16 about as little as 8), with bit-identical features (``python -m
     #: bench.features --batch-sizes 4,8,16,64``; measured at load average 6-8).
     batch_size = 8
+    reuses_activations = True
 
     def __init__(self, weights_path: str | Path | None = None, input_size: int = 224) -> None:
         super().__init__()

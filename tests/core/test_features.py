@@ -132,6 +132,47 @@ def test_lite0_batches_of_its_own_size_by_default(lite0: EfficientNetLite0Featur
     )
 
 
+def test_activations_from_the_heap_change_no_feature_and_are_undone(
+    lite0: EfficientNetLite0Featurizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images = make_images(20, seed=4)
+    assert lite0.reuses_activations
+    calls: list[tuple[int, int]] = []
+    libc = features_module._libc()
+    if libc is not None:  # glibc: record what is set, and set it
+
+        class Recording:
+            def mallopt(self, parameter: int, value: int) -> int:
+                calls.append((parameter, value))
+                return libc.mallopt(parameter, value)
+
+            def malloc_trim(self, pad: int) -> int:
+                calls.append((0, pad))
+                return libc.malloc_trim(pad)
+
+        monkeypatch.setattr(features_module, "_libc", lambda: Recording())
+    from_heap = lite0.transform(images)
+    with monkeypatch.context() as patch:
+        patch.setattr(lite0, "reuses_activations", False)
+        mapped = lite0.transform(images)
+    np.testing.assert_array_equal(from_heap, mapped)
+    assert features_module._heap_users == 0
+    if libc is not None:  # on for the batches, then glibc's dynamic maxima, then trimmed
+        assert calls == [
+            (features_module._M_MMAP_THRESHOLD, 2**30),
+            (features_module._M_TRIM_THRESHOLD, 2**31 - 1),
+            (features_module._M_TRIM_THRESHOLD, 64 * 2**20),
+            (features_module._M_MMAP_THRESHOLD, 32 * 2**20),
+            (0, 0),
+        ]
+    # Nested (two threads featurising at once): undone when the last one ends.
+    with features_module._activations_from_the_heap():
+        with features_module._activations_from_the_heap():
+            assert features_module._heap_users == 2
+        assert features_module._heap_users == 1
+    assert features_module._heap_users == 0
+
+
 def test_lite0_at_another_input_size_is_another_featurizer() -> None:
     default = EfficientNetLite0Featurizer()
     assert EfficientNetLite0Featurizer(input_size=224).version == default.version

@@ -410,14 +410,17 @@ def startup_stage(stage: str) -> str:
     return "other (between stages)"
 
 
-def time_startup() -> dict:
+def time_startup(input_size: int | None = None) -> dict:
     """The demo's default view in this process, stage by stage: the dataset,
     ``Explainer.prepare`` (its progress reports timed) and the explanation of test image 0 by both
     models, what the dashboard's Explain page first shows. Cold or warm is the caller's cache
     directory (``INFLUENCE_CACHE_DIR``); the interpreter's start and the imports are what the
-    process's wall time (:func:`startup`) adds."""
+    process's wall time (:func:`startup`) adds. ``input_size``: the backbone's input side
+    instead of the default's (a what-if for ``--startup-input-size``; see
+    ``bench.backbone_resolution`` for what it does to accuracy)."""
     from core.data import load_demo
     from core.explainer import Explainer
+    from core.features import get_featurizer
 
     seconds = dict.fromkeys(STARTUP_STAGES, 0.0)
     load = os.getloadavg()[0]
@@ -434,7 +437,11 @@ def time_startup() -> dict:
         seconds[key] += now - last[0]
         last[0] = now
 
-    explainer = Explainer(dataset).prepare(progress)
+    explainer = Explainer(dataset)
+    if input_size is not None:
+        # Only in a cache of its own: the fits' cache keys name the backbone, not its input size.
+        explainer.backbone = get_featurizer(explainer.config.backbone, input_size=input_size)
+    explainer.prepare(progress)
     seconds["other (between stages)"] += time.perf_counter() - last[0]
     prepared = time.perf_counter()
     explanation = explainer.explain(test_index=0, k=10)
@@ -454,7 +461,7 @@ def time_startup() -> dict:
     }
 
 
-def startup(runs: int) -> dict:
+def startup(runs: int, input_size: int | None = None) -> dict:
     """Cold start (an empty cache directory) then ``runs`` warm starts from what it cached, each
     in a new process: the stage breakdown of :func:`time_startup` and the process's whole wall
     time (interpreter start, imports, default view ready)."""
@@ -463,7 +470,9 @@ def startup(runs: int) -> dict:
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     env["PYTHONPATH"] = f"{ROOT}{os.pathsep}" + env.get("PYTHONPATH", "")
     command = [sys.executable, "-m", "bench.latency", "--worker", "startup"]
-    out: dict = {"warm": []}
+    if input_size is not None:
+        command += ["--startup-input-size", str(input_size)]
+    out: dict = {"warm": [], "input_size": input_size}
     try:
         for run in range(1 + runs):
             start = time.perf_counter()
@@ -631,6 +640,11 @@ def main() -> None:
     parser.add_argument("--verify-compare", type=int, default=3)
     parser.add_argument("--startup-only", action="store_true")
     parser.add_argument(
+        "--startup-input-size",
+        type=int,
+        help="what-if: the backbone's input side (default 224); with --startup-only only",
+    )
+    parser.add_argument(
         "--startup-runs", type=int, default=3, help="warm starts after the cold one"
     )
     parser.add_argument(
@@ -639,7 +653,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.worker == "startup":
-        print(json.dumps(time_startup()))
+        print(json.dumps(time_startup(args.startup_input_size)))
         return
     if args.worker == "demo":
         print(json.dumps(time_demo_uploads(args.uploads)))
@@ -682,11 +696,12 @@ def main() -> None:
         return
     if args.startup_only:
         load_before = os.getloadavg()[0]
-        started = startup(args.startup_runs)
-        cold = cold_precompute()
+        started = startup(args.startup_runs, args.startup_input_size)
+        cold = cold_precompute() if args.startup_input_size is None else None
         load_after = os.getloadavg()[0]
         table, lines = startup_report(started)
-        lines.append(precompute_line(cold))
+        if cold is not None:
+            lines.append(precompute_line(cold))
         body = (
             ("- **Start-up**" + __doc__.split("- **Start-up**", 1)[1].split("\n- **", 1)[0]).strip()
             + f"\n\nLoad average (1-minute) before {load_before:.2f}, after {load_after:.2f}.\n\n"
@@ -695,7 +710,15 @@ def main() -> None:
             + "\n".join(lines)
             + "\n"
         )
-        print(write_results("latency_startup", "Cold and warm start", body, module="latency"))
+        name = "latency_startup" + (
+            "" if args.startup_input_size is None else f"_{args.startup_input_size}"
+        )
+        title = "Cold and warm start" + (
+            ""
+            if args.startup_input_size is None
+            else f" (what-if: backbone input {args.startup_input_size}x{args.startup_input_size})"
+        )
+        print(write_results(name, title, body, module="latency"))
         return
     load_before = os.getloadavg()[0]
     started = None if args.skip_cold else startup(args.startup_runs)

@@ -103,10 +103,11 @@ def _activations_from_the_heap() -> Iterator[None]:
     most 32 MiB) straight from the kernel and unmaps them when freed, so every batch pays page
     faults (zeroed pages) for every large activation again, and trims the heap it grew. With
     mapping and trimming off for the duration, freed activations are reused: on the demo's
-    images at 224x224, batches of 8, 2 cores, about 1.3x less time per image (``python -m
-    bench.features --heap both``), the same features. Afterwards the thresholds are set to the
-    values glibc's own dynamic ones reach and the freed memory is returned (``malloc_trim``).
-    glibc only; elsewhere a no-op. Process-wide, so nested and concurrent uses count.
+    images at 224x224, 2 cores, load 1.6, a new process each, 16.5-17.8 ms per image in batches
+    of 8 against 26-30 ms (and 17.8-18.7 against 31-33 in batches of 64), the same features.
+    Afterwards the thresholds are set to the values glibc's own dynamic ones reach and the freed
+    memory is returned (``malloc_trim``). glibc only; elsewhere a no-op. Process-wide, so nested
+    and concurrent uses count.
     """
     global _heap_users
     libc = _libc()
@@ -496,10 +497,10 @@ class EfficientNetLite0Featurizer(_ImageNetFeaturizer):
     dim = 1280
     version = "1:rgb,resize224-bilinear-aa,(x/255-0.5)/0.5,pool-after-head"
     input_size = 224
-    #: Images per forward pass. On 2 cores, small batches keep each layer's activations near
-    #: the caches: at 224x224, batches of 8 took about 1.4x less CPU time per image than batches
-    #: of 64 (4 and 16 about as little as 8), with bit-identical features (``python -m
-    #: bench.features --batch-sizes 4,8,16,64``; measured at load average 6-8).
+    #: Images per forward pass. Measured on the demo's images at 224x224, 2 cores, load 1.6, a
+    #: new process each (``python -m bench.features``): with the activations from the heap
+    #: (:func:`_activations_from_the_heap`) batches of 8 to 64 take 16.5-19 ms per image (8 the
+    #: least); without it, 8 take 26-30 and 64 take 31-33. The features are bit-identical.
     batch_size = 8
     reuses_activations = True
 

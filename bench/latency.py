@@ -447,7 +447,10 @@ def time_startup(input_size: int | None = None) -> dict:
     explanation = explainer.explain(test_index=0, k=10)
     seconds["explain the default test image"] = time.perf_counter() - prepared
     assert len(explanation.models) == len(explainer.models) == 2
+    import core
+
     return {
+        "core": str(Path(core.__file__).parent),
         "stages": seconds,
         "ready_s": time.perf_counter() - start,
         "cpu_s": time.process_time() - cpu_start,
@@ -461,15 +464,19 @@ def time_startup(input_size: int | None = None) -> dict:
     }
 
 
-def startup(runs: int, input_size: int | None = None) -> dict:
+def startup(runs: int, input_size: int | None = None, core_root: Path | None = None) -> dict:
     """Cold start (an empty cache directory) then ``runs`` warm starts from what it cached, each
     in a new process: the stage breakdown of :func:`time_startup` and the process's whole wall
-    time (interpreter start, imports, default view ready)."""
+    time (interpreter start, imports, default view ready). ``core_root``: a checkout whose
+    ``core`` the workers import instead of this one's (this file is run as the worker, so the
+    same stages are timed the same way; an older ``core`` reports fewer stages)."""
     cache = Path(tempfile.mkdtemp(prefix="ie-startup-"))
     env = dict(os.environ, INFLUENCE_CACHE_DIR=str(cache))
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}" + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = f"{core_root or ROOT}{os.pathsep}" + env.get("PYTHONPATH", "")
     command = [sys.executable, "-m", "bench.latency", "--worker", "startup"]
+    if core_root is not None:
+        command[1:3] = [str(Path(__file__).resolve())]
     if input_size is not None:
         command += ["--startup-input-size", str(input_size)]
     out: dict = {"warm": [], "input_size": input_size}
@@ -547,7 +554,7 @@ def startup_report(result: dict) -> tuple[str, list[str]]:
             f"{min(r['load'] for r in warm):.2f}-{max(r['load'] for r in warm):.2f}: "
             f"{'met' if statistics.median(processes) < 3 else 'missed'}."
         )
-    lines.append(f"- λ chosen in the cold run: {cold['chosen_l2']}.")
+    lines.append(f"- λ chosen in the cold run: {cold['chosen_l2']}; core from `{cold['core']}`.")
     return markdown_table(headers, rows), lines
 
 
@@ -640,6 +647,11 @@ def main() -> None:
     parser.add_argument("--verify-compare", type=int, default=3)
     parser.add_argument("--startup-only", action="store_true")
     parser.add_argument(
+        "--startup-core",
+        type=Path,
+        help="with --startup-only: time another checkout's core (e.g. an older revision)",
+    )
+    parser.add_argument(
         "--startup-input-size",
         type=int,
         help="what-if: the backbone's input side (default 224); with --startup-only only",
@@ -696,8 +708,9 @@ def main() -> None:
         return
     if args.startup_only:
         load_before = os.getloadavg()[0]
-        started = startup(args.startup_runs, args.startup_input_size)
-        cold = cold_precompute() if args.startup_input_size is None else None
+        started = startup(args.startup_runs, args.startup_input_size, args.startup_core)
+        other = args.startup_input_size is not None or args.startup_core is not None
+        cold = None if other else cold_precompute()
         load_after = os.getloadavg()[0]
         table, lines = startup_report(started)
         if cold is not None:
@@ -710,14 +723,14 @@ def main() -> None:
             + "\n".join(lines)
             + "\n"
         )
-        name = "latency_startup" + (
-            "" if args.startup_input_size is None else f"_{args.startup_input_size}"
-        )
-        title = "Cold and warm start" + (
-            ""
-            if args.startup_input_size is None
-            else f" (what-if: backbone input {args.startup_input_size}x{args.startup_input_size})"
-        )
+        name, title = "latency_startup", "Cold and warm start"
+        if args.startup_input_size is not None:
+            name += f"_{args.startup_input_size}"
+            size = args.startup_input_size
+            title += f" (what-if: backbone input {size}x{size})"
+        if args.startup_core is not None:
+            name += "_" + args.startup_core.resolve().name
+            title += f" of the core in {args.startup_core.resolve()}"
         print(write_results(name, title, body, module="latency"))
         return
     load_before = os.getloadavg()[0]

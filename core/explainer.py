@@ -750,6 +750,7 @@ class Explainer:
         if self.network is not None:
             specs += (self._fit_network_head(*names["network"]),)
         models: dict[str, FittedModel] = {}
+        predictions: dict[str, np.ndarray] = {}
         for key, label, short, featurizer, model, test_inputs, chosen in specs:
             stage = f"{label}: Hessian ({model.n_params_:,} parameters) and its factorisation"
             self._progress(stage, 0, 1)
@@ -761,10 +762,14 @@ class Explainer:
             for done, estimate in enumerate(engine.estimates, start=1):
                 engine.self_influence(estimate)
                 self._progress(stage, done, len(engine.estimates))
+            stage = f"{label}: test predictions and familiarity"
+            self._progress(stage, 0, 1)
             test_inputs = torch.as_tensor(test_inputs, dtype=torch.float64)
             familiarity = backend.neighbour_distance(
                 model, model.transform(test_inputs), seed=self.config.seed
             )
+            predictions[key] = model.predict_proba(test_inputs)
+            self._progress(stage, 1, 1)
             models[key] = FittedModel(
                 key=key,
                 label=label,
@@ -778,9 +783,7 @@ class Explainer:
                 solver=self.config.solver,
                 familiarity=familiarity,
             )
-        self._test_predictions = {
-            key: fitted.model.predict_proba(fitted.test_inputs) for key, fitted in models.items()
-        }
+        self._test_predictions = predictions
         # Why scores may be inaccurate although nothing failed (e.g. LiSSA too short to have
         # converged), each naming its model and what to change; empty when all is well.
         self.warnings = (
@@ -835,6 +838,9 @@ class Explainer:
             self._feature_parts(split), self.class_names, strict=True
         ):
             stage = f"{backbone.label} features: {split} '{name}'"
+            # Reported before the cache is read, so that the stage's time is known from its
+            # start (the featurizer reports only after each batch).
+            self._progress(stage, 0, len(rows))
             out[mine] = cached_features(
                 self.store,
                 backbone,
@@ -843,6 +849,7 @@ class Explainer:
                 part=part,
                 progress=lambda done, total, stage=stage: self._progress(stage, done, total),
             )
+            self._progress(stage, len(rows), len(rows))  # also when the cache had them
         # cached_features never returns non-finite values; this guards the assembly above.
         check_finite_features(out, backbone, f"{split} split")
         return out

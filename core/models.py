@@ -172,6 +172,8 @@ class LinearModel:
         y: Any,
         sample_weight: Any | None = None,
         theta0: Any | None = None,
+        *,
+        row_gram: torch.Tensor | Callable[[], torch.Tensor] | None = None,
     ) -> LinearModel:
         """Fit to convergence (gradient norm <= ``tol``) by Newton's method with line search.
 
@@ -181,6 +183,11 @@ class LinearModel:
             sample_weight: (n,) optional weights w_i of the loss terms; the objective still
                 divides by n (a zero weight removes a point as influence functions assume).
             theta0: optional starting parameters (p,).
+            row_gram: the (n, n) Gram matrix ΦΦᵀ of the training features (as the feature map
+                gives them), or a function returning it, when the caller already has it: the
+                dual Newton step uses it instead of forming its own (cross-validation folds take
+                theirs from one Gram matrix of all the data). A function is called only if a
+                dual step is taken. Only the time depends on it.
         """
         self._check_hyperparameters()
         X = as_float64(X)
@@ -205,6 +212,8 @@ class LinearModel:
         self.features_ = self._fit_feature_map(X)
         self.labels_ = labels
         self.sample_weight_ = self._weights(sample_weight, labels.shape[0])
+        if row_gram is not None:
+            self._dual_gram = (self.features_, row_gram)
         self._fit_parameters(theta0)
         return self
 
@@ -622,12 +631,18 @@ class LinearModel:
         cached = getattr(self, "_dual_gram", None)
         if cached is None or cached[0] is not features:
             cached = (features, weighted_gram(features.T, torch.ones(d, dtype=DTYPE)))
-            self._dual_gram = cached
-        gram = cached[1]
-        cross = torch.einsum("ick,jcl->ikjl", factor, factor)
-        small = (gram[:, None, :, None] * cross) * (
-            scale[:, None, None, None] * scale[None, None, :, None]
-        )
+        gram = cached[1]() if callable(cached[1]) else cached[1]
+        if gram.shape != (n, n):
+            raise InfluenceExplorerError(
+                f"row_gram must be the ({n}, {n}) Gram matrix of the training features; got "
+                f"{tuple(gram.shape)}."
+            )
+        self._dual_gram = (features, gram)
+        # (UᵀU)[(i, k), (j, l)] = G_ij Σ_c (s_i B_i)[c, k] (s_j B_j)[c, l]: one product and one
+        # pass over the (n·r)² matrix (cross-validation takes several of these per fit).
+        weighted = factor * scale[:, None, None]
+        small = torch.einsum("ick,jcl->ikjl", weighted, weighted)
+        small.mul_(gram[:, None, :, None])
         small = small.reshape(n * r, n * r)
         if float(small.diagonal().max()) > 1e8 * self.l2:
             return None

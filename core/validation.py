@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import stats
 
 from core.errors import InfluenceExplorerError
 from core.influence import Estimate, InfluenceEngine, top_k_by_magnitude
@@ -196,6 +195,10 @@ def agreement(predicted: Any, actual: Any) -> Agreement:
         raise InfluenceExplorerError("predicted and actual must have the same length.")
     if x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return Agreement(math.nan, math.nan, math.nan, math.nan, math.nan, int(x.size))
+    # Imported here: scipy.stats takes about a second to import, which every start of the app
+    # and the command line would otherwise pay before anything is verified.
+    from scipy import stats
+
     pearson = float(np.corrcoef(x, y)[0, 1])
     spearman = float(stats.spearmanr(x, y).statistic)
     slope = float(x @ y / (x @ x))

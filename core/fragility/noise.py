@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import stats
 
 from core.fragility.results import NoiseBound
 from core.validation import agreement
@@ -45,6 +44,10 @@ def noise_bound(predicted: np.ndarray, actual_by_seed: np.ndarray) -> NoiseBound
     residual = float(np.sum((mean - (slope * p + intercept)) ** 2))
     df_fit, df_noise = k - 2, k * (s - 1)
     if noise > 0:
+        # Imported here: every command of the command line imports this module, and
+        # scipy.stats alone takes about a second to import.
+        from scipy import stats
+
         p_value = float(stats.f.sf(residual / df_fit / noise, df_fit, df_noise))
         critical = float(stats.f.isf(LEVEL, df_fit, df_noise)) * df_fit * noise
         floor = math.sqrt(max(0.0, 1.0 - critical / total)) if total > 0 else 0.0

@@ -56,9 +56,10 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def explainer(tiny, store):
-    stages = []
-    built = Explainer(tiny, store=store).prepare(lambda stage, done, total: stages.append(stage))
-    built.stages = stages
+    reports = []
+    built = Explainer(tiny, store=store).prepare(lambda *report: reports.append(report))
+    built.reports = reports
+    built.stages = [stage for stage, _, _ in reports]
     return built
 
 
@@ -84,6 +85,24 @@ def test_default_pair_and_summaries(tiny, explainer):
     assert curve.best == curve.grid[best] and chosen == max(within)
     assert any("features" in stage for stage in explainer.stages)
     assert any("λ" in stage for stage in explainer.stages)
+
+
+def test_every_stage_reports_its_start_and_its_end(explainer):
+    # A stage's first report has nothing done and its last everything (so a front end, and
+    # python -m bench.latency, can time each stage from its start), in one run per stage.
+    runs = [[explainer.reports[0]]]
+    for report in explainer.reports[1:]:
+        if report[0] == runs[-1][-1][0]:
+            runs[-1].append(report)
+        else:
+            runs.append([report])
+    assert len({run[0][0] for run in runs}) == len(runs)
+    for run in runs:
+        (stage, first, _), (_, last, total) = run[0], run[-1]
+        assert first == 0 and last == total > 0, stage
+    names = [run[0][0] for run in runs]
+    for key in ("features: train", "features: test", "λ", "test predictions and familiarity"):
+        assert any(key in name for name in names), key
 
 
 def test_explain_a_test_image(explainer):

@@ -20,6 +20,7 @@ from core.features import (
     PixelFeaturizer,
     available_backbones,
     cached_features,
+    features_cache_key,
     get_featurizer,
     imagenet_class_names,
     inception_hub_path,
@@ -105,6 +106,91 @@ def test_lite0_features_do_not_depend_on_batch_size(lite0: EfficientNetLite0Feat
         np.testing.assert_allclose(
             lite0.transform(images, batch_size=batch_size), reference, rtol=1e-5, atol=1e-5
         )
+
+
+def test_lite0_in_place_forward_pass_gives_the_same_bits_and_keeps_the_input(
+    lite0: EfficientNetLite0Featurizer,
+) -> None:
+    # Without an autograd graph ReLU6 and the residual sums work in place; with one they do not.
+    pixels = torch.tensor(make_images(4, seed=5), dtype=torch.float32)
+    before = pixels.clone()
+    with torch.no_grad():
+        in_place = lite0.torch_forward(pixels)
+    recorded = lite0.torch_forward(pixels.clone().requires_grad_(True))
+    assert recorded.requires_grad
+    torch.testing.assert_close(in_place, recorded.detach(), rtol=0, atol=0)
+    assert torch.equal(pixels, before)
+
+
+def test_lite0_batches_of_its_own_size_by_default(lite0: EfficientNetLite0Featurizer) -> None:
+    calls: list[tuple[int, int]] = []
+    images = make_images(10, seed=2)
+    features = lite0.transform(images, progress=lambda done, total: calls.append((done, total)))
+    assert lite0.batch_size == 8 and calls == [(8, 10), (10, 10)]
+    np.testing.assert_allclose(
+        features, lite0.transform(images, batch_size=10), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_activations_from_the_heap_change_no_feature_and_are_undone(
+    lite0: EfficientNetLite0Featurizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images = make_images(20, seed=4)
+    assert lite0.reuses_activations
+    calls: list[tuple[int, int]] = []
+    libc = features_module._libc()
+    if libc is not None:  # glibc: record what is set, and set it
+
+        class Recording:
+            def mallopt(self, parameter: int, value: int) -> int:
+                calls.append((parameter, value))
+                return libc.mallopt(parameter, value)
+
+            def malloc_trim(self, pad: int) -> int:
+                calls.append((0, pad))
+                return libc.malloc_trim(pad)
+
+        monkeypatch.setattr(features_module, "_libc", lambda: Recording())
+    from_heap = lite0.transform(images)
+    with monkeypatch.context() as patch:
+        patch.setattr(lite0, "reuses_activations", False)
+        mapped = lite0.transform(images)
+    np.testing.assert_array_equal(from_heap, mapped)
+    assert features_module._heap_users == 0
+    if libc is not None:  # on for the batches, then glibc's dynamic maxima, then trimmed
+        assert calls == [
+            (features_module._M_MMAP_THRESHOLD, 2**30),
+            (features_module._M_TRIM_THRESHOLD, 2**31 - 1),
+            (features_module._M_TRIM_THRESHOLD, 64 * 2**20),
+            (features_module._M_MMAP_THRESHOLD, 32 * 2**20),
+            (0, 0),
+        ]
+    # Nested (two threads featurising at once): undone when the last one ends.
+    with features_module._activations_from_the_heap():
+        with features_module._activations_from_the_heap():
+            assert features_module._heap_users == 2
+        assert features_module._heap_users == 1
+    assert features_module._heap_users == 0
+
+
+def test_lite0_at_another_input_size_is_another_featurizer() -> None:
+    default = EfficientNetLite0Featurizer()
+    assert EfficientNetLite0Featurizer(input_size=224).version == default.version
+    small = EfficientNetLite0Featurizer(input_size=112)
+    assert small.input_size == 112 and "resize112" in small.version
+    assert small.version != default.version and "112x112" in small.label
+    images = make_images(2, seed=3)
+    features = small.transform(images)
+    assert features.shape == (2, 1280) and np.isfinite(features).all()
+    assert not np.allclose(features, default.transform(images))
+    keys = {
+        features_cache_key(f, images, dataset_hash="d", part="train/class0")
+        for f in (default, small)
+    }
+    assert len(keys) == 2
+    for bad in (16, 0, 112.0, True):
+        with pytest.raises(BackboneUnavailableError, match="input_size"):
+            EfficientNetLite0Featurizer(input_size=bad)
 
 
 def test_progress_is_reported_after_each_batch(lite0: EfficientNetLite0Featurizer) -> None:

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from core.errors import InfluenceExplorerError
 from core.models import LogisticRegression
@@ -111,3 +112,47 @@ def test_bad_settings_and_too_small_classes_get_clear_messages(make_logreg_probl
     labels = np.array([0] * 9 + [1] * 3)
     with pytest.raises(InfluenceExplorerError, match="logreg_l2"):
         select_l2(problem.X, labels, SelectionConfig(folds=5))
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_folds_share_one_gram_matrix_and_give_the_values_of_their_own_fits(
+    make_logreg_problem, monkeypatch, n_classes
+):
+    # Fewer training rows than features: the fold fits take dual Newton steps, each fold's Gram
+    # matrix cut from one Gram matrix of all the rows. The values must be those of fits that
+    # form their own, to the fits' tolerance, with the same choice of λ.
+    import core.models
+    import core.selection
+
+    problem = make_logreg_problem(45, 60, seed=8, n_classes=n_classes)
+    config = SelectionConfig(grid=(1e-3, 1e-2, 1e-1), folds=3, repeats=2, seed=2)
+    grams, own = [], []
+    full_gram = core.selection.row_gram
+    monkeypatch.setattr(core.selection, "row_gram", lambda X: grams.append(1) or full_gram(X))
+    weighted = core.models.weighted_gram
+    monkeypatch.setattr(core.models, "weighted_gram", lambda *a: own.append(1) or weighted(*a))
+    values = held_out_values(problem.X, problem.y, config)
+    assert len(grams) == 1 and not own  # one Gram matrix in all, none per fit
+
+    monkeypatch.undo()
+    for r in range(config.repeats):
+        folds = stratified_folds(problem.y, 3, np.random.default_rng([2, r]))
+        for fold in range(3):
+            train, held = folds != fold, folds == fold
+            for g, l2 in enumerate(config.grid):
+                model = LogisticRegression(l2=l2, tol=1e-12).fit(problem.X[train], problem.y[train])
+                np.testing.assert_allclose(
+                    values["log_loss"][r, held, g],
+                    model.loss(problem.X[held], problem.y[held]),
+                    rtol=1e-6,
+                    atol=1e-9,
+                )
+                np.testing.assert_array_equal(
+                    values["correct"][r, held, g], model.predict(problem.X[held]) == problem.y[held]
+                )
+
+
+def test_a_gram_matrix_of_the_wrong_size_is_refused(make_logreg_problem):
+    problem = make_logreg_problem(20, 30, seed=1)
+    with pytest.raises(InfluenceExplorerError, match="row_gram"):
+        LogisticRegression().fit(problem.X, problem.y, row_gram=torch.eye(19))

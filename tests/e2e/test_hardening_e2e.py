@@ -237,6 +237,7 @@ def test_uploads_posted_past_the_widget_are_bounded_and_freed_when_the_session_e
     """One client posts 60 files of 9.9 MB to its own session's upload endpoint (with its XSRF
     token, never attaching them to the widget): the server holds at most its bound, and after the
     session ends its memory is back within 10% of what it held before."""
+    from playwright.sync_api import Error as PlaywrightError
 
     with _own_server("uploads") as server:
         context = browser.new_context()
@@ -252,18 +253,31 @@ def test_uploads_posted_past_the_widget_are_bounded_and_freed_when_the_session_e
         statuses = []
         peak = baseline
         start = time.monotonic()
+        reposted = 0
         for i in range(FLOOD_FILES):
-            response = page.request.put(
-                f"{base}/flood-{i}",
-                headers=headers,
-                multipart={
-                    "file": {
-                        "name": f"f{i}.png",
-                        "mimeType": "image/png",
-                        "buffer": payload[i:] + payload[:i],
-                    }
-                },
-            )
+            for attempt in range(3):
+                try:
+                    response = page.request.put(
+                        f"{base}/flood-{i}",
+                        headers=headers,
+                        multipart={
+                            "file": {
+                                "name": f"f{i}.png",
+                                "mimeType": "image/png",
+                                "buffer": payload[i:] + payload[:i],
+                            }
+                        },
+                    )
+                    break
+                except PlaywrightError as error:
+                    # A kept-alive connection the server closed as the next request started
+                    # (seen under load 6): the PUT is idempotent and a browser would send it
+                    # again; anything else, or a third failure, is the test's failure.
+                    if attempt == 2 or not any(
+                        code in str(error) for code in ("EPIPE", "ECONNRESET")
+                    ):
+                        raise
+                    reposted += 1
             statuses.append(response.status)
             peak = max(peak, _rss_mib(server.pid))
         seconds = time.monotonic() - start
@@ -282,7 +296,8 @@ def test_uploads_posted_past_the_widget_are_bounded_and_freed_when_the_session_e
     report(
         f"upload flood: {FLOOD_FILES} x {FLOOD_BYTES / 2**20:.1f} MB posted in {seconds:.1f} s; "
         f"server RSS {baseline:.0f} MiB before, at most {peak:.0f} MiB during, {held:.0f} MiB "
-        f"after, {after:.0f} MiB once the session ended (load {os.getloadavg()[0]:.1f})"
+        f"after, {after:.0f} MiB once the session ended; {reposted} posted again after a closed "
+        f"connection (load {os.getloadavg()[0]:.1f})"
     )
 
 

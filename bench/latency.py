@@ -776,6 +776,20 @@ def idle_server_rss(app: Path, env: dict[str, str]) -> int | None:
         server.wait(timeout=30)
 
 
+def _stage_body(
+    intro: str, load_before: float, load_after: float, table: str, lines: list[str]
+) -> str:
+    """A one-stage results file: what it measures, the load average, its table and findings."""
+    return (
+        intro
+        + f"\n\nLoad average (1-minute) before {load_before:.2f}, after {load_after:.2f}.\n\n"
+        + table
+        + "\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
+
+
 def _doc_item(name: str) -> str:
     """The module docstring's paragraph ``- **name**: ...``."""
     return ("- **" + name + __doc__.split("- **" + name, 1)[1]).split("\n- **", 1)[0].strip()
@@ -851,13 +865,12 @@ def main() -> None:
         verified = child("verify")
         load_after = os.getloadavg()[0]
         table, lines = verify_report(verified)
-        body = (
-            ("- **Verify**" + __doc__.split("- **Verify**", 1)[1]).strip()
-            + f"\n\nLoad average (1-minute) before {load_before:.2f}, after {load_after:.2f}.\n\n"
-            + table
-            + "\n\n"
-            + "\n".join(lines)
-            + "\n"
+        body = _stage_body(
+            ("- **Verify**" + __doc__.split("- **Verify**", 1)[1]).strip(),
+            load_before,
+            load_after,
+            table,
+            lines,
         )
         print(write_results("latency_verify", "Verify latency", body, module="latency"))
         return
@@ -866,13 +879,12 @@ def main() -> None:
         large = child("large")
         load_after = os.getloadavg()[0]
         table, lines = large_report(large)
-        body = (
-            "\n".join(_doc_item(name) for name in ("Uploads", "Larger size"))
-            + f"\n\nLoad average (1-minute) before {load_before:.2f}, after {load_after:.2f}.\n\n"
-            + table
-            + "\n\n"
-            + "\n".join(lines)
-            + "\n"
+        body = _stage_body(
+            "\n".join(_doc_item(name) for name in ("Uploads", "Larger size")),
+            load_before,
+            load_after,
+            table,
+            lines,
         )
         print(write_results("latency_large", "Latency of a 60k upload", body, module="latency"))
         return
@@ -885,13 +897,14 @@ def main() -> None:
         table, lines = startup_report(started)
         if cold is not None:
             lines.append(precompute_line(cold))
-        body = (
-            ("- **Start-up**" + __doc__.split("- **Start-up**", 1)[1].split("\n- **", 1)[0]).strip()
-            + f"\n\nLoad average (1-minute) before {load_before:.2f}, after {load_after:.2f}.\n\n"
-            + table
-            + "\n\n"
-            + "\n".join(lines)
-            + "\n"
+        body = _stage_body(
+            (
+                "- **Start-up**" + __doc__.split("- **Start-up**", 1)[1].split("\n- **", 1)[0]
+            ).strip(),
+            load_before,
+            load_after,
+            table,
+            lines,
         )
         name, title = "latency_startup", "Cold and warm start"
         if args.startup_input_size is not None:

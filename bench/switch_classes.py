@@ -42,7 +42,7 @@ def prepare_once(dataset, classes: tuple[int, ...], store) -> tuple[float, Stage
 def main() -> None:
     from core.data import open_dataset
     from core.explainer import Explainer, ExplainerConfig
-    from core.store import ArtifactStore
+    from core.store import SECRET_FILENAME, ArtifactStore
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache-dir", type=Path, required=True)
@@ -63,6 +63,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as scratch:
             for path in source.root.glob("features-*.artifact"):
                 shutil.copy2(path, scratch)
+            # The artifacts are authenticated under the source store's key: bring it along.
+            shutil.copy2(source.root / SECRET_FILENAME, scratch)
             store = ArtifactStore(scratch)
             load_new = os.getloadavg()[0]
             new_s, clock, explainer = prepare_once(demo, classes, store)

@@ -521,6 +521,7 @@ def cold_precompute() -> dict:
 STARTUP_STAGES = (
     "interpreter and imports",
     "load the demo",
+    "first look: the RBF SVM alone, prepared and explaining",
     "backbone features: train",
     "backbone features: test",
     "RBF SVM fit (kernel, γ, Newton)",
@@ -582,6 +583,19 @@ def time_startup(input_size: int | None = None) -> dict:
         seconds[key] += now - last[0]
         last[0] = now
 
+    from core.explainer import ExplainerConfig
+
+    first_look_s = None
+    if "models" in ExplainerConfig.__dataclass_fields__:  # an older core has no first look
+        # What the dashboard's Explain page shows first from an empty cache: the SVM, which needs
+        # no backbone features; the full preparation starts after it (never beside it).
+        look = Explainer(dataset, ExplainerConfig(models=("svm",))).prepare()
+        assert len(look.explain(test_index=0, k=10).models) == 1
+        first_look_s = time.perf_counter() - start
+        seconds["first look: the RBF SVM alone, prepared and explaining"] = (
+            first_look_s - seconds["load the demo"]
+        )
+        last[0] = time.perf_counter()
     explainer = Explainer(dataset)
     if input_size is not None:
         # Only in a cache of its own: the fits' cache keys name the backbone, not its input size.
@@ -598,6 +612,7 @@ def time_startup(input_size: int | None = None) -> dict:
         "core": str(Path(core.__file__).parent),
         "stages": seconds,
         "ready_s": time.perf_counter() - start,
+        "first_look_s": first_look_s,
         "cpu_s": time.process_time() - cpu_start,
         "load": load,
         "load_after": os.getloadavg()[0],
@@ -635,6 +650,10 @@ def startup(runs: int, input_size: int | None = None, core_root: Path | None = N
             result = json.loads(done.stdout.strip().splitlines()[-1])
             result["process_s"] = process
             result["stages"]["interpreter and imports"] = process - result["ready_s"]
+            if result.get("first_look_s") is not None:
+                result["first_look_process_s"] = result["first_look_s"] + (
+                    process - result["ready_s"]
+                )
             if run == 0:
                 out["cold"] = result
             else:
@@ -674,8 +693,11 @@ def startup_report(result: dict) -> tuple[str, list[str]]:
         ("default view ready (without imports)", "ready_s"),
         ("CPU time of that (both threads)", "cpu_s"),
         ("process: start to default view ready", "process_s"),
+        ("process: start to the first look (the SVM alone)", "first_look_process_s"),
         ("load average (1 min) at start", "load"),
     ):
+        if cold.get(key) is None:
+            continue
         rows.append(
             [
                 f"**{label}**",
@@ -683,7 +705,15 @@ def startup_report(result: dict) -> tuple[str, list[str]]:
                 f"{middle[key]:.2f}" if middle else "",
             ]
         )
-    lines = [
+    lines = []
+    if cold.get("first_look_process_s") is not None:
+        lines.append(
+            f"- Cold start to the first look (empty cache, a new process, the Explain page's "
+            f"default view with the RBF SVM explaining test image 0 while the backbone's features "
+            f"are computed): {cold['first_look_process_s']:.1f} s ({cold['first_look_s']:.1f} s "
+            f"after the imports); both models follow at {cold['process_s']:.1f} s."
+        )
+    lines += [
         f"- Goal cold start < 20 s (empty cache to the default view: both models explaining test "
         f"image 0, in a new process): {cold['process_s']:.1f} s ({cold['ready_s']:.1f} s after "
         f"the interpreter's start and the imports), load average {cold['load']:.2f}-"

@@ -104,6 +104,11 @@ PIXEL_STEP = 127.5
 ROWS_PER_BLOCK = 4096
 
 
+#: The built-in models, in display order: the RBF SVM on pixels, logistic regression on the
+#: backbone's features (the user's network, when given, follows them).
+BUILTIN_MODELS = ("svm", "logreg")
+
+
 def default_classes(dataset: Dataset) -> tuple[int, int]:
     """The default class pair of a dataset (indices into ``dataset.class_names``)."""
     names = list(dataset.class_names)
@@ -140,6 +145,10 @@ class ExplainerConfig:
             refitted on its penultimate features. Its outputs must be the dataset's classes in
             order (for an ImageFolder: sorted folder names, as torchvision numbers them).
         network_l2: weight decay of that last layer; ``None`` = chosen like ``logreg_l2``.
+        models: which of the built-in models to fit, a non-empty subset of
+            :data:`BUILTIN_MODELS` (in that display order whatever the order given). Without
+            ``"logreg"`` no backbone feature is computed: an SVM-only explainer is ready in
+            seconds on a cache that holds no features yet (the dashboard's first look).
     """
 
     classes: tuple[int | str, ...] | None = None
@@ -154,8 +163,16 @@ class ExplainerConfig:
     seed: int = 0
     network: NetworkSpec | None = None
     network_l2: float | None = None
+    models: tuple[str, ...] = ("svm", "logreg")
 
     def __post_init__(self) -> None:
+        models = (self.models,) if isinstance(self.models, str) else tuple(self.models)
+        unknown = [m for m in models if m not in BUILTIN_MODELS]
+        if unknown or not models:
+            raise InfluenceExplorerError(
+                f"models must name one or both of {', '.join(BUILTIN_MODELS)}; got {self.models!r}."
+            )
+        object.__setattr__(self, "models", tuple(m for m in BUILTIN_MODELS if m in models))
         if self.classes is not None:
             classes = (self.classes,) if isinstance(self.classes, str) else tuple(self.classes)
             object.__setattr__(self, "classes", classes)
@@ -506,9 +523,13 @@ class Explainer:
             NetworkFeaturizer(self.config.network) if self.config.network is not None else None
         )
         #: (key, label, short label) of every model :meth:`prepare` fits, in display order.
-        self.model_specs: tuple[tuple[str, str, str], ...] = (
-            ("svm", "RBF SVM on pixels", "SVM"),
-            ("logreg", f"Logistic regression on {self.backbone.label} features", "LR"),
+        self.model_specs: tuple[tuple[str, str, str], ...] = tuple(
+            spec
+            for spec in (
+                ("svm", "RBF SVM on pixels", "SVM"),
+                ("logreg", f"Logistic regression on {self.backbone.label} features", "LR"),
+            )
+            if spec[0] in self.config.models
         )
         if self.config.network is not None:
             self.model_specs += (
@@ -542,7 +563,9 @@ class Explainer:
         pairs = outputs * (outputs + 1) // 2
         pixels = int(np.prod(self.dataset.image_shape))
         backbone_dim = self.backbone.output_dim(self.dataset.image_shape)
-        stages = [self._feature_cost(split) for split in ("train", "test")]
+        fits_svm = "svm" in self.config.models
+        fits_logreg = "logreg" in self.config.models
+        stages = [self._feature_cost(split) for split in ("train", "test")] if fits_logreg else []
 
         width = self._svm_width()
         nystroem = width < n
@@ -569,9 +592,12 @@ class Explainer:
             if nystroem
             else 2 * n * n * pixels + n**3 / 3
         )
-        stages.append(StageCost("RBF SVM: kernel and its factor", feature_map, 8 * 3 * n * width))
-        stages.append(fit("Fitting the RBF SVM on pixels", n, width, 1))
-        if self.config.logreg_l2 is None:
+        if fits_svm:
+            stages.append(
+                StageCost("RBF SVM: kernel and its factor", feature_map, 8 * 3 * n * width)
+            )
+            stages.append(fit("Fitting the RBF SVM on pixels", n, width, 1))
+        if fits_logreg and self.config.logreg_l2 is None:
             plan = SelectionConfig(seed=self.config.seed)
             folds = len(plan.grid) * plan.folds * plan.repeats
             stages.append(
@@ -582,9 +608,12 @@ class Explainer:
                     folds,
                 )
             )
-        stages.append(fit("Fitting the logistic regression", n, backbone_dim, 1))
-        stages += engine("RBF SVM", n, width)
-        stages += engine("Logistic regression", n, backbone_dim)
+        if fits_logreg:
+            stages.append(fit("Fitting the logistic regression", n, backbone_dim, 1))
+        if fits_svm:
+            stages += engine("RBF SVM", n, width)
+        if fits_logreg:
+            stages += engine("Logistic regression", n, backbone_dim)
         return PreparationCost(n, classes, svm_kind, tuple(stages))
 
     def _feature_cost(self, split: str) -> StageCost:
@@ -654,11 +683,15 @@ class Explainer:
             )
         labels = {key: label for key, label, _ in self.model_specs}
         outputs = 1 if len(self.class_names) == 2 else len(self.class_names)
-        feature_dim = self.backbone.output_dim(self.dataset.image_shape)
-        return (
-            ModelShape(labels["svm"], self.n_train, self._svm_width(), outputs),
-            ModelShape(labels["logreg"], self.n_train, feature_dim, outputs, self.backbone.name),
-        )
+        shapes = []
+        if "svm" in labels:
+            shapes.append(ModelShape(labels["svm"], self.n_train, self._svm_width(), outputs))
+        if "logreg" in labels:
+            feature_dim = self.backbone.output_dim(self.dataset.image_shape)
+            shapes.append(
+                ModelShape(labels["logreg"], self.n_train, feature_dim, outputs, self.backbone.name)
+            )
+        return tuple(shapes)
 
     def _svm_width(self) -> int:
         """The RBF SVM's feature dimension: n for the exact kernel, the landmarks for Nyström
@@ -682,7 +715,7 @@ class Explainer:
             n_test=self.n_test,
             pixel_dim=int(np.prod(self.dataset.image_shape)),
             models=self.model_shapes(),
-            backbone=self.backbone.name,
+            backbone=self.backbone.name if "logreg" in self.config.models else "",
         )
 
     def prepare(
@@ -730,23 +763,24 @@ class Explainer:
             self._load_network()
         pixels_train = self.pixels.transform(self.dataset.train_images)
         pixels_test = self.pixels.transform(self.dataset.test_images)
-        features_train = (
-            self._backbone_features("train")
-            if self.cluster is None
-            else backend.train_features(self, self.cluster)
-        )
-        features_test = self._backbone_features("test")
         self._pixels_train = torch.as_tensor(pixels_train, dtype=torch.float64)
         self._pixels_test = torch.as_tensor(pixels_test, dtype=torch.float64)
         self._pixels_train_sq = squared_norms(self._pixels_train)  # for pixel_distances
 
-        svm = self._fit_svm(pixels_train)
-        logreg, curve = self._fit_logreg(features_train)
         names = {key: (label, short) for key, label, short in self.model_specs}
-        specs: tuple[tuple[Any, ...], ...] = (
-            ("svm", *names["svm"], self.pixels, svm, pixels_test, None),
-            ("logreg", *names["logreg"], self.backbone, logreg, features_test, curve),
-        )
+        specs: tuple[tuple[Any, ...], ...] = ()
+        if "svm" in names:
+            svm = self._fit_svm(pixels_train)
+            specs += (("svm", *names["svm"], self.pixels, svm, pixels_test, None),)
+        if "logreg" in names:
+            features_train = (
+                self._backbone_features("train")
+                if self.cluster is None
+                else backend.train_features(self, self.cluster)
+            )
+            features_test = self._backbone_features("test")
+            logreg, curve = self._fit_logreg(features_train)
+            specs += (("logreg", *names["logreg"], self.backbone, logreg, features_test, curve),)
         if self.network is not None:
             specs += (self._fit_network_head(*names["network"]),)
         models: dict[str, FittedModel] = {}

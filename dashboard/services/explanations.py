@@ -78,9 +78,14 @@ MAX_VERIFICATIONS_PER_SESSION = 20
 
 @st.cache_data(max_entries=64, show_spinner=False)
 def _explanation(
-    settings: Settings, query_key: str, _explainer: Explainer, _engine_args: dict[str, Any]
+    settings: Settings,
+    query_key: str,
+    models: tuple[str, ...],
+    _explainer: Explainer,
+    _engine_args: dict[str, Any],
 ) -> Explanation:
-    # The settings key the engine, k and the estimate: everything the explanation depends on.
+    # The settings key the engine, k and the estimate: everything the explanation depends on,
+    # with the models (the Explain page's first look holds the SVM alone).
     return _explainer.explain(k=settings.k, estimate=settings.estimate, **_engine_args)
 
 
@@ -90,7 +95,9 @@ def explain(explainer: Explainer, query: Query, settings: Settings) -> Explanati
     A domain error (e.g. a diverging LiSSA estimate) is shown with ``st.error`` and stops the page.
     """
     try:
-        return _explanation(settings, query.key, explainer, query.engine_args())
+        return _explanation(
+            settings, query.key, tuple(explainer.models), explainer, query.engine_args()
+        )
     except InfluenceExplorerError as exc:
         stop_on_domain_error(exc)
 

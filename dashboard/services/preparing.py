@@ -166,18 +166,24 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def watch(job: Preparation, settings: Settings) -> None:
-    """Show the preparation's progress until it finishes, with a *Cancel* button."""
+def watch(job: Preparation, settings: Settings, *, first_look: bool = False) -> None:
+    """Show the preparation's progress until it finishes, with a *Cancel* button.
+
+    ``first_look``: the job is the SVM-only first look, which needs no backbone features."""
     try:
         cost = estimate(settings.engine)
         what = choice_text(cost)
     except InfluenceExplorerError:  # the preparation reports its own errors
         cost, what = None, "the models"
-    with st.status(f"Preparing {what}…", expanded=True) as status:
+    title = f"Preparing a first look at {what}…" if first_look else f"Preparing {what}…"
+    with st.status(title, expanded=True) as status:
         st.caption(
-            "Features are computed once per image and cached on disk; fitting both models and "
-            "building their influence engines follows. A choice prepared before starts from "
-            "its cached parameters."
+            "The RBF SVM on pixels comes first, in seconds; the backbone's features and the "
+            "logistic regression on them follow in the background while you look."
+            if first_look
+            else "Features are computed once per image and cached on disk; fitting both models "
+            "and building their influence engines follows. A choice prepared before starts "
+            "from its cached parameters."
         )
         if st.button(
             "Cancel",

@@ -513,3 +513,43 @@ def test_a_per_class_cap_limits_what_is_featurised(tiny, tmp_path, monkeypatch):
     ids_first = first.dataset.train_ids[first.train_labels == first.class_indices.index(shirt)]
     ids_other = other.dataset.train_ids[other.train_labels == other.class_indices.index(shirt)]
     assert list(ids_first) == list(ids_other)
+
+
+def test_an_svm_only_explainer_computes_no_backbone_feature(tiny, tmp_path, monkeypatch):
+    """models=("svm",) (the dashboard's first look) never runs the backbone, and its SVM is the
+    full explainer's: the full preparation afterwards reads the same fitted parameters."""
+    from core.features import EfficientNetLite0Featurizer
+
+    calls: list[int] = []
+    original = EfficientNetLite0Featurizer.transform
+
+    def counting(self, images, *args, **kwargs):
+        calls.append(len(images))
+        return original(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(EfficientNetLite0Featurizer, "transform", counting)
+    store = ArtifactStore(tmp_path)
+    first = Explainer(tiny, ExplainerConfig(models=("svm",)), store=store)
+    assert first.model_keys == ("svm",)
+    cost = first.cost()
+    assert cost.uncached_images == 0 and not any("features" in s.stage for s in cost.stages)
+    assert not any("ogistic" in s.stage for s in cost.stages)
+    assert [shape.label for shape in first.model_shapes()] == ["RBF SVM on pixels"]
+    first.prepare()
+    assert calls == [] and list(first.models) == ["svm"]
+    assert not list(Path(tmp_path).glob("features-*"))
+    full = Explainer(tiny, store=store).prepare()
+    assert calls and list(full.models) == ["svm", "logreg"]
+    np.testing.assert_allclose(
+        full.models["svm"].model.theta_.numpy(), first.models["svm"].model.theta_.numpy(), atol=1e-9
+    )
+    alone = first.explain(test_index=3, k=5).models["svm"]
+    together = full.explain(test_index=3, k=5).models["svm"]
+    np.testing.assert_allclose(alone.scores, together.scores, rtol=1e-6, atol=1e-12)
+    assert [i.train_index for i in alone.helpful] == [i.train_index for i in together.helpful]
+    # Any order names the same models, shown in display order; nothing else is accepted.
+    assert ExplainerConfig(models=("logreg", "svm")).models == ("svm", "logreg")
+    assert ExplainerConfig(models="logreg").models == ("logreg",)
+    for bad in ((), ("svm", "resnet"), ("network",)):
+        with pytest.raises(InfluenceExplorerError, match="models must name"):
+            ExplainerConfig(models=bad)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -45,3 +46,17 @@ def make_app(prepared_cache: Path) -> Callable[[], AppTest]:
         return AppTest.from_file(str(APP), default_timeout=RUN_TIMEOUT)
 
     return make
+
+
+def wait_for_every_model(at: AppTest) -> AppTest:
+    """Run the page again once the full preparation behind a first look (the Explain page shows
+    the RBF SVM first while backbone features are computed) has finished; as is otherwise."""
+    from dashboard.services import engines
+
+    job = engines.preparations().peek(at.session_state["state_settings"].engine)
+    if job is None or job.finished:
+        return at
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while not job.wait(1.0) and time.monotonic() < deadline:
+        job.touch()  # what the page's progress bar does while it is shown
+    return at.run()

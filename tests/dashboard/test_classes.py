@@ -22,6 +22,7 @@ from dashboard.services import engines, facts, links, preparing, uploads
 from dashboard.services.engines import Preparation
 from dashboard.services.link_params import LinkValueError
 from dashboard.services.settings import Settings
+from tests.dashboard.conftest import wait_for_every_model
 from tests.upload_corpus import build_upload_corpus
 
 Factory = Callable[[], AppTest]
@@ -200,6 +201,7 @@ def test_three_classes_explain_an_upload_on_every_page(make_app: Factory) -> Non
     at.multiselect(key="side_classes").set_value([6, 0, 2]).run()
     if any(b.key == "state_prepare_confirm" for b in at.button):
         at.button(key="state_prepare_confirm").click().run()
+    wait_for_every_model(at)  # the capped classes' features are new: the SVM comes first
     _no_errors(at)
     assert at.session_state["state_settings"].classes == THREE
     assert at.query_params["classes"] in ("0,2,6", ["0,2,6"])

@@ -9,6 +9,7 @@ from streamlit.elements.lib import policies
 from streamlit.testing.v1 import AppTest
 
 from dashboard import navigation
+from tests.dashboard.conftest import wait_for_every_model
 
 Factory = Callable[[], AppTest]
 
@@ -115,6 +116,10 @@ def test_class_choice(make_app: Factory) -> None:
     at.multiselect(key="side_classes").set_value([6, 2]).run()
     if any(b.key == "state_prepare_confirm" for b in at.button):
         at.button(key="state_prepare_confirm").click().run()
+    _no_errors(at)
+    # Pullover's backbone features are not cached: the SVM is shown first, then both models.
+    assert len(_keys(at, "explain_inspect_svm_helpful_")) == 10
+    wait_for_every_model(at)
     _no_errors(at)
     assert at.session_state["state_settings"].classes == (2, 6)
     for model in ("svm", "logreg"):

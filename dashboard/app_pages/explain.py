@@ -292,7 +292,7 @@ def _inspector(model_key: str, train_index: int) -> None:
     )
 
 
-inspected = query.inspected(chosen, explainer)
+inspected = query.inspected(chosen, explainer, later=tuple(look.pending_labels))
 if inspected is not None:
     _inspector(inspected.model_key, inspected.train_index)
 

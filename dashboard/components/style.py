@@ -48,7 +48,7 @@ div.st-key-explain_title h3 {
   font-size: 1.3rem; overflow-wrap: normal; word-break: normal;
 }
 div.st-key-explain_title h3 code { white-space: nowrap; font-size: 0.9em; }
-div[class*="st-key-explain_model_"] h3 { font-size: 1.3rem; }
+div[class*="st-key-explain_model_"] h3, div[class*="st-key-explain_pending_"] h3 { font-size: 1.3rem; }
 </style>
 """
 

@@ -203,8 +203,9 @@ def watch(job: Preparation, settings: Settings, *, first_look: bool = False) -> 
                 text = f"Cancelling at the next stage report… ({text})"
             bar.progress(snap.fraction, text=f"{text} · {snap.elapsed:.0f} s")
         failed = job.error is not None
+        ready = "First look ready: the RBF SVM" if first_look else "Models ready"
         status.update(
-            label="Preparation stopped" if failed else f"Models ready ({job.seconds:.0f} s)",
+            label="Preparation stopped" if failed else f"{ready} ({job.seconds:.0f} s)",
             state="error" if failed else "complete",
             expanded=False,
         )

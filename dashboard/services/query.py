@@ -256,12 +256,18 @@ def close_inspector() -> None:
     st.session_state[_INSPECT] = None
 
 
-def inspected(query: Query, explainer: Explainer | None = None) -> Inspected | None:
+def inspected(
+    query: Query, explainer: Explainer | None = None, *, later: tuple[str, ...] = ()
+) -> Inspected | None:
     """The training image being inspected for this query, if any.
 
     A link's inspected image is checked here against ``explainer``'s models and training set.
+    ``later``: models still being prepared (the Explain page's first look); an inspection of
+    one of them waits for it, unchecked and not shown.
     """
     value = st.session_state.get(_INSPECT)
+    if value and value[0] in later:
+        return None
     asked = pending(_INSPECT)
     if asked is not None and explainer is not None:
         settle(_INSPECT)

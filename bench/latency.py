@@ -586,9 +586,14 @@ def time_startup(input_size: int | None = None) -> dict:
     from core.explainer import ExplainerConfig
 
     first_look_s = None
-    if "models" in ExplainerConfig.__dataclass_fields__:  # an older core has no first look
-        # What the dashboard's Explain page shows first from an empty cache: the SVM, which needs
-        # no backbone features; the full preparation starts after it (never beside it).
+    first_look = (
+        "models" in ExplainerConfig.__dataclass_fields__  # an older core has no first look
+        and Explainer(dataset).cost().uncached_images > 0
+    )
+    if first_look:
+        # What the dashboard's Explain page shows first when backbone features are missing: the
+        # SVM, which needs none; the full preparation starts after it (never beside it). With
+        # every feature cached the dashboard prepares both models at once, and so does this.
         look = Explainer(dataset, ExplainerConfig(models=("svm",))).prepare()
         assert len(look.explain(test_index=0, k=10).models) == 1
         first_look_s = time.perf_counter() - start
@@ -702,7 +707,7 @@ def startup_report(result: dict) -> tuple[str, list[str]]:
             [
                 f"**{label}**",
                 f"{cold[key]:.2f}",
-                f"{middle[key]:.2f}" if middle else "",
+                f"{middle[key]:.2f}" if middle and middle.get(key) is not None else "",
             ]
         )
     lines = []

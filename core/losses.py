@@ -24,14 +24,33 @@ class LossDerivatives(NamedTuple):
         loss: (n,) per-example loss.
         d1: (n, C) first derivative with respect to the scores.
         d2: (n, C, C) second derivative with respect to the scores.
-        factor: (n, C, r) with ``d2 = factor @ factorᵀ`` (r = C for the softmax and the
-            multiclass smooth hinge, 1 for the one-column binary losses).
+        factor: (n, C, r) with ``d2 = factor @ factorᵀ`` (r = C - 1 for the softmax and the
+            multiclass smooth hinge, their Hessians' rank (:func:`softmax_factor`); 1 for the
+            one-column binary losses).
     """
 
     loss: torch.Tensor
     d1: torch.Tensor
     d2: torch.Tensor
     factor: torch.Tensor
+
+
+def softmax_factor(probs: torch.Tensor) -> torch.Tensor:
+    """B (n, C, C - 1) with B Bᵀ = diag(p) - p pᵀ for every row p of ``probs`` (n, C).
+
+    The square root diag(√p) - p √pᵀ is C x C, but √p is in its null space (Σ p = 1). A
+    Householder reflection per row, H = I - 2 v vᵀ / vᵀv with v = √p + e_C (vᵀv >= 2, so stable
+    however confident the row), maps e_C to -√p; the root times H has that null direction as its
+    last column, exactly zero, and the other C - 1 columns keep B Bᵀ. One column fewer is what
+    the dual Newton step and the Newton-corrected estimate work with (n·(C - 1) instead of n·C:
+    2,400 instead of 3,600 for a three-class fold of 1,200 images).
+    """
+    root = probs.sqrt()
+    full = torch.diag_embed(root) - probs[:, :, None] * root[:, None, :]
+    v = root.clone()
+    v[:, -1] += 1.0
+    along = torch.einsum("ncd,nd->nc", full, v) * (2.0 / (v * v).sum(1))[:, None]
+    return (full - along[:, :, None] * v[:, None, :])[:, :, :-1]
 
 
 class Loss(ABC):
@@ -187,8 +206,8 @@ class MulticlassSmoothHinge(Loss):
     It is t times the softmax cross-entropy of the loss-augmented scores v = (s + 1 - e_y)/t
     (the label's own score gets no margin): log Σ_c exp(v_c) - v_y is the expression above. So
     with p = softmax(v) the derivatives are those of the softmax scaled by the temperature:
-    gradient p - e_y, Hessian (diag(p) - p pᵀ)/t, whose factor diag(√p) - p √pᵀ over √t has
-    rank C - 1 (adding a constant to every score changes nothing).
+    gradient p - e_y, Hessian (diag(p) - p pᵀ)/t, of rank C - 1 (adding a constant to every
+    score changes nothing), with :func:`softmax_factor` over √t as its factor.
     """
 
     def __init__(self, temperature: float) -> None:
@@ -215,8 +234,7 @@ class MulticlassSmoothHinge(Loss):
         loss = -t * torch.gather(log_probs, 1, labels[:, None].long())[:, 0]
         d1 = probs - F.one_hot(labels.long(), scores.shape[1]).to(scores.dtype)
         d2 = (torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]) / t
-        root = probs.sqrt()
-        factor = (torch.diag_embed(root) - probs[:, :, None] * root[:, None, :]) / math.sqrt(t)
+        factor = softmax_factor(probs) / math.sqrt(t)
         return LossDerivatives(loss, d1, d2, factor)
 
 
@@ -236,10 +254,7 @@ class SoftmaxCrossEntropy(Loss):
         loss = -torch.gather(log_probs, 1, labels[:, None].long())[:, 0]
         d1 = probs - F.one_hot(labels.long(), scores.shape[1]).to(scores.dtype)
         d2 = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
-        # diag(p) - p pᵀ = B Bᵀ with B = diag(√p) - p √pᵀ, because Σ p = 1.
-        root = probs.sqrt()
-        factor = torch.diag_embed(root) - probs[:, :, None] * root[:, None, :]
-        return LossDerivatives(loss, d1, d2, factor)
+        return LossDerivatives(loss, d1, d2, softmax_factor(probs))
 
     def value_change(
         self, scores: torch.Tensor, changes: torch.Tensor, labels: torch.Tensor

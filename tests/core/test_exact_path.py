@@ -176,8 +176,10 @@ def test_kernel_svm(classes):
     ).astype(np.int64)
     model = KernelSVM(gamma=0.05, l2=1e-2, temperature=0.1).fit(X, y)
     engine = InfluenceEngine(model)
-    # The SVM's features are the rows of the kernel's Cholesky factor: n·r = p, primal form.
-    assert engine.solver.form == "primal"
+    # The SVM's features are the rows of the kernel's Cholesky factor (n columns): with two
+    # classes n·r = n = p, the primal form; with C the factor has rank C - 1, n·(C - 1) < n·C = p,
+    # the dual form.
+    assert engine.solver.form == ("primal" if classes == 2 else "dual")
     _check_engine(engine, X_test, y_test, _reference(model, X_test, y_test))
 
 

@@ -52,6 +52,19 @@ def test_loss_derivatives_match_autodiff(name):
     torch.testing.assert_close(derivs.d2, d2, rtol=1e-8, atol=1e-10)
     factor = derivs.factor
     torch.testing.assert_close(factor @ factor.transpose(1, 2), d2, rtol=1e-8, atol=1e-10)
+    # As many columns as the Hessian's rank: C - 1 for the multi-class losses (their scores are
+    # only defined up to a constant), 1 for the binary ones.
+    assert factor.shape == (64, n_outputs, max(1, n_outputs - 1))
+    confident = torch.zeros(2, n_outputs, dtype=torch.float64)
+    confident[0, 0] = confident[1, -1] = 60.0  # a row certain of its first, one of its last class
+    sure = loss.derivatives(confident, torch.tensor([0, n_classes - 1])).factor
+    assert torch.isfinite(sure).all()
+    torch.testing.assert_close(
+        sure @ sure.transpose(1, 2),
+        loss.derivatives(confident, torch.tensor([0, n_classes - 1])).d2,
+        rtol=1e-8,
+        atol=1e-14,
+    )
 
 
 def _fitted_models(make_logreg_problem, make_svm_problem):

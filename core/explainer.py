@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -107,6 +107,10 @@ ROWS_PER_BLOCK = 4096
 #: The built-in models, in display order: the RBF SVM on pixels, logistic regression on the
 #: backbone's features (the user's network, when given, follows them).
 BUILTIN_MODELS = ("svm", "logreg")
+
+
+#: The built-in models that need no learned features: ready in seconds from an empty cache.
+FEATURELESS_MODELS = ("svm",)
 
 
 def default_classes(dataset: Dataset) -> tuple[int, int]:
@@ -205,6 +209,16 @@ class ExplainerConfig:
             )
         if self.max_train_per_class is not None and self.max_train_per_class < 2:
             raise InfluenceExplorerError("max_train_per_class must be at least 2 or None.")
+
+
+def first_look_config(config: ExplainerConfig) -> ExplainerConfig | None:
+    """``config`` with only the models that need no backbone or network features
+    (:data:`FEATURELESS_MODELS`), for a front end to show while the rest is prepared; None when
+    that would show nothing, or everything ``config`` has."""
+    featureless = tuple(m for m in config.models if m in FEATURELESS_MODELS)
+    if not featureless or (featureless == config.models and config.network is None):
+        return None
+    return replace(config, models=featureless, network=None, network_l2=None)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from typing import Any
 
 import streamlit as st
 
+from dashboard.components import preparing
 from dashboard.components.images import Tile, colour_bar, signed_overlay, tile_grid, upscale
 from dashboard.components.trust import trust_link
 from dashboard.services import (
@@ -14,14 +15,13 @@ from dashboard.services import (
     engines,
     explanations,
     facts,
+    first_look,
     links,
     query,
     trust,
     uploads,
 )
-from dashboard.services.engines import Preparation
 from dashboard.services.explanations import QUICK_CHECK_K, SIGN_CONVENTION
-from dashboard.services.preparing import stage_text
 from dashboard.services.settings import ESTIMATE_LABELS, current_settings
 from dashboard.services.widgets import initial_value
 
@@ -46,19 +46,6 @@ def _go_to_test_image() -> None:
         query.select_test_image(int(index))
 
 
-@st.fragment(run_every=1.0)
-def _pending(job: Preparation, n_train: int) -> None:
-    """The full preparation's progress in a model's place; the page runs again once it is done."""
-    job.touch()  # watched: the preparation goes on
-    if job.finished:
-        st.rerun(scope="app")
-    snap = job.snapshot()
-    st.progress(
-        snap.fraction,
-        text=f"{stage_text(snap.stage, snap.done, snap.total, n_train)} · {snap.elapsed:.0f} s",
-    )
-
-
 def _relative(share: float) -> str:
     """A score as a share of the current loss, e.g. "+92% of loss" or "+3.1× loss"."""
     if not math.isfinite(share):
@@ -71,7 +58,7 @@ st.markdown(SIGN_CONVENTION)
 
 settings = current_settings()
 # While the backbone's features are computed, the RBF SVM is shown first (a "first look").
-look = engines.explainer_or_first_look(settings)
+look = first_look.explainer_or_first_look(settings)
 explainer = look.explainer
 names = facts.class_names(explainer)
 n_test = facts.n_test(explainer)
@@ -204,48 +191,9 @@ with picked_col:
                 key="explain_back_to_upload",
                 on_click=query.select_upload,
             )
-    if look.pending:
-        st.caption(
-            "Downloads and the check by retraining open once every model is ready; the "
-            "address in the browser's bar already opens this view."
-        )
-    else:
-        with (
-            st.container(key="explain_exports"),
-            st.popover("Keep or share", icon=":material/share:", width="stretch"),
-        ):
-            st.caption(
-                "The address in the browser's bar opens this very view (image, settings, estimate, "
-                "k) for anyone with access to this server."
-                + (
-                    " Your upload is kept on the server by content, never listed."
-                    if chosen.upload
-                    else ""
-                )
-            )
-            documents = explanations.explanation_documents(
-                explainer,
-                chosen,
-                settings,
-                explanation,
-                link=links.view_link(settings, explainer, essential=True),
-                checks=quick_check,
-            )
-            for label, suffix, data, mime in (
-                ("Report (HTML)", "html", documents.html, "text/html"),
-                ("All scores (CSV)", "csv", documents.csv, "text/csv"),
-                ("All scores (JSON)", "json", documents.json, "application/json"),
-            ):
-                st.download_button(
-                    label,
-                    data=data,
-                    file_name=f"{documents.stem}.{suffix}",
-                    mime=mime,
-                    key=f"explain_download_{suffix}",
-                    on_click="ignore",
-                    icon=":material/download:",
-                    width="stretch",
-                )
+    preparing.downloads(
+        explainer, chosen, settings, explanation, quick_check, ready=not look.pending
+    )
 
 # ---------------------------------------------------------------- the heatmap view
 
@@ -311,14 +259,8 @@ columns = st.columns(len(model_labels) + len(look.pending_labels), gap="large")
 for column, (key, label) in zip(
     columns[len(model_labels) :], look.pending_labels.items(), strict=True
 ):
-    with column, st.container(key=f"explain_pending_{key}"):
-        st.subheader(label)
-        st.caption(
-            "Being prepared in the background: its backbone features are computed once per "
-            "image and cached. It appears here by itself when ready; the other pages open then."
-        )
-        assert look.pending is not None
-        _pending(look.pending, n_train)
+    with column:
+        preparing.pending_model(key, label, look.pending, n_train)  # type: ignore[arg-type]
 for column, (key, label) in zip(columns[: len(model_labels)], model_labels.items(), strict=True):
     model = explanation.models[key]
     scale = explanations.score_scale(model)

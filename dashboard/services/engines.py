@@ -6,7 +6,6 @@ control that fixes it.
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from collections import OrderedDict
@@ -260,7 +259,7 @@ def preparations() -> Preparations:
     return Preparations()
 
 
-def _start(engine: EngineSpec, dataset: Dataset) -> Preparation:
+def start_preparation(engine: EngineSpec, dataset: Dataset) -> Preparation:
     def build(job: Preparation) -> Explainer:
         explainer = Explainer(dataset, engine.config, store=ArtifactStore())
         # Construction is cheap and knows the sizes; the estimate decides admission.
@@ -281,7 +280,7 @@ def preparation(settings: Settings) -> Preparation:
     # settings.engine builds (and so validates) core's config in this thread, so an invalid
     # setting reaches the page directly rather than through the background thread.
     engine = settings.engine
-    return preparations().get(engine, lambda: _start(engine, dataset))
+    return preparations().get(engine, lambda: start_preparation(engine, dataset))
 
 
 def explainer_if_ready(settings: Settings | None = None) -> Explainer | None:
@@ -304,7 +303,7 @@ def require_explainer(settings: Settings | None = None) -> Explainer:
     settings = settings or current_settings()
     for _ in range(2):
         try:
-            _ask_first(settings)
+            ask_first(settings)
             job = preparation(settings)
         except InfluenceExplorerError as exc:
             st.error(error_message(exc, settings))
@@ -312,7 +311,7 @@ def require_explainer(settings: Settings | None = None) -> Explainer:
         if not job.finished:
             preparing.watch(job, settings)
         if job.cancelled:
-            _ask_first(settings)
+            ask_first(settings)
         # Abandoned just before this session came to watch it: the second call starts anew.
         if not job.abandoned:
             break
@@ -331,97 +330,7 @@ def require_explainer(settings: Settings | None = None) -> Explainer:
     return job.result
 
 
-@dataclass(frozen=True)
-class FirstLook:
-    """What the Explain page shows while the full preparation runs: the models that need no
-    backbone features (the RBF SVM on pixels), prepared in seconds, and the full preparation's
-    job, whose progress stands in for the models still to come.
-
-    Attributes:
-        explainer: the SVM-only explainer (``config.models == ("svm",)``), prepared.
-        pending: the full preparation, running; ``None`` once nothing is pending.
-        pending_labels: key -> label of the models the full preparation adds.
-    """
-
-    explainer: Explainer
-    pending: Preparation | None
-    pending_labels: dict[str, str]
-
-
-def _first_look_engine(engine: EngineSpec) -> EngineSpec | None:
-    """The SVM-only engine for ``engine``, or None when a first look would add nothing (the
-    engine fits no SVM, or the SVM alone)."""
-    config = engine.config
-    if "svm" not in config.models or config.models == ("svm",):
-        return None
-    return dataclasses.replace(engine, config=dataclasses.replace(config, models=("svm",)))
-
-
-def explainer_or_first_look(settings: Settings | None = None) -> FirstLook:
-    """The explainer for the sidebar's settings, or, while its backbone features are still to
-    be computed, a first look at the models that need none (see :class:`FirstLook`).
-
-    The first look is taken only when it saves the user a wait: the full preparation is not
-    finished and either a first look was prepared already or the backbone features of the
-    chosen images are not all cached (otherwise the full preparation takes seconds, and its
-    progress is shown as on every page). The full preparation starts once the first look is
-    ready, so the two never compete for the processor. Errors are shown as in
-    :func:`require_explainer`.
-    """
-    settings = settings or current_settings()
-    try:
-        _ask_first(settings)
-        engine = settings.engine
-        look_engine = _first_look_engine(engine)
-        full = preparations().peek(engine)
-        if look_engine is None or (full is not None and full.finished):
-            if look_engine is not None:
-                preparations().forget(look_engine)  # the full explainer holds the same SVM
-            return FirstLook(require_explainer(settings), None, {})
-        look = preparations().peek(look_engine)
-        if look is not None and look.cancelled:
-            # Cancelled while the user watched it: ask before preparing anything again.
-            preparations().forget(look_engine)
-            preparing.forget(engine)
-            st.info(f"{look.error}", icon="⏹️")
-            preparing.ask(settings)
-        if look is not None and look.abandoned:
-            look = None  # nobody watched it: started again below if still wanted
-        if look is not None:  # running, or finished: shown unless it failed
-            wanted = not (look.finished and look.error is not None)
-        else:
-            wanted = full is None and preparing.estimate(engine).uncached_images > 0
-        if not wanted:
-            return FirstLook(require_explainer(settings), None, {})
-        dataset = load_dataset(settings.dataset, settings.image_size)
-        look = preparations().get(look_engine, lambda: _start(look_engine, dataset))
-    except InfluenceExplorerError as exc:
-        st.error(error_message(exc, settings))
-        st.stop()
-    if not look.finished:
-        preparing.watch(look, settings, first_look=True)
-    if look.error is not None or look.result is None:
-        # The full preparation reports what went wrong (the same data, the same SVM).
-        return FirstLook(require_explainer(settings), None, {})
-    try:
-        full = preparation(settings)
-    except InfluenceExplorerError as exc:
-        st.error(error_message(exc, settings))
-        st.stop()
-    if full.finished:
-        return FirstLook(require_explainer(settings), None, {})
-    labels = {key: label for key, label, _ in full_model_specs(look.result, engine)}
-    pending = {key: label for key, label in labels.items() if key not in look.result.models}
-    return FirstLook(look.result, full, pending)
-
-
-def full_model_specs(look: Explainer, engine: EngineSpec) -> tuple[tuple[str, str, str], ...]:
-    """(key, label, short label) of every model ``engine``'s explainer will hold, in display
-    order, from an explainer on the same data (constructing one is cheap)."""
-    return Explainer(look.source, engine.config, store=look.store).model_specs
-
-
-def _ask_first(settings: Settings) -> None:
+def ask_first(settings: Settings) -> None:
     """Before starting (or restarting) a preparation: after a cancelled one, say so and offer it
     again; for a large choice nobody has confirmed, show its cost and wait (both stop the page).
 

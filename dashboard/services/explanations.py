@@ -84,8 +84,7 @@ def _explanation(
     _explainer: Explainer,
     _engine_args: dict[str, Any],
 ) -> Explanation:
-    # The settings key the engine, k and the estimate: everything the explanation depends on,
-    # with the models (the Explain page's first look holds the SVM alone).
+    # The settings key the engine, k and the estimate; with the models (a first look has fewer).
     return _explainer.explain(k=settings.k, estimate=settings.estimate, **_engine_args)
 
 

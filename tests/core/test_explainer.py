@@ -19,7 +19,13 @@ from core.errors import (
     NonFiniteFeaturesError,
     SolverDivergedError,
 )
-from core.explainer import LOGREG_L2_GRID, Explainer, ExplainerConfig, default_classes
+from core.explainer import (
+    LOGREG_L2_GRID,
+    Explainer,
+    ExplainerConfig,
+    default_classes,
+    first_look_config,
+)
 from core.influence import LiSSAWarning, SolverConfig
 from core.store import ArtifactStore, CacheKey
 from tests.core.test_store import DAMAGE
@@ -547,6 +553,10 @@ def test_an_svm_only_explainer_computes_no_backbone_feature(tiny, tmp_path, monk
     together = full.explain(test_index=3, k=5).models["svm"]
     np.testing.assert_allclose(alone.scores, together.scores, rtol=1e-6, atol=1e-12)
     assert [i.train_index for i in alone.helpful] == [i.train_index for i in together.helpful]
+    # What a front end shows first: the SVM alone, unless that is all there is.
+    assert first_look_config(ExplainerConfig()) == ExplainerConfig(models=("svm",))
+    assert first_look_config(ExplainerConfig(models=("svm",))) is None
+    assert first_look_config(ExplainerConfig(models=("logreg",))) is None
     # Any order names the same models, shown in display order; nothing else is accepted.
     assert ExplainerConfig(models=("logreg", "svm")).models == ("svm", "logreg")
     assert ExplainerConfig(models="logreg").models == ("logreg",)

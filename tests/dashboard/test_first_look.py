@@ -18,7 +18,7 @@ from streamlit.testing.v1 import AppTest
 
 from core.features import EfficientNetLite0Featurizer
 from core.store import ENV_CACHE_DIR
-from dashboard.services import engines
+from dashboard.services import engines, first_look
 from dashboard.services.settings import Settings
 from tests.dashboard.conftest import APP, RUN_TIMEOUT
 
@@ -63,7 +63,7 @@ def test_the_svm_is_explained_while_the_backbone_features_are_computed(
         time.sleep(0.1)
     assert calls, "the full preparation never asked for backbone features"
 
-    look_engine = engines._first_look_engine(Settings().engine)
+    look_engine = first_look.first_look_engine(Settings().engine)
     look = engines.preparations().peek(look_engine)
     assert look is not None and look.finished
     go.set()
@@ -90,5 +90,5 @@ def test_the_svm_is_explained_while_the_backbone_features_are_computed(
 def test_no_first_look_when_the_features_are_cached(make_app) -> None:
     at = make_app().run()
     assert not at.exception and not at.error
-    assert engines.preparations().peek(engines._first_look_engine(Settings().engine)) is None
+    assert engines.preparations().peek(first_look.first_look_engine(Settings().engine)) is None
     assert _keys(at, "explain_inspect_logreg_helpful_")

@@ -53,7 +53,10 @@ def default_slots(environ: dict[str, str] | None = None) -> int:
     return int(text)
 
 
-@dataclass
+# Compared by identity: two requests for the same work (sessions verifying on the same models)
+# are equal in every other field, and leaving, or asking one's place, must find the entry that
+# asks, not the first equal one.
+@dataclass(eq=False)
 class _Entry:
     estimate: WorkEstimate
     label: str

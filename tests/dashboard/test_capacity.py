@@ -1,5 +1,6 @@
 """The work queue: a bounded number of slots, first come first served, a memory budget, and the
-place in the queue a waiting user is shown; requests that leave while queued."""
+place in the queue a waiting user is shown; requests that leave while queued, and entries whose
+thread has ended without leaving."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from core.budget import MemoryBudget, WorkEstimate
 from core.errors import InfluenceExplorerError, MemoryBudgetError, ServerBusyError
 from dashboard.services import capacity
 from dashboard.services.capacity import WorkQueue, default_slots, queue_message
+from dashboard.services.engines import Preparation
 from dashboard.services.runs import SessionRuns
 
 MIB = 2**20
@@ -145,7 +147,7 @@ def test_the_number_of_slots_comes_from_the_environment() -> None:
             default_slots({"INFLUENCE_WORKERS": bad})
 
 
-# ------------------------------------------------------------ requests that leave while queued
+# ------------------------------------------------- requests that leave, owners that have ended
 
 
 class Session:
@@ -311,3 +313,58 @@ def test_a_session_that_navigates_away_while_queued_strands_nobody(
     )
     assert running.outcome == "ran" and second.outcome == "ran"
     assert queue.running == 0 and queue.waiting == 0 and queue.budget.reserved == 0
+
+
+def _ended_thread(target: Callable[[], object]) -> threading.Thread:
+    thread = threading.Thread(target=target, name="ended-without-leaving")
+    thread.start()
+    thread.join(timeout=STUCK_AFTER_S)
+    assert not thread.is_alive()
+    return thread
+
+
+def test_work_whose_thread_ended_without_leaving_gives_its_slot_and_memory_back(
+    sessions: Callable[..., Session],
+) -> None:
+    # Budget 1000 MiB, 100 MiB resident: the ghost's 600 MiB reservation leaves too little for
+    # the next 600 MiB request, which must run once the ghost is dropped.
+    queue = WorkQueue(1, budget(1000, resident_mib=100))
+    tickets = []
+    _ended_thread(lambda: tickets.append(queue.join(work(600))))
+    assert tickets[0].admitted and queue.budget.reserved == 600 * MIB  # admitted at join
+    waiting = sessions("waiting", queue, mib=600).start()
+    assert waiting.done.wait(STUCK_AFTER_S), f"stuck behind the ended thread: {waiting.notices}"
+    assert waiting.outcome == "ran"
+    assert queue.running == 0 and queue.waiting == 0 and queue.budget.reserved == 0
+    tickets[0].leave()  # a late leave is harmless
+    assert queue.budget.reserved == 0
+
+
+def test_a_queued_entry_whose_thread_ended_is_not_admitted_or_counted(
+    sessions: Callable[..., Session],
+) -> None:
+    queue = WorkQueue(1, budget(10_000))
+    holder = sessions("holder", queue, gate=threading.Event()).start()
+    until(lambda: queue.running == 1, "the holder runs")
+    _ended_thread(lambda: queue.join(work(10)))  # queued at the head, then its thread ended
+    waiting = sessions("waiting", queue).start()
+    until(lambda: bool(waiting.notices), "the waiting session is told its place")
+    # Only the running holder is ahead: the ended thread's place is not counted.
+    assert "**1 request ahead of yours**" in waiting.notices[-1]
+    assert holder.gate is not None
+    holder.gate.set()
+    assert waiting.done.wait(STUCK_AFTER_S), f"stuck behind the ended thread: {waiting.notices}"
+    assert waiting.outcome == "ran" and queue.running == 0 and queue.waiting == 0
+
+
+def test_a_preparation_is_not_stuck_behind_work_whose_thread_ended() -> None:
+    queue = WorkQueue(1, budget(10_000))
+    _ended_thread(lambda: queue.join(work(10)))  # admitted, holding the only slot
+
+    def build(job: Preparation) -> object:
+        with job.admitted(work(100, "preparing the models")):
+            return "explainer"
+
+    job = Preparation(build, queue=queue, abandon_after=STUCK_AFTER_S * 3)
+    assert job.wait(STUCK_AFTER_S), f"the preparation is stuck at {job.snapshot().stage!r}"
+    assert job.result == "explainer" and queue.running == 0

@@ -14,10 +14,18 @@ experiments, a fragility live run) goes through one :class:`WorkQueue` per serve
 The work itself runs in the session's own script thread once admitted (so its progress bar and
 Streamlit's stop-on-navigation work as before); the queue only decides when it may start. Nothing
 here but :func:`heavy_work` touches Streamlit, so the queue is tested without a server.
+
+Every entry remembers the thread that joined (its **owner**: the script thread, or a preparation's
+background thread), which is the thread that leaves. An entry whose owner has ended without
+leaving can never be left, so whenever the queue is consulted (a request joins, leaves, waits or
+asks its place) such entries are dropped and their memory reservations released: a waiting user
+never waits behind work nobody will finish. The queue cannot tell a live owner that is stuck from
+one that is busy, so it does not try: work that is admitted runs as long as its thread does.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -27,7 +35,7 @@ from dataclasses import dataclass
 
 import streamlit as st
 
-from core.budget import MemoryBudget, WorkEstimate, network_estimate, refit_estimate
+from core.budget import MemoryBudget, Reservation, WorkEstimate, network_estimate, refit_estimate
 from core.errors import InfluenceExplorerError, MemoryBudgetError
 from core.explainer import Explainer
 
@@ -35,6 +43,11 @@ from core.explainer import Explainer
 ENV_WORKERS = "INFLUENCE_WORKERS"
 #: Most requests waiting at once; beyond that a request is told to come back later.
 MAX_WAITING = 64
+#: Seconds a waiting thread sleeps at most before it looks again for entries whose owner has
+#: ended (nobody else would wake it for them).
+RECHECK_S = 1.0
+
+_LOGGER = logging.getLogger(__name__)
 
 
 def default_slots(environ: dict[str, str] | None = None) -> int:
@@ -53,13 +66,18 @@ def default_slots(environ: dict[str, str] | None = None) -> int:
     return int(text)
 
 
-@dataclass
+# Compared by identity: two requests for the same work (sessions verifying on the same models)
+# are equal in every other field, and leaving, or asking one's place, must find the entry that
+# asks, not the first equal one.
+@dataclass(eq=False)
 class _Entry:
     estimate: WorkEstimate
     label: str
+    #: The thread that joined, and so the one that waits, runs the work and leaves.
+    owner: threading.Thread
     admitted: bool = False
     refused: MemoryBudgetError | None = None
-    reservation: object | None = None
+    reservation: Reservation | None = None
 
 
 class Ticket:
@@ -79,7 +97,8 @@ class Ticket:
         return self._queue._ahead(self._entry)
 
     def wait(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds to be admitted; True once admitted.
+        """Wait up to ``timeout`` seconds to be admitted; True once admitted. Call it from the
+        thread that joined (the queue drops an entry once that thread has ended).
 
         Raises:
             MemoryBudgetError: the work was refused (it cannot fit in the memory budget).
@@ -93,6 +112,9 @@ class Ticket:
 
 class WorkQueue:
     """A bounded number of slots, first come first served, admitted against a memory budget.
+
+    The thread that joins owns its entry; entries whose owner has ended without leaving are
+    dropped (their reservations released) whenever the queue is consulted.
 
     Args:
         slots: pieces of work that may run at once.
@@ -114,11 +136,13 @@ class WorkQueue:
     @property
     def running(self) -> int:
         with self._changed:
+            self._tidy()
             return len(self._running)
 
     @property
     def waiting(self) -> int:
         with self._changed:
+            self._tidy()
             return len(self._waiting)
 
     def join(self, estimate: WorkEstimate, label: str = "") -> Ticket:
@@ -133,8 +157,9 @@ class WorkQueue:
 
         if not self.budget.could_ever_fit(estimate):
             raise self.budget.refusal(estimate)
-        entry = _Entry(estimate, label or estimate.what)
+        entry = _Entry(estimate, label or estimate.what, threading.current_thread())
         with self._changed:
+            self._drop_vanished()
             if len(self._waiting) >= self.max_waiting:
                 raise ServerBusyError(
                     f"The server has {len(self._waiting)} requests waiting already; try again "
@@ -143,6 +168,33 @@ class WorkQueue:
             self._waiting.append(entry)
             self._admit()
         return Ticket(self, entry)
+
+    def _drop_vanished(self) -> None:
+        # Called with the lock held. An entry whose owner thread has ended will never be left: its
+        # slot and reservation would be held, or its place at the head kept, for good.
+        for entry in [e for e in (*self._running, *self._waiting) if not e.owner.is_alive()]:
+            _LOGGER.warning(
+                "Work queue: dropped %s %r, whose thread %r ended without leaving the queue.",
+                "running" if entry.admitted else "waiting",
+                entry.label,
+                entry.owner.name,
+            )
+            self._discard(entry)
+
+    def _discard(self, entry: _Entry) -> None:
+        # Called with the lock held: the entry gives up its place, or its slot and reservation.
+        if entry in self._waiting:
+            self._waiting.remove(entry)
+        if entry in self._running:
+            self._running.remove(entry)
+        if entry.reservation is not None:
+            self.budget.release(entry.reservation)
+            entry.reservation = None
+
+    def _tidy(self) -> None:
+        # Called with the lock held, wherever the queue is consulted.
+        self._drop_vanished()
+        self._admit()
 
     def _admit(self) -> None:
         # Called with the lock held. Strictly first come, first served: the head waits for a slot
@@ -166,6 +218,7 @@ class WorkQueue:
 
     def _ahead(self, entry: _Entry) -> int:
         with self._changed:
+            self._tidy()
             if entry.admitted or entry not in self._waiting:
                 return 0
             return self._waiting.index(entry) + len(self._running)
@@ -173,25 +226,23 @@ class WorkQueue:
     def _wait(self, entry: _Entry, timeout: float) -> bool:
         deadline = time.monotonic() + max(0.0, timeout)
         with self._changed:
-            while not entry.admitted and entry.refused is None:
+            while True:
+                self._tidy()
+                if entry.refused is not None:
+                    raise entry.refused
+                if entry.admitted:
+                    return True
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
-                self._changed.wait(remaining)
-            if entry.refused is not None:
-                raise entry.refused
-            return True
+                # Bounded, so that an entry ahead whose owner has ended is noticed: nobody
+                # leaves for it, so nothing else would wake this thread.
+                self._changed.wait(min(remaining, RECHECK_S))
 
     def _leave(self, entry: _Entry) -> None:
         with self._changed:
-            if entry in self._waiting:
-                self._waiting.remove(entry)
-            if entry in self._running:
-                self._running.remove(entry)
-                if entry.reservation is not None:
-                    self.budget.release(entry.reservation)  # type: ignore[arg-type]
-                    entry.reservation = None
-            self._admit()
+            self._discard(entry)
+            self._tidy()
             self._changed.notify_all()
 
     @contextmanager

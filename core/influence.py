@@ -65,6 +65,7 @@ from core.linalg import (
     quadratic_forms,
     row_gram,
     spectrum_from_hessian,
+    t_times,
 )
 from core.losses import Loss, LossDerivatives
 from core.models import LinearModel, as_float64, as_labels
@@ -527,7 +528,7 @@ class ExactSolver(InverseHVPSolver):
         with self.stages.stage(
             "training features times weights", 2 * n * d * c * k, 8 * (n * d + (d + n) * c * k)
         ):
-            back = (features.T @ weights.reshape(n, c * k)).reshape(d * c, k)
+            back = t_times(features, weights.reshape(n, c * k)).reshape(d * c, k)
         out = (columns - back) / self._dual.lam
         return out[:, 0] if squeeze else out
 

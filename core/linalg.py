@@ -390,7 +390,27 @@ def lanczos_spectrum(hvp: MatVec, n_params: int, iterations: int = 80, seed: int
     return Spectrum(float(ritz[0]), float(ritz[-1]), "lanczos", steps)
 
 
+#: Up to this many columns, Xᵀ T is formed as (Tᵀ X)ᵀ (see :func:`t_times`).
+THIN_COLUMNS = 16
+
+
+def t_times(matrix: torch.Tensor, thin: torch.Tensor) -> torch.Tensor:
+    """Xᵀ T for a tall ``matrix`` X (n, d) and T (n, k): the gradient and Hessian-vector products
+    of a multi-class model (k = C outputs, or C·vectors).
+
+    For a few columns (2 <= k <= :data:`THIN_COLUMNS`) the BLAS under torch takes a slow path for
+    the transposed product: ``X.T @ T`` with n = 48,000, d = 1280 took 2.8-11 s for k = 2-10,
+    against 0.14-0.37 s for the same numbers as ``(T.T @ X).T`` (2 cores, torch 2.14; at k = 1
+    both are a matrix-vector product, from k = 30 ``X.T @ T`` is the faster). Returns: (d, k),
+    possibly a transposed view.
+    """
+    if 2 <= thin.shape[1] <= THIN_COLUMNS:
+        return (thin.T @ matrix).T
+    return matrix.T @ thin
+
+
 __all__ = [
+    "THIN_COLUMNS",
     "CGResult",
     "Spectrum",
     "StageCost",
@@ -405,5 +425,6 @@ __all__ = [
     "quadratic_forms",
     "row_gram",
     "spectrum_from_hessian",
+    "t_times",
     "weighted_gram",
 ]

@@ -33,7 +33,14 @@ import numpy as np
 import torch
 
 from core.errors import ConvergenceError, InfluenceExplorerError, NotFittedError
-from core.linalg import STRIP, CGResult, cholesky_solve, conjugate_gradient, weighted_gram
+from core.linalg import (
+    STRIP,
+    CGResult,
+    cholesky_solve,
+    conjugate_gradient,
+    t_times,
+    weighted_gram,
+)
 from core.losses import (
     LogisticLoss,
     Loss,
@@ -395,7 +402,7 @@ class LinearModel:
 
     def _features_t_times(self, matrix: torch.Tensor) -> torch.Tensor:
         """Φᵀ M for M (n, m). Returns: (d, m)."""
-        return self.features_.T @ matrix
+        return t_times(self.features_, matrix)
 
     def _block_matrix(self, theta: torch.Tensor) -> torch.Tensor:
         """k parameter vectors (k, p) as the (d, k·C) matrix whose product with Φ gives their
@@ -651,7 +658,7 @@ class LinearModel:
         rhs = (torch.einsum("jc,jck->jk", projected, factor) * scale[:, None]).reshape(n * r)
         solved = cholesky_solve(torch.linalg.cholesky(small), rhs).reshape(n, r)
         back = torch.einsum("jck,jk->jc", factor, solved) * scale[:, None]
-        return (grad - (features.T @ back).reshape(-1)) / self.l2
+        return (grad - t_times(features, back).reshape(-1)) / self.l2
 
     # ------------------------------------------------------------------ objective & derivatives
     def _require_fitted(self) -> None:
@@ -683,7 +690,7 @@ class LinearModel:
         derivs = self._derivatives(self.features_, self.labels_, theta)
         w = self.sample_weight_
         value = float(w @ derivs.loss) / n + 0.5 * self.l2 * float(theta @ theta)
-        grad = (self.features_.T @ (w[:, None] * derivs.d1)).reshape(-1) / n + self.l2 * theta
+        grad = t_times(self.features_, w[:, None] * derivs.d1).reshape(-1) / n + self.l2 * theta
         return value, grad, derivs
 
     def objective(self, theta: Any | None = None) -> float:
@@ -785,7 +792,7 @@ class LinearModel:
         v3 = v.reshape(d, c, k)
         s = torch.einsum("nd,dck->nck", features, v3)
         t = torch.einsum("nce,nek->nck", d2, s) * (w / denominator)[:, None, None]
-        out = torch.einsum("nd,nck->dck", features, t).reshape(d * c, k) + self.l2 * v
+        out = t_times(features, t.reshape(-1, c * k)).reshape(d * c, k) + self.l2 * v
         return out[:, 0] if squeeze else out
 
     def hvp(self, vectors: Any, indices: Any | None = None) -> torch.Tensor:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from core.backend.shards import Shard, make_shard
-from core.linalg import DTYPE
+from core.linalg import DTYPE, t_times
 from core.losses import Loss, LossDerivatives
 
 #: Rows converted to float64 and processed at once (bounds a kernel's temporary memory).
@@ -103,10 +103,10 @@ def objective_terms(
         w = _weights(weights, start, stop)
         if w is None:
             value += float(derivs.loss.sum())
-            gradient += X.T @ derivs.d1
+            gradient += t_times(X, derivs.d1)
         else:
             value += float(w @ derivs.loss)
-            gradient += X.T @ (w[:, None] * derivs.d1)
+            gradient += t_times(X, w[:, None] * derivs.d1)
     derivs = LossDerivatives(*(torch.cat(field) for field in zip(*parts, strict=True)))
     return ShardTerms(derivs, value, gradient.reshape(-1))
 
@@ -174,7 +174,7 @@ def hvp_part(
         scale = (torch.ones(X.shape[0], dtype=DTYPE) if w is None else w) / denominator
         s = torch.einsum("nd,dck->nck", X, V3)
         t = torch.einsum("nce,nek->nck", d2, s) * scale[:, None, None]
-        out += torch.einsum("nd,nck->dck", X, t)
+        out += t_times(X, t.reshape(-1, c * k)).reshape(d, c, k)
     return out.reshape(d * c, k)
 
 

@@ -21,10 +21,10 @@ Each step's latency is the time from the user's action until the page shows its 
 script run has finished); a verification is judged by what the page shows
 (``bench/load_page.py``: this session's run at k listed, its chart and metrics drawn, no exception
 or error), and a failed session's page is recorded (its state, messages, visible text and a
-screenshot under ``test-artifacts/``). Isolation is checked on the way: each page must show its own test image,
-its own upload (file name *and* original size) and its own verification, and no page may show
-another session's file name or test image heading. The server's resident memory (VmRSS) is
-sampled every half second; VmHWM gives its peak. After the last wave every browser context is
+screenshot under ``test-artifacts/``). Isolation is checked on the way: each page must show its
+own test image, its own upload (file name *and* original size) and its own verification, and no
+page may show another session's file name or test image heading. The server's resident memory
+(VmRSS) is sampled every half second; VmHWM gives its peak. After the last wave every browser context is
 closed and the server is watched until its housekeeping has shut the sessions down
 (``dashboard/services/housekeeping.py``): the resident memory then is compared with the baseline.
 

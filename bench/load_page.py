@@ -310,7 +310,8 @@ async def click_and_await_verification(
         if verdict is Verdict.FAILED:
             shown = (state.exceptions or state.errors)[0]
             raise VerificationFailed(
-                f"the page shows {'an exception' if state.exceptions else 'an error'}: {shown[:300]}"
+                f"the page shows {'an exception' if state.exceptions else 'an error'}: "
+                f"{shown[:300]}"
             )
         if verdict is Verdict.QUEUED:
             deadline = now + times.timeout_s

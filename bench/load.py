@@ -18,10 +18,13 @@ Every session, as a user would:
 5. **return** to Explain, where its upload must still be the query, then back to its test image.
 
 Each step's latency is the time from the user's action until the page shows its result (and the
-script run has finished). Isolation is checked on the way: each page must show its own test image,
-its own upload (file name *and* original size) and its own verification, and no page may show
-another session's file name or test image heading. The server's resident memory (VmRSS) is
-sampled every half second; VmHWM gives its peak. After the last wave every browser context is
+script run has finished); a verification is judged by what the page shows
+(``bench/load_page.py``: this session's run at k listed, its chart and metrics drawn, no exception
+or error), and a failed session's page is recorded (its state, messages, visible text and a
+screenshot under ``test-artifacts/``). Isolation is checked on the way: each page must show its
+own test image, its own upload (file name *and* original size) and its own verification, and no
+page may show another session's file name or test image heading. The server's resident memory
+(VmRSS) is sampled every half second; VmHWM gives its peak. After the last wave every browser context is
 closed and the server is watched until its housekeeping has shut the sessions down
 (``dashboard/services/housekeeping.py``): the resident memory then is compared with the baseline.
 
@@ -33,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import io
 import math
 import os
@@ -55,6 +57,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from bench.load_page import (
+    FailureRecord,
+    VerifyProgress,
+    VerifyTimes,
+    click_and_await_verification,
+    record_failure,
+)
+
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM_ARGS = [
@@ -71,8 +81,12 @@ HEALTH_TIMEOUT_S = 300.0
 #: The test images the sessions select: all different, none of them #0 (the start page).
 N_TEST_IMAGES = 200
 ACTIONS = ("open", "select", "upload", "verify", "return")
-#: What a session waiting for heavy work reads (``dashboard.services.capacity.queue_message``).
-QUEUE_TEXT = re.compile(r"\d+ requests? ahead of yours")
+#: The models the dashboard explains and verifies by default (both lists on Explain, four
+#: metrics each on Verify).
+MODEL_KEYS = ("svm", "logreg")
+#: A verification's wait: the action timeout since the click or since the queue notice was last
+#: seen, and three times that in all (a queue that never moves fails the session, and says so).
+VERIFY_TIMES = VerifyTimes(timeout_s=ACTION_TIMEOUT_MS / 1000, limit_s=3 * ACTION_TIMEOUT_MS / 1000)
 #: How long to wait, after the sessions end, for the server to have shut them down (its grace
 #: period, ``SESSION_GRACE_S`` = 30 s, plus a few of its sweeps).
 RELEASE_WAIT_S = 60.0
@@ -276,9 +290,9 @@ class SessionResult:
     queued_ahead: int | None = None
     #: How often "Retrain to verify" had to be pressed again (the page idle, nothing started).
     clicks_repeated: int = 0
-    #: What the page said when the session failed: its error, warning and info boxes, so that a
-    #: refusal (the memory budget, a full queue) is told apart from a click that started nothing.
-    page_messages: tuple[str, ...] = ()
+    #: What the page showed when the session failed (script state, charts, metrics, queue
+    #: notice, messages, visible text) and where its screenshot and text were written.
+    failure: FailureRecord | None = None
 
     @property
     def ok(self) -> bool:
@@ -302,7 +316,7 @@ async def _explained(page: Any, title: str) -> None:
     await expect(_heading(page, title)).to_be_visible()
     await _idle(page)
     await expect(_heading(page, title)).to_be_visible()
-    for key in ("svm", "logreg"):
+    for key in MODEL_KEYS:
         column = page.locator(f".st-key-explain_model_{key}")
         await expect(column.get_by_text("Most harmful")).to_be_visible()
         await expect(column.locator('[class*="st-key-explain_inspect_"]').first).to_be_visible()
@@ -379,42 +393,19 @@ async def run_session(
         await page.wait_for_url(re.compile(rf"[?&]vk={verify_k}(&|$)"))
         await _idle(page)
         start = time.monotonic()
-        button = page.get_by_role("button", name="Retrain to verify")
-        await button.click()
-        chart = page.get_by_test_id("stPlotlyChart")
-        queued = page.get_by_text(QUEUE_TEXT)
-        not_started = page.get_by_text("Not verified yet for this image and k.")
-        idle = page.locator('[data-testid="stApp"][data-test-script-state="notRunning"]')
-        deadline = time.monotonic() + ACTION_TIMEOUT_MS / 1000
-        while await chart.count() != 1:
-            if await not_started.count() and await idle.count():
-                # Idle and still not started: the click did not reach the server's script
-                # (a user would press again). Counted, so a report shows how often.
-                await page.wait_for_timeout(3000)
-                if await not_started.count() and await idle.count() and await chart.count() == 0:
-                    result.clicks_repeated += 1
-                    await button.click()
-            if await queued.count():
-                # Waiting in the queue is the server working as meant: the time allowed for
-                # the verification itself starts when the session is no longer queued.
-                deadline = time.monotonic() + ACTION_TIMEOUT_MS / 1000
-                with contextlib.suppress(Exception):  # the notice may go while it is read
-                    seen = re.search(r"(\d+) requests? ahead", await queued.first.inner_text())
-                    if seen is not None:
-                        result.queued_ahead = max(result.queued_ahead or 0, int(seen.group(1)))
-            if time.monotonic() > deadline:
-                raise AssertionError("the verification did not finish")
-            await page.wait_for_timeout(250)
-        await _idle(page)
-        summary = page.locator(".st-key-verify_summary")
-        await expect(summary.get_by_test_id("stMetricLabel")).to_have_count(8)
+        progress = VerifyProgress()
+        try:
+            shown = await click_and_await_verification(
+                page, verify_k, len(MODEL_KEYS), progress, VERIFY_TIMES
+            )
+        finally:
+            result.queued_ahead = progress.queued_ahead
+            result.clicks_repeated = progress.clicks_repeated
         result.seconds[action] = time.monotonic() - start
-        remembered = page.get_by_text("Verified in this session")
-        await expect(remembered).to_contain_text(f"(k = {verify_k})")
         # Verifications are kept on the server by content, so a test image verified earlier by
         # anyone is listed too (seen: test image #0 with k = 10); uploads are this session's
         # own, and only its one upload may be listed.
-        listed = await remembered.inner_text()
+        listed = shown.text.partition("Verified in this session")[2]
         if listed.count("upload ") != 1:
             raise AssertionError(
                 f"the session lists uploads' verifications it did not run: {listed[:200]!r}"
@@ -433,12 +424,7 @@ async def run_session(
     except Exception as error:  # recorded per session; the run goes on for the others
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         result.error = f"{action}: {first_line[:300]}"
-        with contextlib.suppress(Exception):  # the page may be gone
-            shown = await page.locator('[data-testid^="stAlertContent"]').all_inner_texts()
-            result.page_messages = tuple(" ".join(t.split())[:300] for t in shown if t.strip())
-        ARTIFACTS.mkdir(exist_ok=True)
-        with contextlib.suppress(Exception):  # a screenshot is best effort
-            await page.screenshot(path=str(ARTIFACTS / f"load-w{wave}-s{plan.number}.png"))
+        result.failure = await record_failure(page, ARTIFACTS / f"load-w{wave}-s{plan.number}")
     finally:
         await context.close()
     return result
@@ -488,11 +474,7 @@ class LoadResult:
     def failures(self) -> list[str]:
         return [
             f"wave {r.wave} session {r.plan.number}: {r.error or 'incomplete'}"
-            + (
-                "; the page said: " + " | ".join(f"“{m}”" for m in r.page_messages)
-                if r.page_messages
-                else "; no message on the page"
-            )
+            + (f"; {r.failure.describe(REPO)}" if r.failure is not None else "")
             for r in self.results
             if not r.ok
         ]

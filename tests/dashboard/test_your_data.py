@@ -17,7 +17,7 @@ from streamlit.testing.v1 import AppTest
 from core.archive import DatasetUploads
 from core.store import ArtifactStore
 from core.user_network import NetworkUploads
-from tests.dashboard.conftest import APP, RUN_TIMEOUT
+from tests.dashboard.conftest import APP, RUN_TIMEOUT, wait_for_every_model
 from tests.your_data_files import ARCHITECTURE, SIZE, image_folder_zip, state_dict_file
 
 pytestmark = pytest.mark.slow
@@ -87,6 +87,11 @@ def test_a_link_opens_the_dataset_with_the_three_models_and_it_can_be_deleted(st
     at = _app(data=dataset.content_hash, net=network.content_hash).run()
     _errors(at)
     assert at.selectbox(key="side_dataset").value == f"upload:{dataset.content_hash}"
+    # The upload's features are new: Explain shows the SVM first, then every model.
+    first = [b.key for b in at.button if b.key and b.key.startswith("explain_inspect_svm_")]
+    assert len(first) == 20
+    wait_for_every_model(at)
+    _errors(at)
     # Explain, the home page, shows the three models' lists for a test image of the upload.
     keys = [b.key for b in at.button if b.key and b.key.startswith("explain_inspect_")]
     for model in ("svm", "logreg", "network"):

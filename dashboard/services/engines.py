@@ -339,14 +339,21 @@ def ask_first(settings: Settings) -> None:
     """
     engine = settings.engine
     job = preparations().peek(engine)
-    if job is not None and job.cancelled:
-        # The cancelled job is dropped, so Prepare starts afresh.
-        preparations().forget(engine)
-        preparing.forget(engine)
-        st.info(f"{job.error}", icon="⏹️")
-        preparing.ask(settings)
+    ask_after_cancel(engine, job, settings)
     if job is None and preparing.needs_confirmation(settings):
         preparing.ask(settings)
+
+
+def ask_after_cancel(key: EngineSpec, job: Preparation | None, settings: Settings) -> None:
+    """When ``job`` (the preparation kept under ``key``: the settings' own, or the first look's)
+    was cancelled: drop it, so *Prepare* starts afresh, say so, and ask before preparing the
+    settings again (stops the page). Nothing otherwise."""
+    if job is None or not job.cancelled:
+        return
+    preparations().forget(key)
+    preparing.forget(settings.engine)
+    st.info(f"{job.error}", icon="⏹️")
+    preparing.ask(settings)
 
 
 _SOLVER_FIX = (

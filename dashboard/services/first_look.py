@@ -22,6 +22,7 @@ from core.explainer import Explainer, first_look_config
 from dashboard.services import preparing
 from dashboard.services.engines import (
     Preparation,
+    ask_after_cancel,
     ask_first,
     error_message,
     preparation,
@@ -78,12 +79,7 @@ def explainer_or_first_look(settings: Settings | None = None) -> FirstLook:
                 preparations().forget(look_engine)  # the full explainer holds the same SVM
             return _full(settings)
         look = preparations().peek(look_engine)
-        if look is not None and look.cancelled:
-            # Cancelled while the user watched it: ask before preparing anything again.
-            preparations().forget(look_engine)
-            preparing.forget(engine)
-            st.info(f"{look.error}", icon="⏹️")
-            preparing.ask(settings)
+        ask_after_cancel(look_engine, look, settings)  # the first look's Cancel, too
         if look is not None and look.abandoned:
             look = None  # nobody watched it: started again below if still wanted
         if look is not None:  # running, or finished: shown unless it failed

@@ -490,9 +490,9 @@ def test_cost_lists_every_stage_before_preparing(tiny, store, three_classes):
     assert other.uncached_images == 6000
 
 
-def test_a_per_class_cap_limits_what_is_featurised(tiny, tmp_path, monkeypatch):
-    """max_train_per_class bounds the backbone's work (not only the fit), and a class keeps the
-    same images, hence the same cached features, whichever class it is paired with."""
+@pytest.fixture
+def featurised(monkeypatch) -> list[int]:
+    """The size of every batch of images put through the backbone from now on, in order."""
     from core.features import EfficientNetLite0Featurizer
 
     seen: list[int] = []
@@ -503,6 +503,13 @@ def test_a_per_class_cap_limits_what_is_featurised(tiny, tmp_path, monkeypatch):
         return original(self, images, *args, **kwargs)
 
     monkeypatch.setattr(EfficientNetLite0Featurizer, "transform", counting)
+    return seen
+
+
+def test_a_per_class_cap_limits_what_is_featurised(tiny, tmp_path, featurised):
+    """max_train_per_class bounds the backbone's work (not only the fit), and a class keeps the
+    same images, hence the same cached features, whichever class it is paired with."""
+    seen = featurised
     store = ArtifactStore(tmp_path)
     capped = ExplainerConfig(classes=(0, 2), max_train_per_class=5)
     first = Explainer(tiny, capped, store=store).prepare()
@@ -521,19 +528,10 @@ def test_a_per_class_cap_limits_what_is_featurised(tiny, tmp_path, monkeypatch):
     assert list(ids_first) == list(ids_other)
 
 
-def test_an_svm_only_explainer_computes_no_backbone_feature(tiny, tmp_path, monkeypatch):
+def test_an_svm_only_explainer_computes_no_backbone_feature(tiny, tmp_path, featurised):
     """models=("svm",) (the dashboard's first look) never runs the backbone, and its SVM is the
     full explainer's: the full preparation afterwards reads the same fitted parameters."""
-    from core.features import EfficientNetLite0Featurizer
-
-    calls: list[int] = []
-    original = EfficientNetLite0Featurizer.transform
-
-    def counting(self, images, *args, **kwargs):
-        calls.append(len(images))
-        return original(self, images, *args, **kwargs)
-
-    monkeypatch.setattr(EfficientNetLite0Featurizer, "transform", counting)
+    calls = featurised
     store = ArtifactStore(tmp_path)
     first = Explainer(tiny, ExplainerConfig(models=("svm",)), store=store)
     assert first.model_keys == ("svm",)

@@ -399,9 +399,10 @@ def t_times(matrix: torch.Tensor, thin: torch.Tensor) -> torch.Tensor:
     of a multi-class model (k = C outputs, or C·vectors).
 
     For a few columns (2 <= k <= :data:`THIN_COLUMNS`) the BLAS under torch takes a slow path for
-    the transposed product: ``X.T @ T`` with n = 48,000, d = 1280 took 2.8-11 s for k = 2-10,
-    against 0.14-0.37 s for the same numbers as ``(T.T @ X).T`` (2 cores, torch 2.14; at k = 1
-    both are a matrix-vector product, from k = 30 ``X.T @ T`` is the faster). Returns: (d, k),
+    the transposed product: ``X.T @ T`` with n = 48,000, d = 1280 took 0.68-0.71 s for k = 2 and
+    10 against 0.08-0.19 s as ``(T.T @ X).T`` at load 1.7, and 2.8-11 s against 0.14-0.37 s at
+    load 9 (2 cores, torch 2.14; ``python -m bench.thin_products``). At k = 1 both are a
+    matrix-vector product; from k = 30 ``X.T @ T`` is as fast or faster. Returns: (d, k),
     possibly a transposed view.
     """
     if 2 <= thin.shape[1] <= THIN_COLUMNS:

@@ -475,3 +475,62 @@ def test_dual_newton_step_is_the_dense_step(make_logreg_problem, n_classes):
         rtol=1e-9,
         atol=1e-12,
     )
+
+
+def _many_class_problem(make_logreg_problem, n=600, d=30, classes=8):
+    problem = make_logreg_problem(n, d, seed=11, n_classes=classes, noise=0.5)
+    return torch.as_tensor(problem.X), problem.y
+
+
+def test_sampled_curvature_with_every_row_is_the_exact_hessian(make_logreg_problem):
+    X, y = _many_class_problem(make_logreg_problem)
+    model = LogisticRegression(l2=1e-3).fit(X, y)
+    curvature = models.SampledCurvature()
+    curvature.rows = len(y)  # the whole set: H_S is H itself (in float32)
+    curvature.prepare(model, model.training_derivatives())
+    v = torch.randn(
+        model.n_params_, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
+    recovered = curvature.apply(model.hessian() @ v)
+    assert recovered.dtype == torch.float64
+    torch.testing.assert_close(recovered, v, rtol=0, atol=2e-3 * float(v.abs().max()))
+    # A new λ refactorises the kept sample Hessian; other rows form a new one.
+    model.l2 = 1e-2
+    curvature.prepare(model, model.training_derivatives())
+    assert (curvature.builds, curvature.factorisations) == (1, 2)
+    torch.testing.assert_close(
+        curvature.apply(model.hessian() @ v), v, rtol=0, atol=2e-3 * float(v.abs().max())
+    )
+    other = LogisticRegression(l2=1e-2).fit(X[:500], y[:500])
+    curvature.prepare(other, other.training_derivatives())
+    assert (curvature.builds, curvature.factorisations) == (2, 3)
+
+
+def test_newton_cg_with_a_sampled_preconditioner_reaches_the_same_optimum_in_fewer_iterations(
+    monkeypatch,
+):
+    # Features with a few dominant directions and a mean, as deep features have: plain CG is slow
+    # at small λ, and a quarter of the rows' Hessian captures those directions.
+    rng = np.random.default_rng(0)
+    n, d, classes = 2000, 20, 5
+    X = rng.standard_normal((n, d)) * np.logspace(1, -1.5, d) + 2.0
+    y = ((X - 2.0) @ rng.standard_normal((d, classes)) + 3 * rng.gumbel(size=(n, classes))).argmax(
+        1
+    )
+    X = torch.as_tensor(X)
+    monkeypatch.setattr(models, "DENSE_NEWTON_MAX_PARAMS", 64)  # Newton-CG for p = 100
+    monkeypatch.setattr(models, "SAMPLED_CURVATURE_MIN_ROWS", 10**9)
+    plain = LogisticRegression(l2=1e-4).fit(X, y)
+    monkeypatch.setattr(models, "SAMPLED_CURVATURE_MIN_ROWS", 1000)
+    monkeypatch.setattr(models.SampledCurvature, "rows", 500)
+    monkeypatch.setattr(models.SampledCurvature, "refresh_after", 5)
+    shared = models.SampledCurvature()
+    sampled = LogisticRegression(l2=1e-4).fit(X, y, curvature=shared)
+    assert shared.builds >= 1 and sampled.fit_info_.converged
+    assert sampled.fit_info_.cg_iterations < plain.fit_info_.cg_iterations / 4
+    torch.testing.assert_close(sampled.theta_, plain.theta_, rtol=0, atol=1e-7)
+    # The fit does not keep the preconditioner (up to (d·C)² floats) once it is done ...
+    assert getattr(sampled, "_curvature", None) is None
+    # ... and a fit on fewer rows than the threshold builds none of its own.
+    small = LogisticRegression(l2=1e-4).fit(X[:900], y[:900])
+    assert small._sampled_curvature() is None

@@ -64,8 +64,9 @@ from core.ood import Familiarity, NeighbourDistance
 from core.selection import (  # LOGREG_L2_GRID: still importable from here
     LOGREG_L2_GRID,  # noqa: F401
     LambdaCurve,
-    SelectionConfig,
     curve_from_values,
+    per_example_average,
+    selection_plan,
 )
 from core.store import ArtifactStore, CacheKey
 from core.user_network import NetworkFeaturizer, NetworkInfo, NetworkSpec, head_initialisation
@@ -612,14 +613,13 @@ class Explainer:
             )
             stages.append(fit("Fitting the RBF SVM on pixels", n, width, 1))
         if fits_logreg and self.config.logreg_l2 is None:
-            plan = SelectionConfig(seed=self.config.seed)
-            folds = len(plan.grid) * plan.folds * plan.repeats
+            plan = selection_plan(n, seed=self.config.seed)
             stages.append(
                 fit(
                     "Choosing the logistic regression's λ",
                     n * (plan.folds - 1) // plan.folds,
                     backbone_dim,
-                    folds,
+                    plan.fits,
                 )
             )
         if fits_logreg:
@@ -955,17 +955,21 @@ class Explainer:
         cfg = self.config
         curve = None
         l2 = cfg.logreg_l2
+        warm = None
         if l2 is None:
-            curve = self._choose_logreg_l2(features)
+            curve, warm = self._choose_logreg_l2(features)
             l2 = curve.chosen
         self._progress("Fitting the logistic regression", 0, 1)
         key = self._fit_key(
             "fit-logreg", backbone=self.backbone.name, weights=self.backbone.weights_id, l2=l2
         )
         theta0 = self._cached_theta(key)
+        # Otherwise the cross-validation's fit at the same λ on most of the rows: a start near
+        # the optimum (Newton still runs to tolerance, so only the time depends on it).
+        start = theta0 if theta0 is not None else warm
         outputs = 1 if len(self.class_names) == 2 else len(self.class_names)
         model = backend.logistic_regression(l2, features)  # sharded when features are shards
-        model.fit(features, self.train_labels, theta0=_usable(theta0, features.shape[1] * outputs))
+        model.fit(features, self.train_labels, theta0=_usable(start, features.shape[1] * outputs))
         if theta0 is None:
             self.store.save(key, {"theta": model.theta_.numpy()})
         self._progress("Fitting the logistic regression", 1, 1)
@@ -976,14 +980,17 @@ class Explainer:
         features: np.ndarray,
         featurizer: Featurizer | None = None,
         fit_intercept: bool = False,
-    ) -> LambdaCurve:
+    ) -> tuple[LambdaCurve, np.ndarray | None]:
         """λ by repeated stratified cross-validation and the one-standard-error rule
-        (:mod:`core.selection`), for a logistic regression on ``featurizer``'s features (default:
-        the backbone's). The per-example held-out values are cached; the rule is applied to them
-        on every load. With ``fit_intercept`` the bias is a regularised weight of a constant
-        feature 1, so the same selection runs on the features with a column of ones."""
+        (:mod:`core.selection`, as much cross-validation as :func:`core.selection.selection_plan`
+        gives the training set's size), for a logistic regression on ``featurizer``'s features
+        (default: the backbone's). The per-example held-out values are cached; the rule is
+        applied to them on every load. With ``fit_intercept`` the bias is a regularised weight
+        of a constant feature 1, so the same selection runs on the features with a column of
+        ones. Returns the curve and, when the fits were in this process, the last fold's
+        parameters at the chosen λ (a warm start for the final fit), else None."""
         featurizer = self.backbone if featurizer is None else featurizer
-        selection = SelectionConfig(seed=self.config.seed)
+        selection = selection_plan(self.n_train, seed=self.config.seed)
         key = self._fit_key(
             "select-logreg-l2",
             backbone=featurizer.name,
@@ -1006,10 +1013,18 @@ class Explainer:
                 progress=lambda done, total: self._progress(stage, done, total),
             )
             # Per-example averages over the repeats are all the rule needs.
-            return {name: array.mean(axis=0) for name, array in values.items()}
+            arrays = {name: per_example_average(values[name]) for name in ("log_loss", "correct")}
+            if "theta" in values:
+                arrays["theta"] = values["theta"]
+            return arrays
 
         arrays = self.store.get_or_create(key, build)
-        return curve_from_values(arrays, selection)
+        curve = curve_from_values(arrays, selection)
+        thetas = arrays.get("theta")
+        warm = None
+        if thetas is not None and thetas.ndim == 2 and thetas.shape[0] == len(curve.grid):
+            warm = np.asarray(thetas[curve.grid.index(curve.chosen)], dtype=np.float64)
+        return curve, warm
 
     def _features_label(self, featurizer: Featurizer, model: LinearModel) -> str:
         if isinstance(featurizer, PixelFeaturizer) and isinstance(model, KernelSVM):
@@ -1050,7 +1065,7 @@ class Explainer:
         curve = None
         l2 = self.config.network_l2
         if l2 is None:
-            curve = self._choose_logreg_l2(
+            curve, _ = self._choose_logreg_l2(
                 features_train, featurizer=self.network, fit_intercept=True
             )
             l2 = curve.chosen

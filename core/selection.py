@@ -13,6 +13,12 @@ The rule (docs/architecture.md, "Choosing λ"):
    λ whose mean is within one standard error of the best one's is as good as the data can tell;
    of those, the **largest** is chosen (the most regularised model the data cannot reject).
 
+How much cross-validation is done scales with the training set (:func:`selection_plan`): the
+standard error shrinks like 1/√n while each fit's cost grows with n, so large sets need fewer
+held-out examples per λ and cannot afford 60 fits. Below 10,000 examples: 3 repeats of 5 folds
+(60 fits); up to 40,000: one repeat of 3 folds (12 fits); from 40,000: one stratified hold-out
+split of a fifth of the examples (4 fits, at least 8,000 held-out examples).
+
 λ is never chosen by how good influence looks. The whole curve (mean and standard error per λ)
 is kept as a :class:`LambdaCurve` for reports.
 """
@@ -29,7 +35,7 @@ import torch
 
 from core.errors import InfluenceExplorerError
 from core.linalg import row_gram
-from core.models import LogisticRegression
+from core.models import LogisticRegression, SampledCurvature
 
 #: Weight decays tried for the logistic regression.
 LOGREG_L2_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
@@ -38,6 +44,9 @@ LOGREG_L2_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
 CRITERIA: tuple[str, ...] = ("log_loss", "accuracy")
 #: Tolerance of the fold fits (the final fit uses the model's own, 1e-10).
 FOLD_TOL = 1e-8
+#: Training-set sizes from which :func:`selection_plan` does less cross-validation.
+FEWER_FOLDS_FROM = 10_000
+HOLD_OUT_FROM = 40_000
 
 Progress = Callable[[int, int], None]
 
@@ -52,6 +61,9 @@ class SelectionConfig:
         repeats: how many differently seeded splits are averaged.
         criterion: "log_loss" (default) or "accuracy", averaged per held-out example.
         seed: seeds the splits (repeat r uses the seed sequence (seed, r)).
+        held_out: how many of the folds are held out in turn (default: all, cross-validation);
+            1 is a single hold-out split of 1/folds of the examples, and the rule then
+            averages over those examples only.
     """
 
     grid: tuple[float, ...] = LOGREG_L2_GRID
@@ -59,6 +71,7 @@ class SelectionConfig:
     repeats: int = 3
     criterion: str = "log_loss"
     seed: int = 0
+    held_out: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "grid", tuple(sorted(float(v) for v in self.grid)))
@@ -72,20 +85,58 @@ class SelectionConfig:
             raise InfluenceExplorerError(f"folds must be >= 2; got {self.folds!r}.")
         if int(self.repeats) < 1:
             raise InfluenceExplorerError(f"repeats must be >= 1; got {self.repeats!r}.")
+        if self.held_out is not None and not 1 <= int(self.held_out) <= int(self.folds):
+            raise InfluenceExplorerError(
+                f"held_out must be between 1 and folds ({self.folds}); got {self.held_out!r}."
+            )
         if self.criterion not in CRITERIA:
             raise InfluenceExplorerError(
                 f"criterion must be one of {', '.join(CRITERIA)}; got {self.criterion!r}."
             )
 
     @property
+    def held_out_folds(self) -> int:
+        """How many folds of each repeat are held out (and fitted without)."""
+        return int(self.folds) if self.held_out is None else int(self.held_out)
+
+    @property
+    def fits(self) -> int:
+        """Fits the cross-validation makes."""
+        return int(self.repeats) * self.held_out_folds * len(self.grid)
+
+    @property
     def cache_fields(self) -> dict[str, Any]:
         """What a cached curve depends on besides the data (the criterion only picks from it)."""
-        return {
+        fields: dict[str, Any] = {
             "grid": ",".join(f"{v:g}" for v in self.grid),
             "folds": int(self.folds),
             "repeats": int(self.repeats),
             "seed": int(self.seed),
         }
+        if self.held_out_folds != int(
+            self.folds
+        ):  # keys of full cross-validation stay as they were
+            fields["held_out"] = self.held_out_folds
+        return fields
+
+    @property
+    def description(self) -> str:
+        """How the examples are split, in words."""
+        if self.held_out_folds == 1 and int(self.repeats) == 1:
+            return f"a stratified hold-out split of 1/{self.folds} of the examples"
+        held = (
+            "" if self.held_out_folds == int(self.folds) else f" ({self.held_out_folds} held out)"
+        )
+        return f"{self.repeats} x {self.folds}-fold stratified cross-validation{held}"
+
+
+def selection_plan(n: int, seed: int = 0) -> SelectionConfig:
+    """The cross-validation done for ``n`` training examples (see the module docstring)."""
+    if n >= HOLD_OUT_FROM:
+        return SelectionConfig(folds=5, repeats=1, held_out=1, seed=seed)
+    if n >= FEWER_FOLDS_FROM:
+        return SelectionConfig(folds=3, repeats=1, seed=seed)
+    return SelectionConfig(seed=seed)
 
 
 @dataclass(frozen=True)
@@ -101,7 +152,9 @@ class LambdaCurve:
         best: the λ with the best mean.
         chosen: the largest λ within one standard error of the best (the model's λ).
         folds, repeats, seed: the cross-validation that produced it.
-        n: training examples.
+        n: held-out examples the means are over (every training example, unless a hold-out
+            split held out only some).
+        held_out: folds held out per repeat (``folds`` for cross-validation).
     """
 
     grid: tuple[float, ...]
@@ -116,14 +169,18 @@ class LambdaCurve:
     repeats: int
     seed: int
     n: int
+    held_out: int | None = None
 
     @property
     def rule(self) -> str:
         """One sentence saying how ``chosen`` was picked, for reports."""
         direction = "lowest" if self.criterion == "log_loss" else "highest"
         name = "log-loss" if self.criterion == "log_loss" else "accuracy"
+        split = SelectionConfig(
+            folds=self.folds, repeats=self.repeats, held_out=self.held_out
+        ).description
         return (
-            f"{self.repeats} x {self.folds}-fold stratified cross-validation (seed {self.seed}), "
+            f"{split} (seed {self.seed}), "
             f"held-out {name} averaged per example; the largest λ within one standard error of "
             f"the {direction} mean (λ = {self.best:g}) is chosen: λ = {self.chosen:g}."
         )
@@ -142,6 +199,7 @@ class LambdaCurve:
             "repeats": self.repeats,
             "seed": self.seed,
             "n": self.n,
+            "held_out": self.folds if self.held_out is None else self.held_out,
             "rule": self.rule,
         }
 
@@ -199,7 +257,9 @@ def held_out_values(
     Args:
         features: (n, d) training features; labels: (n,) class indices.
     Returns:
-        "log_loss" and "correct": (repeats, n, G) arrays.
+        "log_loss" and "correct": (repeats, n, G) arrays, NaN for an example a repeat did not
+        hold out (a hold-out split); "theta": (G, p) the last fold's fitted parameters for each
+        λ, a warm start for the final fit.
     """
     X = np.asarray(features, dtype=np.float64)
     y = np.asarray(labels, dtype=np.int64)
@@ -211,9 +271,10 @@ def held_out_values(
             f"cross-validation of λ; the smallest has {int(counts[counts > 0].min())}. Give "
             "logreg_l2 (--logreg-l2) explicitly instead."
         )
-    log_loss = np.empty((config.repeats, n, len(grid)))
-    correct = np.empty((config.repeats, n, len(grid)))
-    total, done = config.repeats * config.folds * len(grid), 0
+    log_loss = np.full((config.repeats, n, len(grid)), np.nan)
+    correct = np.full((config.repeats, n, len(grid)), np.nan)
+    thetas: list[np.ndarray | None] = [None] * len(grid)
+    total, done = config.fits, 0
     features_t = torch.as_tensor(X)
     all_rows: list[torch.Tensor] = []
 
@@ -232,32 +293,42 @@ def held_out_values(
 
     for r in range(config.repeats):
         fold_of = stratified_folds(y, config.folds, np.random.default_rng([config.seed, r]))
-        for fold in range(config.folds):
+        for fold in range(config.held_out_folds):
             train, held = fold_of != fold, fold_of == fold
             rows = torch.as_tensor(np.flatnonzero(train))
             X_train, y_train, fold_gram = features_t[rows], y[train], gram_of(rows)
             theta = None
+            # One sampled-curvature preconditioner along the fold's λ path (used by large fits).
+            curvature = SampledCurvature(seed=config.seed)
             for g in reversed(range(len(grid))):
                 if progress is not None:
                     progress(done, total)
                 model = LogisticRegression(l2=grid[g], tol=FOLD_TOL).fit(
-                    X_train, y_train, theta0=theta, row_gram=fold_gram
+                    X_train, y_train, theta0=theta, row_gram=fold_gram, curvature=curvature
                 )
                 theta = model.theta_
+                thetas[g] = theta.numpy()
                 log_loss[r, held, g] = model.loss(X[held], y[held])
                 correct[r, held, g] = model.predict(X[held]) == y[held]
                 done += 1
     if progress is not None:
         progress(total, total)
-    return {"log_loss": log_loss, "correct": correct}
+    return {"log_loss": log_loss, "correct": correct, "theta": np.stack(thetas)}
 
 
 def curve_from_values(values: dict[str, np.ndarray], config: SelectionConfig) -> LambdaCurve:
-    """Apply the rule to :func:`held_out_values` (or their per-example averages, shape (n, G))."""
+    """Apply the rule to :func:`held_out_values` (or their per-example averages, shape (n, G)).
+    Examples that were never held out (NaN, a hold-out split) are left out of the means."""
     per_example = {}
     for name, key in (("log_loss", "log_loss"), ("accuracy", "correct")):
         array = np.asarray(values[key], dtype=np.float64)
-        per_example[name] = array.mean(axis=0) if array.ndim == 3 else array
+        per_example[name] = per_example_average(array) if array.ndim == 3 else array
+    if per_example["log_loss"].ndim != 2 or per_example["log_loss"].shape[1] != len(config.grid):
+        raise InfluenceExplorerError(
+            "Cross-validation values must be (n, G) with n >= 2 and G the grid's length."
+        )
+    evaluated = ~np.isnan(per_example["log_loss"]).any(axis=1)
+    per_example = {name: array[evaluated] for name, array in per_example.items()}
     n = per_example["log_loss"].shape[0]
     if n < 2 or per_example["log_loss"].shape[1] != len(config.grid):
         raise InfluenceExplorerError(
@@ -282,7 +353,18 @@ def curve_from_values(values: dict[str, np.ndarray], config: SelectionConfig) ->
         repeats=int(config.repeats),
         seed=int(config.seed),
         n=int(n),
+        held_out=None if config.held_out is None else int(config.held_out),
     )
+
+
+def per_example_average(array: Any) -> np.ndarray:
+    """(repeats, n, G) held-out values averaged over the repeats that held each example out:
+    (n, G), NaN where none did."""
+    array = np.asarray(array, dtype=np.float64)
+    counts = (~np.isnan(array)).sum(axis=0)
+    total = np.nansum(array, axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, total / np.maximum(counts, 1), np.nan)
 
 
 def select_l2(
@@ -312,6 +394,8 @@ __all__ = [
     "curve_from_values",
     "held_out_values",
     "one_standard_error_choice",
+    "per_example_average",
     "select_l2",
+    "selection_plan",
     "stratified_folds",
 ]

@@ -42,7 +42,7 @@ def held_out_values(
         config: grid, folds, repeats and seed, as in-process.
     Returns:
         "log_loss" and "correct": (repeats, n, G) arrays, as
-        :func:`core.selection.held_out_values`.
+        :func:`core.selection.held_out_values` (NaN where a hold-out split held nothing out).
     """
     y = np.asarray(labels, dtype=np.int64).reshape(-1)
     if not np.array_equal(y, data.labels()):
@@ -58,13 +58,13 @@ def held_out_values(
             f"cross-validation of λ; the smallest has {int(counts[counts > 0].min())}. Give "
             "logreg_l2 (--logreg-l2) explicitly instead."
         )
-    log_loss = np.empty((config.repeats, n, len(grid)))
-    correct = np.empty((config.repeats, n, len(grid)))
-    total, done = config.repeats * config.folds * len(grid), 0
+    log_loss = np.full((config.repeats, n, len(grid)), np.nan)
+    correct = np.full((config.repeats, n, len(grid)), np.nan)
+    total, done = config.fits, 0
     labels_t = torch.tensor(y)  # a copy: y may be a read-only view of the stored labels
     for r in range(config.repeats):
         fold_of = stratified_folds(y, config.folds, np.random.default_rng([config.seed, r]))
-        for fold in range(config.folds):
+        for fold in range(config.held_out_folds):
             train, held = fold_of != fold, fold_of == fold
             share = float(train.sum()) / n
             theta = None

@@ -18,6 +18,7 @@ from core.selection import (
     held_out_values,
     one_standard_error_choice,
     select_l2,
+    selection_plan,
     stratified_folds,
 )
 
@@ -105,6 +106,8 @@ def test_bad_settings_and_too_small_classes_get_clear_messages(make_logreg_probl
         ({"folds": 1}, "folds"),
         ({"repeats": 0}, "repeats"),
         ({"criterion": "auc"}, "criterion"),
+        ({"held_out": 0}, "held_out"),
+        ({"folds": 3, "held_out": 4}, "held_out"),
     ):
         with pytest.raises(InfluenceExplorerError, match=field):
             SelectionConfig(**kwargs)
@@ -156,3 +159,48 @@ def test_a_gram_matrix_of_the_wrong_size_is_refused(make_logreg_problem):
     problem = make_logreg_problem(20, 30, seed=1)
     with pytest.raises(InfluenceExplorerError, match="row_gram"):
         LogisticRegression().fit(problem.X, problem.y, row_gram=torch.eye(19))
+
+
+def test_a_hold_out_split_fits_once_per_lambda_and_averages_over_the_held_out_examples(
+    make_logreg_problem,
+):
+    problem = make_logreg_problem(60, 5, seed=8, n_classes=3)
+    config = SelectionConfig(grid=(1e-2, 1e-1), folds=4, repeats=1, held_out=1, seed=2)
+    assert config.fits == 2
+    values = held_out_values(problem.X, problem.y, config)
+    held = stratified_folds(problem.y, 4, np.random.default_rng([2, 0])) == 0
+    # Only fold 0's examples have values, and they are those of an explicit fit without them.
+    assert np.isnan(values["log_loss"][0, ~held]).all()
+    assert not np.isnan(values["log_loss"][0, held]).any()
+    for g, l2 in enumerate(config.grid):
+        model = LogisticRegression(l2=l2, tol=1e-10).fit(problem.X[~held], problem.y[~held])
+        np.testing.assert_allclose(
+            values["log_loss"][0, held, g], model.loss(problem.X[held], problem.y[held]), rtol=1e-6
+        )
+        # The fold's parameters come back as a warm start for the final fit.
+        np.testing.assert_allclose(values["theta"][g], model.theta_.numpy(), atol=1e-7)
+    curve = curve_from_values(values, config)
+    assert curve.n == int(held.sum()) and 12 <= curve.n <= 18  # about a quarter of 60
+    expected = values["log_loss"][0, held].mean(axis=0)
+    np.testing.assert_allclose(curve.log_loss, expected)
+    assert curve.as_dict()["held_out"] == 1 and "hold-out split of 1/4" in curve.rule
+
+
+def test_the_plan_does_less_cross_validation_as_the_training_set_grows():
+    small, middle, large = selection_plan(1_000), selection_plan(20_000), selection_plan(60_000)
+    assert small == SelectionConfig() and small.fits == 60
+    assert (middle.folds, middle.repeats, middle.fits) == (3, 1, 12)
+    assert (large.folds, large.held_out_folds, large.fits) == (5, 1, 4)
+    # Caches of full cross-validation keep their keys; a hold-out split has its own.
+    assert "held_out" not in small.cache_fields and "held_out" not in middle.cache_fields
+    assert large.cache_fields["held_out"] == 1
+    assert selection_plan(60_000, seed=3).seed == 3
+
+
+def test_per_example_averages_skip_repeats_that_did_not_hold_an_example_out():
+    from core.selection import per_example_average
+
+    values = np.array([[[1.0], [np.nan], [np.nan]], [[3.0], [4.0], [np.nan]]])
+    averaged = per_example_average(values)
+    np.testing.assert_array_equal(averaged[:2, 0], [2.0, 4.0])
+    assert np.isnan(averaged[2, 0])

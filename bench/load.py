@@ -290,6 +290,8 @@ class SessionResult:
     queued_ahead: int | None = None
     #: How often "Retrain to verify" had to be pressed again (the page idle, nothing started).
     clicks_repeated: int = 0
+    #: Presses again that Playwright could not make in time (tried again later).
+    presses_missed: int = 0
     #: What the page showed when the session failed (script state, charts, metrics, queue
     #: notice, messages, visible text) and where its screenshot and text were written.
     failure: FailureRecord | None = None
@@ -401,6 +403,7 @@ async def run_session(
         finally:
             result.queued_ahead = progress.queued_ahead
             result.clicks_repeated = progress.clicks_repeated
+            result.presses_missed = progress.presses_missed
         result.seconds[action] = time.monotonic() - start
         # Verifications are kept on the server by content, so a test image verified earlier by
         # anyone is listed too (seen: test image #0 with k = 10); uploads are this session's
@@ -695,6 +698,7 @@ def markdown_report(result: LoadResult) -> str:
         else "no session ran alone (the 'alone' column is empty)."
     )
     repeated = sum(r.clicks_repeated for r in result.results)
+    missed = sum(r.presses_missed for r in result.results)
     lines = [
         f"{result.waves} wave(s) of {result.sessions} concurrent browser sessions (Playwright "
         f"contexts in one Chromium) against one `streamlit run` with {budget}; verify with k = "
@@ -703,7 +707,9 @@ def markdown_report(result: LoadResult) -> str:
         "and verification, and nothing of any other session's)." + solo_note,
         "",
         f"'Retrain to verify' had to be pressed again {repeated} time(s) in all (the page idle "
-        "and nothing started: the click was folded into another rerun).",
+        "and nothing started: the click was folded into another rerun); "
+        f"{missed} press(es) again could not be made within "
+        f"{VERIFY_TIMES.press_s:.0f} s and were tried again later.",
         "",
         f"The machine is shared and small: 2 cores for the server, Chromium's {result.sessions} "
         "renderers and other people's jobs. 1-minute load average "

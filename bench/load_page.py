@@ -241,6 +241,9 @@ class VerifyTimes:
             started and ended: the click was folded into another rerun; press again.
         unseen_after_s: the same with no script run seen since the click.
         poll_s: seconds between two reads of the page.
+        press_s: how long one press again may wait for the button to be clickable; a press
+            that cannot be made in that time (the button re-rendered, covered or replaced) is
+            counted and tried again at a later read, within the same deadlines.
     """
 
     timeout_s: float = 600.0
@@ -248,9 +251,17 @@ class VerifyTimes:
     repeat_after_s: float = 3.0
     unseen_after_s: float = 10.0
     poll_s: float = 0.25
+    press_s: float = 10.0
 
     def __post_init__(self) -> None:
-        for name in ("timeout_s", "limit_s", "repeat_after_s", "unseen_after_s", "poll_s"):
+        for name in (
+            "timeout_s",
+            "limit_s",
+            "repeat_after_s",
+            "unseen_after_s",
+            "poll_s",
+            "press_s",
+        ):
             value = getattr(self, name)
             if not value > 0:
                 raise ValueError(f"{name} must be > 0 seconds; got {value!r}.")
@@ -268,6 +279,8 @@ class VerifyProgress:
     queued_ahead: int | None = None
     #: Times the button was pressed again (the page idle as before the click).
     clicks_repeated: int = 0
+    #: Presses again that could not be made within ``VerifyTimes.press_s``.
+    presses_missed: int = 0
     #: The last state read.
     last: PageState | None = None
 
@@ -324,9 +337,11 @@ async def click_and_await_verification(
             if now - idle_since >= wait:
                 # Idle as before the click: the click did not reach the script (a user would
                 # press again). Counted, so that a report shows how often.
-                progress.clicks_repeated += 1
                 await watch_runs(page)
-                await button.click()
+                if await _press_again(button, times):
+                    progress.clicks_repeated += 1
+                else:
+                    progress.presses_missed += 1
                 idle_since = None
         else:
             idle_since = None
@@ -339,6 +354,18 @@ async def click_and_await_verification(
             )
             raise VerificationFailed(f"the verification did not finish: {why}")
         await page.wait_for_timeout(times.poll_s * 1000)
+
+
+async def _press_again(button: Any, times: VerifyTimes) -> bool:
+    """Press the button; False when Playwright could not within ``times.press_s`` (a load test
+    once lost a session that way: its press waited 30 s on a button the page was re-rendering)."""
+    from playwright.async_api import TimeoutError as PressTimeout
+
+    try:
+        await button.click(timeout=times.press_s * 1000)
+    except PressTimeout:
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------- failures

@@ -74,11 +74,13 @@ class ScriptedPage:
     """A page whose every read returns the next state of the current script (the last one
     again once it runs out); click ``n`` switches to ``scripts[n - 1]``."""
 
-    def __init__(self, *scripts: list[dict[str, Any]]) -> None:
+    def __init__(self, *scripts: list[dict[str, Any]], refuse: int = 0) -> None:
         self.scripts = scripts
         self.clicks = 0
         self.reads = 0
         self._step = 0
+        #: Presses after the first that time out, as Playwright's would on a re-rendered button.
+        self.refuse = refuse
 
     async def evaluate(self, expression: str, arg: Any = None) -> Any:
         if arg is None:  # watch_runs
@@ -93,7 +95,12 @@ class ScriptedPage:
         assert (role, name, exact) == ("button", "Retrain to verify", True)
         return self
 
-    async def click(self) -> None:
+    async def click(self, timeout: float | None = None) -> None:
+        if self.clicks and self.refuse:
+            from playwright.async_api import TimeoutError as PressTimeout
+
+            self.refuse -= 1
+            raise PressTimeout(f"Timeout {timeout}ms exceeded.")
         self.clicks += 1
         self._step = 0
 
@@ -163,6 +170,14 @@ def test_a_click_that_started_nothing_is_repeated_and_counted() -> None:
     page = ScriptedPage([KEPT], [RUNNING, DONE])
     _, progress = wait(page)
     assert page.clicks == 2 and progress.clicks_repeated == 1
+
+
+def test_a_press_again_that_times_out_is_tried_again_later() -> None:
+    folded = dict(NOT_VERIFIED, runs=1)
+    page = ScriptedPage([folded], [RUNNING, DONE], refuse=2)
+    state, progress = wait(page)
+    assert state == PageState.from_js(DONE)
+    assert page.clicks == 2 and progress.clicks_repeated == 1 and progress.presses_missed == 2
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from streamlit.testing.v1 import AppTest
 from core.features import EfficientNetLite0Featurizer
 from core.store import ENV_CACHE_DIR
 from dashboard.services import engines, first_look
-from dashboard.services.settings import Settings
+from dashboard.services.settings import Settings, load_dataset
 from tests.dashboard.conftest import APP, RUN_TIMEOUT
 
 
@@ -92,3 +92,41 @@ def test_no_first_look_when_the_features_are_cached(make_app) -> None:
     assert not at.exception and not at.error
     assert engines.preparations().peek(first_look.first_look_engine(Settings().engine)) is None
     assert _keys(at, "explain_inspect_logreg_helpful_")
+
+
+def test_a_cancelled_first_look_says_so_and_offers_to_start_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An empty cache: the page would take a first look; its preparation is cancelled at its
+    # first report (the Cancel button under "Preparing a first look" does job.cancel()).
+    monkeypatch.setenv(ENV_CACHE_DIR, str(tmp_path / "empty-cache"))
+    settings = Settings()
+    look_engine = first_look.first_look_engine(settings.engine)
+    assert look_engine is not None
+    dataset = load_dataset(settings.dataset, settings.image_size)
+    look = engines.preparations().get(
+        look_engine, lambda: engines.start_preparation(look_engine, dataset)
+    )
+    look.cancel()
+    assert look.wait(RUN_TIMEOUT) and look.cancelled
+    at = AppTest.from_file(str(APP), default_timeout=RUN_TIMEOUT).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("cancelled" in i.value for i in at.info), [i.value for i in at.info]
+    # Dropped, and nothing started again until the user presses Prepare.
+    assert engines.preparations().peek(look_engine) is None
+    assert engines.preparations().peek(settings.engine) is None
+    assert at.button(key="state_prepare_confirm")
+    assert not _keys(at, "explain_inspect_")
+    at.button(key="state_prepare_confirm").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    started = engines.preparations().peek(look_engine) or engines.preparations().peek(
+        settings.engine
+    )
+    assert started is not None, "Prepare starts the preparation again"
+    # Stopped again here: a preparation thread still running when the test process exits
+    # aborts it.
+    for engine in (look_engine, settings.engine):
+        job = engines.preparations().peek(engine)
+        if job is not None:
+            job.cancel()
+            assert job.wait(RUN_TIMEOUT)

@@ -234,8 +234,10 @@ class LinearModel:
         if row_gram is not None:
             self._dual_gram = (self.features_, row_gram)
         self._curvature = curvature
-        self._fit_parameters(theta0)
-        self._curvature = None  # a factor of up to (d·C)² floats is not kept with the model
+        try:
+            self._fit_parameters(theta0)
+        finally:
+            self._curvature = None  # a factor of up to (d·C)² floats is not kept with the model
         return self
 
     def refit(

@@ -21,6 +21,7 @@ be shared by many dashboard sessions at once.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -807,9 +808,18 @@ class Explainer:
             # Compute everything lazy now, so the shared explainer is never mutated later.
             stage = f"{label}: Newton-corrected estimate and self-influence"
             self._progress(stage, 0, len(engine.estimates))
+            forms_key = self._forms_key(key, engine)
+            arrays = None if forms_key is None else self.store.load(forms_key)
+            loaded = (
+                arrays is not None
+                and "forms" in arrays
+                and engine.provide_quadratic_forms(arrays["forms"])
+            )
             for done, estimate in enumerate(engine.estimates, start=1):
                 engine.self_influence(estimate)
                 self._progress(stage, done, len(engine.estimates))
+            if forms_key is not None and not loaded and engine.quadratic_forms is not None:
+                self.store.save(forms_key, {"forms": engine.quadratic_forms.numpy()})
             stage = f"{label}: test predictions and familiarity"
             self._progress(stage, 0, 1)
             test_inputs = torch.as_tensor(test_inputs, dtype=torch.float64)
@@ -910,6 +920,21 @@ class Explainer:
                 "version": FIT_VERSION,
                 **{k: "none" if v is None else v for k, v in fields.items()},
             },
+        )
+
+    def _forms_key(self, key: str, engine: InfluenceEngine) -> CacheKey | None:
+        """Where the per-example forms Q_j of an in-process engine are cached: keyed by a digest
+        of everything they are computed from (θ̂, the training features, labels and weights)
+        and by the solver, so a cached entry is used only for the very same model. None for a
+        sharded engine or a model without the Newton-corrected estimate."""
+        if type(engine) is not InfluenceEngine or "corrected" not in engine.estimates:
+            return None
+        model = engine.model
+        digest = hashlib.blake2b(digest_size=20)
+        for tensor in (model.theta_, model.features_, model.labels_, model.sample_weight_):
+            digest.update(np.ascontiguousarray(torch.as_tensor(tensor).numpy()).tobytes())
+        return self._fit_key(
+            "quadratic-forms", model=key, inputs=digest.hexdigest(), solver=repr(self.config.solver)
         )
 
     def _cached_theta(self, key: CacheKey) -> np.ndarray | None:

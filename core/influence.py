@@ -940,6 +940,24 @@ class InfluenceEngine:
         if self._train_derivs is not None:
             self._effective_residuals["first_order"] = self._train_derivs.d1
         self._self_influence: dict[str, np.ndarray] = {}
+        self._known_forms: torch.Tensor | None = None
+
+    def provide_quadratic_forms(self, forms: Any) -> bool:
+        """Use Q_j computed earlier for this same model and solver (a cache, keyed by what
+        determines them) instead of forming them again: at 60,000 ten-class points that is
+        minutes of dense algebra. Ignored (False) unless its shape is (n, C, C) and every
+        value is finite; the caller answers for their being this model's."""
+        q = torch.as_tensor(np.asarray(forms), dtype=DTYPE)
+        c = self.model.n_outputs_
+        if q.shape != (self.n_train, c, c) or not bool(torch.isfinite(q).all()):
+            return False
+        self._known_forms = q
+        return True
+
+    @property
+    def quadratic_forms(self) -> torch.Tensor | None:
+        """Q_j (n, C, C) once the Newton-corrected estimate has formed them, else None."""
+        return getattr(self, "_quadratic_forms", None)
 
     @property
     def estimates(self) -> tuple[str, ...]:
@@ -997,6 +1015,8 @@ class InfluenceEngine:
         n·d²·C(C+1)/2 flops in GEMMs, after forming S by p unit solves when d <= n; else by
         solving for the n·C columns φ_j ⊗ e_a. No p x p matrix per point is ever formed.
         """
+        if self._known_forms is not None:
+            return self._known_forms
         if isinstance(self.solver, ExactSolver):
             return self.solver.unit_quadratic_forms()
         features = self.model.features_

@@ -561,3 +561,36 @@ def test_an_svm_only_explainer_computes_no_backbone_feature(tiny, tmp_path, feat
     for bad in ((), ("svm", "resnet"), ("network",)):
         with pytest.raises(InfluenceExplorerError, match="models must name"):
             ExplainerConfig(models=bad)
+
+
+def test_a_second_build_reads_the_newton_corrected_forms_from_the_cache(
+    tiny, store, explainer, monkeypatch
+):
+    from core.influence import ExactSolver
+
+    def no_forms(*args, **kwargs):
+        raise AssertionError("Q_j were formed again instead of read from the cache")
+
+    monkeypatch.setattr(ExactSolver, "unit_quadratic_forms", no_forms)
+    again = Explainer(tiny, store=store).prepare()
+    for key, fitted in explainer.models.items():
+        for estimate in fitted.engine.estimates:
+            np.testing.assert_array_equal(
+                again.models[key].engine.self_influence(estimate),
+                fitted.engine.self_influence(estimate),
+            )
+    first = explainer.explain(test_index=1)
+    second = again.explain(test_index=1)
+    for key in explainer.models:
+        np.testing.assert_array_equal(second.models[key].scores, first.models[key].scores)
+
+
+def test_forms_of_another_shape_or_with_nan_are_not_used(explainer):
+    engine = explainer.models["logreg"].engine
+    forms = engine.quadratic_forms
+    assert forms is not None and forms.shape[0] == engine.n_train
+    assert not engine.provide_quadratic_forms(forms[:-1])
+    broken = forms.clone()
+    broken[0, 0, 0] = float("nan")
+    assert not engine.provide_quadratic_forms(broken)
+    assert engine._known_forms is None

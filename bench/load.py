@@ -92,6 +92,8 @@ VERIFY_TIMES = VerifyTimes(timeout_s=ACTION_TIMEOUT_MS / 1000, limit_s=3 * ACTIO
 #: machine at load 5 (1,518 MiB against a 1,273 MiB baseline after 60 s; the same test passed
 #: at 7% above it when rerun): the sweeps run on the same two busy cores.
 RELEASE_WAIT_S = 120.0
+#: After the session alone: the server's grace period for a disconnected session and a sweep.
+SOLO_SETTLE_S = 40.0
 
 
 # ----------------------------------------------------------------------------- the server
@@ -525,6 +527,10 @@ async def _run_waves(
             if solo:
                 (plan,) = plan_sessions(1, wave=0)
                 alone = await run_session(browser, url, plan, [], verify_k, wave=0)
+                # Let the server shut that session down, so the baseline below holds what every
+                # action loads once (imports, thread pools, the allocator's arenas) and no
+                # session's own state: memory not returned after the waves is then theirs.
+                await asyncio.sleep(SOLO_SETTLE_S)
 
             results: list[SessionResult] = []
             reports = []

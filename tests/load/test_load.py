@@ -50,7 +50,13 @@ def chromium() -> str:
 def test_twenty_sessions_at_once_are_served_in_isolation_within_the_budget(
     chromium: str, report: Callable[[str], None]
 ) -> None:
-    result = run_load_test(sessions=SESSIONS, waves=1, verify_k=3, budget=BUDGET, chromium=chromium)
+    # One session alone first, every step: what a first verification or upload loads once
+    # (imports, thread pools, allocator arenas) is then in the baseline the release is judged
+    # against. Judged against the warm-up's baseline (one explanation only), the release
+    # failed twice in one day with 20-24% left over after 120 s.
+    result = run_load_test(
+        sessions=SESSIONS, waves=1, verify_k=3, budget=BUDGET, chromium=chromium, solo=True
+    )
     print(markdown_report(result))
     assert not result.failures, "\n".join(result.failures)
     assert len(result.results) == SESSIONS

@@ -652,14 +652,16 @@ class LinearModel:
     def _sampled_curvature(self) -> SampledCurvature | None:
         """The fit's :class:`SampledCurvature` (the caller's, or one of its own); None for
         small training sets and for models whose sample Hessian would not fit in memory."""
-        curvature = getattr(self, "_curvature", None)
         features = getattr(self, "features_", None)
         if features is None:  # features held in shards (core.backend): plain CG
             return None
+        # The same bounds for a caller's object: below them plain CG is cheaper, above them the
+        # sample's Hessian would not fit in memory.
+        n, d = features.shape
+        if n < SAMPLED_CURVATURE_MIN_ROWS or d * self.n_outputs_ > SAMPLED_CURVATURE_MAX_PARAMS:
+            return None
+        curvature = getattr(self, "_curvature", None)
         if curvature is None:
-            n, d = features.shape
-            if n < SAMPLED_CURVATURE_MIN_ROWS or d * self.n_outputs_ > SAMPLED_CURVATURE_MAX_PARAMS:
-                return None
             curvature = self._curvature = SampledCurvature()
         return curvature
 

@@ -113,9 +113,8 @@ class SelectionConfig:
             "repeats": int(self.repeats),
             "seed": int(self.seed),
         }
-        if self.held_out_folds != int(
-            self.folds
-        ):  # keys of full cross-validation stay as they were
+        # Keys of full cross-validation stay as they were.
+        if self.held_out_folds != int(self.folds):
             fields["held_out"] = self.held_out_folds
         return fields
 
@@ -323,14 +322,12 @@ def curve_from_values(values: dict[str, np.ndarray], config: SelectionConfig) ->
     for name, key in (("log_loss", "log_loss"), ("accuracy", "correct")):
         array = np.asarray(values[key], dtype=np.float64)
         per_example[name] = per_example_average(array) if array.ndim == 3 else array
-    if per_example["log_loss"].ndim != 2 or per_example["log_loss"].shape[1] != len(config.grid):
-        raise InfluenceExplorerError(
-            "Cross-validation values must be (n, G) with n >= 2 and G the grid's length."
-        )
-    evaluated = ~np.isnan(per_example["log_loss"]).any(axis=1)
-    per_example = {name: array[evaluated] for name, array in per_example.items()}
+    shape = per_example["log_loss"].shape
+    if len(shape) == 2:
+        evaluated = ~np.isnan(per_example["log_loss"]).any(axis=1)
+        per_example = {name: array[evaluated] for name, array in per_example.items()}
     n = per_example["log_loss"].shape[0]
-    if n < 2 or per_example["log_loss"].shape[1] != len(config.grid):
+    if len(shape) != 2 or n < 2 or shape[1] != len(config.grid):
         raise InfluenceExplorerError(
             "Cross-validation values must be (n, G) with n >= 2 and G the grid's length."
         )

@@ -534,3 +534,7 @@ def test_newton_cg_with_a_sampled_preconditioner_reaches_the_same_optimum_in_few
     # ... and a fit on fewer rows than the threshold builds none of its own.
     small = LogisticRegression(l2=1e-4).fit(X[:900], y[:900])
     assert small._sampled_curvature() is None
+    # Nor does it use a caller's (a cross-validation fold below the threshold).
+    builds = shared.builds
+    LogisticRegression(l2=1e-4).fit(X[:900], y[:900], curvature=shared)
+    assert shared.builds == builds

@@ -568,7 +568,9 @@ class Explainer:
         Counts are for the convex models' dense linear algebra: forming a Hessian's C(C+1)/2
         symmetric blocks (n·d² each, :func:`core.linalg.weighted_gram`), factorising it (p³/3),
         inverting it for the Newton-corrected forms (2p³/3) and those forms (n·d² per block
-        again); each Newton fit as :data:`ASSUMED_NEWTON_STEPS` steps of a Hessian build and
+        again), with C - 1 for C and p·(C - 1)/C for p when there are several score columns
+        (both models' multi-class losses are formed in the class basis,
+        :class:`core.models.ClassBasisHessian`); each Newton fit as :data:`ASSUMED_NEWTON_STEPS` steps of a Hessian build and
         factorisation (dense) or 50 conjugate-gradient iterations of 4·n·p flops (large p).
         """
         from core.models import DENSE_NEWTON_MAX_PARAMS
@@ -576,7 +578,9 @@ class Explainer:
         n = self.n_train
         classes = len(self.class_names)
         outputs = 1 if classes == 2 else classes
-        pairs = outputs * (outputs + 1) // 2
+        # Multi-class Hessians are formed in the class basis: C - 1 class columns.
+        columns = 1 if outputs == 1 else outputs - 1
+        pairs = columns * (columns + 1) // 2
         pixels = int(np.prod(self.dataset.image_shape))
         backbone_dim = self.backbone.output_dim(self.dataset.image_shape)
         fits_svm = "svm" in self.config.models
@@ -588,7 +592,7 @@ class Explainer:
         svm_kind = f"Nyström, {width} landmarks" if nystroem else "exact"
 
         def engine(label: str, rows: int, d: int) -> list[StageCost]:
-            p = d * outputs
+            p = d * columns
             build = pairs * rows * d * d * (1 + min(1.0, 256 / d))
             return [
                 StageCost(f"{label}: Hessian and its factorisation", build + p**3 / 3, 16 * p * p),
@@ -598,7 +602,7 @@ class Explainer:
         def fit(label: str, rows: int, d: int, fits: int) -> StageCost:
             p = d * outputs
             if p <= DENSE_NEWTON_MAX_PARAMS:
-                step = pairs * rows * d * d + p**3 / 3
+                step = pairs * rows * d * d + (d * columns) ** 3 / 3
             else:
                 step = 50 * 4 * rows * p
             return StageCost(label, fits * ASSUMED_NEWTON_STEPS * step, 8 * (rows * d + 2 * p * p))

@@ -66,9 +66,16 @@ from core.linalg import (
     row_gram,
     spectrum_from_hessian,
     t_times,
+    times_thin,
 )
 from core.losses import Loss, LossDerivatives
-from core.models import LinearModel, as_float64, as_labels
+from core.models import (
+    LinearModel,
+    as_float64,
+    as_labels,
+    has_class_basis,
+    solve_in_class_basis,
+)
 
 Estimate = Literal["margin", "corrected", "first_order"]
 #: Every estimate, the default first.
@@ -322,7 +329,11 @@ class ExactSolver(InverseHVPSolver):
 
     - **primal**: H + δI = L Lᵀ, p x p. H is built from lower triangles
       (:func:`core.linalg.weighted_gram`, about n·d² flops per class block) and factorised
-      (p³/3); a query costs two triangular solves, 2p² flops per vector.
+      (p³/3); a query costs two triangular solves, 2p² flops per vector. For a multi-class
+      model whose loss depends only on score differences (softmax, the Crammer-Singer hinge) H
+      is formed and factorised in the class basis (:class:`core.models.ClassBasisHessian`): a
+      d·(C - 1) factor plus λ along the all-ones class direction, the same operator for 18%
+      fewer build and 27% fewer factorisation flops at ten classes.
     - **dual**: for models with per-example curvature factors (:class:`ExampleCurvature`) whose
       data term has lower rank than the parameter count, n·r < p (the demo: 1000 images of
       1280-d features). Then H + δI = λ'I + UUᵀ with λ' = λ + δ and U = [√(w_j/n) φ_j ⊗ B_j]_j
@@ -360,13 +371,58 @@ class ExactSolver(InverseHVPSolver):
         self.stages = StageLog()
         self._cholesky: torch.Tensor | None = None
         self._dual: _DualFactor | None = None
+        self._basis: _ClassBasisFactor | None = None
         if form != "primal" and hessian is None:
             self._dual = self._factor_dual(required=form == "dual")
-        if self._dual is None:
+        if self._dual is None and hessian is None:
+            self._basis = self._factor_class_basis()
+        if self._dual is None and self._basis is None:
             self._cholesky = self._factor_primal(hessian)
         self.form = "dual" if self._dual is not None else "primal"
 
     # ----------------------------------------------------------------- primal
+    def _factor_class_basis(self) -> _ClassBasisFactor | None:
+        """The primal factor in the class basis, or None when the model has none or it is not
+        positive definite (the full Hessian's factorisation then says why)."""
+        model = self.model
+        if not has_class_basis(model):
+            return None
+        d, c = model.features_.shape[1], model.n_outputs_
+        with self.stages.stage(
+            "Hessian H in the class basis, symmetric rank-k updates", *_hessian_cost(model)
+        ):
+            basis = model.class_basis_hessian()
+        if basis is None:
+            return None
+        matrix = basis.matrix
+        self._check_damping(float(matrix.diagonal().sum()) + d * basis.l2, model.n_params_)
+        matrix.diagonal().add_(self.damping)
+        size = matrix.shape[0]
+        with self.stages.stage(
+            "Cholesky factor of H in the class basis (d·(C-1) square)",
+            size**3 / 3,
+            2 * 8 * size * size,
+        ):
+            chol, info = cholesky(matrix, overwrite=True)
+        if info != 0:
+            return None
+        return _ClassBasisFactor(basis.rotation, chol, basis.l2 + self.damping, d, c)
+
+    def _class_basis_solve(self, columns: torch.Tensor) -> torch.Tensor:
+        """(H + δI)⁻¹ v for (p, k) columns through the class-basis factor: rotate the class
+        index by Q, two triangular solves for the first C - 1 columns and a division by λ' for
+        the last, rotate back. Returns: (p, k)."""
+        basis = self._basis
+        assert basis is not None
+        d, c, k = basis.d, basis.c, columns.shape[1]
+        size = basis.factor.shape[0]
+        with self.stages.stage(
+            "triangular solves in the class basis",
+            2 * size * size * k,
+            8 * (size * size + 6 * d * c * k),
+        ):
+            return solve_in_class_basis(basis.factor, basis.rotation, basis.lam, columns)
+
     def _factor_primal(self, hessian: torch.Tensor | None) -> torch.Tensor:
         model = self.model
         p = model.n_params_
@@ -393,7 +449,8 @@ class ExactSolver(InverseHVPSolver):
 
     @property
     def cholesky(self) -> torch.Tensor:
-        """The lower Cholesky factor L of H + δI (p x p), formed on first use in the dual form."""
+        """The lower Cholesky factor L of H + δI (p x p), formed on first use in the dual form
+        and the class basis (which answer every query without it)."""
         if self._cholesky is None:
             self._cholesky = self._factor_primal(None)
         return self._cholesky
@@ -481,7 +538,7 @@ class ExactSolver(InverseHVPSolver):
         with self.stages.stage(
             "training features times vectors", 2 * n * d * c * k, 8 * (n * d + (d + n) * c * k)
         ):
-            return (features @ vectors.reshape(d, c * k)).reshape(n, c, k)
+            return times_thin(features, vectors.reshape(d, c * k)).reshape(n, c, k)
 
     def project(self, vectors: torch.Tensor) -> torch.Tensor:
         """(Φ ⊗ I_C)ᵀ (H + δI)⁻¹ v: each training point's features against each of the C blocks
@@ -512,6 +569,12 @@ class ExactSolver(InverseHVPSolver):
 
     def inverse_hvp(self, vectors: torch.Tensor) -> torch.Tensor:
         v = as_float64(vectors)
+        if self._basis is not None:
+            return (
+                self._class_basis_solve(v[:, None])[:, 0]
+                if v.ndim == 1
+                else self._class_basis_solve(v)
+            )
         if self._dual is None:
             p = v.shape[0]
             k = 1 if v.ndim == 1 else v.shape[1]
@@ -549,6 +612,8 @@ class ExactSolver(InverseHVPSolver):
         c = self.model.n_outputs_
         if self._dual is not None:
             return self._dual_quadratic_forms()
+        if self._basis is not None:
+            return self._class_basis_quadratic_forms()
         if c == 1:
             out = torch.empty(n, 1, 1, dtype=DTYPE)
             chunk = max(1, CHUNK_ENTRIES // d)
@@ -568,6 +633,82 @@ class ExactSolver(InverseHVPSolver):
             8 * pairs * (d * d + n * d),
         ):
             return block_quadratic_forms(features, blocks)
+
+    def project_units(self, features: torch.Tensor) -> torch.Tensor | None:
+        """(φ_j ⊗ e_a)ᵀ (H + δI)⁻¹ (φ_t ⊗ e_b) for test features (m, d), laid out as
+        :meth:`project` of the unit columns φ_t ⊗ e_b (column t·C + b): (m·C, n, C); None
+        outside the class basis (the caller then solves for the unit columns).
+
+        In the class basis a test point's C unit columns become φ_t ⊗ Q[b, :], which span the
+        C - 1 columns φ_t ⊗ e'_e solved with the smaller factor plus the all-ones class
+        direction, whose part is φ_jᵀφ_t/(C·λ'): C - 1 solves instead of C, and
+        n·d·(C - 1)²·m flops to project them onto the training features instead of n·d·C²·m
+        (81 instead of 100 columns for ten classes).
+        """
+        basis = self._basis
+        if basis is None:
+            return None
+        train = self.model.features_
+        n, d = train.shape
+        m, c = features.shape[0], basis.c
+        h = c - 1
+        eye = torch.eye(h, dtype=DTYPE)
+        rhs = (features[:, :, None, None] * eye[None, None]).reshape(m, d * h, h)
+        rhs = rhs.permute(1, 0, 2).reshape(d * h, m * h)
+        size = d * h
+        with self.stages.stage(
+            "triangular solves in the class basis",
+            2 * size * size * m * h,
+            8 * (size * size + 4 * size * m * h),
+        ):
+            solved = cholesky_solve(basis.factor, rhs)  # rows (k, e'), columns (t, e)
+        with self.stages.stage(
+            "training features times solutions",
+            2 * n * d * (h * h + 1) * m,
+            8 * (n * d + n * (h * h + 1) * m),
+        ):
+            # Columns (e', t, e) of the solutions, then the test features themselves (for the
+            # all-ones part φ_jᵀφ_t), against every training point in one product.
+            columns = torch.cat([solved.reshape(d, h * m * h), features.T], dim=1)
+            products = times_thin(train, columns).T  # (h·m·h + m, n), contiguous
+        inner, plain = products[: h * m * h], products[h * m * h :]
+        head = basis.rotation[:, :-1]  # (C, h)
+        with self.stages.stage(
+            "back from the class basis", 4 * c * h * m * h * n, 8 * 3 * c * m * h * n
+        ):
+            # out[t, b, j, a] = Σ_e,f Q[a, e] inner[e, t, f, j] Q[b, f], as two products.
+            rotated = (head @ inner.reshape(h, m * h * n)).reshape(c, m, h, n)  # [a, t, f, j]
+            rotated = rotated.permute(1, 2, 3, 0).reshape(m, h, n * c)  # [t, f, (j, a)]
+            out = torch.matmul(head, rotated).reshape(m, c, n, c)  # [t, b, j, a]
+            out += (plain / (c * basis.lam))[:, None, :, None]
+        return out.reshape(m * c, n, c)
+
+    def _class_basis_quadratic_forms(self) -> torch.Tensor:
+        """Q_j through the class-basis factor: with S' = (H' + δI)⁻¹ (the first C - 1 class
+        columns) and F_j = blockdiag(φ_jᵀS'_efφ_j, ‖φ_j‖²/λ') the forms in the class basis,
+        Q_j = Q F_j Qᵀ. C(C - 1)/2 batches of quadratic forms instead of C(C + 1)/2, and the
+        inverse of a d·(C - 1) factor instead of a d·C one."""
+        basis = self._basis
+        assert basis is not None
+        features = self.model.features_
+        n, d = features.shape
+        c, size = basis.c, basis.factor.shape[0]
+        with self.stages.stage(
+            "inverse Hessian in the class basis", 2 * size**3 / 3, 2 * 8 * size * size
+        ):
+            blocks = cholesky_inverse(basis.factor).view(d, c - 1, d, c - 1)
+        pairs = c * (c - 1) // 2
+        with self.stages.stage(
+            "quadratic forms from the inverse's blocks",
+            pairs * n * d * d * (1 + min(STRIP, d) / d),
+            8 * pairs * (d * d + n * d),
+        ):
+            inner = block_quadratic_forms(features, blocks)
+        del blocks
+        forms = torch.zeros(n, c, c, dtype=DTYPE)
+        forms[:, :-1, :-1] = inner
+        forms[:, -1, -1] = (features * features).sum(1) / basis.lam
+        return basis.rotation @ forms @ basis.rotation.T
 
     def _dual_quadratic_forms(self) -> torch.Tensor:
         dual = self._dual
@@ -592,6 +733,18 @@ class ExactSolver(InverseHVPSolver):
                 diagonal = gram.diagonal()[start:stop]
                 out[start:stop] = (diagonal[:, None, None] * eye - products) / dual.lam
         return out
+
+
+@dataclass(frozen=True)
+class _ClassBasisFactor:
+    """The class-basis pieces: Q (C, C), the Cholesky factor of H' + δI (d·(C - 1) square),
+    λ' = λ + δ (the curvature along the all-ones class direction), d and C."""
+
+    rotation: torch.Tensor
+    factor: torch.Tensor
+    lam: float
+    d: int
+    c: int
 
 
 @dataclass(frozen=True)
@@ -627,13 +780,18 @@ def _hessian_cost(model: Any) -> tuple[float, float]:
         return math.nan, math.nan
     n, d = features.shape
     c = model.n_outputs_
-    pairs = c * (c + 1) // 2
-    return pairs * n * d * d, 8 * (pairs * (2 * n * d) + (d * c) ** 2)
+    # In the class basis (has_class_basis) the blocks of the last class column are not formed.
+    columns = c - 1 if has_class_basis(model) else c
+    pairs = columns * (columns + 1) // 2
+    return pairs * n * d * d, 8 * (pairs * (2 * n * d) + (d * columns) ** 2)
 
 
 def _primal_cost(model: Any) -> float:
     """Flops of the primal form's build and factorisation."""
-    return _hessian_cost(model)[0] + model.n_params_**3 / 3
+    size = model.n_params_
+    if has_class_basis(model):
+        size = size // model.n_outputs_ * (model.n_outputs_ - 1)
+    return _hessian_cost(model)[0] + size**3 / 3
 
 
 def _dual_cost(model: Any) -> float:
@@ -1178,6 +1336,15 @@ class InfluenceEngine:
         rhs = (features[:, :, None, None] * eye[None, None, :, :]).reshape(m, d * c, c)
         return rhs.permute(1, 0, 2).reshape(d * c, m * c)
 
+    def _project_units(self, features: torch.Tensor) -> torch.Tensor:
+        """:meth:`_project` of the unit columns φ_t ⊗ e_b of test features (m, d), through the
+        exact solver's class basis when it has one. Returns: (m·C, n, C)."""
+        if isinstance(self.solver, ExactSolver):
+            units = self.solver.project_units(features)
+            if units is not None:
+                return units
+        return self._project(self._unit_right_hand_sides(features))
+
     def _project(self, vectors: torch.Tensor) -> torch.Tensor:
         """(Φ ⊗ I_C)ᵀ (H + δI)⁻¹ v for (p, k) vectors. Returns: (k, n, C)."""
         if isinstance(self.solver, ExactSolver):
@@ -1223,7 +1390,7 @@ class InfluenceEngine:
         for start in range(0, m, step):
             block = features[start : start + step]
             stop = start + block.shape[0]
-            units = self._project(self._unit_right_hand_sides(block))  # (t·C + b, j, a)
+            units = self._project_units(block)  # (t·C + b, j, a)
             units = units.reshape(stop - start, c, n, c)
             if c == 1:
                 changes[start:stop] = units[:, 0] * (residuals / n)

@@ -56,6 +56,11 @@ def softmax_factor(probs: torch.Tensor) -> torch.Tensor:
 class Loss(ABC):
     """A convex per-example loss of the scores ``s`` (n, C) and integer labels ``y`` (n,)."""
 
+    #: Whether ℓ(s + c·1) = ℓ(s) for every constant c: the loss depends on the differences of
+    #: the scores only, so its Hessian in the scores has the all-ones vector in its null space
+    #: (what :meth:`core.models.LinearModel.class_basis_hessian` uses).
+    shift_invariant: bool = False
+
     #: Number of score columns for a problem with ``n_classes`` classes.
     @abstractmethod
     def n_outputs(self, n_classes: int) -> int: ...
@@ -210,6 +215,8 @@ class MulticlassSmoothHinge(Loss):
     score changes nothing), with :func:`softmax_factor` over √t as its factor.
     """
 
+    shift_invariant = True
+
     def __init__(self, temperature: float) -> None:
         self.temperature = float(temperature)
 
@@ -240,6 +247,8 @@ class MulticlassSmoothHinge(Loss):
 
 class SoftmaxCrossEntropy(Loss):
     """Multiclass cross-entropy of softmax(s), one score column per class."""
+
+    shift_invariant = True
 
     def n_outputs(self, n_classes: int) -> int:
         return n_classes

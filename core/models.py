@@ -549,12 +549,15 @@ class LinearModel:
         value, grad, derivs = self._objective_terms(theta)
         iterations = 0
         cg_iterations = 0
+        previous: tuple[float, float] | None = None  # last step's gradient norm and forcing
         while True:
             gnorm = float(grad.norm())
             if gnorm <= self.tol or iterations >= self.max_iter:
                 break
             iterations += 1
-            step, inner = self._newton_step(derivs, grad)
+            rtol = _newton_forcing(gnorm, previous, self.tol)
+            previous = (gnorm, rtol)
+            step, inner = self._newton_step(derivs, grad, rtol)
             cg_iterations += inner
             slope = float(grad @ step)
             t = 1.0
@@ -589,8 +592,12 @@ class LinearModel:
             )
         return theta, info
 
-    def _newton_step(self, derivs: LossDerivatives, grad: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """The Newton direction H⁻¹∇R and the conjugate-gradient iterations it took (0: dense)."""
+    def _newton_step(
+        self, derivs: LossDerivatives, grad: torch.Tensor, rtol: float | None = None
+    ) -> tuple[torch.Tensor, int]:
+        """The Newton direction H⁻¹∇R and the conjugate-gradient iterations it took (0: dense);
+        ``rtol`` is the relative residual at which conjugate gradients stop (the forcing term;
+        default min(0.1, √‖∇R‖))."""
         p = grad.shape[0]
         preconditioner = getattr(self, "_preconditioner", None)
         if preconditioner is not None:
@@ -611,6 +618,12 @@ class LinearModel:
             if step is not None:
                 return step, 0
         if p <= DENSE_NEWTON_MAX_PARAMS:
+            basis = self._class_basis_from(derivs)
+            if basis is not None:
+                chol, info = torch.linalg.cholesky_ex(basis.matrix)
+                if int(info) == 0:
+                    step = solve_in_class_basis(chol, basis.rotation, basis.l2, grad[:, None])
+                    return step[:, 0], 0
             hessian = self._hessian_from(derivs)
             chol, info = torch.linalg.cholesky_ex(hessian)
             if int(info) == 0:
@@ -627,7 +640,9 @@ class LinearModel:
         def hvp(v: torch.Tensor) -> torch.Tensor:
             return self._hvp_from(derivs, v)
 
-        rtol, spent = min(0.1, float(grad.norm()) ** 0.5), 0
+        spent = 0
+        if rtol is None:
+            rtol = min(0.1, float(grad.norm()) ** 0.5)
         sampled = self._sampled_curvature()
         if sampled is not None and not sampled.formed_for(self):
             # Plain CG first: well-conditioned steps (large λ, early iterates) finish before
@@ -808,6 +823,28 @@ class LinearModel:
         self._require_fitted()
         return self._hessian_from(self._train_derivs)
 
+    def class_basis_hessian(self) -> ClassBasisHessian | None:
+        """The Hessian at θ̂ in the class basis (:class:`ClassBasisHessian`), or None when the
+        model has no such form (:func:`has_class_basis`) or its curvature is not
+        shift-invariant to rounding (then the caller forms :meth:`hessian`)."""
+        self._require_fitted()
+        return self._class_basis_from(self._train_derivs)
+
+    def _class_basis_from(self, derivs: LossDerivatives) -> ClassBasisHessian | None:
+        if not has_class_basis(self):
+            return None
+        d2 = derivs.d2
+        rotation = class_rotation(self.n_outputs_)
+        rotated = rotation.T @ d2 @ rotation
+        # The rows along q are zero to rounding for a shift-invariant loss; check, not assume.
+        scale = float(d2.abs().amax()) if d2.numel() else 0.0
+        if float(rotated[:, -1, :].abs().amax()) > 1e-10 * max(scale, 1e-300):
+            return None
+        n = self.features_.shape[0]
+        matrix = _data_hessian(self.features_, self.sample_weight_ / n, rotated[:, :-1, :-1])
+        matrix.diagonal().add_(self.l2)
+        return ClassBasisHessian(matrix, rotation, float(self.l2))
+
     def _hvp_from(
         self,
         derivs: LossDerivatives,
@@ -911,6 +948,30 @@ QUASI_NEWTON_MEMORY = 8
 #: (both exact to what the tolerance allows, ‖θ - θ*‖ <= ‖∇R‖/λ); the extra step costs about
 #: one step in six on the demo.
 POLISH = 1e-2
+
+
+def _newton_forcing(
+    gradient_norm: float, previous: tuple[float, float] | None, tol: float
+) -> float:
+    """The forcing term of a fit's inexact Newton-CG step (Eisenstat and Walker's second choice).
+
+    η = 0.9·(‖∇R_k‖/‖∇R_k-1‖)², kept at least 0.9·η_k-1² when that exceeds 0.1 and at most 0.1:
+    while Newton steps are damped and the gradient falls slowly, CG stops early (solving a
+    model that the line search will cut short precisely is wasted); once steps are full and the
+    gradient falls fast, η shrinks with it, for quadratic convergence. As in :func:`_forcing`, it
+    is never below what the tolerance needs. The first step takes min(0.1, √‖∇R‖), the rule
+    every step used before. ``python -m bench.newton_forcing`` sets the two side by side on a
+    λ path and the final fit of ten-class features.
+    """
+    if previous is None:
+        eta = min(0.1, gradient_norm**0.5)
+    else:
+        last_norm, last_eta = previous
+        eta = 0.9 * (gradient_norm / last_norm) ** 2
+        if 0.9 * last_eta**2 > 0.1:
+            eta = max(eta, 0.9 * last_eta**2)
+        eta = min(eta, 0.1)
+    return max(eta, 1e-3 * tol / gradient_norm)
 
 
 def _forcing(gradient_norm: float, tol: float) -> float:
@@ -1248,6 +1309,74 @@ def _data_hessian(features: torch.Tensor, scaled: torch.Tensor, d2: torch.Tensor
     return hessian
 
 
+def class_rotation(classes: int) -> torch.Tensor:
+    """The class basis Q (C, C): the Householder reflection that swaps e_C and q = 1/√C·(1, …, 1).
+
+    Q is symmetric and orthogonal, its last column is q and its first C - 1 columns are an
+    orthonormal basis of the zero-sum vectors. With v = q - e_C, vᵀv = 2 - 2/√C > 0 for C >= 2,
+    so the reflection is stable for any number of classes.
+    """
+    if classes < 2:
+        raise InfluenceExplorerError(f"A class basis needs at least 2 classes, got {classes}.")
+    q = torch.full((classes,), classes**-0.5, dtype=DTYPE)
+    v = q.clone()
+    v[-1] -= 1.0
+    return torch.eye(classes, dtype=DTYPE) - (2.0 / float(v @ v)) * torch.outer(v, v)
+
+
+@dataclass(frozen=True)
+class ClassBasisHessian:
+    """∇²R(θ̂) of a shift-invariant multi-class model in the class basis of :func:`class_rotation`.
+
+    A loss that depends only on the differences of the scores (softmax cross-entropy, the
+    Crammer-Singer hinge) has per-example curvature A_j with A_j·1 = 0. With T = I_d ⊗ Q
+    (θ = T θ', i.e. W = W' Qᵀ), TᵀHT = Σ_j s_j (φ_jφ_jᵀ) ⊗ (QᵀA_jQ) + λI, and the last row and
+    column of every QᵀA_jQ are zero. So in the new coordinates H is block diagonal: the
+    d·(C - 1) coordinates of the first C - 1 columns carry the data term plus λI (``matrix``), the
+    d coordinates along q carry λI alone. Forming ``matrix`` takes C(C - 1)/2 symmetric blocks
+    instead of C(C + 1)/2 (45 instead of 55 for ten classes) and factorising it (d·(C - 1))³/3
+    instead of (d·C)³/3 flops: 18% and 27% less for ten classes, exactly the same operator.
+
+    Attributes:
+        matrix: (d·(C - 1), d·(C - 1)), laid out like θ' without its last column
+            (θ'[k·(C - 1) + e] = W'[k, e]); a new tensor the caller may modify.
+        rotation: (C, C) Q.
+        l2: λ, the curvature along q.
+    """
+
+    matrix: torch.Tensor
+    rotation: torch.Tensor
+    l2: float
+
+
+def solve_in_class_basis(
+    factor: torch.Tensor, rotation: torch.Tensor, lam: float, columns: torch.Tensor
+) -> torch.Tensor:
+    """H⁻¹v for (p, k) columns from H's class-basis form (:class:`ClassBasisHessian`): rotate
+    the class index by Q, two triangular solves with ``factor`` (the lower Cholesky factor of
+    its d·(C - 1) matrix) for the first C - 1 columns and a division by ``lam`` for the last,
+    rotate back. Returns: (p, k)."""
+    c, k = rotation.shape[0], columns.shape[1]
+    rotated = torch.einsum("dck,ce->dek", columns.reshape(-1, c, k), rotation)
+    d = rotated.shape[0]
+    solved = torch.empty_like(rotated)
+    head = rotated[:, :-1, :].reshape(d * (c - 1), k)
+    solved[:, :-1, :] = cholesky_solve(factor, head).reshape(d, c - 1, k)
+    solved[:, -1, :] = rotated[:, -1, :] / lam
+    return torch.einsum("dek,ce->dck", solved, rotation).reshape(d * c, k)
+
+
+def has_class_basis(model: Any) -> bool:
+    """Whether ``model``'s Hessian can be formed in the class basis (:class:`ClassBasisHessian`):
+    a multi-class linear model with a shift-invariant loss and its features in memory."""
+    return (
+        isinstance(model, LinearModel)
+        and isinstance(getattr(model, "features_", None), torch.Tensor)
+        and getattr(model, "n_outputs_", 1) >= 2
+        and bool(getattr(getattr(model, "loss_", None), "shift_invariant", False))
+    )
+
+
 class SampledCurvature:
     """A preconditioner for Newton-CG fits on many rows: the exact Hessian of a random sample.
 
@@ -1271,7 +1400,8 @@ class SampledCurvature:
     grid: ``fit(..., curvature=...)``); it remembers which features it was formed from.
     """
 
-    #: Rows sampled; their Hessian costs m·d²·C(C+1)/2 flops and the factor (d·C)³/3.
+    #: Rows sampled; their Hessian costs m·d²·C(C+1)/2 flops and the factor (d·C)³/3 (in the
+    #: class basis C(C - 1)/2 blocks and (d·(C - 1))³/3).
     rows: int = 5000
     #: CG iterations per Newton step above which the sample is re-formed at the next step.
     refresh_after: int = 60
@@ -1283,6 +1413,7 @@ class SampledCurvature:
         self._l2: float | None = None
         self._factor: torch.Tensor | None = None
         self._stale = True
+        self._rotation: torch.Tensor | None = None
         self.builds = 0
         self.factorisations = 0
 
@@ -1307,10 +1438,16 @@ class SampledCurvature:
             sample = torch.randperm(n, generator=generator)[:m]
             single = torch.float32
             self._factor = self._data = None  # free the old ones before forming the new
+            d2 = derivs.d2[sample]
+            # In the class basis when the loss allows (ClassBasisHessian): the all-ones class
+            # direction's curvature is λ alone, so only the other C - 1 columns are formed.
+            self._rotation = class_rotation(model.n_outputs_) if has_class_basis(model) else None
+            if self._rotation is not None:
+                d2 = (self._rotation.T @ d2 @ self._rotation)[:, :-1, :-1]
             self._data = _data_hessian(
                 features[sample].to(single),
                 (model.sample_weight_[sample] / m).to(single),
-                derivs.d2[sample].to(single),
+                d2.to(single),
             )
             self._key, self._stale, self._l2 = key, False, None
             self.builds += 1
@@ -1331,8 +1468,15 @@ class SampledCurvature:
         """H_S⁻¹ r (the identity if the factor could not be formed)."""
         if self._factor is None:
             return residual
-        solved = cholesky_solve(self._factor, residual.to(torch.float32))
-        return solved.to(residual.dtype)
+        rotation = self._rotation
+        if rotation is None:
+            solved = cholesky_solve(self._factor, residual.to(torch.float32))
+            return solved.to(residual.dtype)
+        assert self._l2 is not None
+        single = torch.float32
+        columns = residual.reshape(residual.shape[0], -1).to(single)
+        solved = solve_in_class_basis(self._factor, rotation.to(single), self._l2, columns)
+        return solved.to(residual.dtype).reshape(residual.shape)
 
     def used(self, iterations: int) -> None:
         """Record a Newton step's CG iterations; too many mark the sample's curvature stale."""

@@ -245,3 +245,98 @@ def test_a_serving_solvers_stage_log_keeps_only_its_latest_entries() -> None:
         engine.influence_scores(X[i : i + 1], y[i : i + 1])
     assert len(log.entries) == 5
     assert all(entry.seconds >= 0 for entry in log.entries)
+
+
+def _basis_stages(solver: ExactSolver) -> set[str]:
+    return {stage.name for stage in solver.stages.entries if "class basis" in stage.name}
+
+
+@pytest.mark.parametrize(
+    ("classes", "damping", "weighted"),
+    [(3, 0.0, False), (5, 0.0, True), (4, 0.05, False)],
+    ids=["3-class", "5-class-weighted", "4-class-damped"],
+)
+def test_multiclass_primal_in_the_class_basis(classes, damping, weighted):
+    # More points than features: the primal form, which a softmax model forms and factorises
+    # in the class basis (d·(C - 1) coordinates plus λ along the all-ones class direction).
+    weights = np.random.default_rng(classes).choice([1.0, 2.0], size=120) if weighted else None
+    model, X_test, y_test = _logreg(120, 16, classes, 0.01, seed=20 + classes, weights=weights)
+    reference = _reference(model, X_test, y_test, damping)
+    engine = InfluenceEngine(model, SolverConfig(damping=damping))
+    assert engine.solver.form == "primal"
+    assert _basis_stages(engine.solver) == {
+        "Hessian H in the class basis, symmetric rank-k updates",
+        "Cholesky factor of H in the class basis (d·(C-1) square)",
+    }
+    _check_engine(engine, X_test, y_test, reference)
+    # The same operator as the full Hessian's factor, which is still offered on demand.
+    hessian = model.hessian()
+    hessian.diagonal().add_(damping)
+    v = torch.randn(
+        model.n_params_, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
+    torch.testing.assert_close(
+        engine.solver.inverse_hvp(v), torch.linalg.solve(hessian, v), rtol=1e-10, atol=1e-13
+    )
+    torch.testing.assert_close(
+        engine.solver.cholesky @ engine.solver.cholesky.T, hessian, rtol=1e-12, atol=1e-13
+    )
+    # The forms Q_j = (φ_j ⊗ I)ᵀ H⁻¹ (φ_j ⊗ I) whole, their all-ones direction included (the
+    # estimates only see them through factors orthogonal to it).
+    features = model.features_
+    d = features.shape[1]
+    units = torch.kron(features, torch.eye(classes, dtype=torch.float64))  # rows φ_j ⊗ e_a
+    expected = torch.linalg.solve(hessian, units.T).T.reshape(-1, classes, d * classes)
+    expected = torch.einsum("jap,jbp->jab", expected, units.reshape(-1, classes, d * classes))
+    torch.testing.assert_close(
+        engine.solver.unit_quadratic_forms(), expected, rtol=1e-10, atol=1e-13
+    )
+    # The test points' unit columns projected onto every training point, all-ones part too.
+    test_features = model.transform(X_test)
+    test_units = torch.kron(test_features, torch.eye(classes, dtype=torch.float64))
+    solved = torch.linalg.solve(hessian, test_units.T)  # (p, m·C), column t·C + b
+    expected = torch.einsum("jap,pk->kja", units.reshape(-1, classes, d * classes), solved)
+    torch.testing.assert_close(
+        engine.solver.project_units(test_features), expected, rtol=1e-10, atol=1e-13
+    )
+    # A caller's own Hessian takes the full factor, with the same scores.
+    full = InfluenceEngine(model, SolverConfig(damping=damping))
+    full.solver = ExactSolver(model, damping=damping, hessian=model.hessian())
+    assert not _basis_stages(full.solver)
+    _check_engine(full, X_test, y_test, reference)
+
+
+def test_class_basis_hessian_is_the_rotated_hessian():
+    model, _, _ = _logreg(80, 12, 4, 0.02, seed=30)
+    basis = model.class_basis_hessian()
+    q = basis.rotation
+    torch.testing.assert_close(q @ q.T, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-15)
+    torch.testing.assert_close(q[:, -1], torch.full((4,), 0.5, dtype=torch.float64))
+    # TᵀHT with T = I_d ⊗ Q: the first C - 1 class columns are the matrix, the last λI, and
+    # nothing couples them.
+    t = torch.kron(torch.eye(12, dtype=torch.float64), q)
+    rotated = (t.T @ model.hessian() @ t).view(12, 4, 12, 4)
+    torch.testing.assert_close(
+        rotated[:, :3, :, :3].reshape(36, 36), basis.matrix, rtol=1e-12, atol=1e-14
+    )
+    torch.testing.assert_close(
+        rotated[:, 3, :, 3], 0.02 * torch.eye(12, dtype=torch.float64), rtol=0, atol=1e-14
+    )
+    assert float(rotated[:, :3, :, 3].abs().max()) < 1e-14
+    # Binary models (one score column) have no class basis; nor a loss that is not
+    # shift-invariant (checked on the losses themselves).
+    binary, _, _ = _logreg(40, 6, 2, 0.02, seed=31)
+    assert binary.class_basis_hessian() is None
+    assert model.loss_.shift_invariant and not binary.loss_.shift_invariant
+
+
+def test_multiclass_kernel_svm_in_the_class_basis():
+    rng = np.random.default_rng(40)
+    X = np.tanh(rng.normal(size=(45, 20)))
+    y = X[:, :3].argmax(1).astype(np.int64)
+    X_test = np.tanh(rng.normal(size=(8, 20)))
+    y_test = X_test[:, :3].argmax(1).astype(np.int64)
+    model = KernelSVM(gamma=0.05, l2=1e-2, temperature=0.1).fit(X, y)
+    engine = InfluenceEngine(model, SolverConfig(exact_form="primal"))
+    assert _basis_stages(engine.solver)
+    _check_engine(engine, X_test, y_test, _reference(model, X_test, y_test))

@@ -491,8 +491,12 @@ def test_sampled_curvature_with_every_row_is_the_exact_hessian(make_logreg_probl
     v = torch.randn(
         model.n_params_, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64
     )
+    # Formed in the class basis: the softmax's all-ones class direction carries λ alone.
+    assert curvature._data.shape == (model.n_params_ // 8 * 7,) * 2
     recovered = curvature.apply(model.hessian() @ v)
     assert recovered.dtype == torch.float64
+    single = curvature.apply(model.hessian() @ v[:, 0])  # one vector, as CG applies it
+    torch.testing.assert_close(single, v[:, 0], rtol=0, atol=2e-3 * float(v.abs().max()))
     torch.testing.assert_close(recovered, v, rtol=0, atol=2e-3 * float(v.abs().max()))
     # A new λ refactorises the kept sample Hessian; other rows form a new one.
     model.l2 = 1e-2
@@ -538,3 +542,18 @@ def test_newton_cg_with_a_sampled_preconditioner_reaches_the_same_optimum_in_few
     builds = shared.builds
     LogisticRegression(l2=1e-4).fit(X[:900], y[:900], curvature=shared)
     assert shared.builds == builds
+
+
+def test_newton_forcing_follows_the_gradients_fall():
+    forcing = models._newton_forcing
+    # The first step: min(0.1, √‖∇R‖), the rule every step used before.
+    assert forcing(4.0, None, 1e-10) == 0.1
+    assert forcing(1e-4, None, 1e-10) == pytest.approx(1e-2)
+    # Slow progress (damped steps): CG stops early, at the 0.1 cap.
+    assert forcing(5e-3, (1e-2, 0.1), 1e-10) == 0.1
+    # Fast progress: the square of the gradient's fall, 0.9·(1e-5/1e-3)² = 9e-5.
+    assert forcing(1e-5, (1e-3, 0.01), 1e-10) == pytest.approx(9e-5)
+    # ... but not much below the last forcing's square while that is large (safeguard) ...
+    assert forcing(1e-5, (1e-2, 0.5), 1e-10) == pytest.approx(0.1)
+    # ... and never tighter than the tolerance needs: 1e-3·tol/‖∇R‖.
+    assert forcing(1e-9, (1e-6, 1e-3), 1e-10) == pytest.approx(1e-4)

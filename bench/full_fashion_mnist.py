@@ -19,8 +19,8 @@ What it measures, in one process (so the peak memory is the whole preparation's)
    the whole test split) with the default γ rule and with the paper's 0.05/n.
 
 FLOPs next to each time: the dense stages' counts are exact formulas for what the code does
-(C(C+1)/2 symmetric blocks of n·d²·(1 + 256/d) each, p³/3 for a Cholesky factor, 2p³/3 for the
-inverse); the fits' counts are from their recorded Newton and conjugate-gradient iterations
+(C(C-1)/2 symmetric blocks of n·d²·(1 + 256/d) each in the class basis, p³/3 for a Cholesky
+factor and 2p³/3 for the inverse with p = d·(C - 1)); the fits' counts are from their recorded Newton and conjugate-gradient iterations
 (4·n·d·C per gradient or Hessian-vector product), so they are estimates of the same kind. Features must be cached first (``python -m
 core precompute --dataset fashion-mnist --classes all``, or any command with the same cache);
 computing them is not part of the timed preparation.
@@ -156,8 +156,15 @@ def fit_flops(fit: dict) -> float:
     return fit["newton"] * per_step + fit["cg"] * product
 
 
+def class_columns(c: int) -> int:
+    """Class columns a Hessian is formed in: C - 1 in the class basis (both models' multi-class
+    losses are shift-invariant, :class:`core.models.ClassBasisHessian`), 1 for binary models."""
+    return c - 1 if c >= 2 else c
+
+
 def hessian_build_flops(n: int, d: int, c: int) -> float:
-    return c * (c + 1) / 2 * n * d * d * (1 + min(1.0, 256 / d))
+    h = class_columns(c)
+    return h * (h + 1) / 2 * n * d * d * (1 + min(1.0, 256 / d))
 
 
 def upload_bytes(image: np.ndarray) -> bytes:
@@ -175,6 +182,20 @@ def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def profile_text(fn: Callable[[], object], lines: int) -> str:
+    """One more call of ``fn`` under cProfile: its ``lines`` most expensive functions by
+    cumulative time (where an upload's time goes), as pstats prints them."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.runcall(fn)
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(lines)
+    return text.getvalue()
 
 
 def svm_accuracy(dataset, per_class: int | None, gamma_rule: str, seed: int = 0) -> dict:
@@ -278,6 +299,7 @@ def run(args: argparse.Namespace) -> dict:
     out["upload_first_s"] = timed(explain_upload)
     out["upload_s"] = [timed(explain_upload) for _ in range(args.uploads)]
     explanation = explain_upload()
+    out["upload_profile"] = profile_text(explain_upload, args.profile_lines)
     out["upload_predictions"] = {
         key: m.predicted_name
         for key, m in explanation.models.items()  # type: ignore[attr-defined]
@@ -324,7 +346,7 @@ def stage_flops(out: dict) -> dict[str, float]:
             for model in out["models"].values():
                 if stage.startswith(model["label"]):
                     n, d, c = out["n_train"], model["dim"], model["outputs"]
-                    p = d * c
+                    p = d * class_columns(c)
                     if "factorisation" in stage:
                         flops[stage] = hessian_build_flops(n, d, c) + p**3 / 3
                     elif "Newton-corrected" in stage:
@@ -434,6 +456,17 @@ def report(out: dict) -> str:
         "",
         f"Upload predictions: {out['upload_predictions']}.",
     ]
+    if out.get("upload_profile"):
+        lines += [
+            "",
+            "### Where one upload's time goes",
+            "",
+            "One more upload under cProfile (its own overhead included), by cumulative time:",
+            "",
+            "```",
+            out["upload_profile"].strip(),
+            "```",
+        ]
     if out["svm_sizes"]:
         lines += [
             "",
@@ -481,6 +514,9 @@ def main() -> None:
         help="EfficientNet-Lite0 features (cached first) or the random ReLU stand-in",
     )
     parser.add_argument("--name", default="full_fashion_mnist", help="results file name")
+    parser.add_argument(
+        "--profile-lines", type=int, default=40, help="functions kept from the upload's profile"
+    )
     args = parser.parse_args()
     args.svm_sizes = [int(s) for s in args.svm_sizes.split(",") if s.strip()]
     out = run(args)

@@ -213,6 +213,18 @@ class TwiceDifferentiable(Protocol):
     def training_gradient_products(self, vectors: torch.Tensor) -> torch.Tensor: ...
 
 
+def unit_columns(features: torch.Tensor, columns: int) -> torch.Tensor:
+    """The vectors φ_t ⊗ e_c for each row φ_t of ``features`` (m, d) and each of ``columns``
+    class columns, in the parameters' layout θ[k·columns + c]. Returns: (d·columns, m·columns),
+    column t·columns + c (``features.T`` itself for one column)."""
+    m, d = features.shape
+    if columns == 1:
+        return features.T
+    eye = torch.eye(columns, dtype=DTYPE)
+    rhs = (features[:, :, None, None] * eye[None, None, :, :]).reshape(m, d * columns, columns)
+    return rhs.permute(1, 0, 2).reshape(d * columns, m * columns)
+
+
 def block_quadratic_forms(features: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """Q_j[a, b] = φ_jᵀ S_ab φ_j for every training point, from S's d x d blocks.
 
@@ -623,10 +635,18 @@ class ExactSolver(InverseHVPSolver):
                     solved = torch.linalg.solve_triangular(self.cholesky, block, upper=False)
                     out[start : start + chunk, 0, 0] = (solved * solved).sum(0)
             return out
-        p = d * c
-        with self.stages.stage("inverse Hessian from L", 2 * p**3 / 3, 2 * 8 * p * p):
-            blocks = cholesky_inverse(self.cholesky).view(d, c, d, c)
-        pairs = c * (c + 1) // 2
+        return self._forms_from_factor(self.cholesky, c, "inverse Hessian from L")
+
+    def _forms_from_factor(self, factor: torch.Tensor, columns: int, stage: str) -> torch.Tensor:
+        """φ_jᵀ S_ab φ_j for every training point and class columns a, b of S = (L Lᵀ)⁻¹, from
+        a lower factor L of d·columns square: S (2p³/3), then the columns(columns+1)/2 batches of
+        quadratic forms of :func:`block_quadratic_forms`. Returns: (n, columns, columns)."""
+        features = self.model.features_
+        n, d = features.shape
+        size = factor.shape[0]
+        with self.stages.stage(stage, 2 * size**3 / 3, 2 * 8 * size * size):
+            blocks = cholesky_inverse(factor).view(d, columns, d, columns)
+        pairs = columns * (columns + 1) // 2
         with self.stages.stage(
             "quadratic forms from the inverse's blocks",
             pairs * n * d * d * (1 + min(STRIP, d) / d),
@@ -652,9 +672,7 @@ class ExactSolver(InverseHVPSolver):
         n, d = train.shape
         m, c = features.shape[0], basis.c
         h = c - 1
-        eye = torch.eye(h, dtype=DTYPE)
-        rhs = (features[:, :, None, None] * eye[None, None]).reshape(m, d * h, h)
-        rhs = rhs.permute(1, 0, 2).reshape(d * h, m * h)
+        rhs = unit_columns(features, h)
         size = d * h
         with self.stages.stage(
             "triangular solves in the class basis",
@@ -690,22 +708,9 @@ class ExactSolver(InverseHVPSolver):
         inverse of a d·(C - 1) factor instead of a d·C one."""
         basis = self._basis
         assert basis is not None
-        features = self.model.features_
-        n, d = features.shape
-        c, size = basis.c, basis.factor.shape[0]
-        with self.stages.stage(
-            "inverse Hessian in the class basis", 2 * size**3 / 3, 2 * 8 * size * size
-        ):
-            blocks = cholesky_inverse(basis.factor).view(d, c - 1, d, c - 1)
-        pairs = c * (c - 1) // 2
-        with self.stages.stage(
-            "quadratic forms from the inverse's blocks",
-            pairs * n * d * d * (1 + min(STRIP, d) / d),
-            8 * pairs * (d * d + n * d),
-        ):
-            inner = block_quadratic_forms(features, blocks)
-        del blocks
-        forms = torch.zeros(n, c, c, dtype=DTYPE)
+        features, c = self.model.features_, basis.c
+        inner = self._forms_from_factor(basis.factor, c - 1, "inverse Hessian in the class basis")
+        forms = torch.zeros(features.shape[0], c, c, dtype=DTYPE)
         forms[:, :-1, :-1] = inner
         forms[:, -1, -1] = (features * features).sum(1) / basis.lam
         return basis.rotation @ forms @ basis.rotation.T
@@ -1183,13 +1188,10 @@ class InfluenceEngine:
         if d <= n:
             inverse = self._inverse_hessian(chunk)
             return block_quadratic_forms(features, inverse.view(d, c, d, c))
-        eye = torch.eye(c, dtype=DTYPE)
         out = torch.empty(n, c, c, dtype=DTYPE)
         for start in range(0, n, chunk):
             phi = features[start : start + chunk]
-            # Columns φ_j ⊗ e_a for the chunk, laid out (p, j, a).
-            rhs = (phi[:, :, None, None] * eye[None, None, :, :]).reshape(len(phi), d * c, c)
-            rhs = rhs.permute(1, 0, 2).reshape(d * c, len(phi) * c)
+            rhs = unit_columns(phi, c)  # columns φ_j ⊗ e_a for the chunk, laid out (p, j, a)
             solved = self.solver.inverse_hvp(rhs).reshape(d, c, len(phi), c)
             out[start : start + chunk] = torch.einsum("jd,dajb->jab", phi, solved)
         return out
@@ -1328,13 +1330,7 @@ class InfluenceEngine:
     def _unit_right_hand_sides(self, features: torch.Tensor) -> torch.Tensor:
         """The columns φ_t ⊗ e_c, for each test point t and output c, in the layout
         θ[k·C + a]. Returns: (p, m·C), column t·C + c."""
-        m, d = features.shape
-        c = self.model.n_outputs_
-        if c == 1:
-            return features.T
-        eye = torch.eye(c, dtype=DTYPE)
-        rhs = (features[:, :, None, None] * eye[None, None, :, :]).reshape(m, d * c, c)
-        return rhs.permute(1, 0, 2).reshape(d * c, m * c)
+        return unit_columns(features, self.model.n_outputs_)
 
     def _project_units(self, features: torch.Tensor) -> torch.Tensor:
         """:meth:`_project` of the unit columns φ_t ⊗ e_b of test features (m, d), through the

@@ -80,7 +80,9 @@ def test_upload_a_dataset_and_a_network_then_explain_with_three_models(
     # Under the default architecture (resnet18) the weights do not fit: a message, nothing kept.
     _choose(page, "yours_input_size", "32")
     _upload(page, "yours_weights", "garments_shufflenet.pt", state_dict_file())
-    error = page.get_by_test_id("stAlertContentError")
+    # The page's own message (once, in a full CI run, the sidebar showed an error alert of its
+    # own at the same moment, which made an unscoped locator ambiguous; its text was not kept).
+    error = page.get_by_test_id("stMainBlockContainer").get_by_test_id("stAlertContentError")
     expect(error).to_contain_text("does not fit the resnet18 architecture", timeout=READY_TIMEOUT)
     expect(error).to_contain_text("garments_shufflenet.pt")
     assert ".incoming" not in error.inner_text()  # the server's paths are not shown

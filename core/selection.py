@@ -184,6 +184,30 @@ class LambdaCurve:
             f"the {direction} mean (λ = {self.best:g}) is chosen: λ = {self.chosen:g}."
         )
 
+    @property
+    def edge_note(self) -> str | None:
+        """A sentence when the best mean is at either end of the grid (the criterion has no
+        minimum inside it, so a λ beyond the grid might do better and the choice is the grid's,
+        not the data's); else None. The scores stay exact for the model as fitted: this is about
+        which model was fitted, not about its influence."""
+        if self.best not in (self.grid[0], self.grid[-1]):
+            return None
+        name = "log-loss" if self.criterion == "log_loss" else "accuracy"
+        smallest = self.best == self.grid[0]
+        beyond = "smaller" if smallest else "larger"
+        end = "smallest" if smallest else "largest"
+        what = (
+            "the features may support a less regularised model"
+            if smallest
+            else "the model may need more regularisation than the grid offers"
+        )
+        return (
+            f"The held-out {name} was best at the {end} λ tried ({self.best:g}, of "
+            f"{self.grid[0]:g} to {self.grid[-1]:g}), so cross-validation found no optimum inside "
+            f"the grid: a {beyond} λ might do better ({what}). The chosen λ = {self.chosen:g} is "
+            "limited by the grid; the influence scores are exact for the model as fitted."
+        )
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "grid": list(self.grid),
@@ -200,6 +224,7 @@ class LambdaCurve:
             "n": self.n,
             "held_out": self.folds if self.held_out is None else self.held_out,
             "rule": self.rule,
+            "edge_note": self.edge_note,
         }
 
 

@@ -180,6 +180,8 @@ else:
                 "is within one standard error of the best is as good as the data can tell, and "
                 "the largest of them (the most regularised, the steadiest) is chosen."
             )
+            if curve.edge_note:
+                st.info(curve.edge_note, icon="ℹ️")
             st.plotly_chart(
                 lambda_curve(
                     curve.grid,

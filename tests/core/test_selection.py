@@ -51,6 +51,29 @@ def test_curve_averages_per_example_not_per_fold():
     assert curve_from_values(stacked, config).mean == pytest.approx((0.25, 0.25))
 
 
+def test_a_best_lambda_at_either_end_of_the_grid_is_said_and_an_inner_one_is_not():
+    config = SelectionConfig(grid=(1e-4, 1e-3, 1e-2, 1e-1), folds=2, repeats=1)
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0.0, 0.01, size=(40, 1))
+
+    def curve(means: list[float]) -> LambdaCurve:
+        values = np.asarray(means)[None, :] + noise
+        return curve_from_values({"log_loss": values, "correct": np.ones_like(values)}, config)
+
+    falling = curve([0.20, 0.30, 0.40, 0.50])  # still falling at the smallest λ
+    assert falling.best == 1e-4
+    assert "smallest λ tried (0.0001" in falling.edge_note
+    assert "smaller λ might do better" in falling.edge_note
+    assert falling.as_dict()["edge_note"] == falling.edge_note
+    rising = curve([0.50, 0.40, 0.30, 0.20])  # still falling at the largest λ
+    assert rising.best == 1e-1 and "largest λ tried (0.1" in rising.edge_note
+    # A minimum inside the grid: nothing to say, even when the one-standard-error rule then
+    # picks the grid's largest λ.
+    inner = curve([0.50, 0.30, 0.2995, 0.2996])
+    assert inner.best == 1e-2 and inner.chosen == 1e-1
+    assert inner.edge_note is None and inner.as_dict()["edge_note"] is None
+
+
 def test_held_out_values_are_those_of_explicit_fits(make_logreg_problem):
     problem = make_logreg_problem(40, 6, seed=3)
     config = SelectionConfig(grid=(1e-2, 1e-1), folds=2, repeats=2, seed=7)

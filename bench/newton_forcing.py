@@ -1,6 +1,7 @@
 """Newton-CG forcing terms side by side: the fits of λ's hold-out selection and the final fit.
 
-Usage: ``python -m bench.newton_forcing [--n 25000] [--lambdas 0.1,0.01,0.001,0.0001]``
+Usage: ``python -m bench.newton_forcing [--n 25000] [--lambdas 0.1,0.01,0.001,0.0001]
+[--rules sqrt,adaptive] [--name newton_forcing]``
 
 On n seeded rows of the full Fashion-MNIST (the Debian package ``dataset-fashion-mnist``) with
 the stand-in features of ``bench.full_fashion_mnist`` (a fixed random ReLU projection, 1280-d,
@@ -70,7 +71,15 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=25_000)
     parser.add_argument("--lambdas", default="0.1,0.01,0.001,0.0001")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--rules", default="sqrt,adaptive", help="which of sqrt, adaptive to run, in order"
+    )
+    parser.add_argument("--name", default="newton_forcing", help="results file name")
     args = parser.parse_args()
+    rules = {"sqrt": sqrt_rule, "adaptive": models._newton_forcing}
+    chosen = [r.strip() for r in args.rules.split(",") if r.strip()]
+    if not chosen or any(r not in rules for r in chosen):
+        parser.error(f"--rules: choose from {', '.join(rules)}; got {args.rules!r}")
     lambdas = [float(v) for v in args.lambdas.split(",")]
     dataset = open_dataset("fashion-mnist")
     featurizer = feature_registry._REGISTRY[register_stand_in()]()
@@ -85,7 +94,8 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines))
-    for name, rule in (("sqrt", sqrt_rule), ("adaptive", adaptive)):
+    for name in chosen:
+        rule = rules[name]
         models._newton_forcing = rule
         try:
             results = run_path(X, y, lambdas, args.seed)
@@ -103,7 +113,9 @@ def main() -> None:
         )
         print("\n".join(rows))
         lines += rows
-    write_results("newton_forcing", "Newton-CG forcing terms side by side", "\n".join(lines))
+    write_results(
+        args.name, "Newton-CG forcing terms side by side", "\n".join(lines), "newton_forcing"
+    )
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from core.linalg import (
     cholesky_solve,
     conjugate_gradient,
     t_times,
+    through_rows,
     weighted_gram,
 )
 from core.losses import (
@@ -859,10 +860,17 @@ class LinearModel:
         squeeze = vectors.ndim == 1
         v = vectors[:, None] if squeeze else vectors
         d, c, k = features.shape[1], self.n_outputs_, v.shape[1]
-        v3 = v.reshape(d, c, k)
-        s = torch.einsum("nd,dck->nck", features, v3)
-        t = torch.einsum("nce,nek->nck", d2, s) * (w / denominator)[:, None, None]
-        out = t_times(features, t.reshape(-1, c * k)).reshape(d * c, k) + self.l2 * v
+        scale = w / denominator
+
+        def curvature(start: int, stop: int, s: torch.Tensor) -> torch.Tensor:
+            # Each row's C x C loss curvature on its C·k scores (the columns are (class, vector)).
+            s3 = s.reshape(stop - start, c, k)
+            t = torch.bmm(d2[start:stop], s3) * scale[start:stop, None, None]
+            return t.reshape(stop - start, c * k)
+
+        # Both products with Φ one block of rows at a time (the block stays in the cache).
+        out = through_rows(features, v.reshape(d, c * k), curvature).reshape(d * c, k)
+        out = out + self.l2 * v
         return out[:, 0] if squeeze else out
 
     def hvp(self, vectors: Any, indices: Any | None = None) -> torch.Tensor:

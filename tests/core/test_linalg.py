@@ -3,6 +3,8 @@ direct solves, and Lanczos against the exact spectrum."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -13,6 +15,9 @@ from core.linalg import (
     lanczos_spectrum,
     quadratic_forms,
     spectrum_from_hessian,
+    t_times,
+    through_rows,
+    times_thin,
     weighted_gram,
 )
 
@@ -120,3 +125,26 @@ def test_symmetric_products_from_lower_strips_match_full_products(d: int) -> Non
     torch.testing.assert_close(
         forms, ((features @ symmetric) * features).sum(1), rtol=1e-12, atol=1e-10
     )
+
+
+@pytest.mark.parametrize("k", [1, 3, 12])
+@pytest.mark.parametrize("rows", [1, 7, 64, 1000])
+def test_products_through_blocks_of_rows_match_two_whole_products(k: int, rows: int) -> None:
+    generator = torch.Generator().manual_seed(10 * k + rows)
+    features = torch.randn(203, 17, generator=generator, dtype=torch.float64)
+    thin = torch.randn(17, k, generator=generator, dtype=torch.float64)
+    weights = torch.randn(203, k, generator=generator, dtype=torch.float64)
+    seen: list[tuple[int, int]] = []
+
+    def middle(start: int, stop: int, products: torch.Tensor) -> torch.Tensor:
+        seen.append((start, stop))
+        return products * weights[start:stop] + products.square()
+
+    got = through_rows(features, thin, middle, rows=rows)
+    scores = times_thin(features, thin)
+    expected = t_times(features, scores * weights + scores.square())
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-11)
+    # Every row once, in blocks of at most ``rows``.
+    assert seen[0][0] == 0 and seen[-1][1] == 203
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(seen))
+    assert all(stop - start <= rows for start, stop in seen)

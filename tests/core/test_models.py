@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import core.linalg as linalg
 import core.models as models
 from core.errors import InfluenceExplorerError, NotFittedError
 from core.losses import LogisticLoss, MulticlassSmoothHinge, SmoothHingeLoss, SoftmaxCrossEntropy
@@ -133,6 +134,28 @@ def test_fit_reaches_tight_gradient_norm(fitted, name):
     assert float(model.objective_gradient().norm()) <= 1e-8
     grad = torch.func.grad(_objective_fn(model))(model.theta_)
     assert float(grad.norm()) <= 1e-8
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_hvp_in_small_blocks_of_rows_matches_autodiff(fitted, name, monkeypatch):
+    # Fitting's Hessian-vector products go through the training rows in blocks (through_rows);
+    # blocks of 7 rows make every model's products cross many block boundaries.
+    monkeypatch.setattr(linalg, "THROUGH_ROWS", 7)
+    model, _ = fitted[name]
+    hessian = torch.func.hessian(_objective_fn(model))(model.theta_)
+    gen = torch.Generator().manual_seed(5)
+    vectors = torch.randn(model.n_params_, 2, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(model.hvp(vectors), hessian @ vectors, rtol=1e-9, atol=1e-11)
+    batch = torch.arange(3, model.n_train_, 2)  # a minibatch of 7-row blocks too
+    features, labels = model.features_[batch], model.labels_[batch]
+    w, d, c = model.sample_weight_[batch], features.shape[1], model.n_outputs_
+
+    def batch_objective(theta):
+        losses = model.loss_.value(features @ theta.reshape(d, c), labels)
+        return (w @ losses) / len(batch) + 0.5 * model.l2 * (theta @ theta)
+
+    expected = torch.func.hessian(batch_objective)(model.theta_) @ vectors
+    torch.testing.assert_close(model.hvp(vectors, indices=batch), expected, rtol=1e-9, atol=1e-11)
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

@@ -62,12 +62,45 @@ def browser(chromium_path: str) -> Iterator[Any]:
             instance.close()
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    # Kept on the test item, so that the page fixture's teardown knows whether the test failed.
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
+def _keep_what_the_page_showed(page: Any, name: str) -> None:
+    """After a failed test: a screenshot, and every alert on the page (the sidebar's included)
+    printed into the test's report, since a failure on a busy CI machine may not come back."""
+    try:
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / f"e2e-failed-{name}.png"), full_page=True)
+        alerts = page.locator('[data-testid="stAlert"]')
+        for i in range(alerts.count()):
+            alert = alerts.nth(i)
+            where = (
+                "sidebar"
+                if alert.locator("xpath=ancestor::section[@data-testid='stSidebar']").count()
+                else "main"
+            )
+            print(f"alert {i} ({where}): {alert.inner_text(timeout=2_000)!r}")
+        print(f"screenshot: {ARTIFACTS / f'e2e-failed-{name}.png'}")
+    except Exception as error:  # the page may be gone; the test's own failure is what counts
+        print(f"could not keep the failed page: {error!r}")
+
+
 @pytest.fixture
-def page(browser: Any, app_server: Server) -> Iterator[Any]:
-    """A fresh browser context (a new Streamlit session) per test."""
+def page(browser: Any, app_server: Server, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A fresh browser context (a new Streamlit session) per test; after a failure, what the
+    page showed is kept (:func:`_keep_what_the_page_showed`)."""
     context = browser.new_context(viewport={"width": 1500, "height": 1100})
     context.set_default_timeout(60_000)
     try:
-        yield context.new_page()
+        opened = context.new_page()
+        yield opened
+        failed = getattr(request.node, "report_call", None)
+        if failed is not None and failed.failed:
+            _keep_what_the_page_showed(opened, request.node.name)
     finally:
         context.close()

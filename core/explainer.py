@@ -618,7 +618,7 @@ class Explainer:
             )
             stages.append(fit("Fitting the RBF SVM on pixels", n, width, 1))
         if fits_logreg and self.config.logreg_l2 is None:
-            plan = selection_plan(n, seed=self.config.seed)
+            plan = selection_plan(n, seed=self.config.seed, parameters=backbone_dim * outputs)
             stages.append(
                 fit(
                     "Choosing the logistic regression's λ",
@@ -1020,7 +1020,9 @@ class Explainer:
         ones. Returns the curve and, when the fits were in this process, the last fold's
         parameters at the chosen λ (a warm start for the final fit), else None."""
         featurizer = self.backbone if featurizer is None else featurizer
-        selection = selection_plan(self.n_train, seed=self.config.seed)
+        classes = len(self.class_names)
+        parameters = (features.shape[1] + int(fit_intercept)) * (1 if classes == 2 else classes)
+        selection = selection_plan(self.n_train, seed=self.config.seed, parameters=parameters)
         key = self._fit_key(
             "select-logreg-l2",
             backbone=featurizer.name,

@@ -17,7 +17,9 @@ How much cross-validation is done scales with the training set (:func:`selection
 standard error shrinks like 1/√n while each fit's cost grows with n, so large sets need fewer
 held-out examples per λ and cannot afford 60 fits. Below 10,000 examples: 3 repeats of 5 folds
 (60 fits); up to 40,000: one repeat of 3 folds (12 fits); from 40,000: one stratified hold-out
-split of a fifth of the examples (4 fits, at least 8,000 held-out examples).
+split of a fifth of the examples (4 fits, at least 8,000 held-out examples). A model with many
+parameters gets the 3 folds sooner: from the cost (examples x parameters) of 10,000 examples of a
+1280-d binary model, e.g. the demo's ten classes (5,000 examples, 12,800 parameters).
 
 λ is never chosen by how good influence looks. The whole curve (mean and standard error per λ)
 is kept as a :class:`LambdaCurve` for reports.
@@ -47,6 +49,9 @@ FOLD_TOL = 1e-8
 #: Training-set sizes from which :func:`selection_plan` does less cross-validation.
 FEWER_FOLDS_FROM = 10_000
 HOLD_OUT_FROM = 40_000
+#: Examples x parameters from which :func:`selection_plan` does one repeat of 3 folds whatever n:
+#: what FEWER_FOLDS_FROM examples of a binary model on 1280-d features cost.
+FEWER_FOLDS_FROM_COST = FEWER_FOLDS_FROM * 1280
 
 Progress = Callable[[int, int], None]
 
@@ -129,11 +134,16 @@ class SelectionConfig:
         return f"{self.repeats} x {self.folds}-fold stratified cross-validation{held}"
 
 
-def selection_plan(n: int, seed: int = 0) -> SelectionConfig:
-    """The cross-validation done for ``n`` training examples (see the module docstring)."""
+def selection_plan(n: int, seed: int = 0, parameters: int | None = None) -> SelectionConfig:
+    """The cross-validation done for ``n`` training examples of a model with ``parameters``
+    weights (see the module docstring): by the examples alone when ``parameters`` is not given.
+    A fit's cost grows with n·p, so a many-class model (p = d·C) gets the fewer folds from the
+    cost that :data:`FEWER_FOLDS_FROM` examples of a 1280-d binary model have; the hold-out
+    split stays reserved for sets with enough examples to hold out."""
     if n >= HOLD_OUT_FROM:
         return SelectionConfig(folds=5, repeats=1, held_out=1, seed=seed)
-    if n >= FEWER_FOLDS_FROM:
+    costly = parameters is not None and n * parameters >= FEWER_FOLDS_FROM_COST
+    if n >= FEWER_FOLDS_FROM or costly:
         return SelectionConfig(folds=3, repeats=1, seed=seed)
     return SelectionConfig(seed=seed)
 

@@ -218,6 +218,13 @@ def test_the_plan_does_less_cross_validation_as_the_training_set_grows():
     assert "held_out" not in small.cache_fields and "held_out" not in middle.cache_fields
     assert large.cache_fields["held_out"] == 1
     assert selection_plan(60_000, seed=3).seed == 3
+    # By cost: the demo's ten classes (5,000 examples, 1280-d features, 12,800 parameters) cost
+    # what 50,000 binary examples would, so they get the 3 folds; its pairs keep the full plan.
+    assert selection_plan(5_000, parameters=12_800) == SelectionConfig(folds=3, repeats=1)
+    assert selection_plan(1_000, parameters=1_280) == SelectionConfig()
+    assert selection_plan(1_500, parameters=3 * 1_280) == SelectionConfig()
+    # The hold-out split still needs the examples, whatever the cost.
+    assert selection_plan(20_000, parameters=10**6).held_out is None
 
 
 def test_per_example_averages_skip_repeats_that_did_not_hold_an_example_out():

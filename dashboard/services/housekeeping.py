@@ -23,7 +23,13 @@ So this module adds, per server process:
   more than :data:`SESSION_GRACE_S` through Streamlit's thread-safe
   ``Runtime.clear_user_info_for_session`` (which shuts a stored session down: its files, media
   references, session state and script thread go), removes what is left of sessions Streamlit no
-  longer knows, and hands freed memory back to the system (glibc's ``malloc_trim``).
+  longer knows, and hands freed memory back to the system: on the sweeps after a session ended
+  or files were freed (:data:`RELEASE_SWEEPS` of them, since Streamlit closes a stored session
+  on its event loop, after the sweep that asked), a full garbage collection (a closed session's
+  objects hold each other in cycles, which only a full collection frees, and an idle server
+  allocates too little to trigger one) and glibc's ``malloc_trim``. When the last session has
+  ended, the results kept for sessions to share (``st.cache_data``: explanations, verifications,
+  downloads) are dropped too; the fitted engines (``st.cache_resource``) stay.
 
 What no app can bound is the number of sessions a client opens, or the bytes of requests in
 flight: that is the reverse proxy's job (README, Robustness: ``limit_conn``, ``limit_req``,
@@ -35,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import gc
 import logging
 import os
 import threading
@@ -57,6 +64,8 @@ UPLOAD_MAX_AGE_S = 600.0
 SESSION_GRACE_S = 30.0
 #: How often the janitor looks.
 TICK_S = 2.0
+#: Sweeps that collect garbage and trim the allocator after a session ended or files were freed.
+RELEASE_SWEEPS = 3
 
 
 def upload_memory_limit(environ: dict[str, str] | None = None) -> int:
@@ -228,6 +237,7 @@ class Janitor:
         *,
         grace: float = SESSION_GRACE_S,
         clock: Callable[[], float] = time.monotonic,
+        when_idle: Callable[[], None] | None = None,
     ) -> None:
         self.runtime = runtime
         self.bounds = bounds
@@ -236,6 +246,8 @@ class Janitor:
         self._lock = threading.Lock()
         self._last_active: dict[str, float] = {}
         self.closed = 0
+        self._when_idle = when_idle
+        self._release_sweeps = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -279,7 +291,20 @@ class Janitor:
         if self.bounds is not None:
             freed += self.bounds.expire()
         self.closed += len(ended)
+        if ended:
+            with self._lock:
+                idle = not self._last_active
+            if idle and self._when_idle is not None:
+                # The last session has ended: results kept for sessions to share (explanations,
+                # verifications, downloads) have nobody to share them with; they go too.
+                self._when_idle()
         if ended or freed:
+            self._release_sweeps = RELEASE_SWEEPS
+        if self._release_sweeps > 0:
+            # This sweep and the next ones: the sessions asked to close above are closed on
+            # Streamlit's event loop, so their memory is garbage only a little later.
+            self._release_sweeps -= 1
+            gc.collect()
             release_freed_memory()
         return len(ended)
 
@@ -309,6 +334,7 @@ def janitor() -> Janitor | None:
     against a mock runtime)."""
     from unittest.mock import Mock
 
+    import streamlit as st
     from streamlit.runtime import Runtime
 
     if not Runtime.exists() or isinstance(Runtime.instance(), Mock):
@@ -317,7 +343,10 @@ def janitor() -> Janitor | None:
         if not _STARTED:
             runtime = Runtime.instance()
             bounds = UploadBounds(runtime.uploaded_file_mgr, total_bytes=upload_memory_limit())
-            _STARTED.append(Janitor(runtime, bounds if bounds.install() else None).start())
+            janitor = Janitor(
+                runtime, bounds if bounds.install() else None, when_idle=st.cache_data.clear
+            )
+            _STARTED.append(janitor.start())
         return _STARTED[0]
 
 

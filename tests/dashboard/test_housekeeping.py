@@ -7,6 +7,8 @@ The same bounds against a real server (60 files of 9.9 MB posted past the widget
 
 from __future__ import annotations
 
+import gc
+import weakref
 from dataclasses import dataclass, field
 
 import pytest
@@ -14,6 +16,7 @@ from streamlit.runtime.memory_uploaded_file_manager import MemoryUploadedFileMan
 from streamlit.runtime.uploaded_file_manager import UploadedFileRec
 
 from core.errors import MemoryBudgetError
+from dashboard.services import housekeeping
 from dashboard.services.housekeeping import Janitor, UploadBounds, upload_memory_limit
 
 
@@ -139,3 +142,67 @@ def test_a_session_gone_for_the_grace_period_is_shut_down_and_its_files_freed(
     clock.now = 1000
     assert janitor.tick() == 0  # the connected session is never closed
     assert runtime.shut_down.count("leaves") == 1
+
+
+def test_after_a_session_ends_garbage_is_collected_and_memory_trimmed_on_the_next_sweeps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A closed session's objects hold each other in cycles; Streamlit closes it on its event
+    # loop after the sweep that asked, so the release must come on the sweeps after too.
+    trims: list[float] = []
+    monkeypatch.setattr(housekeeping, "release_freed_memory", lambda: trims.append(clock.now))
+    clock = Clock()
+    runtime = FakeRuntime(active={"leaves"})
+    janitor = Janitor(runtime, None, grace=30, clock=clock)
+    janitor.seen("leaves")
+    janitor.tick()
+    assert trims == []  # nothing ended, nothing to release
+
+    class Node:
+        pass
+
+    def closed_session() -> weakref.ref[Node]:
+        a, b = Node(), Node()
+        a.other, b.other = b, a  # a cycle, as a closed session's objects are
+        return weakref.ref(a)
+
+    runtime.active = set()
+    clock.now = 31
+    assert janitor.tick() == 1
+    enabled = gc.isenabled()
+    gc.disable()  # only the janitor's own collection may free the cycle
+    try:
+        gone = closed_session()  # garbage that appears after the sweep that closed the session
+        assert gone() is not None
+        for now in (33, 35):
+            clock.now = now
+            assert janitor.tick() == 0
+        assert gone() is None
+    finally:
+        if enabled:
+            gc.enable()
+    assert trims == [31, 33, 35]
+    clock.now = 37
+    janitor.tick()
+    assert trims == [31, 33, 35]  # RELEASE_SWEEPS sweeps, then quiet until something ends again
+
+
+def test_shared_results_are_dropped_only_when_the_last_session_has_ended() -> None:
+    dropped: list[float] = []
+    clock = Clock()
+    runtime = FakeRuntime(active={"a", "b"})
+    janitor = Janitor(runtime, None, grace=30, clock=clock, when_idle=lambda: dropped.append(1))
+    janitor.seen("a")
+    janitor.seen("b")
+    janitor.tick()
+    runtime.active = {"b"}
+    clock.now = 31
+    assert janitor.tick() == 1 and dropped == []  # "b" is still there to share them
+    runtime.active = set()
+    clock.now = 40
+    assert janitor.tick() == 0  # "b" left, but is within its grace
+    clock.now = 71
+    assert janitor.tick() == 1 and dropped == [1]
+    clock.now = 200
+    janitor.tick()
+    assert dropped == [1]  # once per time the server falls idle

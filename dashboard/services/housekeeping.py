@@ -28,8 +28,9 @@ So this module adds, per server process:
   on its event loop, after the sweep that asked), a full garbage collection (a closed session's
   objects hold each other in cycles, which only a full collection frees, and an idle server
   allocates too little to trigger one) and glibc's ``malloc_trim``. When the last session has
-  ended, the results kept for sessions to share (``st.cache_data``: explanations, verifications,
-  downloads) are dropped too; the fitted engines (``st.cache_resource``) stay.
+  ended, the results kept for sessions to share (``st.cache_data``: explanations, heatmaps,
+  downloads, experiment results) are dropped too; the fitted engines (``st.cache_resource``) and
+  what the artifact store keeps on disk (verifications among it) stay.
 
 What no app can bound is the number of sessions a client opens, or the bytes of requests in
 flight: that is the reverse proxy's job (README, Robustness: ``limit_conn``, ``limit_req``,
@@ -296,7 +297,7 @@ class Janitor:
                 idle = not self._last_active
             if idle and self._when_idle is not None:
                 # The last session has ended: results kept for sessions to share (explanations,
-                # verifications, downloads) have nobody to share them with; they go too.
+                # heatmaps, downloads) have nobody to share them with; they go too.
                 self._when_idle()
         if ended or freed:
             self._release_sweeps = RELEASE_SWEEPS
@@ -343,10 +344,10 @@ def janitor() -> Janitor | None:
         if not _STARTED:
             runtime = Runtime.instance()
             bounds = UploadBounds(runtime.uploaded_file_mgr, total_bytes=upload_memory_limit())
-            janitor = Janitor(
+            keeper = Janitor(
                 runtime, bounds if bounds.install() else None, when_idle=st.cache_data.clear
             )
-            _STARTED.append(janitor.start())
+            _STARTED.append(keeper.start())
         return _STARTED[0]
 
 

@@ -7,7 +7,7 @@ Feeds the bundled demo's 28x28 grayscale training images (Fashion-MNIST), which 
 backbones upsample to their input size, so the cost is that of full-resolution inference. For every
 batch size, input size and way of allocating the activations (``--heap``: from malloc's heap
 while featurising, as the featurizer does, or mapped and unmapped per allocation, glibc's default
-for large ones; see ``core.features._activations_from_the_heap``) (interleaved, ``--repeats`` rounds, so that a change in the machine's
+for large ones; see ``core.allocator.activations_from_the_heap``) (interleaved, ``--repeats`` rounds, so that a change in the machine's
 load hits every setting alike) it prints the wall and CPU time per image, the load average, and
 the largest difference of the features from the first batch size's at the same input size (0 means
 bit-identical).

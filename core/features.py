@@ -26,16 +26,13 @@ torch's default intra-op thread count already uses every physical core.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import functools
 import hashlib
 import importlib.util
 import logging
 import os
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from core.allocator import activations_from_the_heap
 from core.efficientnet_lite import EfficientNetLite0
 from core.errors import BackboneUnavailableError, DatasetError, NonFiniteFeaturesError
 from core.store import ArtifactStore, CacheKey
@@ -71,63 +69,6 @@ def check_images(images: np.ndarray | torch.Tensor, *, what: str = "images") -> 
 def numpy_dtype(dtype: torch.dtype) -> np.dtype:
     """The numpy dtype matching a torch dtype (e.g. torch.float32 -> float32)."""
     return torch.empty((), dtype=dtype).numpy().dtype
-
-
-# glibc's mallopt parameters (malloc.h) and the largest values its dynamic thresholds reach
-# on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX, and twice that for trimming).
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_DYNAMIC_MMAP_MAX, _DYNAMIC_TRIM_MAX = 32 * 2**20, 64 * 2**20
-_heap_lock = threading.Lock()
-_heap_users = 0
-
-
-@functools.cache
-def _libc() -> Any | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        libc = ctypes.CDLL(name)
-        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-        libc.malloc_trim.argtypes = [ctypes.c_size_t]
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        return None
-    return libc
-
-
-@contextlib.contextmanager
-def _activations_from_the_heap() -> Iterator[None]:
-    """Serve a backbone's large activations from malloc's heap while featurising many images.
-
-    torch allocates each layer's output anew; glibc maps allocations above its threshold (at
-    most 32 MiB) straight from the kernel and unmaps them when freed, so every batch pays page
-    faults (zeroed pages) for every large activation again, and trims the heap it grew. With
-    mapping and trimming off for the duration, freed activations are reused: on the demo's
-    images at 224x224, 2 cores, load 1.6, a new process each, 16.5-17.8 ms per image in batches
-    of 8 against 26-30 ms (and 17.8-18.7 against 31-33 in batches of 64), the same features.
-    Afterwards the thresholds are set to the values glibc's own dynamic ones reach and the freed
-    memory is returned (``malloc_trim``). glibc only; elsewhere a no-op. Process-wide, so nested
-    and concurrent uses count.
-    """
-    global _heap_users
-    libc = _libc()
-    if libc is None:
-        yield
-        return
-    with _heap_lock:
-        _heap_users += 1
-        if _heap_users == 1:
-            libc.mallopt(_M_MMAP_THRESHOLD, 2**30)
-            libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
-    try:
-        yield
-    finally:
-        with _heap_lock:
-            _heap_users -= 1
-            if _heap_users == 0:
-                libc.mallopt(_M_TRIM_THRESHOLD, _DYNAMIC_TRIM_MAX)
-                libc.mallopt(_M_MMAP_THRESHOLD, _DYNAMIC_MMAP_MAX)
-                libc.malloc_trim(0)
 
 
 def _file_sha256(path: Path) -> str:
@@ -161,7 +102,7 @@ class Featurizer(ABC):
     dtype: torch.dtype = torch.float32
     batch_size: int = 64
     #: Whether :meth:`transform` serves large activations from the heap (see
-    #: :func:`_activations_from_the_heap`); measured for EfficientNet-Lite0 only.
+    #: :func:`core.allocator.activations_from_the_heap`); measured for EfficientNet-Lite0 only.
     reuses_activations: bool = False
 
     def output_dim(self, image_shape: Sequence[int]) -> int:
@@ -231,7 +172,7 @@ class Featurizer(ABC):
         self._move_to(target)
         # One image (an upload) allocates little; a dataset's batches reuse their activations.
         heap = (
-            _activations_from_the_heap()
+            activations_from_the_heap()
             if self.reuses_activations and total > batch_size and target.type == "cpu"
             else contextlib.nullcontext()
         )
@@ -499,8 +440,9 @@ class EfficientNetLite0Featurizer(_ImageNetFeaturizer):
     input_size = 224
     #: Images per forward pass. Measured on the demo's images at 224x224, 2 cores, load 1.6, a
     #: new process each (``python -m bench.features``): with the activations from the heap
-    #: (:func:`_activations_from_the_heap`) batches of 8 to 64 take 16.5-19 ms per image (8 the
-    #: least); without it, 8 take 26-30 and 64 take 31-33. The features are bit-identical.
+    #: (:func:`core.allocator.activations_from_the_heap`) batches of 8 to 64 take 16.5-19 ms
+    #: per image (8 the least); without it, 8 take 26-30 and 64 take 31-33. The features are
+    #: bit-identical.
     batch_size = 8
     reuses_activations = True
 

@@ -27,7 +27,10 @@ So this module adds, per server process:
   or files were freed (:data:`RELEASE_SWEEPS` of them, since Streamlit closes a stored session
   on its event loop, after the sweep that asked), a full garbage collection (a closed session's
   objects hold each other in cycles, which only a full collection frees, and an idle server
-  allocates too little to trigger one) and glibc's ``malloc_trim``. When the last session has
+  allocates too little to trigger one) and glibc's ``malloc_trim``. When it starts, it sets
+  glibc to map blocks of a megabyte and more (``core.allocator.hand_back_large_buffers``): with
+  glibc's moving thresholds such blocks came from heaps that kept them after the sessions that
+  used them ended. When the last session has
   ended, the results kept for sessions to share (``st.cache_data``: explanations, heatmaps,
   downloads, experiment results) are dropped too; the fitted engines (``st.cache_resource``) and
   what the artifact store keeps on disk (verifications among it) stay.
@@ -40,8 +43,6 @@ flight: that is the reverse proxy's job (README, Robustness: ``limit_conn``, ``l
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import gc
 import logging
 import os
@@ -50,6 +51,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from core.allocator import hand_back_large_buffers, release_freed_memory
 from core.budget import parse_budget
 
 _LOGGER = logging.getLogger(__name__)
@@ -77,23 +79,6 @@ def upload_memory_limit(environ: dict[str, str] | None = None) -> int:
     """
     text = (os.environ if environ is None else environ).get(ENV_UPLOAD_MEMORY, "").strip()
     return parse_budget(text) if text else DEFAULT_UPLOAD_MEMORY
-
-
-def release_freed_memory() -> bool:
-    """Ask the C allocator to return freed pages to the system (glibc only; else a no-op).
-
-    Python hands large freed buffers (an uploaded file's bytes) back to malloc, which keeps them
-    for reuse; without this the process's resident memory would not show that they were freed.
-    """
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        trim = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):
-        return False
-    trim.argtypes = [ctypes.c_size_t]
-    return bool(trim(0))
 
 
 class UploadBounds:
@@ -342,6 +327,7 @@ def janitor() -> Janitor | None:
         return None
     with _START_LOCK:
         if not _STARTED:
+            hand_back_large_buffers()
             runtime = Runtime.instance()
             bounds = UploadBounds(runtime.uploaded_file_mgr, total_bytes=upload_memory_limit())
             keeper = Janitor(

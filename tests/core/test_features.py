@@ -11,6 +11,7 @@ import torch
 import torchvision
 from PIL import Image
 
+from core import allocator
 from core import features as features_module
 from core.errors import BackboneUnavailableError, DatasetError, NonFiniteFeaturesError
 from core.features import (
@@ -138,7 +139,7 @@ def test_activations_from_the_heap_change_no_feature_and_are_undone(
     images = make_images(20, seed=4)
     assert lite0.reuses_activations
     calls: list[tuple[int, int]] = []
-    libc = features_module._libc()
+    libc = allocator.libc()
     if libc is not None:  # glibc: record what is set, and set it
 
         class Recording:
@@ -150,27 +151,28 @@ def test_activations_from_the_heap_change_no_feature_and_are_undone(
                 calls.append((0, pad))
                 return libc.malloc_trim(pad)
 
-        monkeypatch.setattr(features_module, "_libc", lambda: Recording())
+        monkeypatch.setattr(allocator, "libc", lambda: Recording())
     from_heap = lite0.transform(images)
     with monkeypatch.context() as patch:
         patch.setattr(lite0, "reuses_activations", False)
         mapped = lite0.transform(images)
     np.testing.assert_array_equal(from_heap, mapped)
-    assert features_module._heap_users == 0
-    if libc is not None:  # on for the batches, then glibc's dynamic maxima, then trimmed
+    assert allocator.heap_users() == 0
+    if libc is not None:  # on for the batches, then the resting thresholds, then trimmed
+        mmap_rest, trim_rest = allocator.resting_thresholds()
         assert calls == [
-            (features_module._M_MMAP_THRESHOLD, 2**30),
-            (features_module._M_TRIM_THRESHOLD, 2**31 - 1),
-            (features_module._M_TRIM_THRESHOLD, 64 * 2**20),
-            (features_module._M_MMAP_THRESHOLD, 32 * 2**20),
+            (allocator.M_MMAP_THRESHOLD, 2**30),
+            (allocator.M_TRIM_THRESHOLD, 2**31 - 1),
+            (allocator.M_TRIM_THRESHOLD, trim_rest),
+            (allocator.M_MMAP_THRESHOLD, mmap_rest),
             (0, 0),
         ]
     # Nested (two threads featurising at once): undone when the last one ends.
-    with features_module._activations_from_the_heap():
-        with features_module._activations_from_the_heap():
-            assert features_module._heap_users == 2
-        assert features_module._heap_users == 1
-    assert features_module._heap_users == 0
+    with allocator.activations_from_the_heap():
+        with allocator.activations_from_the_heap():
+            assert allocator.heap_users() == 2
+        assert allocator.heap_users() == 1
+    assert allocator.heap_users() == 0
 
 
 def test_lite0_at_another_input_size_is_another_featurizer() -> None:

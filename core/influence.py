@@ -410,8 +410,8 @@ class ExactSolver(InverseHVPSolver):
         self._cholesky: torch.Tensor | None = None
         self._dual: _DualFactor | None = None
         self._basis: _ClassBasisFactor | None = None
-        #: S' = (H' + δI)⁻¹ in the class basis, kept once the Newton-corrected estimate's forms
-        #: have formed it: an explanation's projections then read it instead of solving.
+        #: S' = (H' + δI)⁻¹ in the class basis, kept in place of its factor once the
+        #: Newton-corrected estimate's forms have formed it (:meth:`_class_basis_inverse`).
         self._basis_inverse: torch.Tensor | None = None
         if form != "primal" and hessian is None:
             self._dual = self._factor_dual(required=form == "dual")
@@ -450,19 +450,49 @@ class ExactSolver(InverseHVPSolver):
         return _ClassBasisFactor(basis.rotation, chol, basis.l2 + self.damping, d, c)
 
     def _class_basis_solve(self, columns: torch.Tensor) -> torch.Tensor:
-        """(H + δI)⁻¹ v for (p, k) columns through the class-basis factor: rotate the class
-        index by Q, two triangular solves for the first C - 1 columns and a division by λ' for
-        the last, rotate back. Returns: (p, k)."""
+        """(H + δI)⁻¹ v for (p, k) columns in the class basis: rotate the class index by Q,
+        the first C - 1 columns through S' (kept, :meth:`_class_basis_inverse`) or else two
+        triangular solves with the factor, a division by λ' for the last, rotate back.
+        Returns: (p, k)."""
+        # The basis before the inverse: a basis without its factor has its inverse kept.
         basis = self._basis
         assert basis is not None
+        inverse = self._basis_inverse
         d, c, k = basis.d, basis.c, columns.shape[1]
-        size = basis.factor.shape[0]
+        size = d * (c - 1)
+        if inverse is not None:
+            with self.stages.stage(
+                "inverse Hessian times columns in the class basis",
+                2 * size * size * k,
+                8 * (size * size + 6 * d * c * k),
+            ):
+                return solve_in_class_basis(
+                    None, basis.rotation, basis.lam, columns, inverse=inverse
+                )
         with self.stages.stage(
             "triangular solves in the class basis",
             2 * size * size * k,
             8 * (size * size + 6 * d * c * k),
         ):
             return solve_in_class_basis(basis.factor, basis.rotation, basis.lam, columns)
+
+    def _class_basis_inverse(self) -> torch.Tensor:
+        """S' = (H' + δI)⁻¹, the inverse of the class basis's matrix (2·(d·(C - 1))³/3 flops
+        once), kept from then on in place of its factor: the same memory, and every later
+        solve (a test point's columns, s_test, a retrain's preconditioner) one read of S'
+        instead of two triangular solves, which the BLAS runs several times slower for few
+        right-hand sides. Formed for the Newton-corrected estimate's forms, so an engine whose
+        forms came from a cache (:meth:`InfluenceEngine.provide_quadratic_forms`) keeps
+        solving with its factor."""
+        basis = self._basis
+        assert basis is not None
+        inverse = self._basis_inverse
+        if inverse is None:
+            inverse = self._inverse_of(basis.factor, "inverse Hessian in the class basis")
+            # The inverse first: a reader that sees a basis without its factor finds it.
+            self._basis_inverse = inverse
+            self._basis = replace(basis, factor=None)
+        return inverse
 
     def _factor_primal(self, hessian: torch.Tensor | None) -> torch.Tensor:
         model = self.model
@@ -664,21 +694,21 @@ class ExactSolver(InverseHVPSolver):
                     solved = torch.linalg.solve_triangular(self.cholesky, block, upper=False)
                     out[start : start + chunk, 0, 0] = (solved * solved).sum(0)
             return out
-        return self._forms_from_factor(self.cholesky, c, "inverse Hessian from L")
+        inverse = self._inverse_of(self.cholesky, "inverse Hessian from L")
+        return self._forms_from_inverse(inverse, c)
 
-    def _forms_from_factor(
-        self, factor: torch.Tensor, columns: int, stage: str, keep: bool = False
-    ) -> torch.Tensor:
-        """φ_jᵀ S_ab φ_j for every training point and class columns a, b of S = (L Lᵀ)⁻¹, from
-        a lower factor L of d·columns square: S (2p³/3), then the columns(columns+1)/2 batches of
-        quadratic forms of :func:`block_quadratic_forms`. Returns: (n, columns, columns)."""
-        features = self.model.features_
-        n, d = features.shape
+    def _inverse_of(self, factor: torch.Tensor, stage: str) -> torch.Tensor:
+        """S = (L Lᵀ)⁻¹ from a lower factor L (2p³/3 flops), timed as ``stage``."""
         size = factor.shape[0]
         with self.stages.stage(stage, 2 * size**3 / 3, 2 * 8 * size * size):
-            inverse = cholesky_inverse(factor)
-        if keep:
-            self._basis_inverse = inverse
+            return cholesky_inverse(factor)
+
+    def _forms_from_inverse(self, inverse: torch.Tensor, columns: int) -> torch.Tensor:
+        """φ_jᵀ S_ab φ_j for every training point and class columns a, b of a symmetric S of
+        d·columns square: the columns(columns+1)/2 batches of quadratic forms of
+        :func:`block_quadratic_forms`. Returns: (n, columns, columns)."""
+        features = self.model.features_
+        n, d = features.shape
         blocks = inverse.view(d, columns, d, columns)
         pairs = columns * (columns + 1) // 2
         with self.stages.stage(
@@ -721,7 +751,9 @@ class ExactSolver(InverseHVPSolver):
                 2 * size * size * m * h,
                 8 * (size * size + 4 * size * m * h),
             ):
-                # Rows (k, e'), columns (t, e).
+                # Rows (k, e'), columns (t, e). The basis was read before the inverse, so
+                # its factor is still there.
+                assert basis.factor is not None
                 solved = cholesky_solve(basis.factor, unit_columns(features, h))
         with self.stages.stage(
             "training features times solutions",
@@ -752,9 +784,7 @@ class ExactSolver(InverseHVPSolver):
         basis = self._basis
         assert basis is not None
         features, c = self.model.features_, basis.c
-        inner = self._forms_from_factor(
-            basis.factor, c - 1, "inverse Hessian in the class basis", keep=True
-        )
+        inner = self._forms_from_inverse(self._class_basis_inverse(), c - 1)
         forms = torch.zeros(features.shape[0], c, c, dtype=DTYPE)
         forms[:, :-1, :-1] = inner
         forms[:, -1, -1] = (features * features).sum(1) / basis.lam
@@ -787,11 +817,12 @@ class ExactSolver(InverseHVPSolver):
 
 @dataclass(frozen=True)
 class _ClassBasisFactor:
-    """The class-basis pieces: Q (C, C), the Cholesky factor of H' + δI (d·(C - 1) square),
-    λ' = λ + δ (the curvature along the all-ones class direction), d and C."""
+    """The class-basis pieces: Q (C, C), the Cholesky factor of H' + δI (d·(C - 1) square;
+    None once the solver keeps its inverse instead), λ' = λ + δ (the curvature along the
+    all-ones class direction), d and C."""
 
     rotation: torch.Tensor
-    factor: torch.Tensor
+    factor: torch.Tensor | None
     lam: float
     d: int
     c: int

@@ -1358,18 +1358,29 @@ class ClassBasisHessian:
 
 
 def solve_in_class_basis(
-    factor: torch.Tensor, rotation: torch.Tensor, lam: float, columns: torch.Tensor
+    factor: torch.Tensor | None,
+    rotation: torch.Tensor,
+    lam: float,
+    columns: torch.Tensor,
+    *,
+    inverse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """H⁻¹v for (p, k) columns from H's class-basis form (:class:`ClassBasisHessian`): rotate
     the class index by Q, two triangular solves with ``factor`` (the lower Cholesky factor of
-    its d·(C - 1) matrix) for the first C - 1 columns and a division by ``lam`` for the last,
-    rotate back. Returns: (p, k)."""
+    its d·(C - 1) matrix) for the first C - 1 columns, or a product with ``inverse`` (that
+    matrix's inverse) when given, and a division by ``lam`` for the last, rotate back.
+    Returns: (p, k)."""
     c, k = rotation.shape[0], columns.shape[1]
     rotated = torch.einsum("dck,ce->dek", columns.reshape(-1, c, k), rotation)
     d = rotated.shape[0]
     solved = torch.empty_like(rotated)
     head = rotated[:, :-1, :].reshape(d * (c - 1), k)
-    solved[:, :-1, :] = cholesky_solve(factor, head).reshape(d, c - 1, k)
+    if inverse is not None:
+        head = inverse @ head
+    else:
+        assert factor is not None
+        head = cholesky_solve(factor, head)
+    solved[:, :-1, :] = head.reshape(d, c - 1, k)
     solved[:, -1, :] = rotated[:, -1, :] / lam
     return torch.einsum("dek,ce->dck", solved, rotation).reshape(d * c, k)
 

@@ -269,6 +269,10 @@ def test_multiclass_primal_in_the_class_basis(classes, damping, weighted):
         "Cholesky factor of H in the class basis (d·(C-1) square)",
     }
     _check_engine(engine, X_test, y_test, reference)
+    # The forms formed the class basis's inverse, which the solver keeps in place of its
+    # factor; the solves below and in _check_engine's later calls read it.
+    assert engine.solver._basis.factor is None
+    assert "inverse Hessian times columns in the class basis" in _basis_stages(engine.solver)
     # The same operator as the full Hessian's factor, which is still offered on demand.
     hessian = model.hessian()
     hessian.diagonal().add_(damping)

@@ -40,6 +40,7 @@ from core.linalg import (
     conjugate_gradient,
     t_times,
     through_rows,
+    times_thin,
     weighted_gram,
 )
 from core.losses import (
@@ -1376,7 +1377,8 @@ def solve_in_class_basis(
     solved = torch.empty_like(rotated)
     head = rotated[:, :-1, :].reshape(d * (c - 1), k)
     if inverse is not None:
-        head = inverse @ head
+        # S'v as (vᵀS')ᵀ (S' is symmetric), which the BLAS runs faster for few columns.
+        head = times_thin(inverse, head)
     else:
         assert factor is not None
         head = cholesky_solve(factor, head)

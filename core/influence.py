@@ -358,8 +358,9 @@ CHUNK_ENTRIES = 2**24
 #: Largest cost of forming the class basis's inverse on a warm start (:meth:`ExactSolver.keep_inverse`),
 #: as a share of the Hessian's build and factorisation: at the full 60k Fashion-MNIST with ten
 #: classes it is 0.21 (logistic regression, 1280-d) and 0.17 (the SVM's 1000 landmarks), formed,
-#: and explanations read S' instead of solving (0.63 s against 1.13 s per upload); on the
-#: demo's 5,000 it would be 1.16 and is not (a warm start would take twice as long).
+#: and a restart's uploads read S' instead of solving (0.82 s against 1.13-1.34 s per upload,
+#: bench/results/full_fashion_mnist_inverse_restart.md); on the demo's 5,000 it would be 1.16
+#: and is not (a warm start would take twice as long).
 KEEP_INVERSE_SHARE = 0.5
 
 #: Rows of the inverse per product in :func:`inverse_times_units` (2.4 MB of float64 at 1280-d

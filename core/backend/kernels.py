@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from core.backend.shards import Shard, make_shard
-from core.linalg import DTYPE, t_times
+from core.linalg import DTYPE, t_times, through_rows
 from core.losses import Loss, LossDerivatives
 
 #: Rows converted to float64 and processed at once (bounds a kernel's temporary memory).
@@ -170,11 +170,17 @@ def hvp_part(
             (_rows(shard, a, b), terms.derivs.d2[a:b], _weights(weights, a, b))
             for a, b in _blocks(shard.size)
         )
+    columns = V3.reshape(d, c * k)  # columns (class, vector)
     for X, d2, w in segments:
         scale = (torch.ones(X.shape[0], dtype=DTYPE) if w is None else w) / denominator
-        s = torch.einsum("nd,dck->nck", X, V3)
-        t = torch.einsum("nce,nek->nck", d2, s) * scale[:, None, None]
-        out += t_times(X, t.reshape(-1, c * k)).reshape(d, c, k)
+
+        def curvature(start: int, stop: int, s: torch.Tensor, d2=d2, scale=scale) -> torch.Tensor:
+            # Each row's C x C loss curvature on its C·k scores, as in-process
+            # (LinearModel._hvp_from): both products with X while a block is in the cache.
+            t = torch.bmm(d2[start:stop], s.reshape(stop - start, c, k))
+            return (t * scale[start:stop, None, None]).reshape(stop - start, c * k)
+
+        out += through_rows(X, columns, curvature).reshape(d, c, k)
     return out.reshape(d * c, k)
 
 

@@ -15,8 +15,8 @@ For every (classes, n, mode):
 - **passes** (every size): a gradient pass (objective and gradient at θ), one Hessian pass
   (binary only: 10 classes need 55 blocks of n·d² each), a Hessian-vector-product pass, a
   scoring pass (first-order scores of every training point for one test image); the gradient,
-  HVP and scoring passes are timed as the median of three after a first call, which on a
-  cluster also ships the function to the workers (about 1.5 s once);
+  HVP and scoring passes are timed as the median of three after a first call (on the cluster
+  a first call was up to 1.7 s slower, once per kind of pass; the cause is not pinned down);
 - **full stages** (n up to ``--full-up-to``, within ``--budget`` seconds per configuration):
   fit (Newton to ‖∇R‖ <= 1e-10; Newton-CG for 10 classes), factorise (Hessian + Cholesky;
   binary), corrected precompute (per-point quadratic forms, self-influence; binary), one test
@@ -147,8 +147,8 @@ class Config:
 
     def run(self, name: str, memory: Memory, fn: Callable[[], Any], repeat: int = 1) -> Any:
         """Time ``fn``. With ``repeat`` > 1 (a pass), the first call is recorded apart
-        (``first_seconds``: a cluster ships a function to its workers on its first use, about
-        1.5 s) and ``seconds`` is the median of ``repeat`` more."""
+        (``first_seconds``: on the cluster it was up to 1.7 s slower than the next ones) and
+        ``seconds`` is the median of ``repeat`` more."""
         if self.over_budget():
             self.stages[name] = {"skipped": "budget"}
             return None

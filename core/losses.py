@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -33,6 +34,21 @@ class LossDerivatives(NamedTuple):
     d1: torch.Tensor
     d2: torch.Tensor
     factor: torch.Tensor
+
+
+def curvature_rows(
+    d2: torch.Tensor, scale: torch.Tensor, k: int
+) -> Callable[[int, int, torch.Tensor], torch.Tensor]:
+    """The row-wise map of a Hessian-vector product for :func:`core.linalg.through_rows`: rows
+    start:stop's C x C loss curvature ``d2`` (n, C, C), times ``scale`` (n,), on their C·k
+    scores (columns (class, vector)). Shared by the in-process and the sharded products."""
+    c = d2.shape[1]
+
+    def curvature(start: int, stop: int, s: torch.Tensor) -> torch.Tensor:
+        t = torch.bmm(d2[start:stop], s.reshape(stop - start, c, k))
+        return (t * scale[start:stop, None, None]).reshape(stop - start, c * k)
+
+    return curvature
 
 
 def softmax_factor(probs: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,7 @@ from core.losses import (
     MulticlassSmoothHinge,
     SmoothHingeLoss,
     SoftmaxCrossEntropy,
+    curvature_rows,
 )
 
 DTYPE = torch.float64
@@ -861,15 +862,8 @@ class LinearModel:
         squeeze = vectors.ndim == 1
         v = vectors[:, None] if squeeze else vectors
         d, c, k = features.shape[1], self.n_outputs_, v.shape[1]
-        scale = w / denominator
-
-        def curvature(start: int, stop: int, s: torch.Tensor) -> torch.Tensor:
-            # Each row's C x C loss curvature on its C·k scores (the columns are (class, vector)).
-            s3 = s.reshape(stop - start, c, k)
-            t = torch.bmm(d2[start:stop], s3) * scale[start:stop, None, None]
-            return t.reshape(stop - start, c * k)
-
         # Both products with Φ one block of rows at a time (the block stays in the cache).
+        curvature = curvature_rows(d2, w / denominator, k)
         out = through_rows(features, v.reshape(d, c * k), curvature).reshape(d * c, k)
         out = out + self.l2 * v
         return out[:, 0] if squeeze else out

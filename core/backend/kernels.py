@@ -22,7 +22,7 @@ import torch
 
 from core.backend.shards import Shard, make_shard
 from core.linalg import DTYPE, t_times, through_rows
-from core.losses import Loss, LossDerivatives
+from core.losses import Loss, LossDerivatives, curvature_rows
 
 #: Rows converted to float64 and processed at once (bounds a kernel's temporary memory).
 CHUNK_ROWS = 4096
@@ -173,14 +173,8 @@ def hvp_part(
     columns = V3.reshape(d, c * k)  # columns (class, vector)
     for X, d2, w in segments:
         scale = (torch.ones(X.shape[0], dtype=DTYPE) if w is None else w) / denominator
-
-        def curvature(start: int, stop: int, s: torch.Tensor, d2=d2, scale=scale) -> torch.Tensor:
-            # Each row's C x C loss curvature on its C·k scores, as in-process
-            # (LinearModel._hvp_from): both products with X while a block is in the cache.
-            t = torch.bmm(d2[start:stop], s.reshape(stop - start, c, k))
-            return (t * scale[start:stop, None, None]).reshape(stop - start, c * k)
-
-        out += through_rows(X, columns, curvature).reshape(d, c, k)
+        # Both products with X while a block is in the cache, as in-process.
+        out += through_rows(X, columns, curvature_rows(d2, scale, k)).reshape(d, c, k)
     return out.reshape(d * c, k)
 
 

@@ -49,7 +49,7 @@ from core.features import (
     check_finite_features,
     get_featurizer,
 )
-from core.influence import Estimate, ExactSolver, InfluenceEngine, SolverConfig, top_k
+from core.influence import Estimate, InfluenceEngine, SolverConfig, top_k
 from core.linalg import StageLog
 from core.models import (
     DEFAULT_GAMMA,
@@ -819,10 +819,6 @@ class Explainer:
                 and "forms" in arrays
                 and engine.provide_quadratic_forms(arrays["forms"])
             )
-            if loaded and isinstance(engine.solver, ExactSolver):
-                # The forms would have formed the class basis's inverse, which explanations
-                # read instead of solving; formed anyway where it costs little next to H.
-                engine.solver.keep_inverse()
             for done, estimate in enumerate(engine.estimates, start=1):
                 engine.self_influence(estimate)
                 self._progress(stage, done, len(engine.estimates))

@@ -356,11 +356,11 @@ DUAL_CONDITION_LIMIT = 1e8
 CHUNK_ENTRIES = 2**24
 
 #: Largest cost of forming the class basis's inverse on a warm start (:meth:`ExactSolver.keep_inverse`),
-#: as a share of the Hessian's build and factorisation: at the full 60k Fashion-MNIST with ten
-#: classes it is 0.21 (logistic regression, 1280-d) and 0.17 (the SVM's 1000 landmarks), formed,
-#: and a restart's uploads read S' instead of solving (0.82 s against 1.13-1.34 s per upload,
-#: bench/results/full_fashion_mnist_inverse_restart.md); on the demo's 5,000 it would be 1.16
-#: and is not (a warm start would take twice as long).
+#: 2·(d(C - 1))³/3 flops, as a share of the Hessian's build and factorisation (:func:`_primal_cost`):
+#: at the full 60k Fashion-MNIST with ten classes it is 0.21 (logistic regression, d = 1280) and
+#: 0.17 (the SVM's 1000 landmarks), formed, and a restart's uploads read S' instead of solving
+#: (0.82 s against 1.13-1.34 s per upload, bench/results/full_fashion_mnist_inverse_restart.md);
+#: at n = 5,000 with ten classes it would be 1.16 and is not (a warm start would take twice as long).
 KEEP_INVERSE_SHARE = 0.5
 
 #: Rows of the inverse per product in :func:`inverse_times_units` (2.4 MB of float64 at 1280-d
@@ -484,16 +484,18 @@ class ExactSolver(InverseHVPSolver):
         ):
             return solve_in_class_basis(basis.factor, basis.rotation, basis.lam, columns)
 
-    def keep_inverse(self, share: float = KEEP_INVERSE_SHARE) -> bool:
-        """Form and keep the class basis's inverse S' now if it costs at most ``share`` of
-        what building and factorising the Hessian cost, for an engine whose Newton-corrected
-        forms came from a cache (which would otherwise never form it). True if S' is kept."""
+    def keep_inverse(self, share: float | None = None) -> bool:
+        """Form and keep the class basis's inverse S' now if it costs at most ``share``
+        (default :data:`KEEP_INVERSE_SHARE`) of what building and factorising the Hessian cost:
+        for an engine whose Newton-corrected forms came from a cache, which would otherwise
+        never form it (:meth:`InfluenceEngine.provide_quadratic_forms`). True if S' is kept."""
         basis = self._basis
         if basis is None:
             return False
         if self._basis_inverse is None:
             size = basis.d * (basis.c - 1)
-            if 2 * size**3 / 3 > share * _primal_cost(self.model):
+            limit = KEEP_INVERSE_SHARE if share is None else share
+            if 2 * size**3 / 3 > limit * _primal_cost(self.model):
                 return False
             self._class_basis_inverse()
         return True
@@ -503,9 +505,8 @@ class ExactSolver(InverseHVPSolver):
         once), kept from then on in place of its factor: the same memory, and every later
         solve (a test point's columns, s_test, a retrain's preconditioner) one read of S'
         instead of two triangular solves, which the BLAS runs several times slower for few
-        right-hand sides. Formed for the Newton-corrected estimate's forms, so an engine whose
-        forms came from a cache (:meth:`InfluenceEngine.provide_quadratic_forms`) keeps
-        solving with its factor."""
+        right-hand sides. Formed for the Newton-corrected estimate's forms, or by
+        :meth:`keep_inverse` when those came from a cache."""
         basis = self._basis
         assert basis is not None
         inverse = self._basis_inverse
@@ -1207,12 +1208,18 @@ class InfluenceEngine:
         """Use Q_j computed earlier for this same model and solver (a cache, keyed by what
         determines them) instead of forming them again: at 60,000 ten-class points that is
         minutes of dense algebra. Ignored (False) unless its shape is (n, C, C) and every
-        value is finite; the caller answers for their being this model's."""
+        value is finite; the caller answers for their being this model's.
+
+        Forming the forms would also have formed the class basis's inverse S', which
+        explanations read instead of solving; the exact solver forms it now where that costs
+        little next to building H (:meth:`ExactSolver.keep_inverse`)."""
         q = torch.as_tensor(np.asarray(forms), dtype=DTYPE)
         c = self.model.n_outputs_
         if q.shape != (self.n_train, c, c) or not bool(torch.isfinite(q).all()):
             return False
         self._known_forms = q
+        if isinstance(self.solver, ExactSolver):
+            self.solver.keep_inverse()
         return True
 
     @property

@@ -361,31 +361,39 @@ def test_multiclass_kernel_svm_in_the_class_basis():
     _check_engine(engine, X_test, y_test, _reference(model, X_test, y_test))
 
 
-def test_an_engine_with_cached_forms_keeps_the_inverse_only_where_it_is_cheap():
-    # Many points and few features: S' costs little next to building H, so an engine whose
-    # forms came from a cache forms it too, with the scores of the engine that formed them.
+def test_an_engine_with_cached_forms_keeps_the_inverse_only_where_it_is_cheap(monkeypatch):
+    # Many points and few features: S' costs little next to building H, so an engine given
+    # cached forms forms it too; where the share allows none, it keeps the factor and solves.
+    # Both give the scores of the engine that formed the forms.
+    import core.influence
+
     model, X_test, y_test = _logreg(900, 6, 4, 0.01, seed=41)
     cold = InfluenceEngine(model, SolverConfig())
     expected = cold.score_estimates(X_test, y_test)
     assert cold.solver._basis.factor is None and cold.quadratic_forms is not None
+    forms = cold.quadratic_forms.numpy()
     v = torch.randn(model.n_params_, 3, dtype=torch.float64)
+
+    monkeypatch.setattr(core.influence, "KEEP_INVERSE_SHARE", 0.0)
+    solving = InfluenceEngine(model, SolverConfig())
+    assert solving.provide_quadratic_forms(forms)
+    assert solving.solver._basis.factor is not None and solving.solver._basis_inverse is None
+    solved = solving.solver.inverse_hvp(v)
+    monkeypatch.undo()
+
     warm = InfluenceEngine(model, SolverConfig())
-    assert warm.provide_quadratic_forms(cold.quadratic_forms.numpy())
-    solved = warm.solver.inverse_hvp(v)  # with the factor
-    # Not where it costs more than the share allows (here none).
-    assert not warm.solver.keep_inverse(share=0.0)
-    assert warm.solver._basis.factor is not None and warm.solver._basis_inverse is None
-    assert warm.solver.keep_inverse()
-    assert warm.solver._basis.factor is None
+    assert warm.provide_quadratic_forms(forms)
+    assert warm.solver._basis.factor is None and warm.solver._basis_inverse is not None
     torch.testing.assert_close(warm.solver.inverse_hvp(v), solved, rtol=1e-12, atol=1e-14)
-    got = warm.score_estimates(X_test, y_test)
-    for estimate in ("first_order", "corrected", "margin"):
-        torch.testing.assert_close(
-            torch.as_tensor(got[estimate]),
-            torch.as_tensor(expected[estimate]),
-            rtol=1e-10,
-            atol=1e-13,
-        )
+    for engine in (solving, warm):
+        got = engine.score_estimates(X_test, y_test)
+        for estimate in ("first_order", "corrected", "margin"):
+            torch.testing.assert_close(
+                torch.as_tensor(got[estimate]),
+                torch.as_tensor(expected[estimate]),
+                rtol=1e-10,
+                atol=1e-13,
+            )
     # A binary model has no class basis: nothing to keep.
     binary, _, _ = _logreg(200, 6, 2, 0.01, seed=42)
     assert not InfluenceEngine(binary, SolverConfig()).solver.keep_inverse()

@@ -572,7 +572,7 @@ def test_a_second_build_reads_the_newton_corrected_forms_from_the_cache(
         raise AssertionError("Q_j were formed again instead of read from the cache")
 
     monkeypatch.setattr(ExactSolver, "unit_quadratic_forms", no_forms)
-    # An engine given cached forms is offered the class basis's inverse they would have formed.
+    # Each engine given cached forms is offered the class basis's inverse they would have formed.
     offered = []
     keep = ExactSolver.keep_inverse
     monkeypatch.setattr(

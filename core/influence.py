@@ -269,6 +269,70 @@ def block_quadratic_forms(features: torch.Tensor, blocks: torch.Tensor) -> torch
     return out
 
 
+def forms_in_class_basis(
+    inner: torch.Tensor, features: torch.Tensor, rotation: torch.Tensor, lam: float
+) -> torch.Tensor:
+    """Q_j = Q F_j Qᵀ from the forms in the class basis: with S' = (H' + δI)⁻¹ (the first C - 1
+    class columns), F_j = blockdiag(φ_jᵀS'_efφ_j, ‖φ_j‖²/λ').
+
+    Args:
+        inner: (n, C - 1, C - 1) φ_jᵀS'_efφ_j (:func:`block_quadratic_forms` of S').
+        features: (n, d) the same rows φ_j.
+        rotation: (C, C) the class basis Q (:func:`core.models.class_rotation`).
+        lam: λ' = λ + δ, the curvature along the all-ones class direction.
+    Returns:
+        (n, C, C).
+    """
+    c = rotation.shape[0]
+    forms = torch.zeros(features.shape[0], c, c, dtype=DTYPE)
+    forms[:, :-1, :-1] = inner
+    forms[:, -1, -1] = (features * features).sum(1) / lam
+    return rotation @ forms @ rotation.T
+
+
+@dataclass(frozen=True)
+class SolveOperator:
+    """(H + δI)⁻¹ applied to (p,) or (p, k) vectors (:meth:`ExactSolver.operator`): two
+    triangular solves with the lower Cholesky factor of H + δI, or (with a ``rotation``) the
+    class basis's solve with its factor or its inverse S' (:func:`core.models.solve_in_class_basis`)."""
+
+    factor: torch.Tensor | None
+    rotation: torch.Tensor | None = None
+    lam: float = 0.0
+    inverse: torch.Tensor | None = None
+
+    def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
+        columns = vectors[:, None] if vectors.ndim == 1 else vectors
+        if self.rotation is None:
+            assert self.factor is not None
+            solved = cholesky_solve(self.factor, columns)
+        else:
+            solved = solve_in_class_basis(
+                self.factor, self.rotation, self.lam, columns, inverse=self.inverse
+            )
+        return solved[:, 0] if vectors.ndim == 1 else solved
+
+
+@dataclass(frozen=True)
+class InverseForms:
+    """An inverse Hessian to form per-point quadratic forms from (:meth:`ExactSolver.inverse_for_forms`):
+    S' = (H' + δI)⁻¹ in the class basis with its rotation Q and λ', or (rotation None) the whole
+    S = (H + δI)⁻¹."""
+
+    inverse: torch.Tensor
+    rotation: torch.Tensor | None
+    lam: float
+
+    def forms(self, features: torch.Tensor) -> torch.Tensor:
+        """Q_j = (φ_j ⊗ I)ᵀ (H + δI)⁻¹ (φ_j ⊗ I) for rows (m, d). Returns: (m, C, C)."""
+        d = features.shape[1]
+        columns = self.inverse.shape[0] // d
+        inner = block_quadratic_forms(features, self.inverse.view(d, columns, d, columns))
+        if self.rotation is None:
+            return inner
+        return forms_in_class_basis(inner, features, self.rotation, self.lam)
+
+
 @runtime_checkable
 class ExampleCurvature(Protocol):
     """Objectives whose per-example derivatives factor through fixed features φ (n, d):
@@ -436,7 +500,7 @@ class ExactSolver(InverseHVPSolver):
         model = self.model
         if not has_class_basis(model):
             return None
-        d, c = model.features_.shape[1], model.n_outputs_
+        d, c = model.feature_shape()[1], model.n_outputs_
         with self.stages.stage(
             "Hessian H in the class basis, symmetric rank-k updates", *_hessian_cost(model)
         ):
@@ -800,18 +864,34 @@ class ExactSolver(InverseHVPSolver):
         return out.reshape(m * c, n, c)
 
     def _class_basis_quadratic_forms(self) -> torch.Tensor:
-        """Q_j through the class-basis factor: with S' = (H' + δI)⁻¹ (the first C - 1 class
-        columns) and F_j = blockdiag(φ_jᵀS'_efφ_j, ‖φ_j‖²/λ') the forms in the class basis,
-        Q_j = Q F_j Qᵀ. C(C - 1)/2 batches of quadratic forms instead of C(C + 1)/2, and the
-        inverse of a d·(C - 1) factor instead of a d·C one."""
+        """Q_j through the class-basis factor (:func:`forms_in_class_basis`): C(C - 1)/2
+        batches of quadratic forms instead of C(C + 1)/2, and the inverse of a d·(C - 1)
+        factor instead of a d·C one."""
         basis = self._basis
         assert basis is not None
-        features, c = self.model.features_, basis.c
-        inner = self._forms_from_inverse(self._class_basis_inverse(), c - 1)
-        forms = torch.zeros(features.shape[0], c, c, dtype=DTYPE)
-        forms[:, :-1, :-1] = inner
-        forms[:, -1, -1] = (features * features).sum(1) / basis.lam
-        return basis.rotation @ forms @ basis.rotation.T
+        features = self.model.features_
+        inner = self._forms_from_inverse(self._class_basis_inverse(), basis.c - 1)
+        return forms_in_class_basis(inner, features, basis.rotation, basis.lam)
+
+    def operator(self) -> SolveOperator:
+        """(H + δI)⁻¹ as a picklable callable, for a retraining's preconditioner elsewhere (a
+        task on a cluster's worker): the class basis's factor or kept inverse when there is
+        one, else the primal factor (formed on first use, as :attr:`cholesky`)."""
+        # The basis before the inverse: a basis without its factor has its inverse kept.
+        basis = self._basis
+        if basis is not None:
+            return SolveOperator(basis.factor, basis.rotation, basis.lam, self._basis_inverse)
+        return SolveOperator(self.cholesky)
+
+    def inverse_for_forms(self) -> InverseForms:
+        """What forms every training point's Q_j without triangular solves, for a multi-class
+        model whose rows are elsewhere (shards on a cluster): S' with Q and λ' in the class
+        basis (formed and kept as :meth:`_class_basis_inverse` does), else the whole
+        S = (H + δI)⁻¹ (2p³/3 flops)."""
+        basis = self._basis
+        if basis is not None:
+            return InverseForms(self._class_basis_inverse(), basis.rotation, basis.lam)
+        return InverseForms(self._inverse_of(self.cholesky, "inverse Hessian from L"), None, 0.0)
 
     def _dual_quadratic_forms(self) -> torch.Tensor:
         dual = self._dual
@@ -877,12 +957,13 @@ def _dual_refusal(model: Any, damping: float) -> str | None:
 
 
 def _hessian_cost(model: Any) -> tuple[float, float]:
-    """Flops and bytes of building the Hessian: C(C+1)/2 symmetric rank-k updates of n·d² each
-    (NaN for models without fixed features, whose Hessian is built some other way)."""
-    features = getattr(model, "features_", None)
-    if not isinstance(features, torch.Tensor) or not isinstance(model, LinearModel):
+    """Flops and bytes of building the Hessian: C(C+1)/2 symmetric rank-k updates of n·d² each,
+    in memory or summed over shards (NaN for models without fixed features, whose Hessian is
+    built some other way)."""
+    shape = model.feature_shape() if isinstance(model, LinearModel) else None
+    if shape is None:
         return math.nan, math.nan
-    n, d = features.shape
+    n, d = shape
     c = model.n_outputs_
     # In the class basis (has_class_basis) the blocks of the last class column are not formed.
     columns = c - 1 if has_class_basis(model) else c

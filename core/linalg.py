@@ -53,7 +53,7 @@ ROWS = 8192
 # cannot choose for its caller).
 
 
-def _mirror_lower(matrix: torch.Tensor) -> torch.Tensor:
+def mirror_lower(matrix: torch.Tensor) -> torch.Tensor:
     """Make a square ``matrix`` exactly symmetric from its lower triangle, in place (the upper
     one is overwritten by a copy), one STRIP-wide block at a time: a quarter of the memory
     traffic of adding its two triangles. Returns ``matrix``."""
@@ -87,13 +87,22 @@ def weighted_gram(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor
     if not bool(nonzero.all()):
         features, weights = features[nonzero], weights[nonzero]
     out = torch.zeros(d, d, dtype=features.dtype)
+    add_weighted_gram(out, features, weights)
+    return mirror_lower(out)
+
+
+def add_weighted_gram(out: torch.Tensor, features: torch.Tensor, weights: torch.Tensor) -> None:
+    """Add Φᵀ diag(w) Φ to the lower triangle of ``out`` (d, d), in the strips of
+    :func:`weighted_gram`, ``ROWS`` rows at a time. The strict upper triangle is left partly
+    written: call :func:`mirror_lower` once every part has been added (a sum over blocks of
+    rows costs one mirror, not one per block)."""
+    d = features.shape[1]
     for r0 in range(0, features.shape[0], ROWS):
         rows = features[r0 : r0 + ROWS]
         weighted = rows * weights[r0 : r0 + ROWS, None]
         for i0 in range(0, d, STRIP):
             i1 = min(i0 + STRIP, d)
             out[i0:i1, :i1].addmm_(weighted[:, i0:i1].T, rows[:, :i1])
-    return _mirror_lower(out)
 
 
 def row_gram(features: torch.Tensor) -> torch.Tensor:
@@ -110,7 +119,7 @@ def row_gram(features: torch.Tensor) -> torch.Tensor:
     for i0 in range(0, n, STRIP):
         i1 = min(i0 + STRIP, n)
         out[i0:i1, :i1] = features[i0:i1] @ features[:i1].T
-    return _mirror_lower(out)
+    return mirror_lower(out)
 
 
 def cholesky(matrix: torch.Tensor, *, overwrite: bool = False) -> tuple[torch.Tensor, int]:
@@ -137,7 +146,7 @@ def cholesky(matrix: torch.Tensor, *, overwrite: bool = False) -> tuple[torch.Te
 def cholesky_inverse(chol: torch.Tensor) -> torch.Tensor:
     """(L Lᵀ)⁻¹ from a lower Cholesky factor, made exactly symmetric (2p³/3 flops).
     Args: chol (p, p). Returns: (p, p)."""
-    return _mirror_lower(torch.cholesky_inverse(chol).contiguous())
+    return mirror_lower(torch.cholesky_inverse(chol).contiguous())
 
 
 def quadratic_forms(
@@ -459,6 +468,7 @@ __all__ = [
     "Spectrum",
     "StageCost",
     "StageLog",
+    "add_weighted_gram",
     "cholesky",
     "cholesky_inverse",
     "cholesky_solve",
@@ -466,6 +476,7 @@ __all__ = [
     "gemm_rate",
     "lanczos_spectrum",
     "memory_bandwidth",
+    "mirror_lower",
     "quadratic_forms",
     "row_gram",
     "spectrum_from_hessian",

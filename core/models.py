@@ -826,6 +826,14 @@ class LinearModel:
         self._require_fitted()
         return self._hessian_from(self._train_derivs)
 
+    def feature_shape(self) -> tuple[int, int] | None:
+        """(n, d) of the training features the linear part sees, or None before fitting."""
+        features = getattr(self, "features_", None)
+        if not isinstance(features, torch.Tensor):
+            return None
+        n, d = features.shape
+        return int(n), int(d)
+
     def class_basis_hessian(self) -> ClassBasisHessian | None:
         """The Hessian at θ̂ in the class basis (:class:`ClassBasisHessian`), or None when the
         model has no such form (:func:`has_class_basis`) or its curvature is not
@@ -1383,10 +1391,11 @@ def solve_in_class_basis(
 
 def has_class_basis(model: Any) -> bool:
     """Whether ``model``'s Hessian can be formed in the class basis (:class:`ClassBasisHessian`):
-    a multi-class linear model with a shift-invariant loss and its features in memory."""
+    a fitted multi-class linear model with a shift-invariant loss (its features in memory, or
+    in shards on a cluster, which form the basis's blocks by map-reduce)."""
     return (
         isinstance(model, LinearModel)
-        and isinstance(getattr(model, "features_", None), torch.Tensor)
+        and model.feature_shape() is not None
         and getattr(model, "n_outputs_", 1) >= 2
         and bool(getattr(getattr(model, "loss_", None), "shift_invariant", False))
     )

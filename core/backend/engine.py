@@ -17,8 +17,9 @@ point is mapped over the shards (:mod:`core.backend.kernels`) with the same form
   each worker forms Δs_j and ℓ(s + Δs_j) - ℓ(s) for its rows (:class:`~core.backend.kernels.MarginQuery`);
 - the Newton-corrected residuals e_j (which the margin estimate uses too), self-influence and
   leverages need the per-point quadratic forms Q_j = (φ_j ⊗ I)ᵀ(H + δI)⁻¹(φ_j ⊗ I) (C x C
-  blocks): each worker gets the Cholesky factor (once) and computes them for its rows, so these
-  estimates need the exact solver (a dense Hessian, up to :data:`DENSE_SOLVER_MAX_PARAMS`
+  blocks): each worker gets the Cholesky factor (one output) or the inverse, in the class basis
+  for a softmax model (:meth:`~core.influence.ExactSolver.inverse_for_forms`), once, and
+  computes them for its rows, so these estimates need the exact solver (a dense Hessian, up to :data:`DENSE_SOLVER_MAX_PARAMS`
   parameters); with CG or LiSSA only the first-order estimate is offered (in-process they form
   H⁻¹ from p unit solves, which at that size is what the cluster is there to avoid);
 - leave-one-out verification submits its k retrainings as independent tasks
@@ -45,11 +46,11 @@ from core.influence import (
     ExactSolver,
     InfluenceEngine,
     InverseHVPSolver,
+    SolveOperator,
     SolverConfig,
     TopK,
     _parameter_estimate,
 )
-from core.linalg import cholesky_solve
 from core.models import as_float64, as_labels
 from core.validation import RETRAIN_TOL, RetrainResult, Verification, verifications
 
@@ -210,7 +211,14 @@ class ShardedInfluenceEngine(InfluenceEngine):
                     "SolverConfig(method='exact') (--solver exact), or first-order scores only."
                 )
             with self.runner.stage("Per-point curvature (Newton-corrected estimate)"):
-                factor = self.runner.broadcast(self.solver.cholesky)
+                # One output: the factor, a triangular solve per row. C outputs: the inverse
+                # (in the class basis when the loss allows), whose blocks' quadratic forms cost
+                # C(C ± 1)/2·d² per row against the C·p² of solving for φ_j ⊗ I.
+                solver = self.solver
+                payload = (
+                    solver.cholesky if self.model.n_outputs_ == 1 else solver.inverse_for_forms()
+                )
+                factor = self.runner.broadcast(payload)
                 self._curvature = self.runner.map(
                     kernels.curvature,
                     [self._data.shards, self.model._train_terms.handles],
@@ -532,7 +540,9 @@ class ShardedInfluenceEngine(InfluenceEngine):
             task_bytes = self._data.nbytes + 8 * self._data.n * self._data.dim
             fits = memory is not None and task_bytes <= memory // 2
             mode = "tasks" if self.runner.distributed and fits else "sequential"
-        factor = self.solver.cholesky if isinstance(self.solver, ExactSolver) else None
+        # The preconditioner: (H + δI)⁻¹ as the solver holds it (in the class basis for a
+        # multi-class model, not a primal factor formed only for this).
+        factor = self.solver.operator() if isinstance(self.solver, ExactSolver) else None
         with self.runner.stage(f"Leave-one-out retraining ({mode})"):
             if mode == "tasks":
                 rows = self._retrain_tasks(indices, features, labels, tol, factor, progress)
@@ -558,7 +568,7 @@ class ShardedInfluenceEngine(InfluenceEngine):
         features: torch.Tensor,
         labels: torch.Tensor,
         tol: float,
-        factor: torch.Tensor | None,
+        factor: SolveOperator | None,
         progress: Progress | None,
     ) -> list[tuple[np.ndarray, int, float]]:
         blueprint = self.model.blueprint()
@@ -615,14 +625,13 @@ class ShardedInfluenceEngine(InfluenceEngine):
 def _retrain_one(
     model: ShardedLinearModel,
     removed: list[int],
-    factor: torch.Tensor | None,
+    preconditioner: SolveOperator | None,
     features: torch.Tensor,
     labels: torch.Tensor,
     tol: float,
 ) -> tuple[np.ndarray, int, float]:
-    """Refit ``model`` without the ``removed`` rows; the new test losses, Newton iterations and
-    final gradient norm."""
-    preconditioner = None if factor is None else (lambda v: cholesky_solve(factor, v))
+    """Refit ``model`` without the ``removed`` rows, preconditioned by the full data's
+    (H + δI)⁻¹; the new test losses, Newton iterations and final gradient norm."""
     refitted = model._refit_with(
         model.without_rows(removed), tol=tol, preconditioner=preconditioner
     )

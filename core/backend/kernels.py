@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from core.backend.shards import Shard, make_shard
-from core.linalg import DTYPE, t_times, through_rows
+from core.influence import InverseForms
+from core.linalg import DTYPE, add_weighted_gram, mirror_lower, t_times, through_rows
 from core.losses import Loss, LossDerivatives, curvature_rows
 
 #: Rows converted to float64 and processed at once (bounds a kernel's temporary memory).
@@ -143,6 +144,48 @@ def hessian_part(
     return out.reshape(d * c, d * c)
 
 
+def class_basis_check(terms: ShardTerms, rotation: torch.Tensor) -> tuple[float, float]:
+    """(largest |entry| of the rotated curvature QᵀA_jQ along the all-ones class direction,
+    largest |entry| of A_j) over the shard's rows: the first is zero to rounding for a
+    shift-invariant loss, which the driver checks before forming the class basis."""
+    d2 = terms.derivs.d2
+    if d2.numel() == 0:
+        return 0.0, 0.0
+    rotated = rotation.T @ d2 @ rotation
+    return float(rotated[:, -1, :].abs().amax()), float(d2.abs().amax())
+
+
+def class_basis_part(
+    shard: Shard,
+    terms: ShardTerms,
+    weights: np.ndarray | None,
+    n_total: int,
+    rotation: torch.Tensor,
+) -> torch.Tensor:
+    """Σ_i (w_i/n) (φ_iφ_iᵀ) ⊗ (QᵀA_iQ)[:C-1, :C-1] over the shard: its part of the Hessian in
+    the class basis (:meth:`core.models.LinearModel.class_basis_hessian`), (d·(C - 1)) square;
+    the driver adds λI. Each of the C(C - 1)/2 blocks a <= b is summed from its lower triangle
+    (:func:`core.linalg.add_weighted_gram`) over blocks of rows, then mirrored once."""
+    d, h = shard.features.shape[1], rotation.shape[0] - 1
+    rotated = (rotation.T @ terms.derivs.d2 @ rotation)[:, :h, :h]
+    pairs = [(a, b) for a in range(h) for b in range(a, h)]
+    sums = torch.zeros(len(pairs), d, d, dtype=DTYPE)
+    for start, stop in _blocks(shard.size):
+        X = _rows(shard, start, stop)
+        w = _weights(weights, start, stop)
+        scaled = (torch.ones(stop - start, dtype=DTYPE) if w is None else w) / n_total
+        for i, (a, b) in enumerate(pairs):
+            add_weighted_gram(sums[i], X, scaled * rotated[start:stop, a, b])
+    out = torch.empty(d * h, d * h, dtype=DTYPE)
+    blocks = out.view(d, h, d, h)
+    for i, (a, b) in enumerate(pairs):
+        block = mirror_lower(sums[i])
+        blocks[:, a, :, b] = block
+        if b != a:
+            blocks[:, b, :, a] = block
+    return out
+
+
 def hvp_part(
     shard: Shard,
     terms: ShardTerms,
@@ -203,22 +246,32 @@ class ShardCurvature:
 
 
 def curvature(
-    shard: Shard, terms: ShardTerms, cholesky: torch.Tensor, n_total: int
+    shard: Shard, terms: ShardTerms, solver: torch.Tensor | InverseForms, n_total: int
 ) -> ShardCurvature:
-    """Q_j and the Woodbury-corrected residuals e_j of the shard's rows, from the lower
-    Cholesky factor L of H + δI: Q_j = (L⁻¹(φ_j ⊗ I))ᵀ(L⁻¹(φ_j ⊗ I)), and (as
+    """Q_j and the Woodbury-corrected residuals e_j of the shard's rows, and (as
     :meth:`core.influence.InfluenceEngine._residuals`)
-    e_j = d1_j + B_j (nI - B_jᵀQ_jB_j)⁻¹ B_jᵀ Q_j d1_j."""
+    e_j = d1_j + B_j (nI - B_jᵀQ_jB_j)⁻¹ B_jᵀ Q_j d1_j.
+
+    ``solver`` is the lower Cholesky factor L of H + δI, Q_j = (L⁻¹(φ_j ⊗ I))ᵀ(L⁻¹(φ_j ⊗ I))
+    (one output: d² flops per row), or an inverse (:class:`~core.influence.InverseForms`, C
+    outputs), whose blocks give Q_j as C(C + 1)/2 quadratic forms, or C(C - 1)/2 in the class
+    basis, of d² flops each per row, where triangular solves would cost C·p² per row."""
     d = shard.features.shape[1]
     d1, factor = terms.derivs.d1, terms.derivs.factor
     c = d1.shape[1]
     p = d * c
     rows = max(1, min(CHUNK_ROWS, CURVATURE_BLOCK // max(1, p * c)))
+    if isinstance(solver, InverseForms):
+        rows = CHUNK_ROWS
     q = torch.empty(shard.size, c, c, dtype=DTYPE)
     eye = torch.eye(c, dtype=DTYPE)
     for start, stop in _blocks(shard.size, rows):
         phi = _rows(shard, start, stop)
         m = stop - start
+        if isinstance(solver, InverseForms):
+            q[start:stop] = solver.forms(phi)
+            continue
+        cholesky = solver
         if c == 1:
             # Row j of Φ L⁻ᵀ is (L⁻¹φ_j)ᵀ: solved in place of a scratch block of Φ's shape.
             solved = _scratch(1, m, d)

@@ -39,12 +39,15 @@ from core.losses import LossDerivatives
 from core.models import (
     DTYPE,
     MEDIAN_SAMPLE,
+    ClassBasisHessian,
     FitInfo,
     LinearModel,
     LogisticRegression,
     NystroemSVM,
     _jittered_cholesky,
     as_float64,
+    class_rotation,
+    has_class_basis,
     output_scale,
     rbf_gamma,
     rbf_kernel,
@@ -207,6 +210,39 @@ class ShardedLinearModel(LinearModel):
         )
         hessian.diagonal().add_(self.l2)
         return hessian
+
+    def feature_shape(self) -> tuple[int, int] | None:
+        """(n, d) of the feature shards, or None before fitting."""
+        data = getattr(self, "data_", None)
+        return None if data is None else (int(data.n), int(data.dim))
+
+    def class_basis_hessian(self) -> ClassBasisHessian | None:
+        """The Hessian at θ̂ in the class basis, its blocks summed over shards (see
+        :meth:`core.models.LinearModel.class_basis_hessian`)."""
+        self._require_fitted()
+        with self.runner.stage("Hessian at the optimum in the class basis"):
+            return self._class_basis_from(self._train_terms)
+
+    def _class_basis_from(self, derivs: Any) -> ClassBasisHessian | None:
+        if not has_class_basis(self):
+            return None
+        rotation = class_rotation(self.n_outputs_)
+        checks = self.runner.gather(
+            self.runner.map(kernels.class_basis_check, [derivs.handles], rotation)
+        )
+        along_q = max(check[0] for check in checks)
+        scale = max(check[1] for check in checks)
+        # As in-process: the rows along q are zero to rounding for a shift-invariant loss.
+        if along_q > 1e-10 * max(scale, 1e-300):
+            return None
+        matrix = self.runner.map_sum(
+            kernels.class_basis_part,
+            [self.data_.shards, derivs.handles, self._shard_weights],
+            self.data_.n,
+            rotation,
+        )
+        matrix.diagonal().add_(self.l2)
+        return ClassBasisHessian(matrix, rotation, float(self.l2))
 
     def _hvp_from(
         self, derivs: Any, vectors: torch.Tensor, indices: torch.Tensor | None = None

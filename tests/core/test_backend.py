@@ -27,7 +27,13 @@ from core.backend.models import (
 from core.backend.runner import LocalRunner, add_parts
 from core.backend.shards import ArrayImages, ShardedData, extract_features, split_rows
 from core.errors import ClusterError, InfluenceExplorerError, NonFiniteFeaturesError
-from core.influence import InfluenceEngine, SolverConfig, top_k, top_k_by_magnitude
+from core.influence import (
+    ExactSolver,
+    InfluenceEngine,
+    SolverConfig,
+    top_k,
+    top_k_by_magnitude,
+)
 from core.models import LogisticRegression, NystroemSVM
 from core.store import ArtifactStore
 from core.validation import verify
@@ -339,6 +345,50 @@ def test_every_estimate_on_shards_equals_in_process(kind, n_classes):
         1e-10,
         "scores at",
     )
+
+
+def test_a_multiclass_engine_on_shards_works_in_the_class_basis():
+    # The cluster's ten-class path: the Hessian's class-basis blocks are summed over shards and
+    # the workers form each point's C x C forms from the inverse S' = (H' + δI)⁻¹ instead of
+    # solving for φ_j ⊗ I. Same as in-process to 1e-10, and as forming them from the whole
+    # inverse (no basis), which a loss without the basis takes.
+    X, y, X_test, y_test = _problem(4, n=400, d=7, seed=13)
+    reference = LogisticRegression(l2=1e-2).fit(X.astype(np.float64), y)
+    data = ShardedData.from_arrays(LocalRunner(), X, y, n_shards=5)
+    model = ShardedLogisticRegression(l2=1e-2).fit(data)
+    assert model.feature_shape() == reference.feature_shape() == (400, 7)
+    found, expected = model.class_basis_hessian(), reference.class_basis_hessian()
+    assert found is not None and expected is not None
+    assert found.matrix.shape == (7 * 3, 7 * 3)
+    assert_close(found.matrix, expected.matrix, "class-basis Hessian")
+    np.testing.assert_array_equal(found.rotation.numpy(), expected.rotation.numpy())
+    engine = ShardedInfluenceEngine(model)
+    names = [entry.name for entry in engine.solver.stages.entries]
+    assert any("class basis" in name for name in names), names
+    whole = ShardedInfluenceEngine(model, ExactSolver(model, hessian=model.hessian()))
+    assert whole.solver.inverse_for_forms().rotation is None
+    assert engine.solver.inverse_for_forms().rotation is not None
+    # What a leave-one-out task preconditions with: (H + δI)⁻¹ from the basis's factor, and
+    # (after the forms below) from its kept inverse, and from the whole factor.
+    vectors = torch.randn(28, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    local_solution = InfluenceEngine(reference).solver.inverse_hvp(vectors)
+    assert_close(engine.solver.operator()(vectors), local_solution, "operator, factor")
+    assert_close(whole.solver.operator()(vectors[:, 0]), local_solution[:, 0], "operator, whole")
+    local = InfluenceEngine(reference)
+    scores = local.score_estimates(X_test, y_test)
+    for sharded in (engine, whole):
+        for estimate, values in sharded.score_estimates(X_test, y_test).items():
+            _assert_within(values, scores[estimate], 1e-10, estimate)
+        _assert_within(sharded.self_influence(), local.self_influence(), 1e-10, "self")
+        _assert_within(sharded.leverage(), local.leverage(), 1e-10, "leverage")
+    assert engine.solver.operator().inverse is not None
+    assert_close(engine.solver.operator()(vectors), local_solution, "operator, inverse")
+    # A loss that is not shift-invariant to rounding gets no basis (the check runs on shards).
+    terms = model._train_terms
+    skewed = ShardedLogisticRegression(l2=1e-2).fit(data)
+    assert skewed._class_basis_from(terms) is not None
+    skewed._train_terms.handles[0].derivs.d2[0, 0, 0] += 1.0
+    assert skewed._class_basis_from(skewed._train_terms) is None
 
 
 @pytest.mark.parametrize("k", [1, 7, 20, 35])

@@ -3,7 +3,8 @@
 Usage::
 
     python -m bench.scale_cluster [--sizes 60000,120000,300000,600000] [--modes in-process,1,2]
-        [--classes 2,10] [--full-up-to 120000] [--budget 2400] [--out scale_cluster]
+        [--classes 2,10] [--full-up-to 120000] [--full-classes 2]
+        [--solver exact] [--budget 2400] [--out scale_cluster]
 
 Data: synthetic 1280-d float32 features (the width of EfficientNet-Lite0's), labels from a random
 linear model with Gumbel noise, binary or 10-class; L2 logistic regression, λ = 1e-3. Features are
@@ -18,12 +19,15 @@ For every (classes, n, mode):
   HVP and scoring passes are timed as the median of three after a first call (on the cluster
   a first call was up to 1.7 s slower, once per kind of pass; the cause is not pinned down);
 - **full stages** (n up to ``--full-up-to``, within ``--budget`` seconds per configuration):
-  fit (Newton to ‖∇R‖ <= 1e-10; Newton-CG for 10 classes), factorise (Hessian + Cholesky;
-  binary), corrected precompute (per-point quadratic forms, self-influence; binary), one test
-  image (s_test, all n scores, top 10), 100 test images (top 10 each, never the 100 x n matrix
-  on the cluster), leave-one-out k = 10 (one test image; tasks on the cluster). 10 classes use
-  the CG solver (first-order estimate), which the sharded engine has; in-process the exact
-  solver's class basis is faster (its Hessian and factor take about 90 s at 60k).
+  fit (Newton to ‖∇R‖ <= 1e-10; Newton-CG for 10 classes), factorise (the exact solver: the
+  Hessian, for 10 classes in the class basis, d·(C - 1) = 11,520 square, its blocks summed over
+  the shards on the cluster, and its Cholesky factor on the driver), corrected precompute
+  (the per-point quadratic forms, for 10 classes from the inverse of the class basis's matrix,
+  which each worker receives once; self-influence), one test image (s_test, all n scores, top
+  10), 100 test images (top 10 each, never the 100 x n matrix on the cluster), leave-one-out
+  k = 10 (one test image; tasks on the cluster); the Newton-corrected estimate throughout.
+  ``--solver cg`` runs the 10-class configurations with the CG solver instead (first-order
+  estimate, no factorisation), what the cluster uses past a dense Hessian's size.
 
 Peak resident memory per stage: the driver (this process, which also hosts the local cluster's
 scheduler) and each worker (VmHWM, reset before each stage). Physical limits beside the
@@ -136,8 +140,11 @@ class Memory:
 
 # ----------------------------------------------------------------------------- one configuration
 class Config:
-    def __init__(self, n: int, n_classes: int, mode: str, budget: float, full: bool) -> None:
+    def __init__(
+        self, n: int, n_classes: int, mode: str, budget: float, full: bool, solver: str = "exact"
+    ) -> None:
         self.n, self.n_classes, self.mode, self.budget, self.full = n, n_classes, mode, budget, full
+        self.solver = solver
         self.start = time.perf_counter()
         self.stages: dict[str, dict[str, Any]] = {}
         self.notes: list[str] = []
@@ -192,7 +199,8 @@ def run_in_process(cfg: Config) -> None:
     X_test, y_test = test_points(cfg.n_classes)
     memory = Memory(None)
     binary = cfg.n_classes == 2
-    solver = SolverConfig() if binary else SolverConfig(method="cg")
+    exact = binary or cfg.solver == "exact"
+    solver = SolverConfig() if exact else SolverConfig(method="cg")
     if cfg.full:
         model = cfg.run("fit", memory, lambda: LogisticRegression(l2=L2).fit(X, y))
     else:
@@ -217,11 +225,11 @@ def run_in_process(cfg: Config) -> None:
         )
         return
     engine = cfg.run(
-        "factorise" if binary else "solver", memory, lambda: InfluenceEngine(model, solver)
+        "factorise" if exact else "solver", memory, lambda: InfluenceEngine(model, solver)
     )
     if engine is None:
         return
-    estimate = "corrected" if binary else "first_order"
+    estimate = "corrected" if exact else "first_order"
     s = engine.inverse_hvp_test(X_test[:1], y_test[:1])
     cfg.run(
         "score pass",
@@ -229,7 +237,7 @@ def run_in_process(cfg: Config) -> None:
         lambda: engine.scores_from_stest(s, estimate="first_order"),
         PASS_REPEATS,
     )
-    if binary:
+    if exact:
         cfg.run("corrected precompute", memory, lambda: engine.self_influence("corrected"))
     cfg.run(
         "1 test image",
@@ -276,7 +284,8 @@ def run_cluster(cfg: Config, workers: int) -> None:
         X_test, y_test = test_points(cfg.n_classes)
         memory = Memory(cluster.client)
         binary = cfg.n_classes == 2
-        solver = SolverConfig() if binary else SolverConfig(method="cg")
+        exact = binary or cfg.solver == "exact"
+        solver = SolverConfig() if exact else SolverConfig(method="cg")
         if cfg.full:
             model = cfg.run("fit", memory, lambda: ShardedLogisticRegression(l2=L2).fit(data))
         else:
@@ -303,13 +312,13 @@ def run_cluster(cfg: Config, workers: int) -> None:
             )
             return
         engine = cfg.run(
-            "factorise" if binary else "solver",
+            "factorise" if exact else "solver",
             memory,
             lambda: ShardedInfluenceEngine(model, solver),
         )
         if engine is None:
             return
-        estimate = "corrected" if binary else "first_order"
+        estimate = "corrected" if exact else "first_order"
         s = engine.inverse_hvp_test(X_test[:1], y_test[:1])
         cfg.run(
             "score pass",
@@ -317,7 +326,7 @@ def run_cluster(cfg: Config, workers: int) -> None:
             lambda: engine.scores_from_stest(s, estimate="first_order"),
             PASS_REPEATS,
         )
-        if binary:
+        if exact:
             cfg.run("corrected precompute", memory, lambda: engine.self_influence("corrected"))
         cfg.run(
             "1 test image",
@@ -485,6 +494,9 @@ def main() -> None:
     parser.add_argument("--full-up-to", type=int, default=120_000)
     parser.add_argument("--full-classes", default="2", help="classes whose full stages run")
     parser.add_argument("--budget", type=float, default=2400.0)
+    parser.add_argument(
+        "--solver", choices=("exact", "cg"), default="exact", help="the 10-class solver"
+    )
     parser.add_argument("--skip", default="in-process@600000", help="mode@n pairs not run")
     parser.add_argument("--out", default="scale_cluster")
     args = parser.parse_args()
@@ -511,7 +523,7 @@ def main() -> None:
                 print(
                     f"{n_classes} classes, n = {n}, {label}{' (full)' if full else ''}", flush=True
                 )
-                cfg = Config(n, n_classes, label, args.budget, full)
+                cfg = Config(n, n_classes, label, args.budget, full, args.solver)
                 load_before = os.getloadavg()[0]
                 try:
                     if mode == "in-process":
@@ -527,6 +539,7 @@ def main() -> None:
                         "n": n,
                         "mode": label,
                         "full": full,
+                        "solver": "exact" if n_classes == 2 else args.solver,
                         "stages": cfg.stages,
                         "notes": cfg.notes,
                         "load_before": load_before,

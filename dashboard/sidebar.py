@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard.services import InfluenceExplorerError, your_data
+from dashboard.services import InfluenceExplorerError, capacity, your_data
 from dashboard.services.settings import (
     ALL_OPTION,
     DAMPING_CHOICES,
@@ -106,6 +106,7 @@ def render() -> Settings:
                     options=list(IMAGE_SIZE_CHOICES),
                     key="side_image_size",
                 )
+        _compute_line()
     settings = Settings(
         dataset=dataset_spec,
         image_size=int(image_size),
@@ -255,3 +256,11 @@ def _backbone_picker() -> str:
         )
         return fallback
     return name
+
+
+def _compute_line() -> None:
+    queue = capacity.work_queue()
+    try:
+        st.caption(capacity.compute_summary(queue.slots, queue.budget.limit))
+    except InfluenceExplorerError as exc:
+        st.caption(f"Computed in-process on this server. {exc}")

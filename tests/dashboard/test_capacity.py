@@ -371,3 +371,18 @@ def test_a_preparation_is_not_stuck_behind_work_whose_thread_ended() -> None:
     job = Preparation(build, queue=queue, abandon_after=STUCK_AFTER_S * 3)
     assert job.wait(STUCK_AFTER_S), f"the preparation is stuck at {job.snapshot().stage!r}"
     assert job.result == "explainer" and queue.running == 0
+
+
+def test_the_sidebar_says_where_the_server_computes_and_what_the_cluster_setting_drives():
+    alone = capacity.compute_summary(2, 6 * 2**30, environ={})
+    assert alone.startswith("Computed in-process on this server: 2 pieces of heavy work")
+    assert "6.0 GiB" in alone and "INFLUENCE_CLUSTER" not in alone
+    one = capacity.compute_summary(1, 2**30, environ={"INFLUENCE_CLUSTER": " "})
+    assert "1 piece of heavy work" in one and "INFLUENCE_CLUSTER" not in one
+    remote = capacity.compute_summary(
+        2, 2**30, environ={"INFLUENCE_CLUSTER": "tls://scheduler.example.org:8786"}
+    )
+    assert "INFLUENCE_CLUSTER is set (tls://scheduler.example.org:8786)" in remote
+    assert "the dashboard does not" in remote
+    with pytest.raises(InfluenceExplorerError, match="INFLUENCE_CLUSTER"):
+        capacity.compute_summary(2, 2**30, environ={"INFLUENCE_CLUSTER": "udp://nowhere"})

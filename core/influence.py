@@ -294,7 +294,8 @@ def forms_in_class_basis(
 class SolveOperator:
     """(H + δI)⁻¹ applied to (p,) or (p, k) vectors (:meth:`ExactSolver.operator`): two
     triangular solves with the lower Cholesky factor of H + δI, or (with a ``rotation``) the
-    class basis's solve with its factor or its inverse S' (:func:`core.models.solve_in_class_basis`)."""
+    class basis's solve with its factor or its inverse S'
+    (:func:`core.models.solve_in_class_basis`)."""
 
     factor: torch.Tensor | None
     rotation: torch.Tensor | None = None
@@ -315,9 +316,9 @@ class SolveOperator:
 
 @dataclass(frozen=True)
 class InverseForms:
-    """An inverse Hessian to form per-point quadratic forms from (:meth:`ExactSolver.inverse_for_forms`):
-    S' = (H' + δI)⁻¹ in the class basis with its rotation Q and λ', or (rotation None) the whole
-    S = (H + δI)⁻¹."""
+    """An inverse Hessian to form per-point quadratic forms from
+    (:meth:`ExactSolver.inverse_for_forms`): S' = (H' + δI)⁻¹ in the class basis with its
+    rotation Q and λ', or (rotation None) the whole S = (H + δI)⁻¹."""
 
     inverse: torch.Tensor
     rotation: torch.Tensor | None

@@ -19,8 +19,8 @@ point is mapped over the shards (:mod:`core.backend.kernels`) with the same form
   leverages need the per-point quadratic forms Q_j = (φ_j ⊗ I)ᵀ(H + δI)⁻¹(φ_j ⊗ I) (C x C
   blocks): each worker gets the Cholesky factor (one output) or the inverse, in the class basis
   for a softmax model (:meth:`~core.influence.ExactSolver.inverse_for_forms`), once, and
-  computes them for its rows, so these estimates need the exact solver (a dense Hessian, up to :data:`DENSE_SOLVER_MAX_PARAMS`
-  parameters); with CG or LiSSA only the first-order estimate is offered (in-process they form
+  computes them for its rows, so these estimates need the exact solver (a dense Hessian, up
+  to :data:`DENSE_SOLVER_MAX_PARAMS` parameters); with CG or LiSSA only the first-order estimate is offered (in-process they form
   H⁻¹ from p unit solves, which at that size is what the cluster is there to avoid);
 - leave-one-out verification submits its k retrainings as independent tasks
   (:meth:`~ShardedInfluenceEngine.loo_retrain`).

@@ -366,14 +366,16 @@ def test_a_multiclass_engine_on_shards_works_in_the_class_basis():
     names = [entry.name for entry in engine.solver.stages.entries]
     assert any("class basis" in name for name in names), names
     whole = ShardedInfluenceEngine(model, ExactSolver(model, hessian=model.hessian()))
-    assert whole.solver.inverse_for_forms().rotation is None
-    assert engine.solver.inverse_for_forms().rotation is not None
     # What a leave-one-out task preconditions with: (H + δI)⁻¹ from the basis's factor, and
     # (after the forms below) from its kept inverse, and from the whole factor.
     vectors = torch.randn(28, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     local_solution = InfluenceEngine(reference).solver.inverse_hvp(vectors)
-    assert_close(engine.solver.operator()(vectors), local_solution, "operator, factor")
+    before = engine.solver.operator()
+    assert before.factor is not None and before.inverse is None
+    assert_close(before(vectors), local_solution, "operator, factor")
     assert_close(whole.solver.operator()(vectors[:, 0]), local_solution[:, 0], "operator, whole")
+    assert whole.solver.inverse_for_forms().rotation is None
+    assert engine.solver.inverse_for_forms().rotation is not None
     local = InfluenceEngine(reference)
     scores = local.score_estimates(X_test, y_test)
     for sharded in (engine, whole):
@@ -383,12 +385,11 @@ def test_a_multiclass_engine_on_shards_works_in_the_class_basis():
         _assert_within(sharded.leverage(), local.leverage(), 1e-10, "leverage")
     assert engine.solver.operator().inverse is not None
     assert_close(engine.solver.operator()(vectors), local_solution, "operator, inverse")
-    # A loss that is not shift-invariant to rounding gets no basis (the check runs on shards).
-    terms = model._train_terms
+    # Curvature that is not shift-invariant to rounding gets no basis (checked on the shards).
     skewed = ShardedLogisticRegression(l2=1e-2).fit(data)
-    assert skewed._class_basis_from(terms) is not None
+    assert skewed.class_basis_hessian() is not None
     skewed._train_terms.handles[0].derivs.d2[0, 0, 0] += 1.0
-    assert skewed._class_basis_from(skewed._train_terms) is None
+    assert skewed.class_basis_hessian() is None
 
 
 @pytest.mark.parametrize("k", [1, 7, 20, 35])

@@ -213,7 +213,8 @@ class ShardedInfluenceEngine(InfluenceEngine):
             with self.runner.stage("Per-point curvature (Newton-corrected estimate)"):
                 # One output: the factor, a triangular solve per row. C outputs: the inverse
                 # (in the class basis when the loss allows), whose blocks' quadratic forms cost
-                # C(C ± 1)/2·d² per row against the C·p² of solving for φ_j ⊗ I.
+                # C(C - 1)/2·d² per row in the basis, C(C + 1)/2·d² without, against the C·p²
+                # of solving for φ_j ⊗ I.
                 solver = self.solver
                 payload = (
                     solver.cholesky if self.model.n_outputs_ == 1 else solver.inverse_for_forms()

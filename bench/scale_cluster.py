@@ -186,8 +186,70 @@ class Config:
         return result
 
 
+def measure(
+    cfg: Config,
+    memory: Memory,
+    fit: Callable[[bool], Any],
+    make_engine: Callable[..., Any],
+    top_tens: Callable[[Any, np.ndarray, np.ndarray, str], Any],
+    loo: Callable[[Any, np.ndarray, np.ndarray, str], Any],
+) -> None:
+    """Every stage once the data is in place, the same on both paths.
+
+    Args:
+        fit: fits the logistic regression to ‖∇R‖ <= 1e-10 (True) or only sets its state for
+            the passes (False).
+        make_engine: the engine class (in-process or sharded), called as (model, solver).
+        top_tens: the top 10 of each of the given test points under an estimate.
+        loo: leave-one-out k = 10 for the given test point under an estimate.
+    """
+    from core.influence import SolverConfig
+
+    X_test, y_test = test_points(cfg.n_classes)
+    binary = cfg.n_classes == 2
+    exact = binary or cfg.solver == "exact"
+    solver = SolverConfig() if exact else SolverConfig(method="cg")
+    model = cfg.run("fit", memory, lambda: fit(True)) if cfg.full else fit(False)
+    if model is None:
+        return
+    cfg.stages.setdefault("fit", {})["iterations"] = model.fit_info_.iterations
+    theta = model.theta_
+    v = torch.randn(model.n_params_, dtype=torch.float64)
+    cfg.run("gradient pass", memory, lambda: model._objective_terms(theta)[:2], PASS_REPEATS)
+    if binary:
+        cfg.run("Hessian pass", memory, lambda: model.hessian())
+    cfg.run("HVP pass", memory, lambda: model.hvp(v), PASS_REPEATS)
+    if cfg.full:
+        engine = cfg.run(
+            "factorise" if exact else "solver", memory, lambda: make_engine(model, solver)
+        )
+        if engine is None:
+            return
+        s = engine.inverse_hvp_test(X_test[:1], y_test[:1])
+    else:
+        # A score pass needs only some s_test: one CG iteration's engine and a random vector.
+        engine = make_engine(model, SolverConfig(method="cg", cg_max_iter=1, cg_tol=0.99))
+        s = torch.randn(1, model.n_params_, dtype=torch.float64)
+    cfg.run(
+        "score pass",
+        memory,
+        lambda: engine.scores_from_stest(s, estimate="first_order"),
+        PASS_REPEATS,
+    )
+    if not cfg.full:
+        return
+    estimate = "corrected" if exact else "first_order"
+    if exact:
+        cfg.run("corrected precompute", memory, lambda: engine.self_influence("corrected"))
+    cfg.run("1 test image", memory, lambda: top_tens(engine, X_test[:1], y_test[:1], estimate))
+    cfg.run(
+        f"{TEST_POINTS} test images", memory, lambda: top_tens(engine, X_test, y_test, estimate)
+    )
+    cfg.run("LOO k=10", memory, lambda: loo(engine, X_test[:1], y_test[:1], estimate))
+
+
 def run_in_process(cfg: Config) -> None:
-    from core.influence import InfluenceEngine, SolverConfig, top_k
+    from core.influence import InfluenceEngine, top_k
     from core.models import LogisticRegression
     from core.validation import verify
 
@@ -196,63 +258,15 @@ def run_in_process(cfg: Config) -> None:
     X = np.concatenate([p[0] for p in parts]).astype(np.float64)
     y = np.concatenate([p[1] for p in parts])
     del parts
-    X_test, y_test = test_points(cfg.n_classes)
-    memory = Memory(None)
-    binary = cfg.n_classes == 2
-    exact = binary or cfg.solver == "exact"
-    solver = SolverConfig() if exact else SolverConfig(method="cg")
-    if cfg.full:
-        model = cfg.run("fit", memory, lambda: LogisticRegression(l2=L2).fit(X, y))
-    else:
-        model = LogisticRegression(l2=L2, tol=1e6).fit(X, y)  # state only, for the passes
-    if model is None:
-        return
-    cfg.stages.setdefault("fit", {})["iterations"] = model.fit_info_.iterations
-    theta = model.theta_
-    v = torch.randn(model.n_params_, dtype=torch.float64)
-    cfg.run("gradient pass", memory, lambda: model._objective_terms(theta), PASS_REPEATS)
-    if binary:
-        cfg.run("Hessian pass", memory, lambda: model.hessian())
-    cfg.run("HVP pass", memory, lambda: model.hvp(v), PASS_REPEATS)
-    if not cfg.full:
-        engine = InfluenceEngine(model, SolverConfig(method="cg", cg_max_iter=1, cg_tol=0.99))
-        s = torch.randn(1, model.n_params_, dtype=torch.float64)
-        cfg.run(
-            "score pass",
-            memory,
-            lambda: engine.scores_from_stest(s, estimate="first_order"),
-            PASS_REPEATS,
-        )
-        return
-    engine = cfg.run(
-        "factorise" if exact else "solver", memory, lambda: InfluenceEngine(model, solver)
-    )
-    if engine is None:
-        return
-    estimate = "corrected" if exact else "first_order"
-    s = engine.inverse_hvp_test(X_test[:1], y_test[:1])
-    cfg.run(
-        "score pass",
-        memory,
-        lambda: engine.scores_from_stest(s, estimate="first_order"),
-        PASS_REPEATS,
-    )
-    if exact:
-        cfg.run("corrected precompute", memory, lambda: engine.self_influence("corrected"))
-    cfg.run(
-        "1 test image",
-        memory,
-        lambda: top_k(engine.influence_scores(X_test[:1], y_test[:1], estimate=estimate)[0], 10),
-    )
-    cfg.run(
-        f"{TEST_POINTS} test images",
-        memory,
-        lambda: [
-            top_k(row, 10) for row in engine.influence_scores(X_test, y_test, estimate=estimate)
+    measure(
+        cfg,
+        Memory(None),
+        lambda full: LogisticRegression(l2=L2, **({} if full else {"tol": 1e6})).fit(X, y),
+        InfluenceEngine,
+        lambda engine, X_t, y_t, estimate: [
+            top_k(row, 10) for row in engine.influence_scores(X_t, y_t, estimate=estimate)
         ],
-    )
-    cfg.run(
-        "LOO k=10", memory, lambda: verify(engine, X_test[:1], y_test[:1], k=10, select_by=estimate)
+        lambda engine, X_t, y_t, estimate: verify(engine, X_t, y_t, k=10, select_by=estimate),
     )
 
 
@@ -261,7 +275,6 @@ def run_cluster(cfg: Config, workers: int) -> None:
     from core.backend.engine import ShardedInfluenceEngine
     from core.backend.models import ShardedLogisticRegression
     from core.backend.shards import ShardedData
-    from core.influence import SolverConfig
 
     with connect(f"local:{workers}", timeout=300) as cluster:
         runner = cluster.runner
@@ -281,67 +294,15 @@ def run_cluster(cfg: Config, workers: int) -> None:
             "driver_gib": 0.0,
             "worker_gib": [],
         }
-        X_test, y_test = test_points(cfg.n_classes)
-        memory = Memory(cluster.client)
-        binary = cfg.n_classes == 2
-        exact = binary or cfg.solver == "exact"
-        solver = SolverConfig() if exact else SolverConfig(method="cg")
-        if cfg.full:
-            model = cfg.run("fit", memory, lambda: ShardedLogisticRegression(l2=L2).fit(data))
-        else:
-            model = ShardedLogisticRegression(l2=L2, tol=1e6).fit(data)
-        if model is None:
-            return
-        cfg.stages.setdefault("fit", {})["iterations"] = model.fit_info_.iterations
-        theta = model.theta_
-        v = torch.randn(model.n_params_, dtype=torch.float64)
-        cfg.run("gradient pass", memory, lambda: model._objective_terms(theta)[:2], PASS_REPEATS)
-        if binary:
-            cfg.run("Hessian pass", memory, lambda: model.hessian())
-        cfg.run("HVP pass", memory, lambda: model.hvp(v), PASS_REPEATS)
-        if not cfg.full:
-            engine = ShardedInfluenceEngine(
-                model, SolverConfig(method="cg", cg_max_iter=1, cg_tol=0.99)
-            )
-            s = torch.randn(1, model.n_params_, dtype=torch.float64)
-            cfg.run(
-                "score pass",
-                memory,
-                lambda: engine.scores_from_stest(s, estimate="first_order"),
-                PASS_REPEATS,
-            )
-            return
-        engine = cfg.run(
-            "factorise" if exact else "solver",
-            memory,
-            lambda: ShardedInfluenceEngine(model, solver),
-        )
-        if engine is None:
-            return
-        estimate = "corrected" if exact else "first_order"
-        s = engine.inverse_hvp_test(X_test[:1], y_test[:1])
-        cfg.run(
-            "score pass",
-            memory,
-            lambda: engine.scores_from_stest(s, estimate="first_order"),
-            PASS_REPEATS,
-        )
-        if exact:
-            cfg.run("corrected precompute", memory, lambda: engine.self_influence("corrected"))
-        cfg.run(
-            "1 test image",
-            memory,
-            lambda: engine.top_k_scores(X_test[:1], y_test[:1], 10, estimate=estimate),
-        )
-        cfg.run(
-            f"{TEST_POINTS} test images",
-            memory,
-            lambda: engine.top_k_scores(X_test, y_test, 10, estimate=estimate),
-        )
-        cfg.run(
-            "LOO k=10",
-            memory,
-            lambda: engine.verify(X_test[:1], y_test[:1], k=10, select_by=estimate),
+        measure(
+            cfg,
+            Memory(cluster.client),
+            lambda full: ShardedLogisticRegression(l2=L2, **({} if full else {"tol": 1e6})).fit(
+                data
+            ),
+            ShardedInfluenceEngine,
+            lambda engine, X_t, y_t, estimate: engine.top_k_scores(X_t, y_t, 10, estimate=estimate),
+            lambda engine, X_t, y_t, estimate: engine.verify(X_t, y_t, k=10, select_by=estimate),
         )
 
 

@@ -172,6 +172,8 @@ class ModelShape:
         n_outputs: scores per input C (1 for a binary model).
         backbone: the featurizer's backbone name if its inputs are a network's features ("" for
             pixels), which work that featurises new images (the attack) must run.
+        sharded: the training rows live in shards on a cluster's workers (core.backend): this
+            process holds only the test rows, the p x p matrices and per-test results.
     """
 
     label: str
@@ -179,6 +181,7 @@ class ModelShape:
     n_features: int
     n_outputs: int = 1
     backbone: str = ""
+    sharded: bool = False
 
     @property
     def n_params(self) -> int:
@@ -227,12 +230,21 @@ def preparation_estimate(
         ),
     }
     for shape in models:
-        if shape.n_features != shape.n_train:
+        if shape.sharded:
+            # The training rows and every (test x train) product stay on the workers.
+            terms[f"{shape.label}: features of the test images"] = _matrix(
+                n_test, shape.n_features, 2
+            )
+            terms[f"{shape.label}: test scores and distances"] = _matrix(
+                n_test, shape.n_outputs + 1, 3
+            )
+        elif shape.n_features != shape.n_train:
             terms[f"{shape.label}: features of every image"] = _matrix(images, shape.n_features, 2)
         # Fitting: the Hessian, its factor and a trial step; the engine keeps its own factor.
         for name, size in _model_terms(shape, 4, "Hessian and Cholesky factors").items():
             terms[name] = terms.get(name, 0) + size
-        terms[f"{shape.label}: test scores and distances"] = _matrix(n_test, shape.n_train, 3)
+        if not shape.sharded:
+            terms[f"{shape.label}: test scores and distances"] = _matrix(n_test, shape.n_train, 3)
     return _estimate(
         "preparing the models",
         terms,

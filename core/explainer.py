@@ -697,8 +697,9 @@ class Explainer:
                     ""
                     if isinstance(fitted.featurizer, PixelFeaturizer)
                     else fitted.featurizer.name,
+                    sharded=self.on_cluster(key),
                 )
-                for fitted in self.models.values()
+                for key, fitted in self.models.items()
             )
         labels = {key: label for key, label, _ in self.model_specs}
         outputs = 1 if len(self.class_names) == 2 else len(self.class_names)
@@ -708,7 +709,14 @@ class Explainer:
         if "logreg" in labels:
             feature_dim = self.backbone.output_dim(self.dataset.image_shape)
             shapes.append(
-                ModelShape(labels["logreg"], self.n_train, feature_dim, outputs, self.backbone.name)
+                ModelShape(
+                    labels["logreg"],
+                    self.n_train,
+                    feature_dim,
+                    outputs,
+                    self.backbone.name,
+                    sharded=self.cluster is not None,
+                )
             )
         return tuple(shapes)
 
@@ -1132,6 +1140,16 @@ class Explainer:
     @property
     def n_test(self) -> int:
         return len(self.test_labels)
+
+    def on_cluster(self, key: str) -> bool:
+        """Whether model ``key``'s training rows live in shards on the cluster: what refits on
+        changed rows or differentiates through them (heatmaps, groups, data cleaning, the
+        attack) then needs an explainer prepared in-process."""
+        if self.cluster is None:
+            return False
+        from core.backend.models import ShardedLinearModel
+
+        return isinstance(self.model(key).model, ShardedLinearModel)
 
     def summaries(self) -> dict[str, ModelSummary]:
         """Accuracy and settings of every model."""

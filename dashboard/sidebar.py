@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard.services import InfluenceExplorerError, capacity, your_data
+from dashboard.services import InfluenceExplorerError, capacity, cluster, your_data
 from dashboard.services.settings import (
     ALL_OPTION,
     DAMPING_CHOICES,
@@ -260,7 +260,18 @@ def _backbone_picker() -> str:
 
 def _compute_line() -> None:
     queue = capacity.work_queue()
-    try:
-        st.caption(capacity.compute_summary(queue.slots, queue.budget.limit))
-    except InfluenceExplorerError as exc:
-        st.caption(f"Computed in-process on this server. {exc}")
+    state = cluster.server_cluster()
+    line, problem = cluster.cluster_line(state)
+    if problem:
+        st.warning(line, icon="⚠️")
+        if state.setting:  # reachable perhaps later; a malformed setting needs the operator
+            st.button(
+                "Connect to the cluster again", key="side_cluster_retry", on_click=cluster.reconnect
+            )
+    elif line:
+        st.caption(line)
+    st.caption(
+        capacity.compute_summary(
+            queue.slots, queue.budget.limit, on_cluster=state.cluster is not None
+        )
+    )

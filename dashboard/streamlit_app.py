@@ -23,22 +23,31 @@ from dashboard.services import links, notices  # noqa: E402
 from dashboard.services.housekeeping import keep_house  # noqa: E402
 from dashboard.services.widgets import keep_widget_values  # noqa: E402
 
-st.set_page_config(
-    page_title="Influence Explorer",
-    # A local image: a ":material/...:" icon would be fetched from a font CDN, which fails offline.
-    page_icon=FAVICON,
-    layout="wide",
-    initial_sidebar_state="expanded",
-)
-apply_style()
-# Bounds uploaded files and shuts down ended sessions (a thread started on the first run).
-keep_house()
-keep_widget_values()
-page = navigation.build_navigation()
-notices.notice_area()
-# A link's parameters go into Session State before any widget is drawn (first run only).
-links.apply_link(page.url_path)
-settings = sidebar.render()
-# The address describes the view; pages write it again once their own controls are drawn.
-links.publish(settings)
-page.run()
+
+def main() -> None:
+    st.set_page_config(
+        page_title="Influence Explorer",
+        # A local image: a ":material/...:" icon would be fetched from a font CDN (fails offline).
+        page_icon=FAVICON,
+        layout="wide",
+        initial_sidebar_state="expanded",
+    )
+    apply_style()
+    # Bounds uploaded files and shuts down ended sessions (a thread started on the first run).
+    keep_house()
+    keep_widget_values()
+    page = navigation.build_navigation()
+    notices.notice_area()
+    # A link's parameters go into Session State before any widget is drawn (first run only).
+    links.apply_link(page.url_path)
+    settings = sidebar.render()
+    # The address describes the view; pages write it again once their own controls are drawn.
+    links.publish(settings)
+    page.run()
+
+
+# Streamlit runs this file as "__main__". The workers of a local Dask cluster the server starts
+# (INFLUENCE_CLUSTER=local:N) are new Python processes that import it as "__mp_main__": they
+# must not draw the dashboard, which would start a cluster of their own.
+if __name__ != "__mp_main__":
+    main()

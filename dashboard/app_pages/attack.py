@@ -30,7 +30,7 @@ st.markdown(
 )
 
 settings = current_settings()
-explainer = engines.require_explainer(settings)
+explainer = engines.require_explainer(settings, in_process=True)
 labels = facts.model_labels(explainer)
 names = facts.class_names(explainer)
 n_test = facts.n_test(explainer)

@@ -91,7 +91,7 @@ st.markdown(
 )
 
 settings = current_settings()
-explainer = engines.require_explainer(settings)
+explainer = engines.require_explainer(settings, in_process=True)
 labels = facts.model_labels(explainer)
 n_train = facts.n_train(explainer)
 n_test = facts.n_test(explainer)

@@ -12,7 +12,7 @@ from typing import Any
 import streamlit as st
 
 from dashboard.services import explanations, links
-from dashboard.services.engines import Preparation
+from dashboard.services.background import Preparation
 from dashboard.services.preparing import stage_text
 
 

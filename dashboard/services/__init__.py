@@ -4,7 +4,7 @@ Three kinds of state, kept apart on purpose:
 
 - **Shared, read-only engines** (``st.cache_resource``): datasets and fitted
   :class:`~core.explainer.Explainer` objects. An explainer is built by a
-  :class:`~dashboard.services.engines.Preparation`, a background thread that any number of
+  :class:`~dashboard.services.background.Preparation`, a background thread that any number of
   sessions can watch; the cache holds the preparation, so a second user arriving during the first
   build sees the same progress instead of starting another.
 - **Shared, content-keyed results** (``st.cache_data`` with ``max_entries``): explanations,
@@ -22,6 +22,8 @@ One module per concern:
 
 - :mod:`.settings`: the sidebar's :class:`~.settings.Settings`, dataset and backbone choices.
 - :mod:`.engines`: the shared explainer's preparation, and domain errors as messages.
+- :mod:`.background`: preparations in background threads, bounded, shared, abandoned unwatched.
+- :mod:`.cluster`: where the server computes (``$INFLUENCE_CLUSTER``), for the sidebar.
 - :mod:`.preparing`: what a large choice costs before it starts, progress and Cancel.
 - :mod:`.facts`: what pages read of a prepared explainer (sizes, names, images, predictions).
 - :mod:`.query`: what is being explained (a test image or an upload), and the gallery.

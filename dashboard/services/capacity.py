@@ -29,7 +29,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -276,27 +276,19 @@ def work_queue() -> WorkQueue:
     return WorkQueue(default_slots(), MemoryBudget.from_environment())
 
 
-def compute_summary(slots: int, limit_bytes: int, environ: Mapping[str, str] | None = None) -> str:
-    """Where this server computes, for the sidebar (read-only: set by whoever runs it): its
-    heavy-work slots and memory budget, and what ``$INFLUENCE_CLUSTER`` means here. The
-    dashboard's pages compute in this process; the cluster setting is read (without connecting
-    or importing Dask) so that an operator who set it is told what uses it.
-
-    Raises:
-        ClusterError: ``$INFLUENCE_CLUSTER`` is not one of the accepted forms.
-    """
-    from core.backend import ENV_CLUSTER, cluster_spec
-
-    line = (
-        f"Computed in-process on this server: {slots} piece{'s' if slots != 1 else ''} of heavy "
-        f"work at once, within a memory budget of {limit_bytes / 2**30:.1f} GiB."
+def compute_summary(slots: int, limit_bytes: int, *, on_cluster: bool = False) -> str:
+    """What this server computes itself, for the sidebar (read-only: set by whoever runs it):
+    its heavy-work slots and memory budget. ``on_cluster``: the explainers' logistic regression
+    runs on a Dask cluster (:mod:`dashboard.services.cluster`), so this process does the rest."""
+    here = (
+        f"{slots} piece{'s' if slots != 1 else ''} of heavy work at once, within a memory budget "
+        f"of {limit_bytes / 2**30:.1f} GiB"
     )
-    spec = cluster_spec(environ=environ)
-    if spec is None:
-        return line
+    if not on_cluster:
+        return f"Computed in-process on this server: {here}."
     return (
-        f"{line} {ENV_CLUSTER} is set ({spec}): the command line's `influence precompute`, "
-        "`explain` and `verify` run on that Dask cluster; the dashboard does not."
+        "On this server (the RBF SVM, the logistic regression's heatmaps and its copy for the "
+        f"Groups, Data cleaning and Attack pages): {here}."
     )
 
 

@@ -1,4 +1,5 @@
-"""The shared explainer: prepared once in the background, watched by every session that needs it.
+"""The shared explainer: prepared once in the background (:mod:`.background`), watched by every
+session that needs it, on the server's cluster if it has one (:mod:`.cluster`).
 
 Also where a domain error becomes the message a page shows: core's words, plus the sidebar
 control that fixes it.
@@ -6,31 +7,29 @@ control that fixes it.
 
 from __future__ import annotations
 
-import threading
-import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import streamlit as st
 
-from core.budget import WorkEstimate
 from core.data import Dataset
 from core.errors import (
     ConvergenceError,
     InfluenceExplorerError,
     NonFiniteFeaturesError,
     NotPositiveDefiniteError,
-    PreparationCancelled,
-    ServerBusyError,
     SolverDivergedError,
 )
 from core.explainer import Explainer
 from core.store import ArtifactStore
 from dashboard.services import preparing
-from dashboard.services.capacity import Ticket, WorkQueue, work_queue
+from dashboard.services.background import (
+    InProcess,
+    Preparation,
+    PreparationKey,
+    preparations,
+)
+from dashboard.services.capacity import work_queue
+from dashboard.services.cluster import current_cluster
 from dashboard.services.settings import (
     DAMPING_CHOICES,
     EngineSpec,
@@ -39,229 +38,12 @@ from dashboard.services.settings import (
     load_dataset,
 )
 
-#: progress(stage, done, total), as core reports it while preparing.
-Progress = Callable[[str, int, int], None]
 
-
-@dataclass(frozen=True)
-class ProgressSnapshot:
-    """Where a preparation is: its stage, units done of the stage's total, seconds so far."""
-
-    stage: str
-    done: int
-    total: int
-    elapsed: float
-
-    @property
-    def fraction(self) -> float:
-        return 0.0 if self.total <= 0 else min(1.0, self.done / self.total)
-
-
-class Abandoned(Exception):
-    """Raised inside a preparation's progress callback when nobody has watched it for a while:
-    the build stops there, and the next visitor starts a new one (cached features are kept)."""
-
-
-#: Seconds a preparation goes on without anybody watching it before it stops at its next
-#: progress callback (a watching page checks in every 0.3 s; a reload or a page switch takes a
-#: few seconds at most).
-ABANDON_AFTER_S = 15.0
-#: Preparations unfinished at once (running or queued): one per engine config, and no more than
-#: this many configs. A session asking for another gets a message instead of another thread.
-MAX_UNFINISHED = 3
-#: Finished explainers kept (least recently used dropped first), as the shared cache kept before.
-MAX_FINISHED = 4
-
-
-class Preparation:
-    """Builds an explainer in a background thread and reports progress to whoever watches.
-
-    Nothing here touches Streamlit, so one preparation can be watched from many sessions at once.
-    Watchers check in (:meth:`touch`); when none has for ``abandon_after`` seconds the build
-    stops at its next progress callback (:class:`Abandoned`), so work nobody waits for does not
-    go on after the user left. The build runs as heavy work: it waits for a slot in the server's
-    :class:`~dashboard.services.capacity.WorkQueue` and for its memory estimate to fit the budget.
-
-    Args:
-        build: ``build(job)`` returns the prepared explainer; it reports progress through
-            ``job.report`` and enters the queue through ``job.admitted``.
-        queue: the server's work queue.
-        abandon_after: seconds without a watcher after which the build stops.
-    """
-
-    def __init__(
-        self,
-        build: Callable[[Preparation], Explainer],
-        *,
-        queue: WorkQueue | None = None,
-        abandon_after: float = ABANDON_AFTER_S,
-    ) -> None:
-        self._lock = threading.Lock()
-        self._finished = threading.Event()
-        self._cancel = threading.Event()
-        self._stage, self._done, self._total = "Starting", 0, 0
-        self._started = time.monotonic()
-        self._watched = self._started
-        self._queue = queue
-        self.abandon_after = float(abandon_after)
-        self.seconds: float | None = None
-        self.result: Explainer | None = None
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(
-            target=self._run, args=(build,), name="influence-explorer-prepare", daemon=True
-        )
-        self._thread.start()
-
-    def touch(self) -> None:
-        """A watcher checks in: the build is still wanted."""
-        with self._lock:
-            self._watched = time.monotonic()
-
-    @property
-    def unwatched_for(self) -> float:
-        with self._lock:
-            return time.monotonic() - self._watched
-
-    def report(self, stage: str, done: int, total: int) -> None:
-        """The build's progress callback; raises :class:`Abandoned` when nobody watches."""
-        if self._cancel.is_set():
-            raise PreparationCancelled(
-                f"Preparation was cancelled during '{self._stage}'; what was computed so far is "
-                "cached, so preparing again resumes from there."
-            )
-        if self.unwatched_for > self.abandon_after:
-            raise Abandoned(f"nobody watched for {self.abandon_after:.0f} s")
-        with self._lock:
-            self._stage, self._done, self._total = stage, int(done), int(total)
-
-    @contextmanager
-    def admitted(self, estimate: WorkEstimate) -> Iterator[None]:
-        """Run the block once the work queue admits ``estimate``; while queued, the stage says
-        how many requests are ahead, and the wait ends if nobody watches any more."""
-        if self._queue is None:
-            yield
-            return
-
-        def waiting(ticket: Ticket) -> None:
-            ahead = ticket.ahead()
-            requests = "request" if ahead == 1 else "requests"
-            self.report(f"Queued: {ahead} {requests} ahead of this one", 0, 0)
-
-        with self._queue.admitted(estimate, waiting=waiting, poll=0.3):
-            yield
-
-    def _run(self, build: Callable[[Preparation], Explainer]) -> None:
-        try:
-            self.result = build(self)
-        except BaseException as exc:  # handed to the page, which decides how to show it
-            self.error = exc
-        finally:
-            self.seconds = time.monotonic() - self._started
-            self._finished.set()
-
-    @property
-    def finished(self) -> bool:
-        return self._finished.is_set()
-
-    def cancel(self) -> None:
-        """Ask the build to stop at its next progress report (the page's Cancel)."""
-        self._cancel.set()
-
-    @property
-    def cancelling(self) -> bool:
-        return self._cancel.is_set() and not self.finished
-
-    @property
-    def cancelled(self) -> bool:
-        return self.finished and isinstance(self.error, PreparationCancelled)
-
-    @property
-    def abandoned(self) -> bool:
-        return isinstance(self.error, Abandoned)
-
-    @property
-    def alive(self) -> bool:
-        """The build's thread is still running (it may be waiting in the queue)."""
-        return self._thread.is_alive()
-
-    def wait(self, timeout: float) -> bool:
-        return self._finished.wait(timeout)
-
-    def snapshot(self) -> ProgressSnapshot:
-        with self._lock:
-            return ProgressSnapshot(
-                self._stage, self._done, self._total, time.monotonic() - self._started
-            )
-
-
-class Preparations:
-    """The server's preparations: one per engine config, a bounded number unfinished at once,
-    and the last few finished ones kept (least recently used dropped first). Thread-safe."""
-
-    def __init__(
-        self, *, max_unfinished: int = MAX_UNFINISHED, max_finished: int = MAX_FINISHED
-    ) -> None:
-        self.max_unfinished = int(max_unfinished)
-        self.max_finished = int(max_finished)
-        self._lock = threading.Lock()
-        self._jobs: OrderedDict[EngineSpec, Preparation] = OrderedDict()
-
-    def get(self, engine: EngineSpec, start: Callable[[], Preparation]) -> Preparation:
-        """The preparation for ``engine``, started with ``start()`` if there is none (or the last
-        one was abandoned).
-
-        Raises:
-            ServerBusyError: ``max_unfinished`` other configs are being prepared already.
-        """
-        with self._lock:
-            job = self._jobs.get(engine)
-            if job is not None and job.abandoned:
-                del self._jobs[engine]
-                job = None
-            if job is None:
-                # A preparation whose thread has ended is finished (or abandoned); a thread
-                # still stopping after it was abandoned counts until it has.
-                busy = [j for j in self._jobs.values() if not j.finished]
-                if len(busy) >= self.max_unfinished:
-                    raise ServerBusyError(
-                        f"The server is already preparing {len(busy)} other model "
-                        "configurations, its limit. Try again when one has finished (the page "
-                        "that started it shows its progress), or choose settings that are "
-                        "prepared already."
-                    )
-                job = start()
-                self._jobs[engine] = job
-            self._jobs.move_to_end(engine)
-            job.touch()
-            finished = [key for key, j in self._jobs.items() if j.finished and key != engine]
-            for key in finished[: max(0, len(finished) - (self.max_finished - 1))]:
-                del self._jobs[key]
-            return job
-
-    def peek(self, engine: EngineSpec) -> Preparation | None:
-        """The preparation for ``engine`` if there is one, without starting it."""
-        with self._lock:
-            return self._jobs.get(engine)
-
-    def forget(self, engine: EngineSpec) -> None:
-        """Drop the preparation for ``engine`` (e.g. a failed one, to try again)."""
-        with self._lock:
-            self._jobs.pop(engine, None)
-
-    def unfinished(self) -> int:
-        with self._lock:
-            return sum(not j.finished for j in self._jobs.values())
-
-
-@st.cache_resource(show_spinner=False)
-def preparations() -> Preparations:
-    """The server process's preparations (cleared with Streamlit's resource cache in tests)."""
-    return Preparations()
-
-
-def start_preparation(engine: EngineSpec, dataset: Dataset) -> Preparation:
+def start_preparation(
+    engine: EngineSpec, dataset: Dataset, cluster: Any | None = None
+) -> Preparation:
     def build(job: Preparation) -> Explainer:
-        explainer = Explainer(dataset, engine.config, store=ArtifactStore())
+        explainer = Explainer(dataset, engine.config, store=ArtifactStore(), cluster=cluster)
         # Construction is cheap and knows the sizes; the estimate decides admission.
         with job.admitted(explainer.preparation_estimate()):
             return explainer.prepare(job.report)
@@ -269,8 +51,20 @@ def start_preparation(engine: EngineSpec, dataset: Dataset) -> Preparation:
     return Preparation(build, queue=work_queue())
 
 
-def preparation(settings: Settings) -> Preparation:
-    """The shared preparation of the explainer for these settings (started on first call).
+def _placement(settings: Settings, in_process: bool) -> tuple[PreparationKey, Any | None]:
+    """Where the explainer for these settings is kept and the cluster it runs on (None:
+    in-process). ``in_process``: the page needs the training rows here."""
+    cluster = current_cluster()
+    if cluster is None:
+        return settings.engine, None
+    if in_process:
+        return InProcess(settings.engine), None
+    return settings.engine, cluster
+
+
+def preparation(settings: Settings, *, in_process: bool = False) -> Preparation:
+    """The shared preparation of the explainer for these settings (started on first call); on
+    the server's cluster if it has one, unless ``in_process``.
 
     Raises:
         InfluenceExplorerError: the dataset cannot be opened, the settings are invalid, or the
@@ -280,7 +74,8 @@ def preparation(settings: Settings) -> Preparation:
     # settings.engine builds (and so validates) core's config in this thread, so an invalid
     # setting reaches the page directly rather than through the background thread.
     engine = settings.engine
-    return preparations().get(engine, lambda: start_preparation(engine, dataset))
+    key, cluster = _placement(settings, in_process)
+    return preparations().get(key, lambda: start_preparation(engine, dataset, cluster))
 
 
 def explainer_if_ready(settings: Settings | None = None) -> Explainer | None:
@@ -294,24 +89,31 @@ def explainer_if_ready(settings: Settings | None = None) -> Explainer | None:
     return job.result if job is not None and job.finished else None
 
 
-def require_explainer(settings: Settings | None = None) -> Explainer:
+def require_explainer(settings: Settings | None = None, *, in_process: bool = False) -> Explainer:
     """The explainer for the sidebar's settings; shows progress while it is prepared.
+
+    ``in_process``: the page refits on changed training rows or differentiates through them
+    (Groups, Data cleaning, Attack, heatmaps), so on a server with a cluster it gets a copy of
+    the models prepared in this process, and says so.
 
     On a domain error (e.g. an unavailable backbone) shows ``st.error`` with a retry button and
     stops the page; any other exception is raised, so tests see it.
     """
     settings = settings or current_settings()
+    key = _placement(settings, in_process)[0]
+    if isinstance(key, InProcess):
+        st.caption(IN_PROCESS_NOTE)
     for _ in range(2):
         try:
-            ask_first(settings)
-            job = preparation(settings)
+            ask_first(settings, key)
+            job = preparation(settings, in_process=in_process)
         except InfluenceExplorerError as exc:
             st.error(error_message(exc, settings))
             st.stop()
         if not job.finished:
             preparing.watch(job, settings)
         if job.cancelled:
-            ask_first(settings)
+            ask_first(settings, key)
         # Abandoned just before this session came to watch it: the second call starts anew.
         if not job.abandoned:
             break
@@ -320,7 +122,7 @@ def require_explainer(settings: Settings | None = None) -> Explainer:
             raise job.error
         st.error(error_message(job.error, settings))
         if st.button("Try again", key="state_retry_preparation"):
-            preparations().forget(settings.engine)
+            preparations().forget(key)
             st.rerun()
         st.stop()
     assert job.result is not None
@@ -330,21 +132,31 @@ def require_explainer(settings: Settings | None = None) -> Explainer:
     return job.result
 
 
-def ask_first(settings: Settings) -> None:
+#: Shown on a page that uses the in-process copy while the server has a cluster.
+IN_PROCESS_NOTE = (
+    "This server runs the logistic regression on a Dask cluster; this work refits it on "
+    "changed training rows or differentiates through them, so it uses a copy of the models "
+    "prepared in the server's own process (its scores agree with the cluster's)."
+)
+
+
+def ask_first(settings: Settings, key: PreparationKey | None = None) -> None:
     """Before starting (or restarting) a preparation: after a cancelled one, say so and offer it
     again; for a large choice nobody has confirmed, show its cost and wait (both stop the page).
+    ``key``: where the preparation is kept (default: the settings' engine).
 
     Raises:
         InfluenceExplorerError: the dataset cannot be opened or the settings are invalid.
     """
     engine = settings.engine
-    job = preparations().peek(engine)
-    ask_after_cancel(engine, job, settings)
+    key = engine if key is None else key
+    job = preparations().peek(key)
+    ask_after_cancel(key, job, settings)
     if job is None and preparing.needs_confirmation(settings):
         preparing.ask(settings)
 
 
-def ask_after_cancel(key: EngineSpec, job: Preparation | None, settings: Settings) -> None:
+def ask_after_cancel(key: PreparationKey, job: Preparation | None, settings: Settings) -> None:
     """When ``job`` (the preparation kept under ``key``: the settings' own, or the first look's)
     was cancelled: drop it, so *Prepare* starts afresh, say so, and ask before preparing the
     settings again (stops the page). Nothing otherwise."""

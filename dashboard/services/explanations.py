@@ -29,7 +29,7 @@ from core.report import ScoreScale
 from core.store import ArtifactStore, CacheKey
 from core.validation import Verification
 from dashboard.services.capacity import retraining
-from dashboard.services.engines import stop_on_domain_error
+from dashboard.services.engines import require_explainer, stop_on_domain_error
 from dashboard.services.facts import class_names, train_ids, train_labels
 from dashboard.services.query import Query
 from dashboard.services.runs import SessionRuns
@@ -116,10 +116,10 @@ def _heatmap(
 def heatmap(
     explainer: Explainer, query: Query, settings: Settings, model_key: str, train_index: int
 ) -> np.ndarray:
-    """(H, W, C) d(test loss)/d(pixel) of one training image, for one model.
-
-    A domain error is shown with ``st.error`` and stops the page.
-    """
+    """(H, W, C) d(test loss)/d(pixel) of one training image, for one model (a model sharded on
+    the server's cluster through its in-process copy). A domain error stops the page."""
+    if explainer.on_cluster(model_key):
+        explainer = require_explainer(settings, in_process=True)
     try:
         return _heatmap(
             settings.engine, query.key, model_key, int(train_index), explainer, query.engine_args()

@@ -20,13 +20,12 @@ import streamlit as st
 from core.errors import InfluenceExplorerError
 from core.explainer import Explainer, first_look_config
 from dashboard.services import preparing
+from dashboard.services.background import Preparation, preparations
 from dashboard.services.engines import (
-    Preparation,
     ask_after_cancel,
     ask_first,
     error_message,
     preparation,
-    preparations,
     require_explainer,
     start_preparation,
 )

@@ -29,7 +29,7 @@ from core.store import ArtifactStore
 from dashboard.services.settings import EngineSpec, Settings, load_dataset
 
 if TYPE_CHECKING:
-    from dashboard.services.engines import Preparation
+    from dashboard.services.background import Preparation
 
 #: A preparation estimated above any of these asks before it starts. The floating-point count is
 #: about a minute of dense linear algebra at the 20-50 GFLOP/s two cores sustain; featurising a

@@ -25,7 +25,7 @@ from core.backend import ENV_CLUSTER
 from core.backend.engine import ShardedInfluenceEngine
 from core.backend.models import ShardedLogisticRegression, ShardedNystroemSVM
 from core.backend.shards import ShardedData
-from core.errors import ClusterError
+from core.errors import ClusterError, InfluenceExplorerError
 from core.influence import InfluenceEngine, SolverConfig
 from core.models import LogisticRegression, NystroemSVM
 from core.store import ArtifactStore
@@ -132,6 +132,17 @@ def test_demo_explainer_on_the_cluster_equals_in_process(cluster, demo_cache):
         demo, ExplainerConfig(), store=_RecomputeSelection(demo_cache), cluster=cluster
     ).prepare()
     assert isinstance(remote.models["logreg"].engine, ShardedInfluenceEngine)
+    # What the dashboard asks before a heatmap or a refit on changed rows (then in-process).
+    assert remote.on_cluster("logreg") and not remote.on_cluster("svm")
+    assert not local.on_cluster("logreg")
+    with pytest.raises(InfluenceExplorerError, match="shards on the cluster"):
+        remote.heatmap("logreg", 0, test_index=0)
+    assert local.heatmap("logreg", 0, test_index=0).shape == demo.image_shape
+    # Only the test rows are held here: less memory than in-process, by the training features.
+    shapes = {s.label: s for s in remote.model_shapes()}
+    assert [s.sharded for s in shapes.values()] == [False, True]
+    saved = local.preparation_estimate().bytes - remote.preparation_estimate().bytes
+    assert saved >= remote.n_train * shapes[remote.models["logreg"].label].n_features * 8 * 2
     near, far = remote.models["logreg"].lambda_curve, local.models["logreg"].lambda_curve
     assert (near.best, near.chosen, near.n) == (far.best, far.chosen, far.n)
     np.testing.assert_allclose(near.mean, far.mean, rtol=1e-6)

@@ -116,6 +116,31 @@ def test_the_kernel_models_estimate_grows_with_the_square_of_the_training_set() 
     assert format_bytes(estimate.bytes).endswith("GiB")
 
 
+def test_a_model_sharded_on_a_cluster_counts_only_what_this_process_holds() -> None:
+    """At 60,000 x 1,280 features (10 classes, 10,000 test images) this process holds the
+    features and the (test x train) products in-process; with the rows in shards, only the
+    test rows and the p x p matrices."""
+
+    def estimate(sharded: bool):
+        shape = ModelShape("LR", 60_000, 1_280, 10, "efficientnet-lite0", sharded=sharded)
+        return preparation_estimate(
+            n_train=60_000,
+            n_test=10_000,
+            pixel_dim=784,
+            models=(shape,),
+            backbone="efficientnet-lite0",
+        )
+
+    here, there = estimate(False), estimate(True)
+    assert "LR: features of every image" in here.terms
+    assert "LR: features of every image" not in there.terms
+    assert there.terms["LR: features of the test images"] == 10_000 * 1_280 * 8 * 2
+    # The (test x train) matrices alone are 10,000 x 60,000 x 3 doubles in-process.
+    assert here.bytes - there.bytes > 10_000 * 60_000 * 8 * 3
+    hessian = "LR: 12,800 x 12,800 Hessian and Cholesky factors"
+    assert there.terms[hessian] == here.terms[hessian]
+
+
 _MEASURE = """
 import json, sys
 from core.budget import resident_bytes

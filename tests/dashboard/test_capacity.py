@@ -16,8 +16,8 @@ from streamlit.runtime.scriptrunner_utils.script_requests import RerunData
 from core.budget import MemoryBudget, WorkEstimate
 from core.errors import InfluenceExplorerError, MemoryBudgetError, ServerBusyError
 from dashboard.services import capacity
+from dashboard.services.background import Preparation
 from dashboard.services.capacity import WorkQueue, default_slots, queue_message
-from dashboard.services.engines import Preparation
 from dashboard.services.runs import SessionRuns
 
 MIB = 2**20
@@ -373,16 +373,13 @@ def test_a_preparation_is_not_stuck_behind_work_whose_thread_ended() -> None:
     assert job.result == "explainer" and queue.running == 0
 
 
-def test_the_sidebar_says_where_the_server_computes_and_what_the_cluster_setting_drives():
-    alone = capacity.compute_summary(2, 6 * 2**30, environ={})
-    assert alone.startswith("Computed in-process on this server: 2 pieces of heavy work")
-    assert "6.0 GiB" in alone and "INFLUENCE_CLUSTER" not in alone
-    one = capacity.compute_summary(1, 2**30, environ={"INFLUENCE_CLUSTER": " "})
-    assert "1 piece of heavy work" in one and "INFLUENCE_CLUSTER" not in one
-    remote = capacity.compute_summary(
-        2, 2**30, environ={"INFLUENCE_CLUSTER": "tls://scheduler.example.org:8786"}
+def test_the_sidebar_says_what_this_server_computes_itself():
+    alone = capacity.compute_summary(2, 6 * 2**30)
+    assert alone == (
+        "Computed in-process on this server: 2 pieces of heavy work at once, within a memory "
+        "budget of 6.0 GiB."
     )
-    assert "INFLUENCE_CLUSTER is set (tls://scheduler.example.org:8786)" in remote
-    assert "the dashboard does not" in remote
-    with pytest.raises(InfluenceExplorerError, match="INFLUENCE_CLUSTER"):
-        capacity.compute_summary(2, 2**30, environ={"INFLUENCE_CLUSTER": "udp://nowhere"})
+    assert "1 piece of heavy work" in capacity.compute_summary(1, 2**30)
+    beside = capacity.compute_summary(2, 2**30, on_cluster=True)
+    assert beside.startswith("On this server (the RBF SVM")
+    assert "Groups, Data cleaning and Attack" in beside and "1.0 GiB" in beside

@@ -19,7 +19,7 @@ from core.store import ENV_CACHE_DIR
 from dashboard import navigation
 from dashboard.components.classes import class_colours, label_makeup, lambda_curve
 from dashboard.services import engines, facts, links, preparing, uploads
-from dashboard.services.engines import Preparation
+from dashboard.services.background import Preparation
 from dashboard.services.link_params import LinkValueError
 from dashboard.services.settings import Settings
 from tests.dashboard.conftest import wait_for_every_model

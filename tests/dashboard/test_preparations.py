@@ -10,8 +10,8 @@ import pytest
 
 from core.budget import MemoryBudget, WorkEstimate
 from core.errors import MemoryBudgetError, ServerBusyError
+from dashboard.services.background import Preparation, Preparations
 from dashboard.services.capacity import WorkQueue
-from dashboard.services.engines import Preparation, Preparations
 from dashboard.services.settings import DEMO_SPEC, Settings
 
 MIB = 2**20

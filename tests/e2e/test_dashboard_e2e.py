@@ -93,21 +93,30 @@ def test_explain_pick_a_test_image_and_inspect(page: Any, app_server: Server) ->
     no_exception(page)
     screenshot(page, "explain-picked")
 
-    model_column(page, "logreg").locator(
-        ".st-key-explain_inspect_logreg_helpful_0 button:visible"
+    dialog = inspect_most_helpful(page, "logreg")
+    screenshot(page, "inspect")
+    dialog.get_by_label("Close").click()
+    expect(page.get_by_role("dialog")).to_have_count(0)
+    no_exception(page)
+
+
+def inspect_most_helpful(page: Any, model_key: str) -> Any:
+    """Open the heatmap of ``model_key``'s most helpful training image; returns the dialog once
+    its four images (test, training, overlay, colour bar) are drawn."""
+    from playwright.sync_api import expect
+
+    model_column(page, model_key).locator(
+        f".st-key-explain_inspect_{model_key}_helpful_0 button:visible"
     ).click()
     dialog = page.get_by_role("dialog")
     expect(dialog.get_by_text("Per-pixel influence, on the training image")).to_be_visible(
-        timeout=120_000
+        timeout=READY_TIMEOUT
     )
     # The test image, the training image, its overlay, and the overlay's colour bar.
     expect(dialog.get_by_test_id("stImage")).to_have_count(4)
     for caption in ("Training image #", "Per-pixel influence, on the training image"):
         expect(dialog.get_by_text(caption).first).to_be_visible()
-    screenshot(page, "inspect")
-    dialog.get_by_label("Close").click()
-    expect(page.get_by_role("dialog")).to_have_count(0)
-    no_exception(page)
+    return dialog
 
 
 def upload(page: Any, case_name: str) -> None:
@@ -153,21 +162,29 @@ def test_upload_a_png_then_hostile_files(page: Any, app_server: Server) -> None:
     no_exception(page)
 
 
-def test_verify_shows_the_correlation_figures(page: Any, app_server: Server) -> None:
+def verify_both_models(page: Any, server: Server, *, k: int) -> Any:
+    """Open Verify, set k, retrain; returns the chart once drawn."""
     from playwright.sync_api import expect
 
-    open_app(page, app_server, "verify")
+    open_app(page, server, "verify")
     k_input = page.locator(".st-key-verify_k input")
-    k_input.fill("10")
+    k_input.fill(str(k))
     k_input.press("Enter")
     # The new k is applied once the page has written it into the address; a click before that
     # rerun has run is folded into it by Streamlit and lost (seen: the chart never came).
-    page.wait_for_url(re.compile(r"[?&]vk=10(&|$)"))
+    page.wait_for_url(re.compile(rf"[?&]vk={k}(&|$)"))
     wait_idle(page)
     page.get_by_role("button", name="Retrain to verify").click()
     chart = page.get_by_test_id("stPlotlyChart")
     expect(chart).to_have_count(1, timeout=READY_TIMEOUT)
     wait_idle(page)
+    return chart
+
+
+def test_verify_shows_the_correlation_figures(page: Any, app_server: Server) -> None:
+    from playwright.sync_api import expect
+
+    chart = verify_both_models(page, app_server, k=10)
     for title in ("RBF SVM on pixels", "Logistic regression on"):
         expect(chart.get_by_text(title)).to_be_visible()
     expect(chart.locator(".cartesianlayer .subplot")).to_have_count(2)

@@ -173,14 +173,18 @@ class ShardedNeighbourDistance(NeighbourDistance):
         return np.sqrt(np.partition(merged, self.k - 1, axis=1)[:, self.k - 1])
 
     def query(self, features: Any) -> Neighbourhood:
-        """:meth:`core.ood.NeighbourDistance.query` over the shards: the distances shard by
-        shard (as ``ShardedLinearModel.training_feature_distances``), the familiarity by
-        :meth:`check`."""
+        """:meth:`core.ood.NeighbourDistance.query` over the shards, in one pass as there: each
+        shard's distances (as ``ShardedLinearModel.training_feature_distances``) and its k
+        smallest squared distances (as :meth:`statistics`), merged into the familiarity."""
         point = as_float64(features).reshape(-1).numpy()
         runner = self.data.runner
-        with runner.stage("Feature distances"):
-            parts = runner.gather(runner.map(kernels.distances, [self.data.shards], point))
-        return Neighbourhood(np.concatenate(parts), self.check(point[None])[0])
+        with runner.stage("Feature distances and familiarity"):
+            parts = runner.gather(
+                runner.map(kernels.neighbourhood_part, [self.data.shards], point, self.k)
+            )
+        nearest = np.concatenate([smallest for _, smallest in parts])
+        kth = float(np.sqrt(np.partition(nearest, self.k - 1)[self.k - 1]))
+        return Neighbourhood(np.concatenate([d for d, _ in parts]), self._familiarity(kth))
 
 
 def neighbour_distance(model: LinearModel, reference_features: Any, *, seed: int) -> Any:

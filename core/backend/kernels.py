@@ -24,6 +24,7 @@ from core.backend.shards import Shard, make_shard
 from core.influence import InverseForms
 from core.linalg import DTYPE, add_weighted_gram, mirror_lower, t_times, through_rows
 from core.losses import Loss, LossDerivatives, curvature_rows
+from core.ood import DISTANCE_RTOL
 
 #: Rows converted to float64 and processed at once (bounds a kernel's temporary memory).
 CHUNK_ROWS = 4096
@@ -474,11 +475,34 @@ def correct_count(shard: Shard, theta: np.ndarray, n_outputs: int) -> int:
 
 def distances(shard: Shard, point: np.ndarray) -> np.ndarray:
     """Euclidean distance of each of the shard's rows to ``point`` (d,), in float64. (n_s,)."""
+    return neighbourhood_part(shard, point, 1)[0]
+
+
+def neighbourhood_part(shard: Shard, point: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """One pass over the shard's rows for one point, as :meth:`core.ood.NeighbourDistance.query`
+    makes it in-process: the squared distances by the expansion |t|² + |x|² - 2 t·x (clamped at
+    0), their k smallest, and each row's distance, recomputed as ‖t - x‖ on the rows where the
+    expansion's cancellation could exceed :data:`core.ood.DISTANCE_RTOL` (near-duplicates).
+    A matrix-vector product and a norm per block, no (rows, d) temporary.
+    Returns: (n_s,) distances, (min(k, n_s),) smallest squared distances, ascending."""
     x = torch.from_numpy(np.asarray(point, dtype=np.float64))
-    out = np.empty(shard.size)
+    x_sq = x @ x
+    squared = torch.empty(shard.size, dtype=DTYPE)
+    bound = torch.empty(shard.size, dtype=DTYPE)
+    eps = torch.finfo(DTYPE).eps
     for start, stop in _blocks(shard.size):
-        out[start:stop] = torch.linalg.norm(_rows(shard, start, stop) - x, dim=1).numpy()
-    return out
+        rows = _rows(shard, start, stop)
+        rows_sq = torch.linalg.vector_norm(rows, dim=1).square_()
+        squared[start:stop] = (rows_sq + x_sq - 2.0 * (rows @ x)).clamp_min_(0.0)
+        bound[start:stop] = (x.shape[0] + 2) * eps * (rows_sq + x_sq)
+    kk = min(int(k), shard.size)
+    smallest = torch.topk(squared, kk, largest=False).values
+    out = squared.sqrt()
+    close = torch.nonzero(squared <= bound / DISTANCE_RTOL).flatten().numpy()
+    if len(close):
+        rows = torch.from_numpy(shard.features[close]).to(DTYPE)
+        out[close] = torch.linalg.vector_norm(rows - x, dim=1)
+    return out.numpy(), np.sort(smallest.numpy())
 
 
 def nearest_squared(shard: Shard, queries: np.ndarray, k: int, chunk: int) -> np.ndarray:

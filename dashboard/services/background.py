@@ -243,6 +243,19 @@ class Preparations:
         with self._lock:
             self._jobs.pop(engine, None)
 
+    def forget_built_on(self, cluster: object) -> int:
+        """Drop every finished explainer built on ``cluster`` (its shards go with the
+        connection); returns how many."""
+        with self._lock:
+            stale = [
+                key
+                for key, job in self._jobs.items()
+                if job.finished and getattr(job.result, "cluster", None) is cluster
+            ]
+            for key in stale:
+                del self._jobs[key]
+            return len(stale)
+
     def unfinished(self) -> int:
         with self._lock:
             return sum(not j.finished for j in self._jobs.values())

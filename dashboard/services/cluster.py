@@ -80,10 +80,14 @@ def current_cluster() -> Any | None:
 
 
 def reconnect() -> None:
-    """Drop the server's connection (closing it) so the next page connects again."""
+    """Drop the server's connection (closing it) and the explainers built on it, whose training
+    rows were its workers', so the next page connects again and prepares them there."""
+    from dashboard.services.background import preparations
+
     state = server_cluster()
     server_cluster.clear()
     if state.cluster is not None:
+        preparations().forget_built_on(state.cluster)
         state.cluster.close()
 
 

@@ -502,7 +502,8 @@ def test_bad_inputs_get_clear_messages(monkeypatch):
         _ = model.training_inputs_
 
 
-def test_neighbour_distance_merged_from_shards_equals_in_process():
+@pytest.mark.parametrize("n_shards", [7, 40])  # 40: shards of 7-8 rows, fewer than k
+def test_neighbour_distance_merged_from_shards_equals_in_process(n_shards):
     from core.backend.explainer import ShardedNeighbourDistance
     from core.ood import NeighbourDistance
 
@@ -510,17 +511,31 @@ def test_neighbour_distance_merged_from_shards_equals_in_process():
     X = rng.normal(size=(300, 6)).astype(np.float32)
     reference, queries = rng.normal(size=(40, 6)), rng.normal(size=(5, 6)) * 3
     expected = NeighbourDistance(X, reference, k=10, max_reference=30, seed=1)
-    data = ShardedData.from_arrays(LocalRunner(), X, np.zeros(300, dtype=int), n_shards=7)
+    data = ShardedData.from_arrays(LocalRunner(), X, np.zeros(300, dtype=int), n_shards=n_shards)
     found = ShardedNeighbourDistance(data, reference, k=10, max_reference=30, seed=1)
     np.testing.assert_allclose(found.reference, expected.reference, rtol=1e-12)
     for a, b in zip(found.check(queries), expected.check(queries), strict=True):
         assert a.statistic == pytest.approx(b.statistic, rel=1e-12)
         assert (a.percentile, a.unusual) == (b.percentile, b.unusual)
     # One query's distances to every training point, and its familiarity, as in-process.
-    near, far = found.query(queries[:1]), expected.query(queries[:1])
-    np.testing.assert_allclose(near.distances, far.distances, rtol=1e-8)
-    assert near.familiarity == found.check(queries[:1])[0]
-    assert near.familiarity.statistic == pytest.approx(far.familiarity.statistic, rel=1e-12)
+    for query in queries:
+        near, far = found.query(query[None]), expected.query(query[None])
+        np.testing.assert_allclose(near.distances, far.distances, rtol=1e-8)
+        # One pass for both, as in-process: the statistic is check's to rounding.
+        checked = found.check(query[None])[0]
+        assert near.familiarity.statistic == pytest.approx(checked.statistic, rel=1e-12)
+        assert near.familiarity.statistic == pytest.approx(far.familiarity.statistic, rel=1e-12)
+        assert near.familiarity.threshold == pytest.approx(far.familiarity.threshold, rel=1e-12)
+        for field in ("percentile", "unusual", "k"):
+            assert getattr(near.familiarity, field) == getattr(far.familiarity, field), field
+    # A training image itself and a near-duplicate: the expansion cancels there, so those rows'
+    # distances are recomputed directly (0 exactly for the image itself).
+    rows = X.astype(np.float64)
+    for query in (rows[5], rows[5] + 1e-6):
+        direct = np.linalg.norm(rows - query, axis=1)
+        near = found.query(query[None])
+        np.testing.assert_allclose(near.distances, direct, rtol=1e-8, atol=0)
+        np.testing.assert_allclose(near.distances, expected.query(query[None]).distances, rtol=1e-8)
 
 
 @pytest.mark.parametrize("n_classes", [2, 3])

@@ -75,3 +75,38 @@ def test_a_scheduler_that_went_away_is_a_warning_not_an_exception():
     pytest.importorskip("distributed")
     line, problem = service.cluster_line(_connected(None))
     assert problem and "does not answer (OSError: Timed out" in line
+
+
+def test_connecting_again_closes_the_connection_and_drops_the_explainers_built_on_it(monkeypatch):
+    from dashboard.services import background
+    from dashboard.services.background import InProcess, Preparation, Preparations
+    from dashboard.services.settings import DEMO_SPEC, Settings
+
+    closed: list[str] = []
+    old = SimpleNamespace(close=lambda: closed.append("closed"))
+    jobs = Preparations()
+    on_cluster = Settings(dataset=DEMO_SPEC, classes=(0, 6)).engine
+    here = Settings(dataset=DEMO_SPEC, classes=(0, 1)).engine
+    for key, where in ((on_cluster, old), (InProcess(on_cluster), None), (here, None)):
+        job = jobs.get(
+            key, lambda where=where: Preparation(lambda _: SimpleNamespace(cluster=where))
+        )
+        assert job.wait(5)
+
+    class Cached:
+        cleared = False
+
+        def __call__(self) -> service.ServerCluster:
+            return service.ServerCluster("tcp://10.0.0.5:8786", old)
+
+        def clear(self) -> None:
+            Cached.cleared = True
+
+    monkeypatch.setattr(service, "server_cluster", Cached())
+    monkeypatch.setattr(background, "preparations", lambda: jobs)
+    service.reconnect()
+    assert Cached.cleared and closed == ["closed"]
+    # The cluster's explainer is gone (prepared again on the new connection); the in-process
+    # ones stay.
+    assert jobs.peek(on_cluster) is None
+    assert jobs.peek(InProcess(on_cluster)) is not None and jobs.peek(here) is not None

@@ -86,16 +86,26 @@ def reconnect() -> None:
 
     state = server_cluster()
     server_cluster.clear()
+    _info.clear()
     if state.cluster is not None:
         preparations().forget_built_on(state.cluster)
         state.cluster.close()
 
 
 @st.cache_data(ttl=INFO_TTL_S, show_spinner=False)
-def _info(setting: str, _cluster: Any) -> Any:
+def _info(setting: str, connection: int, _cluster: Any) -> Any:
+    """The cluster's :class:`~core.backend.cluster.ClusterInfo`, or why it has none (a string:
+    cached too, so a scheduler that went away costs one wait per ``INFO_TTL_S``, not one per
+    page). ``connection``: which connection (a new one is asked anew)."""
     from core.backend.cluster import cluster_info
 
-    return cluster_info(_cluster)
+    status = getattr(_cluster.client, "status", "running")
+    if status != "running":  # the client lost the scheduler and is reconnecting, or closed
+        return f"the client is {status}"
+    try:
+        return cluster_info(_cluster)
+    except Exception as exc:  # the scheduler went away: say so, keep serving
+        return f"{type(exc).__name__}: {exc}"
 
 
 def cluster_line(state: ServerCluster) -> tuple[str, bool]:
@@ -106,12 +116,11 @@ def cluster_line(state: ServerCluster) -> tuple[str, bool]:
         return f"Computing in-process instead of on the cluster. {state.error}", True
     if state.cluster is None:
         return "", False
-    try:
-        info = _info(state.setting, state.cluster)
-    except Exception as exc:  # the scheduler went away: say so, keep serving
+    info = _info(state.setting, id(state.cluster), state.cluster)
+    if isinstance(info, str):
         return (
-            f"The Dask cluster ({state.setting}) does not answer ({type(exc).__name__}: {exc}); "
-            "work sent to it will fail until it is back or the connection is renewed.",
+            f"The Dask cluster ({state.setting}) does not answer ({info}); work sent to it will "
+            "fail until it is back or the connection is renewed.",
             True,
         )
     return f"Computed on a {info.summary()} ({state.setting}).", False

@@ -52,6 +52,7 @@ class _Client:
 
 
 def _connected(workers: dict | None) -> service.ServerCluster:
+    service._info.clear()  # keyed by the connection's id, which a new fake may reuse
     spec = ClusterSpec.parse("tcp://10.0.0.5:8786", source="test")
     fake = SimpleNamespace(spec=spec, client=_Client(workers), _cuda={"tcp://10.0.0.7:1": True})
     return service.ServerCluster("tcp://10.0.0.5:8786", fake)
@@ -75,6 +76,11 @@ def test_a_scheduler_that_went_away_is_a_warning_not_an_exception():
     pytest.importorskip("distributed")
     line, problem = service.cluster_line(_connected(None))
     assert problem and "does not answer (OSError: Timed out" in line
+    # A client that knows it lost the scheduler is not asked (each ask could wait its timeout).
+    state = _connected({})
+    state.cluster.client.status = "connecting"
+    line, problem = service.cluster_line(state)
+    assert problem and "does not answer (the client is connecting)" in line
 
 
 def test_connecting_again_closes_the_connection_and_drops_the_explainers_built_on_it(monkeypatch):

@@ -174,9 +174,23 @@ class DaskRunner(Runner):
     def __init__(self, client: Any) -> None:
         super().__init__()
         self.client = client
+        self._address = str(getattr(getattr(client, "scheduler", None), "address", "") or "")
+
+    def _connected(self) -> Any:
+        """The client, once it is known to be connected: a client that lost its scheduler
+        fails deep inside Dask (or waits out its timeout), so refuse the work with a message
+        naming the stage instead."""
+        status = str(getattr(self.client, "status", "running"))
+        if status != "running":
+            raise ClusterError(
+                f"{self._stage}: the Dask scheduler {self._address or ''} is not reachable (the "
+                f"client is {status}). Start it again, then connect again (the dashboard's "
+                "sidebar has a button for it; the command line connects on every run)."
+            )
+        return self.client
 
     def _workers(self) -> dict[str, Any]:
-        return dict(self.client.scheduler_info(n_workers=-1)["workers"])
+        return dict(self._connected().scheduler_info(n_workers=-1)["workers"])
 
     @property
     def n_workers(self) -> int:
@@ -197,7 +211,7 @@ class DaskRunner(Runner):
         return f"{stage}-{getattr(fn, '__name__', 'task')}-{uuid.uuid4().hex[:12]}"
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self.client.submit(fn, *args, pure=False, key=self._key(fn))
+        return self._connected().submit(fn, *args, pure=False, key=self._key(fn))
 
     def map(
         self, fn: Callable[..., Any], columns: Sequence[Sequence[Any]], *common: Any
@@ -217,7 +231,7 @@ class DaskRunner(Runner):
             # Where the shards are, but elsewhere if that worker is gone or busy.
             placement = {} if worker is None else {"workers": [worker], "allow_other_workers": True}
             partials.append(
-                self.client.submit(
+                self._connected().submit(
                     _apply_and_sum,
                     fn,
                     [rows[i] for i in members],
@@ -263,7 +277,7 @@ class DaskRunner(Runner):
 
     def gather(self, handles: Sequence[Any]) -> list[Any]:
         try:
-            return list(self.client.gather(list(handles)))
+            return list(self._connected().gather(list(handles)))
         except _lost_work_errors() as error:
             raise ClusterError(
                 f"{self._stage}: the cluster lost work it could not recover "
@@ -278,7 +292,7 @@ class DaskRunner(Runner):
 
     def broadcast(self, value: Any) -> Any:
         # A copy on every worker: losing one worker loses no copy the others need.
-        return self.client.scatter(value, broadcast=True, hash=False)
+        return self._connected().scatter(value, broadcast=True, hash=False)
 
 
 __all__ = ["DaskRunner", "LocalRunner", "Runner", "add_parts"]

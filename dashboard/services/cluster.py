@@ -123,4 +123,10 @@ def cluster_line(state: ServerCluster) -> tuple[str, bool]:
             "fail until it is back or the connection is renewed.",
             True,
         )
+    if info.n_workers == 0:
+        return (
+            f"The Dask cluster {info.address} ({state.setting}) has no workers now; work sent to "
+            "it waits until some join.",
+            True,
+        )
     return f"Computed on a {info.summary()} ({state.setting}).", False

@@ -559,3 +559,29 @@ def test_lambda_cross_validation_on_shards_follows_the_in_process_rule(n_classes
     assert calls and calls[-1] == 2 * 3 * 4
     with pytest.raises(InfluenceExplorerError, match="do not match the labels"):
         sharded_values(data, np.roll(y, 1), config)
+
+
+@pytest.mark.parametrize("status", ["closed", "connecting"])
+def test_work_for_a_client_that_lost_its_scheduler_is_refused_naming_the_stage(status):
+    # Dask's own failure is an AttributeError deep in the client (seen: "'NoneType' object has
+    # no attribute 'scatter'" after the scheduler was stopped under a running dashboard).
+    from types import SimpleNamespace
+
+    from core.backend.runner import DaskRunner
+
+    client = SimpleNamespace(status="running", scheduler=SimpleNamespace(address="tcp://h:8786"))
+    runner = DaskRunner(client)
+    client.status, client.scheduler = status, None
+    for call in (
+        lambda: runner.broadcast(1),
+        lambda: runner.submit(abs, -1),
+        lambda: runner.map(abs, [[1, 2]]),
+        lambda: runner.map_sum(abs, [[1, 2]]),
+        lambda: runner.gather([]),
+    ):
+        with runner.stage("Scoring training points"), pytest.raises(ClusterError) as raised:
+            call()
+        assert str(raised.value).startswith(
+            f"Scoring training points: the Dask scheduler tcp://h:8786 is not reachable (the "
+            f"client is {status})."
+        )

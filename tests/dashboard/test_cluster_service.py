@@ -116,3 +116,9 @@ def test_connecting_again_closes_the_connection_and_drops_the_explainers_built_o
     # ones stay.
     assert jobs.peek(on_cluster) is None
     assert jobs.peek(InProcess(on_cluster)) is not None and jobs.peek(here) is not None
+
+
+def test_a_cluster_without_workers_is_a_warning():
+    pytest.importorskip("distributed")
+    line, problem = service.cluster_line(_connected({}))
+    assert problem and "tcp://10.0.0.5:8786 (tcp://10.0.0.5:8786) has no workers now" in line

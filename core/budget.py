@@ -230,21 +230,18 @@ def preparation_estimate(
         ),
     }
     for shape in models:
+        # Sharded, the training rows and every (test x train) product stay on the workers.
         if shape.sharded:
-            # The training rows and every (test x train) product stay on the workers.
             terms[f"{shape.label}: features of the test images"] = _matrix(
                 n_test, shape.n_features, 2
-            )
-            terms[f"{shape.label}: test scores and distances"] = _matrix(
-                n_test, shape.n_outputs + 1, 3
             )
         elif shape.n_features != shape.n_train:
             terms[f"{shape.label}: features of every image"] = _matrix(images, shape.n_features, 2)
         # Fitting: the Hessian, its factor and a trial step; the engine keeps its own factor.
         for name, size in _model_terms(shape, 4, "Hessian and Cholesky factors").items():
             terms[name] = terms.get(name, 0) + size
-        if not shape.sharded:
-            terms[f"{shape.label}: test scores and distances"] = _matrix(n_test, shape.n_train, 3)
+        per_test = shape.n_outputs + 1 if shape.sharded else shape.n_train
+        terms[f"{shape.label}: test scores and distances"] = _matrix(n_test, per_test, 3)
     return _estimate(
         "preparing the models",
         terms,

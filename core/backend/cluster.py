@@ -288,11 +288,15 @@ def cluster_info(cluster: Cluster | None) -> ClusterInfo:
     """Where the engine runs, for display: :data:`IN_PROCESS` for ``None``, else the
     cluster's scheduler address and its workers' threads and memory.
 
+    Raises:
+        ClusterError: the client has lost its scheduler (see ``DaskRunner.connected_client``).
+
     The dashboard's cluster line is ``cluster_info(cluster).summary()``.
     """
     if cluster is None:
         return IN_PROCESS
-    info = cluster.client.scheduler_info(n_workers=-1)
+    with cluster.runner.stage("Asking the scheduler about its workers"):
+        info = cluster.runner.connected_client().scheduler_info(n_workers=-1)
     workers = tuple(
         WorkerInfo(
             address=address,

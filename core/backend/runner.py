@@ -176,10 +176,14 @@ class DaskRunner(Runner):
         self.client = client
         self._address = str(getattr(getattr(client, "scheduler", None), "address", "") or "")
 
-    def _connected(self) -> Any:
+    def connected_client(self) -> Any:
         """The client, once it is known to be connected: a client that lost its scheduler
         fails deep inside Dask (or waits out its timeout), so refuse the work with a message
-        naming the stage instead."""
+        naming the stage instead.
+
+        Raises:
+            ClusterError: the client is not running (reconnecting or closed).
+        """
         status = str(getattr(self.client, "status", "running"))
         if status != "running":
             raise ClusterError(
@@ -190,7 +194,7 @@ class DaskRunner(Runner):
         return self.client
 
     def _workers(self) -> dict[str, Any]:
-        return dict(self._connected().scheduler_info(n_workers=-1)["workers"])
+        return dict(self.connected_client().scheduler_info(n_workers=-1)["workers"])
 
     @property
     def n_workers(self) -> int:
@@ -211,7 +215,7 @@ class DaskRunner(Runner):
         return f"{stage}-{getattr(fn, '__name__', 'task')}-{uuid.uuid4().hex[:12]}"
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self._connected().submit(fn, *args, pure=False, key=self._key(fn))
+        return self.connected_client().submit(fn, *args, pure=False, key=self._key(fn))
 
     def map(
         self, fn: Callable[..., Any], columns: Sequence[Sequence[Any]], *common: Any
@@ -231,7 +235,7 @@ class DaskRunner(Runner):
             # Where the shards are, but elsewhere if that worker is gone or busy.
             placement = {} if worker is None else {"workers": [worker], "allow_other_workers": True}
             partials.append(
-                self._connected().submit(
+                self.connected_client().submit(
                     _apply_and_sum,
                     fn,
                     [rows[i] for i in members],
@@ -277,7 +281,7 @@ class DaskRunner(Runner):
 
     def gather(self, handles: Sequence[Any]) -> list[Any]:
         try:
-            return list(self._connected().gather(list(handles)))
+            return list(self.connected_client().gather(list(handles)))
         except _lost_work_errors() as error:
             raise ClusterError(
                 f"{self._stage}: the cluster lost work it could not recover "
@@ -292,7 +296,7 @@ class DaskRunner(Runner):
 
     def broadcast(self, value: Any) -> Any:
         # A copy on every worker: losing one worker loses no copy the others need.
-        return self._connected().scatter(value, broadcast=True, hash=False)
+        return self.connected_client().scatter(value, broadcast=True, hash=False)
 
 
 __all__ = ["DaskRunner", "LocalRunner", "Runner", "add_parts"]

@@ -34,10 +34,6 @@ class InProcess:
 PreparationKey = EngineSpec | InProcess
 
 
-#: progress(stage, done, total), as core reports it while preparing.
-Progress = Callable[[str, int, int], None]
-
-
 @dataclass(frozen=True)
 class ProgressSnapshot:
     """Where a preparation is: its stage, units done of the stage's total, seconds so far."""

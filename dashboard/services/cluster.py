@@ -99,12 +99,11 @@ def _info(setting: str, connection: int, _cluster: Any) -> Any:
     page). ``connection``: which connection (a new one is asked anew)."""
     from core.backend.cluster import cluster_info
 
-    status = getattr(_cluster.client, "status", "running")
-    if status != "running":  # the client lost the scheduler and is reconnecting, or closed
-        return f"the client is {status}"
     try:
-        return cluster_info(_cluster)
-    except Exception as exc:  # the scheduler went away: say so, keep serving
+        return cluster_info(_cluster)  # refuses a client that knows it lost the scheduler
+    except ClusterError as exc:
+        return str(exc)
+    except Exception as exc:  # the scheduler went away unnoticed: say so, keep serving
         return f"{type(exc).__name__}: {exc}"
 
 
@@ -119,8 +118,8 @@ def cluster_line(state: ServerCluster) -> tuple[str, bool]:
     info = _info(state.setting, id(state.cluster), state.cluster)
     if isinstance(info, str):
         return (
-            f"The Dask cluster ({state.setting}) does not answer ({info}); work sent to it will "
-            "fail until it is back or the connection is renewed.",
+            f"The Dask cluster ({state.setting}) does not answer, and work sent to it fails "
+            f"until it is back and connected again. {info}",
             True,
         )
     if info.n_workers == 0:

@@ -44,6 +44,7 @@ class _Client:
     def __init__(self, workers: dict | None) -> None:
         self.workers = workers
         self.scheduler = SimpleNamespace(address="tcp://10.0.0.5:8786")
+        self.status = "running"
 
     def scheduler_info(self, n_workers: int = 5) -> dict:
         if self.workers is None:
@@ -54,7 +55,12 @@ class _Client:
 def _connected(workers: dict | None) -> service.ServerCluster:
     service._info.clear()  # keyed by the connection's id, which a new fake may reuse
     spec = ClusterSpec.parse("tcp://10.0.0.5:8786", source="test")
-    fake = SimpleNamespace(spec=spec, client=_Client(workers), _cuda={"tcp://10.0.0.7:1": True})
+    from core.backend.runner import DaskRunner
+
+    client = _Client(workers)
+    fake = SimpleNamespace(
+        spec=spec, client=client, runner=DaskRunner(client), _cuda={"tcp://10.0.0.7:1": True}
+    )
     return service.ServerCluster("tcp://10.0.0.5:8786", fake)
 
 
@@ -75,12 +81,18 @@ def test_a_connected_cluster_shows_its_workers_and_memory():
 def test_a_scheduler_that_went_away_is_a_warning_not_an_exception():
     pytest.importorskip("distributed")
     line, problem = service.cluster_line(_connected(None))
-    assert problem and "does not answer (OSError: Timed out" in line
-    # A client that knows it lost the scheduler is not asked (each ask could wait its timeout).
+    assert problem and "does not answer" in line and "OSError: Timed out" in line
+    # A client that knows it lost the scheduler is not asked (each ask could wait its timeout):
+    # core's runner refuses it, and its message is the line's.
     state = _connected({})
     state.cluster.client.status = "connecting"
+    state.cluster.client.scheduler_info = None  # asking would fail here
     line, problem = service.cluster_line(state)
-    assert problem and "does not answer (the client is connecting)" in line
+    assert problem and line.endswith(
+        "Asking the scheduler about its workers: the Dask scheduler tcp://10.0.0.5:8786 is not "
+        "reachable (the client is connecting). Start it again, then connect again (the "
+        "dashboard's sidebar has a button for it; the command line connects on every run)."
+    )
 
 
 def test_connecting_again_closes_the_connection_and_drops_the_explainers_built_on_it(monkeypatch):

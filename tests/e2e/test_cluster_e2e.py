@@ -24,6 +24,7 @@ from tests.e2e.test_dashboard_e2e import (
     verify_both_models,
     wait_idle,
 )
+from tests.e2e.test_your_data_e2e import upload_then_explain_with_three_models
 from tests.prepared_cache import cache_dir, prepare_default_explainer
 
 pytestmark = pytest.mark.e2e
@@ -96,3 +97,13 @@ def test_the_dashboard_on_a_local_cluster(page: Any, cluster_server: Server) -> 
     wait_idle(page)
     no_exception(page)
     screenshot(page, "cluster-groups")
+
+
+def test_your_data_on_a_local_cluster(page: Any, browser: Any, cluster_server: Server) -> None:
+    """A user's own dataset and network on a server with a cluster: the same path as on one
+    machine (upload, three models, a test image and an upload explained, the link, deletion)."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=60_000)  # preparing three models, as on Your data's own tests
+    upload_then_explain_with_three_models(page, browser, cluster_server)
+    no_exception(page)

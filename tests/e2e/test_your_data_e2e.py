@@ -76,9 +76,16 @@ def _images_per_list(page: Any) -> str:
 def test_upload_a_dataset_and_a_network_then_explain_with_three_models(
     page: Any, browser: Any, app_server: Server
 ) -> None:
+    upload_then_explain_with_three_models(page, browser, app_server)
+
+
+def upload_then_explain_with_three_models(page: Any, browser: Any, server: Server) -> None:
+    """A user's whole path on Your data against ``server``: a network that does not fit, then
+    one that does, a dataset, the three models, a test image and an upload explained, the link
+    in a new session, the dataset deleted."""
     from playwright.sync_api import expect
 
-    page.goto(f"{app_server.url}/your-data")
+    page.goto(f"{server.url}/your-data")
     page.get_by_test_id("stSidebar").wait_for(timeout=READY_TIMEOUT)
     wait_idle(page)
     expect(page.get_by_text("A zip of at most 500 MB")).to_be_visible()

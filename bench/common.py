@@ -99,6 +99,17 @@ def update_summary() -> Path:
     return path
 
 
+def worker_env() -> dict[str, str]:
+    """The environment of a benchmark's child process: passive OpenMP waits, no progress bars,
+    this repository importable."""
+    env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    env["TQDM_DISABLE"] = "1"
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
 def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
     """A GitHub Markdown table."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]

@@ -45,6 +45,7 @@ from bench.common import (
     markdown_table,
     peak_rss_bytes,
     reset_peak_rss,
+    worker_env,
     write_results,
 )
 
@@ -225,7 +226,7 @@ def run_worker(key: str, problem_path: Path, timeout: float) -> dict:
     command = [sys.executable, "-m", "bench.peers", "--worker", key, str(problem_path), out]
     try:
         done = subprocess.run(
-            command, capture_output=True, text=True, timeout=timeout, env=_worker_env()
+            command, capture_output=True, text=True, timeout=timeout, env=worker_env()
         )
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
@@ -237,15 +238,6 @@ def run_worker(key: str, problem_path: Path, timeout: float) -> dict:
     result["scores"] = np.load(out)
     os.unlink(out)
     return result
-
-
-def _worker_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    env["TQDM_DISABLE"] = "1"
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -415,7 +407,25 @@ def benchmark(problem: Problem, model, methods, args, workdir: Path) -> tuple[st
             summary[key]["stages"] = stage_summary(stages[key])
             text += "\n" + table
     summary["_limits"] = best
+    if "ours-exact" in summary and summary["ours-exact"].get("stages"):
+        text += "\n" + kernel_section(path, summary, best, args.timeout)
     return text, summary
+
+
+def kernel_section(path: Path, summary: dict, limits: dict, timeout: float) -> str:
+    """Our steps against the libraries' own kernels for their shapes (:mod:`bench.kernel_limits`),
+    and what the goal's ratio would be with every step at its fastest kernel."""
+    from bench import kernel_limits
+
+    result = kernel_limits.run(path, timeout)
+    if "error" in result:
+        return f"Kernels for these shapes not measured: {result['error']}\n"
+    fastest = _fastest_accurate(summary)
+    peer = (fastest, summary[fastest]["seconds"]) if fastest else None
+    text, bound = kernel_limits.table(result, summary["ours-exact"]["stages"], limits, peer)
+    summary["ours-exact"]["kernel_bound_seconds"] = bound
+    summary["ours-exact"]["warm_seconds"] = result["total_ms"] / 1e3
+    return text
 
 
 def stage_summary(runs: list[list[dict]]) -> list[dict]:
@@ -565,6 +575,13 @@ def side_by_side(summaries: dict[str, dict]) -> str:
         ratio = summary[fastest]["ratio"]
         return f"**{ratio:.3g}x** ({'met' if ratio >= 10 else 'missed'})"
 
+    def bound_ratio_cell(summary: dict) -> str:
+        fastest = _fastest_accurate(summary)
+        bound = summary.get("ours-exact", {}).get("kernel_bound_seconds")
+        if not fastest or not bound:
+            return "n/a"
+        return f"{summary[fastest]['seconds'] / bound:.3g}x"
+
     def worst_stage(summary: dict) -> str:
         stages = summary.get("ours-exact", {}).get("stages")
         if not stages:
@@ -602,6 +619,12 @@ def side_by_side(summaries: dict[str, dict]) -> str:
         "that peer's CPU time / ours (both threads; what the load does not change)",
         lambda s: f"{s[_fastest_accurate(s)]['cpu_ratio']:.3g}x" if _fastest_accurate(s) else "n/a",
     )
+    row("ours again, warm in one process (kernel comparison): s", lambda s: ours(s, "warm_seconds"))
+    row(
+        "the same with every step at the fastest library kernel for its shape, s",
+        lambda s: ours(s, "kernel_bound_seconds"),
+    )
+    row("that peer's time / it (the most these kernels allow)", bound_ratio_cell)
     row(
         "machine: f64 GEMM GFLOP/s, bandwidth GB/s",
         lambda s: f"{s['_limits']['gemm_gflops']:.0f}, {s['_limits']['bandwidth_gbs']:.1f}",

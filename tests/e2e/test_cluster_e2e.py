@@ -106,4 +106,8 @@ def test_your_data_on_a_local_cluster(page: Any, browser: Any, cluster_server: S
 
     expect.set_options(timeout=60_000)  # preparing three models, as on Your data's own tests
     upload_then_explain_with_three_models(page, browser, cluster_server)
+    # The explanations came from this server's cluster, as its sidebar says.
+    expect(
+        _sidebar(page).get_by_text(re.compile(r"Computed on a local Dask cluster tcp://"))
+    ).to_be_visible()
     no_exception(page)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import mimetypes
 import os
+import re
 import socket
 import time
 import urllib.error
@@ -132,6 +133,10 @@ def test_every_corpus_upload_in_the_browser(
     from playwright.sync_api import expect
 
     page.get_by_role("button", name="Back to the test images").click()
+    # That run over before the next click: once (a full CI run, loaded) the run had not begun
+    # within wait_idle's first 300 ms, and the pick below, clicked during it, was lost.
+    expect(page.get_by_role("button", name="Back to the test images")).to_have_count(0)
+    expect(page.get_by_role("heading", name=re.compile(r"^Test image #"))).to_be_visible()
     wait_idle(page)
     page.get_by_text("…or pick one of the 200 test images").click()
     page.locator(".st-key-explain_pick_9 button:visible").click()

@@ -263,15 +263,15 @@ def table(
     rows = []
     saving = 0.0
     for name, ours in result["steps_ms"].items():
-        kernels = result["kernels_ms"].get(name, {})
+        alternatives = result["kernels_ms"].get(name, {})
         stage = work.get(name)
         limit = (
             max(stage["flops"] / gemm, stage["bytes"] / bandwidth) * 1e3 if stage else float("nan")
         )
-        if kernels:
-            label, fastest = min(kernels.items(), key=lambda item: item[1])
+        if alternatives:
+            label, fastest = min(alternatives.items(), key=lambda item: item[1])
             saving += max(0.0, ours - fastest)
-            others = "; ".join(f"{k} {v:.1f}" for k, v in kernels.items() if k != label)
+            others = "; ".join(f"{k} {v:.1f}" for k, v in alternatives.items() if k != label)
             rows.append(
                 [
                     name,

@@ -110,6 +110,27 @@ def worker_env() -> dict[str, str]:
     return env
 
 
+def run_child(
+    module_args: list[str], timeout: float
+) -> tuple[subprocess.CompletedProcess | None, str | None]:
+    """``python -m <module_args>`` in a child process with :func:`worker_env`, its output kept.
+
+    Returns (the finished process, None), or what went wrong: (None, "timed out after N s"), or
+    (the process, the last line of its stderr, or "exit N") when it exited with an error.
+    """
+    command = [sys.executable, "-m", *module_args]
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout, env=worker_env()
+        )
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {timeout:.0f} s"
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+        return done, lines[-1][:200] if lines else f"exit {done.returncode}"
+    return done, None
+
+
 def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
     """A GitHub Markdown table."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]

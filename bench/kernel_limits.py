@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import markdown_table, worker_env
+from bench.common import markdown_table, run_child
 
 REPEATS = 15
 
@@ -234,16 +233,9 @@ def run(problem_path: Path, timeout: float) -> dict:
     """This module on ``problem_path`` in a child process; its JSON, or {"error": ...}."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "kernels.json"
-        command = [sys.executable, "-m", "bench.kernel_limits", str(problem_path), str(out)]
-        try:
-            done = subprocess.run(
-                command, capture_output=True, text=True, timeout=timeout, env=worker_env()
-            )
-        except subprocess.TimeoutExpired:
-            return {"error": f"timed out after {timeout:.0f} s"}
-        if done.returncode != 0:
-            lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-            return {"error": lines[-1][:200] if lines else f"exit {done.returncode}"}
+        _, error = run_child(["bench.kernel_limits", str(problem_path), str(out)], timeout)
+        if error is not None:
+            return {"error": error}
         return json.loads(out.read_text())
 
 

@@ -28,7 +28,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +44,7 @@ from bench.common import (
     markdown_table,
     peak_rss_bytes,
     reset_peak_rss,
-    worker_env,
+    run_child,
     write_results,
 )
 
@@ -223,17 +222,11 @@ def _cpu_seconds() -> float:
 def run_worker(key: str, problem_path: Path, timeout: float) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".npy", delete=False) as handle:
         out = handle.name
-    command = [sys.executable, "-m", "bench.peers", "--worker", key, str(problem_path), out]
-    try:
-        done = subprocess.run(
-            command, capture_output=True, text=True, timeout=timeout, env=worker_env()
-        )
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    if done.returncode != 0:
-        last = [line for line in done.stderr.strip().splitlines() if line.strip()][-1:]
-        what = "not run" if done.returncode == 3 else "failed"
-        return {"error": f"{what}: " + (last[0][:200] if last else f"exit {done.returncode}")}
+    done, error = run_child(["bench.peers", "--worker", key, str(problem_path), out], timeout)
+    if error is not None:
+        if done is None:
+            return {"error": error}
+        return {"error": f"{'not run' if done.returncode == 3 else 'failed'}: {error}"}
     result = json.loads(done.stdout.strip().splitlines()[-1])
     result["scores"] = np.load(out)
     os.unlink(out)

@@ -55,3 +55,15 @@ def test_the_bound_takes_each_steps_fastest_kernel() -> None:
     assert bound == pytest.approx(0.080)
     text, _ = kernel_limits.table(result, stages, limits, ("peer", 0.9))
     assert "11.25x it: within reach" in text
+
+
+def test_a_benchmark_child_reports_its_failure_in_a_line() -> None:
+    from bench.common import run_child
+
+    done, error = run_child(["json.tool", "--help"], timeout=60)
+    assert error is None and done is not None and done.returncode == 0
+    done, error = run_child(["bench.kernel_limits", "/nonexistent/problem.npz", "out.json"], 60)
+    assert done is not None and done.returncode != 0
+    assert error is not None and "No such file" in error
+    done, error = run_child(["timeit", "-n", "1", "-r", "1", "import time; time.sleep(30)"], 2)
+    assert done is None and error == "timed out after 2 s"

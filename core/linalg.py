@@ -142,8 +142,8 @@ def cholesky(matrix: torch.Tensor, *, overwrite: bool = False) -> tuple[torch.Te
     # LAPACK works on column-major matrices: A's transpose is one, in A's own memory, and its
     # upper factor (Uᵀ U = A, read from Aᵀ's upper triangle: A's lower one) is L in A's
     # row-major layout. Without the transpose torch copies A into column-major order and back:
-    # 7.7 -> 5.6 ms for the demo's 1000-square matrix, 20.8 -> 17.7 ms at 1280 (medians of 11,
-    # load about 1), the same at 4000.
+    # the demo's 1000-square factor took 12.4-13.7 ms inside the solver, now 7.4-7.9 ms, the
+    # speed of MKL's potrf alone (`python -m bench.peers`: its step table and kernel section).
     torch.linalg.cholesky_ex(factor.mT, upper=True, out=(factor.mT, info))
     if int(info) == 0 and not bool(torch.isfinite(factor.diagonal()).all()):
         return factor, 1
